@@ -1,0 +1,44 @@
+"""Data layer: dataset sources, long-tail subsampling, rank-aware samplers and the DataModule."""
+from lpt_lightning.data.datamodule import LongTailDataModule
+from lpt_lightning.data.datasets import LongTailImageDataset, collate_skipping, verify_files
+from lpt_lightning.data.long_tail import balanced_holdout, cap_per_class, long_tail_counts, make_long_tailed
+from lpt_lightning.data.samplers import ClassAwareSampler, InstanceSampler, PowerSampler, ShardedEvalSampler
+from lpt_lightning.data.sources import (
+    FASHION_MNIST_CLASSES,
+    AnnotationListSource,
+    DatasetSplits,
+    DataSource,
+    FashionMNISTSource,
+    ImageFolderSource,
+    INatJsonSource,
+    Split,
+    read_idx,
+)
+from lpt_lightning.data.transforms import build_eval_transform, build_train_transform, eval_resize_size
+
+__all__ = [
+    "AnnotationListSource",
+    "ClassAwareSampler",
+    "DataSource",
+    "DatasetSplits",
+    "FASHION_MNIST_CLASSES",
+    "FashionMNISTSource",
+    "INatJsonSource",
+    "ImageFolderSource",
+    "InstanceSampler",
+    "LongTailDataModule",
+    "LongTailImageDataset",
+    "PowerSampler",
+    "ShardedEvalSampler",
+    "Split",
+    "balanced_holdout",
+    "build_eval_transform",
+    "build_train_transform",
+    "cap_per_class",
+    "collate_skipping",
+    "eval_resize_size",
+    "long_tail_counts",
+    "make_long_tailed",
+    "read_idx",
+    "verify_files",
+]

@@ -1,0 +1,250 @@
+"""LightningDataModule for long-tailed classification with dual (class + instance) sampling."""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader, Sampler
+
+from lpt_lightning.data.datasets import LongTailImageDataset, collate_skipping, verify_files
+from lpt_lightning.data.samplers import ClassAwareSampler, InstanceSampler, PowerSampler, ShardedEvalSampler
+from lpt_lightning.data.sources import DatasetSplits, DataSource, Split
+from lpt_lightning.data.transforms import build_eval_transform, build_train_transform
+from lpt_lightning.errors import ConfigError, DataFormatError
+
+Sampling = Literal["dual", "instance", "class_aware", "square_root"]
+
+
+class LongTailDataModule(LightningDataModule):
+    """Data for LPT / LPT++ training and evaluation.
+
+    Args:
+        source: where the data comes from (any `DataSource`: annotation lists, iNat json,
+            image folder, Fashion-MNIST).
+        batch_size: training batch size per device; with ``sampling="dual"`` each of the two
+            streams (class-balanced "cb" and instance-balanced "ib") has this size.
+        eval_batch_size: per-device batch size of val/test/predict (default: batch_size).
+        sampling: "dual" (cb + ib), "instance", "class_aware" or "square_root".
+        images_per_class: consecutive images drawn per class visit by the class-aware sampler.
+        num_workers: DataLoader worker processes per device.
+        img_size: crop size; None takes ``trainer.lightning_module.img_size`` in setup().
+        seed: seed of the samplers (the epoch is added each epoch).
+        skip_unreadable: drop undecodable images from batches instead of failing.
+        verify_files: check that every listed image file exists before training.
+        pin_memory: pin host memory (only when CUDA is available).
+        persistent_workers: keep workers alive between epochs (only with num_workers > 0).
+    """
+
+    def __init__(
+        self,
+        source: DataSource,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        sampling: Sampling = "dual",
+        images_per_class: int = 4,
+        num_workers: int = 4,
+        img_size: int | None = None,
+        seed: int = 0,
+        skip_unreadable: bool = False,
+        verify_files: bool = True,
+        pin_memory: bool = True,
+        persistent_workers: bool = False,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ConfigError(f"data.batch_size must be >= 1, got {batch_size}")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise ConfigError(f"data.eval_batch_size must be >= 1, got {eval_batch_size}")
+        if sampling not in ("dual", "instance", "class_aware", "square_root"):
+            raise ConfigError(
+                f"data.sampling must be one of dual, instance, class_aware, square_root; got {sampling!r}"
+            )
+        if images_per_class < 1:
+            raise ConfigError(f"data.images_per_class must be >= 1, got {images_per_class}")
+        if num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}")
+        # The source object is not saved: checkpoints must stay loadable with weights_only.
+        self.save_hyperparameters(ignore=["source"], logger=False)
+        self.source = source
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.sampling = sampling
+        self.images_per_class = images_per_class
+        self.num_workers = num_workers
+        self.img_size = img_size
+        self.seed = seed
+        self.skip_unreadable = skip_unreadable
+        self.verify_files = verify_files
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self._splits: DatasetSplits | None = None
+        self._datasets: dict[str, LongTailImageDataset] = {}
+        self._verified: set[str] = set()
+        self._warned_fallback: set[str] = set()
+
+    # ---------------------------------------------------------------- metadata (lazy, cached)
+    @property
+    def splits(self) -> DatasetSplits:
+        """The parsed source; parsed on first access so CLI argument links work before setup()."""
+        if self._splits is None:
+            self._splits = self.source.load()
+        return self._splits
+
+    @property
+    def num_classes(self) -> int:
+        return self.splits.num_classes
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.splits.class_names)
+
+    @property
+    def train_class_counts(self) -> torch.Tensor:
+        """Training images per class, LongTensor [C] (the prior of the losses and the groups)."""
+        return torch.from_numpy(self.splits.train.class_counts(self.num_classes))
+
+    def summary(self) -> str:
+        s = self.splits
+        counts = s.train.class_counts(s.num_classes)
+        n_max, n_min = int(counts.max()), int(counts.min())
+        ratio = f"{n_max / n_min:.1f}" if n_min else "inf"
+        parts = [
+            f"{s.name}: {len(s.train):,} train images, {s.num_classes} classes, "
+            f"max {n_max:,} / min {n_min:,} per class (imbalance ratio {ratio})"
+        ]
+        for split_name in ("val", "test"):
+            split = getattr(s, split_name)
+            parts.append(f"{split_name} {len(split):,}" if split is not None else f"no {split_name} split")
+        return "; ".join(parts)
+
+    # ---------------------------------------------------------------- setup
+    def _resolve_img_size(self) -> int:
+        if self.img_size is not None:
+            return self.img_size
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        size = getattr(module, "img_size", None)
+        if isinstance(size, int) and size > 0:
+            return size
+        raise ConfigError(
+            "image size unknown: set data.img_size (the model attached to the trainer exposes no int img_size)"
+        )
+
+    def _eval_split(self, wanted: str) -> tuple[str, Split]:
+        """The split for val/test; a missing one falls back to the other (with a warning)."""
+        other = "test" if wanted == "val" else "val"
+        split = getattr(self.splits, wanted)
+        if split is not None:
+            return wanted, split
+        fallback = getattr(self.splits, other)
+        if fallback is None:
+            raise ConfigError(f"{self.splits.name} has neither a val nor a test split; configure one in data.source")
+        if wanted not in self._warned_fallback:  # once, not on every loader rebuild
+            self._warned_fallback.add(wanted)
+            rank_zero_warn(f"{self.splits.name} has no {wanted} split: using the {other} split for {wanted}")
+        return other, fallback
+
+    def _check_files(self, name: str, split: Split) -> None:
+        if not self.verify_files or name in self._verified:
+            return
+        try:
+            verify_files(split)
+        except DataFormatError as exc:
+            if not self.skip_unreadable:
+                raise
+            rank_zero_warn(f"{exc}\n(these images will be skipped: data.skip_unreadable=true)")
+        self._verified.add(name)
+
+    def _dataset(self, name: str, split: Split, train: bool) -> LongTailImageDataset:
+        key = f"{name}:{'train' if train else 'eval'}"
+        if key not in self._datasets:
+            size = self._resolve_img_size()
+            transform = build_train_transform(size) if train else build_eval_transform(size)
+            self._check_files(name, split)
+            self._datasets[key] = LongTailImageDataset(
+                split, transform, images=self.splits.images, skip_unreadable=self.skip_unreadable
+            )
+        return self._datasets[key]
+
+    def setup(self, stage: str | None = None) -> None:
+        # Build (and verify) up front so that a bad dataset fails before any training step.
+        if stage in (None, "fit"):
+            self._dataset("train", self.splits.train, train=True)
+            self._dataset(*self._eval_split("val"), train=False)
+            rank_zero_info(self.summary())
+        if stage == "validate":
+            self._dataset(*self._eval_split("val"), train=False)
+        if stage in (None, "test", "predict"):
+            self._dataset(*self._eval_split("test"), train=False)
+
+    # ---------------------------------------------------------------- loaders
+    def _replicas(self) -> tuple[int, int]:
+        trainer = self.trainer
+        if trainer is None:
+            return 1, 0
+        return int(getattr(trainer, "world_size", 1)), int(getattr(trainer, "global_rank", 0))
+
+    def _loader(self, dataset: LongTailImageDataset, sampler: Sampler, batch_size: int, drop_last: bool) -> DataLoader:
+        workers = self.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            sampler=sampler,
+            drop_last=drop_last,
+            num_workers=workers,
+            collate_fn=collate_skipping if self.skip_unreadable else None,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers and workers > 0,
+        )
+
+    def train_sampler(self, kind: str) -> Sampler:
+        """A fresh sampler of one stream: "cb" class-aware, "ib" instance, "sqrt" square-root."""
+        num_replicas, rank = self._replicas()
+        labels = self.splits.train.labels
+        if kind == "cb":
+            return ClassAwareSampler(
+                labels, images_per_class=self.images_per_class, seed=self.seed, num_replicas=num_replicas, rank=rank
+            )
+        if kind == "ib":
+            # A different seed offset keeps the two streams from sharing a random stream.
+            return InstanceSampler(labels, seed=self.seed + 1_000_003, num_replicas=num_replicas, rank=rank)
+        if kind == "sqrt":
+            return PowerSampler(labels, power=0.5, seed=self.seed, num_replicas=num_replicas, rank=rank)
+        raise ConfigError(f"unknown sampler kind {kind!r}")
+
+    def train_dataloader(self) -> dict[str, DataLoader]:
+        """Dict of loaders; Lightning iterates them together (CombinedLoader, max_size_cycle).
+
+        Both dual streams sample N indices per epoch with the same batch size and drop_last,
+        so they have the same length and neither is cycled.
+        """
+        dataset = self._dataset("train", self.splits.train, train=True)
+        kinds = {"dual": ("cb", "ib"), "instance": ("ib",), "class_aware": ("cb",), "square_root": ("sqrt",)}
+        loaders = {}
+        for kind in kinds[self.sampling]:
+            sampler = self.train_sampler(kind)
+            if len(sampler) < self.batch_size:
+                raise ConfigError(
+                    f"data.batch_size={self.batch_size} exceeds the {len(sampler)} training samples per device "
+                    "(drop_last would leave no batch); lower data.batch_size"
+                )
+            loaders[kind] = self._loader(dataset, sampler, self.batch_size, drop_last=True)
+        return loaders
+
+    def _eval_loader(self, wanted: str) -> DataLoader:
+        name, split = self._eval_split(wanted)
+        dataset = self._dataset(name, split, train=False)
+        num_replicas, rank = self._replicas()
+        sampler = ShardedEvalSampler(len(dataset), num_replicas=num_replicas, rank=rank)
+        return self._loader(dataset, sampler, self.eval_batch_size, drop_last=False)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+

@@ -1,0 +1,115 @@
+"""Long-tailed subsampling and balanced hold-out slices (SPEC section 6).
+
+All functions are pure and seeded, so every DDP rank (each of which parses the dataset
+itself) arrives at exactly the same subset.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from lpt_lightning.errors import ConfigError, DataFormatError
+
+
+def long_tail_counts(n_max: int, num_classes: int, imbalance_ratio: float) -> list[int]:
+    """Per-class image counts of the exponential CIFAR-LT profile.
+
+    Class i keeps int(n_max * (1/IR)^(i/(C-1))): class 0 keeps n_max, the last class
+    n_max/IR. The expression mirrors the reference CIFAR-LT code term by term so that the
+    float rounding (and hence the int truncation) is identical.
+    """
+    if n_max < 1:
+        raise ConfigError(f"long_tail_counts: n_max must be >= 1, got {n_max}")
+    if num_classes < 1:
+        raise ConfigError(f"long_tail_counts: num_classes must be >= 1, got {num_classes}")
+    if not imbalance_ratio >= 1.0:
+        raise ConfigError(f"imbalance_ratio must be >= 1 (n_max / n_min), got {imbalance_ratio}")
+    if num_classes == 1:
+        return [int(n_max)]
+    factor = 1.0 / imbalance_ratio
+    return [int(n_max * factor ** (i / (num_classes - 1.0))) for i in range(num_classes)]
+
+
+def _class_index_lists(labels: np.ndarray) -> list[np.ndarray]:
+    """Indices of each class 0..max(label); every class must occur (labels are contiguous)."""
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.size == 0:
+        raise DataFormatError(f"expected a non-empty 1-D label array, got shape {labels.shape}")
+    if labels.min() < 0:
+        raise DataFormatError(f"labels must be >= 0, found {int(labels.min())}")
+    num_classes = int(labels.max()) + 1
+    order = np.argsort(labels, kind="stable")
+    bounds = np.searchsorted(labels[order], np.arange(num_classes + 1))
+    per_class = [order[bounds[c]:bounds[c + 1]] for c in range(num_classes)]
+    empty = [c for c, idx in enumerate(per_class) if idx.size == 0]
+    if empty:
+        raise DataFormatError(
+            f"classes must be contiguous 0..{num_classes - 1}, but classes {empty[:10]} have no samples"
+        )
+    return per_class
+
+
+def make_long_tailed(
+    labels: np.ndarray,
+    imbalance_ratio: float,
+    seed: int,
+    max_per_class: int | None = None,
+) -> np.ndarray:
+    """Indices (sorted ascending) of a long-tailed subset of a (roughly) balanced set.
+
+    n_max = the smallest class count of the input, capped by max_per_class, so every class
+    can supply its quota. Which samples a class keeps is a seeded random subset.
+    """
+    per_class = _class_index_lists(labels)
+    n_max = min(idx.size for idx in per_class)
+    if max_per_class is not None:
+        if max_per_class < 1:
+            raise ConfigError(f"max_per_class must be >= 1, got {max_per_class}")
+        n_max = min(n_max, max_per_class)
+    counts = long_tail_counts(n_max, len(per_class), imbalance_ratio)
+    if min(counts) < 1:
+        raise ConfigError(
+            f"imbalance_ratio {imbalance_ratio} with n_max {n_max} leaves a class with 0 images; "
+            "lower the imbalance ratio or raise max_per_class"
+        )
+    rng = np.random.default_rng(seed)
+    kept = [rng.choice(idx, size=k, replace=False) for idx, k in zip(per_class, counts)]
+    return np.sort(np.concatenate(kept))
+
+
+def cap_per_class(labels: np.ndarray, max_per_class: int, seed: int) -> np.ndarray:
+    """Indices (sorted) keeping a seeded random min(n_c, max_per_class) samples of each class."""
+    if max_per_class < 1:
+        raise ConfigError(f"max_per_class must be >= 1, got {max_per_class}")
+    rng = np.random.default_rng(seed)
+    kept = [
+        rng.choice(idx, size=min(idx.size, max_per_class), replace=False)
+        for idx in _class_index_lists(labels)
+    ]
+    return np.sort(np.concatenate(kept))
+
+
+def balanced_holdout(
+    labels: np.ndarray, per_class: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split into (held, rest): exactly per_class seeded-random samples of every class are held.
+
+    Both index arrays are sorted and disjoint and together cover all samples.
+    """
+    labels = np.asarray(labels)
+    if per_class < 0:
+        raise ConfigError(f"per_class must be >= 0, got {per_class}")
+    if per_class == 0:
+        return np.empty(0, dtype=np.int64), np.arange(labels.size, dtype=np.int64)
+    per_class_idx = _class_index_lists(labels)
+    for c, idx in enumerate(per_class_idx):
+        if idx.size < per_class:
+            raise DataFormatError(
+                f"cannot hold out {per_class} samples of class {c}: it has only {idx.size}"
+            )
+    rng = np.random.default_rng(seed)
+    held = np.sort(
+        np.concatenate([rng.choice(idx, size=per_class, replace=False) for idx in per_class_idx])
+    ).astype(np.int64)
+    mask = np.ones(labels.size, dtype=bool)
+    mask[held] = False
+    return held, np.flatnonzero(mask).astype(np.int64)

@@ -1,0 +1,199 @@
+"""Rank-aware samplers (SPEC section 4).
+
+Every sampler subclasses `DistributedSampler` so that Lightning neither wraps it in its own
+distributed sampler nor forgets to call ``set_epoch``. Training samplers build the GLOBAL index
+sequence from a private generator seeded with ``seed + epoch`` -- identical on every rank, and
+independent of the global RNG state -- pad it by repeating its head to a multiple of
+``num_replicas`` and yield the rank's strided shard ``seq[rank::num_replicas]``.
+
+``DistributedSampler.__init__`` is deliberately not called: it needs an initialised process
+group, and ranks are passed in explicitly (the DataModule reads them from the Trainer).
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DistributedSampler
+
+from lpt_lightning.errors import ConfigError
+
+
+def _check_replicas(num_replicas: int, rank: int) -> None:
+    if num_replicas < 1:
+        raise ConfigError(f"num_replicas must be >= 1, got {num_replicas}")
+    if not 0 <= rank < num_replicas:
+        raise ConfigError(f"rank must be in [0, {num_replicas}), got {rank}")
+
+
+def _as_label_tensor(labels: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64).reshape(-1)
+    if labels.numel() == 0:
+        raise ConfigError("sampler needs at least one labelled sample")
+    if labels.min() < 0:
+        raise ConfigError(f"labels must be >= 0, found {int(labels.min())}")
+    return labels
+
+
+class _GlobalSequenceSampler(DistributedSampler):
+    """Shared machinery: seeded global sequence -> padded -> strided rank shard."""
+
+    def __init__(self, global_num_samples: int, seed: int, num_replicas: int, rank: int) -> None:
+        _check_replicas(num_replicas, rank)
+        if global_num_samples < 1:
+            raise ConfigError(f"num_samples must be >= 1, got {global_num_samples}")
+        self.dataset = None
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = int(seed)
+        self.epoch = 0
+        self.shuffle = True
+        self.drop_last = False
+        self.global_num_samples = int(global_num_samples)
+        # DistributedSampler semantics: num_samples is the PER-RANK count.
+        self.num_samples = math.ceil(self.global_num_samples / num_replicas)
+        self.total_size = self.num_samples * num_replicas
+
+    def _build(self, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def global_sequence(self) -> torch.Tensor:
+        """The padded global sequence of this epoch (the same on every rank)."""
+        generator = torch.Generator()
+        generator.manual_seed(self.seed + self.epoch)
+        seq = self._build(generator)
+        assert seq.numel() == self.global_num_samples
+        pad = self.total_size - seq.numel()
+        if pad:
+            seq = torch.cat([seq, seq.repeat(math.ceil(pad / seq.numel()))[:pad]])
+        return seq
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.global_sequence()[self.rank :: self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class InstanceSampler(_GlobalSequenceSampler):
+    """Instance-balanced: a fresh permutation of all N samples each epoch."""
+
+    def __init__(
+        self, labels: Sequence[int] | np.ndarray, seed: int = 0, num_replicas: int = 1, rank: int = 0
+    ) -> None:
+        self.labels = _as_label_tensor(labels)
+        super().__init__(self.labels.numel(), seed, num_replicas, rank)
+
+    def _build(self, generator: torch.Generator) -> torch.Tensor:
+        return torch.randperm(self.labels.numel(), generator=generator)
+
+
+class ClassAwareSampler(_GlobalSequenceSampler):
+    """Class-balanced sampling as in the decoupling / LPT reference code.
+
+    Classes are visited round-robin over a class order that is reshuffled after each full
+    pass; each visit takes ``images_per_class`` images from that class's own shuffled list,
+    which cycles (and is reshuffled) when exhausted. ``num_samples`` defaults to N, so an
+    epoch lasts about one pass over the data, like the instance-balanced stream.
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[int] | np.ndarray,
+        images_per_class: int = 4,
+        num_samples: int | None = None,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        if images_per_class < 1:
+            raise ConfigError(f"images_per_class must be >= 1, got {images_per_class}")
+        self.labels = _as_label_tensor(labels)
+        self.images_per_class = images_per_class
+        order = torch.argsort(self.labels, stable=True)
+        counts = torch.bincount(self.labels)
+        # Classes absent from the data (count 0) are never visited.
+        self.members = [chunk.tolist() for chunk in torch.split(order, counts.tolist()) if chunk.numel()]
+        super().__init__(self.labels.numel() if num_samples is None else num_samples, seed, num_replicas, rank)
+
+    def _build(self, generator: torch.Generator) -> torch.Tensor:
+        n, k, num_cls = self.global_num_samples, self.images_per_class, len(self.members)
+        pools: list[list[int] | None] = [None] * num_cls  # lazily shuffled per-class lists
+        ptr = [0] * num_cls
+        out: list[int] = []
+        visit_order: list[int] = []
+        pos = 0
+        while len(out) < n:
+            if pos == len(visit_order):
+                visit_order = torch.randperm(num_cls, generator=generator).tolist()
+                pos = 0
+            c = visit_order[pos]
+            pos += 1
+            members = self.members[c]
+            for _ in range(min(k, n - len(out))):
+                if pools[c] is None or ptr[c] == len(members):
+                    pools[c] = [members[j] for j in torch.randperm(len(members), generator=generator).tolist()]
+                    ptr[c] = 0
+                out.append(pools[c][ptr[c]])
+                ptr[c] += 1
+        return torch.tensor(out, dtype=torch.int64)
+
+
+class PowerSampler(_GlobalSequenceSampler):
+    """With replacement: class c drawn with probability ∝ n_c**power, then a uniform member.
+
+    power=0 is class-balanced, 1 instance-balanced, 0.5 square-root sampling.
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[int] | np.ndarray,
+        power: float = 0.5,
+        num_samples: int | None = None,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        self.labels = _as_label_tensor(labels)
+        self.power = float(power)
+        counts = torch.bincount(self.labels).to(torch.float64)
+        present = counts > 0
+        weights = torch.where(present, counts.clamp(min=1) ** self.power, torch.zeros_like(counts))  # 0**0 is 1
+        self.class_probs = weights / weights.sum()
+        self.order = torch.argsort(self.labels, stable=True)
+        self.counts = counts.to(torch.int64)
+        self.starts = torch.cumsum(self.counts, 0) - self.counts
+        super().__init__(self.labels.numel() if num_samples is None else num_samples, seed, num_replicas, rank)
+
+    def _build(self, generator: torch.Generator) -> torch.Tensor:
+        n = self.global_num_samples
+        cls = torch.multinomial(self.class_probs, n, replacement=True, generator=generator)
+        offset = (torch.rand(n, generator=generator, dtype=torch.float64) * self.counts[cls]).long()
+        offset = torch.minimum(offset, self.counts[cls] - 1)  # guard the u -> 1.0 rounding edge
+        return self.order[self.starts[cls] + offset]
+
+
+class ShardedEvalSampler(DistributedSampler):
+    """Evaluation shard ``range(rank, N, num_replicas)``: NO padding, so under DDP every eval
+    sample is counted exactly once (ranks may differ in length by one sample)."""
+
+    def __init__(self, num_items: int, num_replicas: int = 1, rank: int = 0) -> None:
+        _check_replicas(num_replicas, rank)
+        self.dataset = None
+        self.num_items = int(num_items)
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+        self.seed = 0
+        self.shuffle = False
+        self.drop_last = False
+        self.num_samples = len(range(rank, self.num_items, num_replicas))
+        self.total_size = self.num_items
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.num_items, self.num_replicas))
+
+    def __len__(self) -> int:
+        return self.num_samples

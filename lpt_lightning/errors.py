@@ -1,0 +1,17 @@
+"""Project exceptions: each names the file, line or option at fault and says what to do."""
+
+
+class LPTError(Exception):
+    """Base class for every error this project raises on purpose."""
+
+
+class DataFormatError(LPTError, ValueError):
+    """An annotation file, image or dataset source is malformed or inconsistent."""
+
+
+class ConfigError(LPTError, ValueError):
+    """A configuration value is missing, inconsistent or impossible."""
+
+
+class CheckpointError(LPTError, ValueError):
+    """A checkpoint or weights file is unreadable, unsafe or does not match the model."""

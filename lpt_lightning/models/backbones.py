@@ -1,0 +1,314 @@
+"""Frozen pretrained ViT backbones behind one interface.
+
+An expert needs more from its backbone than ``forward``: it appends prompt tokens at every block,
+runs a parallel adapter beside each block's MLP and branches after block K. Both wrappers
+therefore expose ``embed`` (normalise + patch/pos embedding), ``run_block`` (one library block,
+optionally with a parallel adapter) and ``pool`` (final norm + CLS feature), and reuse the
+library's own modules and weights for each step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lpt_lightning.errors import CheckpointError, ConfigError
+
+REFERENCE_BACKBONES = {
+    # SPEC 2: the visual expert uses the ImageNet-21k-only AugReg weights, NOT in21k-ft-in1k.
+    "timm": "vit_base_patch16_224.augreg_in21k",
+    "open_clip": "ViT-B-16",
+}
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class BackboneSpec:
+    """Where a frozen backbone comes from.
+
+    The library follows the expert: ``timm`` for the visual-only expert, ``open_clip`` for the
+    vision-language expert.
+
+    Attributes:
+        name: timm model name or open_clip architecture; None = the reference model of SPEC 2.
+        pretrained: hub weights: ``True``/``False`` for timm, a tag such as ``openai`` for
+            open_clip (``None``/``""`` = random init).
+        checkpoint_path: local weights file used instead of the hub (offline clusters): timm state
+            dict (.pth/.bin/.safetensors) or original .npz; open_clip checkpoint.
+        model_kwargs: architecture overrides passed to ``timm.create_model`` (e.g. a tiny
+            ``depth``/``embed_dim`` for tests) or, for open_clip, a full ``open_clip.CLIP``
+            config (``embed_dim``, ``vision_cfg``, ``text_cfg``) that replaces ``name``.
+        init_seed: seed of the random initialisation when no weights are loaded, so a
+            random-weight backbone (tests, demos) is rebuilt identically in every phase and rank.
+    """
+
+    name: str | None = None
+    pretrained: bool | str | None = True
+    checkpoint_path: str | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    init_seed: int = 0
+
+
+class FrozenViT(nn.Module):
+    """Common interface of the frozen backbones; never trained, always in eval mode."""
+
+    embed_dim: int  # token width: the prompts' and adapters' dimension
+    feature_dim: int  # pooled feature width: the head's and the keys' dimension
+    num_blocks: int
+    img_size: int
+
+    def _register_normalisation(self, mean, std) -> None:
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def freeze(self) -> None:
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "FrozenViT":
+        # Frozen: dropout / drop-path stay off whatever the LightningModule does.
+        return super().train(False)
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        raise NotImplementedError
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """[B,3,H,W] images in [0,1] -> [B, N, embed_dim] tokens ([cls; patches])."""
+        raise NotImplementedError
+
+    def attention_branch(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def mlp_branch(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def run_block(self, index: int, x: torch.Tensor, adapter: nn.Module | None = None) -> torch.Tensor:
+        """One transformer block; with an adapter, y = x' + MLP(LN2(x')) + adapter(x') (SPEC 2.2)."""
+        block = self.blocks[index]
+        if adapter is None:
+            return block(x)
+        x = x + self.attention_branch(block, x)
+        return x + self.mlp_branch(block, x) + adapter(x)
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Final norm + CLS feature (+ projection for CLIP): [B, N, d] -> [B, feature_dim]."""
+        raise NotImplementedError
+
+
+def _unwrap_state_dict(obj: Any, path: str) -> dict[str, torch.Tensor]:
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "module"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors; expected a model state dict file")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """Read a weights file safely (safetensors, or torch.load with weights_only=True)."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: weights file not found (backbone.checkpoint_path)")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        return _unwrap_state_dict(torch.load(path, map_location="cpu", weights_only=True), path)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # unpickling refusal, truncation, wrong format
+        raise CheckpointError(f"{path}: cannot be read as a weights file ({type(exc).__name__}: {exc})") from exc
+
+
+def _load_matching(model: nn.Module, state_dict: dict[str, torch.Tensor], path: str) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state_dict and state_dict[k].shape != own[k].shape
+    ]
+    # Heads of classification checkpoints are not part of a feature backbone: tolerate them.
+    unexpected = [k for k in unexpected if not k.startswith(("head.", "fc.", "logit_scale"))]
+    if missing or unexpected or mismatched:
+        parts = []
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape mismatches (e.g. {mismatched[0]})")
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        raise CheckpointError(
+            f"{path}: does not match the configured backbone: {'; '.join(parts)}. "
+            "Check backbone.name / backbone.model_kwargs against the file."
+        )
+    model.load_state_dict(state_dict, strict=False)
+
+
+class TimmViT(FrozenViT):
+    """timm ``VisionTransformer`` (the visual-only expert's backbone)."""
+
+    def __init__(self, spec: BackboneSpec):
+        super().__init__()
+        import timm
+        from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+        name = spec.name or REFERENCE_BACKBONES["timm"]
+        use_hub = bool(spec.pretrained) and spec.checkpoint_path is None
+        try:
+            model = timm.create_model(name, pretrained=use_hub, num_classes=0, **spec.model_kwargs)
+        except RuntimeError as exc:
+            raise ConfigError(f"backbone.name={name!r}: timm cannot build it ({exc})") from exc
+        if not isinstance(model, VisionTransformer):
+            raise ConfigError(f"backbone.name={name!r} is a {type(model).__name__}, not a timm VisionTransformer")
+        if spec.checkpoint_path:
+            path = spec.checkpoint_path
+            if path.endswith(".npz"):
+                try:
+                    model.load_pretrained(path)  # original JAX AugReg checkpoints
+                except Exception as exc:
+                    raise CheckpointError(f"{path}: cannot load as a timm ViT .npz ({exc})") from exc
+            else:
+                state_dict = checkpoint_filter_fn(read_state_dict(path), model)
+                _load_matching(model, state_dict, path)
+        self.model = model
+        self.embed_dim = model.embed_dim
+        self.feature_dim = model.embed_dim
+        self.num_blocks = len(model.blocks)
+        self.img_size = int(model.patch_embed.img_size[0])
+        cfg = model.pretrained_cfg or {}
+        self._register_normalisation(cfg.get("mean", (0.5, 0.5, 0.5)), cfg.get("std", (0.5, 0.5, 0.5)))
+        self.freeze()
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.blocks
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        x = m.patch_embed(self.normalise(images))
+        x = m._pos_embed(x)
+        x = m.patch_drop(x)
+        return m.norm_pre(x)
+
+    def attention_branch(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return block.drop_path1(block.ls1(block.attn(block.norm1(x))))
+
+    def mlp_branch(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.norm(tokens), pre_logits=True)
+
+
+class OpenClipViT(FrozenViT):
+    """open_clip CLIP image tower (the vision-language expert's backbone).
+
+    The pooled feature is the CLIP image embedding (``ln_post`` CLS @ ``proj``), the space the
+    text embeddings live in, so the head can start from "a photo of a {class}." embeddings.
+    The text tower is kept outside the module tree until ``encode_text`` is done with it.
+    """
+
+    def __init__(self, spec: BackboneSpec):
+        super().__init__()
+        import open_clip
+
+        if spec.model_kwargs:
+            model = open_clip.CLIP(**spec.model_kwargs)
+            self._tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model.context_length)
+            if spec.checkpoint_path:
+                self._load_file(open_clip, model, spec.checkpoint_path)
+        else:
+            name = spec.name or REFERENCE_BACKBONES["open_clip"]
+            pretrained = spec.pretrained if isinstance(spec.pretrained, str) and spec.pretrained else None
+            if spec.pretrained is True:
+                pretrained = "openai"
+            if spec.checkpoint_path:
+                model = open_clip.create_model(name, pretrained=None)
+                self._load_file(open_clip, model, spec.checkpoint_path)
+            else:
+                try:
+                    model = open_clip.create_model(name, pretrained=pretrained)
+                except RuntimeError as exc:
+                    raise ConfigError(f"backbone.name={name!r} pretrained={pretrained!r}: {exc}") from exc
+            self._tokenizer = open_clip.get_tokenizer(name)
+        visual = model.visual
+        self.visual = visual
+        # Held in a tuple so the text tower is neither a submodule nor saved in checkpoints.
+        self._text_model = (model,)
+        self.embed_dim = visual.conv1.out_channels
+        self.feature_dim = visual.proj.shape[1] if visual.proj is not None else self.embed_dim
+        self.num_blocks = len(visual.transformer.resblocks)
+        size = visual.image_size
+        self.img_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        cfg = open_clip.get_model_preprocess_cfg(model)
+        self._register_normalisation(cfg.get("mean", OPENAI_CLIP_MEAN), cfg.get("std", OPENAI_CLIP_STD))
+        if not visual.transformer.batch_first:
+            raise ConfigError("open_clip towers with batch_first=False are not supported; upgrade open_clip_torch")
+        self.freeze()
+
+    @staticmethod
+    def _load_file(open_clip, model: nn.Module, path: str) -> None:
+        if not Path(path).is_file():
+            raise CheckpointError(f"{path}: weights file not found (backbone.checkpoint_path)")
+        try:
+            open_clip.load_checkpoint(model, path, strict=True, weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(
+                f"{path}: does not load into the configured open_clip model ({type(exc).__name__}: {exc}). "
+                "Check backbone.name / backbone.model_kwargs against the file."
+            ) from exc
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """CLIP text embeddings [len(prompts), feature_dim] from the real tokenizer and text tower."""
+        if not self._text_model:
+            raise RuntimeError("the text tower was released; encode class names before release_text_tower()")
+        model = self._text_model[0]
+        device = self.mean.device
+        model.to(device).eval()
+        return model.encode_text(self._tokenizer(prompts).to(device)).float()
+
+    def release_text_tower(self) -> None:
+        self._text_model = ()
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.visual.transformer.resblocks
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.visual._embeds(self.normalise(images))
+
+    def attention_branch(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return block.ls_1(block.attention(q_x=block.ln_1(x)))
+
+    def mlp_branch(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return block.ls_2(block.mlp(block.ln_2(x)))
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        pooled, _ = self.visual._pool(tokens)
+        return pooled @ self.visual.proj if self.visual.proj is not None else pooled
+
+
+BACKBONE_FOR_EXPERT = {"visual": TimmViT, "vl": OpenClipViT}
+
+
+def build_backbone(expert_kind: str, spec: BackboneSpec) -> FrozenViT:
+    if expert_kind not in BACKBONE_FOR_EXPERT:
+        raise ConfigError(f"expert.kind={expert_kind!r}: choose one of {sorted(BACKBONE_FOR_EXPERT)}")
+    # Checkpoints never store the frozen backbone: random initialisations must be reproducible.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.init_seed)
+        return BACKBONE_FOR_EXPERT[expert_kind](spec)

@@ -1,0 +1,248 @@
+"""What phases 1 and 2 share: dual-stream A-GCL training, SGD + cosine schedule, split metrics,
+small checkpoints."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from lpt_lightning import __version__
+from lpt_lightning.checkpoints import META_KEY, is_saved_key
+from lpt_lightning.errors import CheckpointError, ConfigError
+from lpt_lightning.losses import AGCLLoss, LogitAdjustedCE, matching_loss
+from lpt_lightning.metrics import SplitAccuracy
+from lpt_lightning.models.expert import ExpertOutput, LongTailExpert
+
+SPLIT_KEYS = ("acc", "acc_many", "acc_medium", "acc_few")
+
+
+@dataclass
+class LossSpec:
+    """Training objective (SPEC 3, 4).
+
+    Attributes:
+        kind: ``agcl`` (reference) or ``logit_adjusted`` cross-entropy (ablation).
+        scale: cosine logit scale s.
+        margin: GCL margin m on the target logit.
+        beta: GCL perturbation weight.
+        smoothing: label smoothing of A-GCL.
+        class_balanced_gammas: (gamma_pos, gamma_neg) for the class-balanced batch.
+        instance_gammas: (gamma_pos, gamma_neg) for the instance-balanced (and square-root) batch.
+        instance_weight: eta_max in eta(e) = eta_max (E - e) / E, the instance batch's weight
+            when it is paired with a class-balanced batch.
+        match_weight: weight of the prompt-key matching loss (phase 2).
+        tau: logit-adjustment strength (``logit_adjusted`` only).
+    """
+
+    kind: Literal["agcl", "logit_adjusted"] = "agcl"
+    scale: float = 20.0
+    margin: float = 0.1
+    beta: float = 0.5
+    smoothing: float = 0.1
+    class_balanced_gammas: tuple[float, float] = (0.0, 4.0)
+    instance_gammas: tuple[float, float] = (0.5, 8.0)
+    instance_weight: float = 0.5
+    match_weight: float = 0.5
+    tau: float = 1.0
+
+
+@dataclass
+class OptimSpec:
+    """SGD with a per-epoch cosine schedule and linear warm-up (SPEC 4).
+
+    ``base_lr`` is for a global batch of 256 images: lr = base_lr * B / 256 with B the per-stream
+    batch summed over devices and accumulation steps.
+    """
+
+    base_lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 0.01
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-6
+    min_lr: float = 0.0
+
+
+class ExpertPhase(L.LightningModule):
+    """Base of AdaptPhase and GroupPromptPhase; subclasses build ``self.expert`` and freeze."""
+
+    phase_name: str = ""
+
+    def __init__(self, num_classes: int, class_names: list[str] | None, loss: LossSpec, optim: OptimSpec,
+                 split_convention: Literal["lpt", "oltr"]):
+        super().__init__()
+        if num_classes <= 0:
+            raise ConfigError("model.num_classes must be positive (it is linked from data.num_classes)")
+        self.num_classes = num_classes
+        self.class_names = list(class_names) if class_names is not None else None
+        self.loss_spec = loss
+        self.optim_spec = optim
+        self.split_convention = split_convention
+        self.register_buffer("class_counts", torch.ones(num_classes, dtype=torch.long))
+        self.stream_losses = nn.ModuleDict()
+        self.results: dict[str, dict[str, Any]] = {}
+        # Frozen backbone weights are not in our checkpoints: they come from the hub/local file.
+        self.strict_loading = False
+        self.expert: LongTailExpert
+
+    # ----------------------------------------------------------------- properties and metadata
+    @property
+    def img_size(self) -> int:
+        return self.expert.img_size
+
+    def metadata(self) -> dict[str, Any]:
+        """Subclasses add their phase, expert and prompt specs."""
+        return {"version": __version__, "num_classes": self.num_classes, "class_names": self.class_names,
+                "split_convention": self.split_convention}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def parameter_report(self) -> str:
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        backbone = sum(p.numel() for p in self.expert.backbone.parameters())
+        groups = {name: sum(p.numel() for p in m.parameters() if p.requires_grad)
+                  for name, m in self.expert.named_children() if name != "backbone"}
+        detail = ", ".join(f"{k} {v:,}" for k, v in groups.items() if v)
+        return (f"{self.phase_name} [{self.expert.spec.kind} expert]: {trainable:,} trainable parameters "
+                f"({100.0 * trainable / max(backbone, 1):.2f}% of the {backbone:,}-parameter frozen backbone; {detail})")
+
+    # ----------------------------------------------------------------- setup
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "train_class_counts"):
+            counts = torch.as_tensor(dm.train_class_counts, dtype=torch.long)
+            if counts.numel() != self.num_classes:
+                raise ConfigError(f"data has {counts.numel()} classes but model.num_classes={self.num_classes}")
+            self.class_counts.copy_(counts)
+        self.val_accuracy = SplitAccuracy(self.class_counts.cpu(), convention=self.split_convention)
+        self.test_accuracy = SplitAccuracy(self.class_counts.cpu(), convention=self.split_convention)
+        if stage == "fit":
+            self.stream_losses = nn.ModuleDict({s: self._make_loss(s) for s in ("cb", "ib", "sqrt")})
+
+    def _make_loss(self, stream: str) -> nn.Module:
+        spec = self.loss_spec
+        counts = self.class_counts.cpu()
+        if spec.kind == "logit_adjusted":
+            return LogitAdjustedCE(counts, tau=spec.tau, scale=spec.scale)
+        gamma_pos, gamma_neg = spec.class_balanced_gammas if stream == "cb" else spec.instance_gammas
+        return AGCLLoss(counts, scale=spec.scale, margin=spec.margin, beta=spec.beta, gamma_pos=gamma_pos,
+                        gamma_neg=gamma_neg, smoothing=spec.smoothing)
+
+    def on_fit_start(self) -> None:
+        rank_zero_info(self.parameter_report())
+
+    # ----------------------------------------------------------------- training
+    def stream_weight(self, stream: str, streams: list[str]) -> float:
+        if stream == "ib" and "cb" in streams:
+            return instance_weight(self.current_epoch, self.trainer.max_epochs, self.loss_spec.instance_weight)
+        return 1.0
+
+    def stream_loss(self, stream: str, out: ExpertOutput, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        terms = {"cls": self.stream_losses[stream](out.logits, labels)}
+        if out.match is not None:
+            terms["match"] = matching_loss(out.query, self.expert.group_prompts.keys, out.match.indices)
+        return terms
+
+    def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
+        streams = list(batch)
+        sizes = [batch[s]["label"].shape[0] for s in streams]
+        # One forward over all streams: fewer, larger matmuls than a pass per stream.
+        out = self.expert(torch.cat([batch[s]["image"] for s in streams]))
+        total = out.logits.new_zeros(())
+        offset = 0
+        for stream, size in zip(streams, sizes):
+            part = _slice_output(out, offset, size)
+            offset += size
+            terms = self.stream_loss(stream, part, batch[stream]["label"])
+            term = terms["cls"] + self.loss_spec.match_weight * terms.get("match", 0.0)
+            total = total + self.stream_weight(stream, streams) * term
+            for name, value in terms.items():
+                self.log(f"train/{name}_{stream}", value.detach(), batch_size=size)
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"non-finite training loss {total.item()} at global step {self.global_step}")
+        self.log("train/loss", total.detach(), prog_bar=True, batch_size=sum(sizes))
+        return total
+
+    # ----------------------------------------------------------------- evaluation
+    def _eval_step(self, batch: dict[str, torch.Tensor], metric: SplitAccuracy) -> None:
+        metric.update(self.expert(batch["image"]).logits, batch["label"])
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.val_accuracy)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, self.test_accuracy)
+
+    def _log_split_accuracy(self, stage: str, metric: SplitAccuracy) -> None:
+        result = metric.compute()  # states already summed over ranks: identical everywhere
+        metric.reset()
+        self.results[stage] = {k: float(result[k]) for k in SPLIT_KEYS} | {"per_class": result["per_class"].cpu()}
+        self.log_dict({f"{stage}/{k}": float(result[k]) for k in SPLIT_KEYS}, sync_dist=False)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_split_accuracy("val", self.val_accuracy)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_split_accuracy("test", self.test_accuracy)
+
+    # ----------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> dict[str, Any]:
+        from timm.scheduler import CosineLRScheduler
+
+        spec = self.optim_spec
+        dm = self.trainer.datamodule
+        global_batch = dm.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        lr = spec.base_lr * global_batch / 256
+        optimizer = torch.optim.SGD(self.trainable_parameters(), lr=lr, momentum=spec.momentum,
+                                    weight_decay=spec.weight_decay)
+        scheduler = CosineLRScheduler(optimizer, t_initial=max(self.trainer.max_epochs or 1, 1), lr_min=spec.min_lr,
+                                      warmup_t=spec.warmup_epochs, warmup_lr_init=spec.warmup_lr, t_in_epochs=True)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        # timm schedulers are indexed by epoch; Lightning calls this at the end of an epoch.
+        scheduler.step(epoch=self.current_epoch + 1)
+
+    # ----------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if is_saved_key(k)}
+        checkpoint[META_KEY] = self.metadata()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        expected = {k for k in self.state_dict() if is_saved_key(k)}
+        missing = sorted(expected - set(checkpoint.get("state_dict", {})))
+        if missing:
+            raise CheckpointError(
+                f"checkpoint lacks {len(missing)} trained tensors of this {self.phase_name} model "
+                f"(e.g. {missing[0]}): it was written by another phase or model configuration"
+            )
+
+    def train(self, mode: bool = True) -> "ExpertPhase":
+        super().train(mode)
+        # Frozen parts stay in eval mode (no adapter dropout), so phase 2's frozen prefix is
+        # deterministic and equals what phase 1 computes at evaluation.
+        for module in self.frozen_modules():
+            module.eval()
+        return self
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.expert.backbone]
+
+
+def instance_weight(epoch: int, max_epochs: int | None, eta_max: float) -> float:
+    """eta(e) = eta_max (E - e) / E: the instance batch's weight beside a class-balanced one (SPEC 4)."""
+    epochs = max(max_epochs or 1, 1)
+    return eta_max * (epochs - epoch) / epochs
+
+
+def _slice_output(out: ExpertOutput, start: int, size: int) -> ExpertOutput:
+    s = slice(start, start + size)
+    match = None
+    if out.match is not None:
+        m = out.match
+        match = type(m)(prompts=m.prompts[s], indices=m.indices[s], similarity=m.similarity[s])
+    return ExpertOutput(logits=out.logits[s], features=out.features[s], query=out.query[s], match=match)

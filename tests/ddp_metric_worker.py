@@ -1,0 +1,24 @@
+"""Spawned by tests/test_metrics.py: one gloo rank updating SplitAccuracy with its shard."""
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def run(rank: int, world_size: int, init_method: str, counts, preds, target, out_dir: str) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    from lpt_lightning.metrics import SplitAccuracy
+
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
+    try:
+        metric = SplitAccuracy(counts)
+        # Interleaved shards of unequal length, updated in two batches each.
+        p, t = preds[rank::world_size], target[rank::world_size]
+        half = len(t) // 2
+        metric.update(p[:half], t[:half])
+        metric.update(p[half:], t[half:])
+        result = metric.compute()
+        torch.save({k: v.clone() for k, v in result.items()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()

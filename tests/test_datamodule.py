@@ -1,0 +1,305 @@
+"""LongTailDataModule, dataset, transforms: loaders, batches, DDP-style sharding, errors."""
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lpt_lightning.data import (
+    AnnotationListSource,
+    ClassAwareSampler,
+    FashionMNISTSource,
+    ImageFolderSource,
+    InstanceSampler,
+    LongTailDataModule,
+    LongTailImageDataset,
+    ShardedEvalSampler,
+    Split,
+    build_eval_transform,
+    build_train_transform,
+    collate_skipping,
+    eval_resize_size,
+    verify_files,
+)
+from lpt_lightning.errors import ConfigError, DataFormatError
+
+COUNTS = {"a": 8, "b": 4, "c": 2, "d": 2}  # 16 train images, imbalance 4
+
+
+@pytest.fixture()
+def folder(tmp_path) -> Path:
+    root = tmp_path / "imgs"
+    for c, (name, n) in enumerate(COUNTS.items()):
+        (root / name).mkdir(parents=True)
+        for i in range(n + 1):  # +1 per class for a 1-per-class val slice
+            Image.new("RGB", (10, 8), (60 * c, 20 * i, 100)).save(root / name / f"{i}.png")
+    return root
+
+
+def _dm(folder, **kw) -> LongTailDataModule:
+    src = ImageFolderSource(root=str(folder), val_per_class=1, seed=0, name="tiny")
+    args = dict(batch_size=4, num_workers=0, img_size=8, pin_memory=False)
+    args.update(kw)
+    return LongTailDataModule(source=src, **args)
+
+
+def _fake_trainer(world_size=1, rank=0, img_size=None):
+    return SimpleNamespace(world_size=world_size, global_rank=rank,
+                           lightning_module=SimpleNamespace(img_size=img_size))
+
+
+# ------------------------------------------------------------------------------ transforms / dataset
+
+
+def test_transforms_sizes_and_range():
+    img = Image.new("RGB", (50, 30), (255, 128, 0))
+    x = build_train_transform(16)(img)
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    y = build_eval_transform(16)(img)
+    assert y.shape == (3, 16, 16)
+    assert torch.allclose(y[:, 0, 0], torch.tensor([1.0, 128 / 255, 0.0]), atol=1e-6)  # no normalisation
+    assert eval_resize_size(224) == 256 and eval_resize_size(32) == 37
+    with pytest.raises(ConfigError):
+        build_eval_transform(0)
+
+
+def test_dataset_files_and_arrays(tmp_path):
+    gray = tmp_path / "g.png"
+    Image.new("L", (5, 5), 77).save(gray)
+    ds = LongTailImageDataset(Split([str(gray)], np.array([3])), build_eval_transform(4))
+    item = ds[0]
+    assert item["image"].shape == (3, 4, 4) and item["label"].dtype == torch.int64 and item["label"] == 3
+    assert item["index"] == 0
+    assert torch.allclose(item["image"], torch.full((3, 4, 4), 77 / 255))  # L -> 3 equal RGB channels
+    images = np.stack([np.full((6, 6), 10, np.uint8), np.full((6, 6), 200, np.uint8)])
+    ds2 = LongTailImageDataset(Split([1, 0], np.array([0, 1])), build_eval_transform(4), images=images)
+    assert torch.allclose(ds2[0]["image"], torch.full((3, 4, 4), 200 / 255))
+    assert ds2[1]["index"] == 1
+    with pytest.raises(DataFormatError, match="need the in-memory images array"):
+        LongTailImageDataset(Split([0], np.array([0])), None)
+
+
+def test_unreadable_image_raises_or_is_skipped(tmp_path):
+    good, bad = tmp_path / "good.png", tmp_path / "corrupt.jpg"
+    Image.new("RGB", (4, 4)).save(good)
+    bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")
+    split = Split([str(good), str(bad), str(tmp_path / "missing.png")], np.array([0, 1, 1]), origin="list.txt")
+    ds = LongTailImageDataset(split, build_eval_transform(4))
+    with pytest.raises(DataFormatError, match=r"cannot read image .*corrupt\.jpg \(listed in list\.txt\)"):
+        ds[1]
+    with pytest.raises(DataFormatError, match="missing.png"):
+        ds[2]
+    skipping = LongTailImageDataset(split, build_eval_transform(4), skip_unreadable=True)
+    assert skipping[1] is None and skipping[2] is None
+    batch = collate_skipping([skipping[i] for i in range(3)])
+    assert batch["num_skipped"].item() == 2 and batch["image"].shape == (1, 3, 4, 4)
+    assert batch["index"].tolist() == [0]
+    empty = collate_skipping([None, None])
+    assert empty["num_skipped"].item() == 2 and empty["label"].numel() == 0
+
+
+def test_verify_files_reports_missing(tmp_path):
+    present = tmp_path / "ok.png"
+    present.write_bytes(b"x")
+    items = [str(present)] + [str(tmp_path / f"gone{i}.jpg") for i in range(7)]
+    split = Split(items, np.zeros(8, dtype=np.int64), origin="/data/Places_LT_train.txt")
+    with pytest.raises(DataFormatError) as err:
+        verify_files(split)
+    msg = str(err.value)
+    assert "7 of 8 checked image files listed in /data/Places_LT_train.txt do not exist" in msg
+    assert "gone0.jpg" in msg and "gone4.jpg" in msg and "gone5.jpg" not in msg and "and 2 more" in msg
+    assert verify_files(Split([str(present)], np.array([0]))) == 1
+    assert verify_files(Split([0, 1], np.array([0, 1]))) == 0  # in-memory arrays: nothing to check
+    assert verify_files(Split([str(present)] * 50, np.zeros(50, dtype=np.int64)), sample=5) <= 5
+
+
+# ------------------------------------------------------------------------------ DataModule
+
+
+def test_metadata_available_right_after_init(folder):
+    dm = _dm(folder)
+    assert dm.num_classes == 4 and dm.class_names == ["a", "b", "c", "d"]
+    assert dm.train_class_counts.tolist() == [8, 4, 2, 2] and dm.train_class_counts.dtype == torch.int64
+    assert dm.splits is dm.splits  # parsed once, cached
+    assert dm.summary() == (
+        "tiny: 16 train images, 4 classes, max 8 / min 2 per class (imbalance ratio 4.0); val 4; no test split"
+    )
+
+
+def test_dual_sampling_batches(folder):
+    dm = _dm(folder)
+    dm.setup("fit")
+    loaders = dm.train_dataloader()
+    assert set(loaders) == {"cb", "ib"}
+    assert isinstance(loaders["cb"].sampler, ClassAwareSampler)
+    assert isinstance(loaders["ib"].sampler, InstanceSampler)
+    assert len(loaders["cb"]) == len(loaders["ib"]) == 4  # 16 samples / batch 4, drop_last
+    cb_batches, ib_batches = list(loaders["cb"]), list(loaders["ib"])
+    assert len(cb_batches) == len(ib_batches) == 4
+    for cb, ib in zip(cb_batches, ib_batches):
+        for batch in (cb, ib):
+            assert set(batch) == {"image", "label", "index"}
+            assert batch["image"].shape == (4, 3, 8, 8) and batch["image"].dtype == torch.float32
+            assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+            assert batch["label"].dtype == torch.int64 and batch["index"].dtype == torch.int64
+            train = dm.splits.train
+            assert batch["label"].tolist() == train.labels[batch["index"].numpy()].tolist()
+        assert len(set(cb["label"].tolist())) == 1  # 4 images per class visit = one class per batch
+    # one epoch of the class-aware stream visits every class equally often
+    cb_labels = torch.cat([b["label"] for b in cb_batches])
+    assert torch.bincount(cb_labels, minlength=4).tolist() == [4, 4, 4, 4]
+    assert sorted(torch.cat([b["index"] for b in ib_batches]).tolist()) == list(range(16))
+
+
+@pytest.mark.parametrize("sampling, keys", [("instance", {"ib"}), ("class_aware", {"cb"}), ("square_root", {"sqrt"})])
+def test_single_stream_sampling(folder, sampling, keys):
+    dm = _dm(folder, sampling=sampling)
+    dm.setup("fit")
+    loaders = dm.train_dataloader()
+    assert set(loaders) == keys
+    batch = next(iter(loaders[next(iter(keys))]))
+    assert batch["image"].shape == (4, 3, 8, 8)
+
+
+def test_samplers_take_ranks_from_trainer(folder):
+    shards = []
+    for rank in range(2):
+        dm = _dm(folder)
+        dm.trainer = _fake_trainer(world_size=2, rank=rank)
+        loaders = dm.train_dataloader()
+        sampler = loaders["cb"].sampler
+        assert (sampler.num_replicas, sampler.rank) == (2, rank) and len(sampler) == 8
+        shards.append(list(sampler))
+    reference = ClassAwareSampler(_dm(folder).splits.train.labels, images_per_class=4, seed=0)
+    assert [shards[i % 2][i // 2] for i in range(16)] == reference.global_sequence().tolist()
+
+
+def test_eval_loaders_cover_each_sample_once_across_ranks(folder):
+    seen = {"val": [], "test": []}
+    for rank in range(2):
+        dm = _dm(folder, eval_batch_size=3)
+        dm.trainer = _fake_trainer(world_size=2, rank=rank)
+        with pytest.warns(UserWarning, match="no test split: using the val split for test"):
+            dm.setup("test")
+        val, test = dm.val_dataloader(), dm.test_dataloader()
+        assert isinstance(val.sampler, ShardedEvalSampler) and val.batch_size == 3 and not val.drop_last
+        assert len(val.sampler) == 2
+        for name, loader in (("val", val), ("test", test)):
+            for batch in loader:
+                assert batch["image"].shape[1:] == (3, 8, 8)
+                seen[name].extend(batch["index"].tolist())
+    assert sorted(seen["val"]) == list(range(4)) and sorted(seen["test"]) == list(range(4))
+
+
+def test_img_size_from_model_or_error(folder):
+    dm = _dm(folder, img_size=None)
+    with pytest.raises(ConfigError, match="set data.img_size"):
+        dm.setup("fit")
+    dm.trainer = _fake_trainer(img_size=12)
+    dm.setup("fit")
+    assert next(iter(dm.train_dataloader()["cb"]))["image"].shape == (4, 3, 12, 12)
+
+
+def test_batch_size_larger_than_data(folder):
+    dm = _dm(folder, batch_size=17)
+    with pytest.raises(ConfigError, match="batch_size=17 exceeds the 16 training samples per device"):
+        dm.train_dataloader()
+
+
+def test_invalid_config(folder):
+    with pytest.raises(ConfigError, match="data.sampling"):
+        _dm(folder, sampling="balanced")
+    with pytest.raises(ConfigError, match="data.batch_size"):
+        _dm(folder, batch_size=0)
+
+
+def test_verify_files_before_training(tmp_path):
+    root = tmp_path / "r"
+    root.mkdir()
+    Image.new("RGB", (4, 4)).save(root / "x.png")
+    (root / "train.txt").write_text("x.png 0\nmissing/y.png 1\n")
+    (root / "val.txt").write_text("x.png 0\n")
+    src = AnnotationListSource(root=str(root), train_list="train.txt", val_list="val.txt")
+    dm = LongTailDataModule(src, batch_size=1, num_workers=0, img_size=4, pin_memory=False)
+    with pytest.raises(DataFormatError) as err:
+        dm.setup("fit")
+    assert "missing/y.png" in str(err.value) and "train.txt" in str(err.value)
+    skip = LongTailDataModule(src, batch_size=2, num_workers=0, img_size=4, pin_memory=False, skip_unreadable=True)
+    with pytest.warns(UserWarning, match="will be skipped"):
+        skip.setup("fit")
+    batch = next(iter(skip.train_dataloader()["ib"]))
+    assert batch["num_skipped"].item() == 1 and batch["index"].tolist() == [0]
+    unchecked = LongTailDataModule(src, batch_size=1, num_workers=0, img_size=4, verify_files=False)
+    unchecked.setup("fit")  # no up-front check; the missing file would fail when loaded
+
+
+def test_in_memory_fashion_mnist_source(tmp_path):
+    root = tmp_path / "fm"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 40), ("t10k", 20)):
+        labels = np.tile(np.arange(10), n // 10).astype(np.uint8)
+        images = rng.integers(0, 256, (n, 6, 6), dtype=np.uint8)
+        for kind, arr in (("images-idx3-ubyte", images), ("labels-idx1-ubyte", labels)):
+            data = struct.pack(">BBBB", 0, 0, 8, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes()
+            with gzip.open(root / f"{prefix}-{kind}.gz", "wb") as fh:
+                fh.write(data)
+    dm = LongTailDataModule(FashionMNISTSource(root=str(root), val_per_class=1), batch_size=5,
+                            num_workers=0, img_size=4, pin_memory=False)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()["ib"]))
+    assert batch["image"].shape == (5, 3, 4, 4)
+    assert all(torch.equal(im[0], im[1]) and torch.equal(im[1], im[2]) for im in batch["image"])  # gray -> RGB
+    assert len(dm.val_dataloader().dataset) == 10 and len(dm.test_dataloader().dataset) == 20
+
+
+def test_jsonargparse_builds_datamodule_from_class_path(folder):
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(LongTailDataModule, "data")
+    cfg = parser.parse_object({"data": {
+        "source": {"class_path": "lpt_lightning.data.ImageFolderSource",
+                   "init_args": {"root": str(folder), "val_per_class": 1}},
+        "batch_size": 4, "num_workers": 0, "sampling": "class_aware", "img_size": 8,
+    }})
+    dm = parser.instantiate_classes(cfg).data
+    assert isinstance(dm, LongTailDataModule) and isinstance(dm.source, ImageFolderSource)
+    assert dm.num_classes == 4 and dm.sampling == "class_aware"
+
+
+def test_lightning_trainer_keeps_samplers_and_sets_epoch(folder):
+    import lightning as L
+
+    class Probe(L.LightningModule):
+        img_size = 8
+
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(3, 4)
+            self.seen = []
+
+        def training_step(self, batch, batch_idx):
+            assert set(batch) == {"cb", "ib"} and batch["cb"]["image"].shape == batch["ib"]["image"].shape
+            loaders = self.trainer.train_dataloader
+            samplers = {k: v.sampler for k, v in loaders.items()}
+            assert isinstance(samplers["cb"], ClassAwareSampler) and isinstance(samplers["ib"], InstanceSampler)
+            self.seen.append((self.current_epoch, samplers["cb"].epoch, samplers["ib"].epoch))
+            return self.layer(batch["cb"]["image"].mean(dim=(2, 3))).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    model = Probe()
+    dm = _dm(folder, img_size=None)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=2, limit_train_batches=2, limit_val_batches=0,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(model, datamodule=dm)
+    assert model.seen == [(0, 0, 0), (0, 0, 0), (1, 1, 1), (1, 1, 1)]

@@ -1,0 +1,188 @@
+"""Experts: prompt insertion, adapters, prefix reuse, heads, weight loading."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lpt_lightning.errors import CheckpointError
+from lpt_lightning.losses import matching_loss
+from lpt_lightning.models.backbones import BackboneSpec, build_backbone
+from lpt_lightning.models.expert import ExpertSpec, GroupPromptSpec, LongTailExpert, class_name_to_text
+from lpt_lightning.models.heads import CosineHead
+from tiny_models import CLIP_TINY, TIMM_TINY, tiny_backbone
+
+KINDS = ["visual", "vl"]
+GROUP = GroupPromptSpec(pool_size=5, top_k=2, start_block=2, length=3)
+
+
+def make_expert(kind, group=GROUP, **spec_kwargs):
+    torch.manual_seed(0)
+    spec_kwargs.setdefault("prompt_length", 3)
+    spec = ExpertSpec(kind=kind, backbone=tiny_backbone(kind), **spec_kwargs)
+    return LongTailExpert(spec, num_classes=6, group=group).eval()
+
+
+def plain_backbone_feature(backbone, images):
+    x = backbone.embed(images)
+    for block in backbone.blocks:
+        x = block(x)
+    return backbone.pool(x)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_backbone_matches_library_forward(kind):
+    expert = make_expert(kind, group=None)
+    images = torch.rand(3, 3, 32, 32)
+    bb = expert.backbone
+    if kind == "visual":
+        reference = bb.model.forward_head(bb.model.forward_features(bb.normalise(images)), pre_logits=True)
+    else:
+        reference = bb.visual(bb.normalise(images))
+    torch.testing.assert_close(plain_backbone_feature(bb, images), reference, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_fresh_adapters_and_zero_prompts_equal_frozen_backbone(kind):
+    expert = make_expert(kind, group=None, prompt_length=0)
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():  # same attention kernels on both sides (torch's MHA fast path is no-grad only)
+        out = expert(images)
+        assert torch.equal(out.features, plain_backbone_feature(expert.backbone, images))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_shared_prompt_is_appended_and_dropped_each_block(kind):
+    expert = make_expert(kind, group=None)
+    images = torch.rand(2, 3, 32, 32)
+    bb = expert.backbone
+    # Hand computation: append u_l after [cls; patches], run the block, drop the prompt outputs.
+    x = bb.embed(images)
+    n = x.shape[1]
+    for i in range(bb.num_blocks):
+        u = expert.shared_prompt.prompts[i].expand(2, -1, -1)
+        x = bb.run_block(i, torch.cat([x, u], 1), expert.adapters[i])[:, :n]
+    torch.testing.assert_close(expert(images).features, bb.pool(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_prefix_reuse_equals_two_pass(kind):
+    expert = make_expert(kind)
+    with torch.no_grad():
+        for p in expert.adapters.parameters():
+            p.normal_(0, 0.1)  # non-trivial adapters
+    images = torch.rand(4, 3, 32, 32)
+    out = expert(images)
+    # Plain two-pass computation: a full query pass, then a full classification pass.
+    query = expert(images, use_group_prompts=False).features
+    match = expert.group_prompts.match(query)
+    bb = expert.backbone
+    x = bb.embed(images)
+    x = expert.run_blocks(x, 0, expert.group_start)
+    x = expert.run_blocks(x, expert.group_start, bb.num_blocks, match.prompts)
+    torch.testing.assert_close(out.query, query, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.features, bb.pool(x), rtol=0, atol=1e-6)
+    assert torch.equal(out.match.indices, match.indices)
+
+
+def test_group_prompts_are_top2_average_after_block_k():
+    expert = make_expert("visual")
+    q = torch.randn(3, expert.backbone.feature_dim)
+    m = expert.group_prompts.match(q)
+    sims = F.normalize(q, dim=-1) @ F.normalize(expert.group_prompts.keys, dim=-1).t()
+    top = sims.argsort(dim=-1, descending=True)[:, :2]
+    assert torch.equal(m.indices.sort(dim=-1).values, top.sort(dim=-1).values)
+    expected = (expert.group_prompts.prompts[top[:, 0]] + expert.group_prompts.prompts[top[:, 1]]) / 2
+    torch.testing.assert_close(m.prompts, expected)
+    assert m.prompts.shape == (3, 4 - GROUP.start_block, GROUP.length, expert.backbone.embed_dim)
+
+
+def test_gradients_reach_only_the_intended_tensors():
+    expert = make_expert("visual").train()
+    for p in list(expert.shared_prompt.parameters()) + list(expert.adapters.parameters()):
+        p.requires_grad_(False)
+    images, labels = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    pool = expert.group_prompts
+
+    out = expert(images)
+    F.cross_entropy(20 * out.logits, labels).backward()
+    assert pool.keys.grad is None or torch.count_nonzero(pool.keys.grad) == 0
+    assert torch.count_nonzero(pool.prompts.grad) > 0
+    assert all(p.grad is None for p in expert.backbone.parameters())
+
+    expert.zero_grad(set_to_none=True)
+    out = expert(images)
+    matching_loss(out.query, pool.keys, out.match.indices).backward()
+    assert torch.count_nonzero(pool.keys.grad) > 0
+    assert pool.prompts.grad is None or torch.count_nonzero(pool.prompts.grad) == 0
+    assert expert.head.weight.grad is None
+    assert all(p.grad is None for p in expert.backbone.parameters())
+
+
+def test_cosine_head_logits_are_cosines():
+    head = CosineHead(4, 3, dropout=0.0)
+    f = torch.randn(5, 4)
+    expected = F.cosine_similarity(f[:, None, :], head.weight[None], dim=-1)
+    torch.testing.assert_close(head(f), expected)
+    assert (head(f).abs() <= 1 + 1e-6).all()
+
+
+def test_vl_head_starts_from_text_embeddings_of_class_names():
+    expert = make_expert("vl", group=None)
+    names = ["sea_lion", "t-shirt", "cat", "dog", "ship", "car"]
+    expert.init_head_from_text(names)
+    bb = expert.backbone
+    text = bb.encode_text(["a photo of a sea lion.", "a photo of a t shirt.", "a photo of a cat.",
+                           "a photo of a dog.", "a photo of a ship.", "a photo of a car."])
+    torch.testing.assert_close(expert.head.weight, F.normalize(text, dim=-1))
+    assert class_name_to_text("sea_lion", "a photo of a {}.") == "a photo of a sea lion."
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_timm_backbone_loads_local_file(tmp_path, suffix):
+    source = build_backbone("visual", tiny_backbone("visual"))
+    path = tmp_path / f"vit{suffix}"
+    state = {k: v.contiguous() for k, v in source.model.state_dict().items()}
+    if suffix == ".safetensors":
+        from safetensors.torch import save_file
+        save_file(state, str(path))
+    else:
+        torch.save({"state_dict": state}, path)
+    spec = BackboneSpec(name="vit_base_patch16_224", pretrained=True, checkpoint_path=str(path),
+                        model_kwargs=dict(TIMM_TINY))
+    loaded = build_backbone("visual", spec)
+    images = torch.rand(2, 3, 32, 32)
+    assert torch.equal(plain_backbone_feature(loaded, images), plain_backbone_feature(source, images))
+
+
+def test_open_clip_backbone_loads_local_file(tmp_path):
+    import open_clip
+    torch.manual_seed(1)
+    model = open_clip.CLIP(**CLIP_TINY)
+    path = tmp_path / "clip.pt"
+    torch.save({"state_dict": model.state_dict()}, path)
+    loaded = build_backbone("vl", BackboneSpec(checkpoint_path=str(path), model_kwargs=dict(CLIP_TINY)))
+    images = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(plain_backbone_feature(loaded, images), model.visual(loaded.normalise(images)))
+
+
+def test_mismatched_weights_file_fails_clearly(tmp_path):
+    other = dict(TIMM_TINY, embed_dim=48)
+    source = build_backbone("visual", BackboneSpec(name="vit_base_patch16_224", pretrained=False, model_kwargs=other))
+    path = tmp_path / "wrong.pth"
+    torch.save(source.model.state_dict(), path)
+    spec = BackboneSpec(name="vit_base_patch16_224", checkpoint_path=str(path), model_kwargs=dict(TIMM_TINY))
+    with pytest.raises(CheckpointError, match=r"wrong\.pth.*shape mismatch"):
+        build_backbone("visual", spec)
+    with pytest.raises(CheckpointError, match="not found"):
+        build_backbone("visual", BackboneSpec(checkpoint_path=str(tmp_path / "none.pth"), model_kwargs=dict(TIMM_TINY)))
+
+
+def test_pickle_payload_in_weights_file_is_refused(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ("executed",))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"x": torch.zeros(1)}, "payload": Payload()}, path)
+    spec = BackboneSpec(checkpoint_path=str(path), model_kwargs=dict(TIMM_TINY))
+    with pytest.raises(CheckpointError, match="evil.pth"):
+        build_backbone("visual", spec)
