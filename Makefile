@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch 2.14.1 / torchvision 0.29.1: the pair this project is tested with.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-all test-ddp demo lint clean help
+.PHONY: install test test-all test-ddp demo clean help
 
 help:
 	@echo "make install   create $(VENV) and install lpt_lightning with test extras"
@@ -29,6 +29,9 @@ test-all:
 
 test-ddp:
 	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -q -m ddp
+
+demo:
+	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(VENV)/bin/lpt pipeline --config configs/cpu/fmnist_lt_pipeline.yaml
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache

@@ -1,12 +1,13 @@
-"""Checkpoint contents and safe loading.
+"""Checkpoint contents, safe loading and safetensors export.
 
 Phase checkpoints hold only what was trained plus what is needed to rebuild the model: the
-frozen backbone is rebuilt from its hub name or local file (recorded in the ``lpt`` metadata),
-so a checkpoint is a few MB instead of hundreds.
+frozen backbones are rebuilt from their hub name or local file (recorded in the ``lpt``
+metadata), so a checkpoint is a few MB instead of hundreds.
 """
 from __future__ import annotations
 
-from dataclasses import asdict
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,33 +15,42 @@ import torch
 
 from lpt_lightning.errors import CheckpointError
 from lpt_lightning.models.backbones import BackboneSpec
-from lpt_lightning.models.expert import ExpertSpec, GroupPromptSpec
+from lpt_lightning.models.expert import ExpertSpec, GroupPromptSpec, LongTailExpert
 
 META_KEY = "lpt"
-FROZEN_PREFIX = "expert.backbone."
+
+
+def is_saved_key(key: str) -> bool:
+    """Everything but frozen backbones (and loss helpers, which are rebuilt from class counts)."""
+    return "backbone." not in key and not key.startswith("stream_losses.")
 
 
 def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
-    """torch.load with weights_only=True: no arbitrary code runs while reading a file."""
+    """Read a phase checkpoint (.ckpt) or an export (.safetensors) without running pickled code."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {}).get(META_KEY, "null"))
+                state = {k: f.get_tensor(k) for k in f.keys()}
+            return {"state_dict": state, META_KEY: meta}
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(
-            f"{path}: cannot be loaded safely ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
+            f"{path}: cannot be loaded safely ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
             "It is truncated, corrupt, or carries pickled objects other than tensors and plain data."
         ) from exc
 
 
-def is_saved_key(key: str) -> bool:
-    """Everything but the frozen backbone (and loss helpers rebuilt from class counts)."""
-    return (key.startswith("expert.") and not key.startswith(FROZEN_PREFIX)) or key == "class_counts"
-
-
-def expert_spec_to_dict(spec: ExpertSpec) -> dict[str, Any]:
-    return asdict(spec)
+def read_phase_metadata(checkpoint: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    meta = checkpoint.get(META_KEY) if isinstance(checkpoint, dict) else None
+    if not isinstance(meta, dict) or "phase" not in meta:
+        raise CheckpointError(f"{path}: not an lpt_lightning phase checkpoint (no '{META_KEY}' metadata)")
+    return meta
 
 
 def expert_spec_from_dict(data: dict[str, Any]) -> ExpertSpec:
@@ -49,12 +59,49 @@ def expert_spec_from_dict(data: dict[str, Any]) -> ExpertSpec:
     return ExpertSpec(**data)
 
 
-def group_spec_from_dict(data: dict[str, Any] | None) -> GroupPromptSpec | None:
-    return GroupPromptSpec(**data) if data is not None else None
+def expert_from_checkpoint(checkpoint: dict[str, Any], path: str | Path, prefix: str = "expert.") -> LongTailExpert:
+    """Rebuild a trained expert (frozen backbone from its spec, the rest from the checkpoint)."""
+    meta = read_phase_metadata(checkpoint, path)
+    if "expert" not in meta:
+        raise CheckpointError(f"{path}: a '{meta['phase']}' checkpoint holds no single expert")
+    group = GroupPromptSpec(**meta["group_prompts"]) if meta.get("group_prompts") else None
+    expert = LongTailExpert(expert_spec_from_dict(meta["expert"]), meta["num_classes"], group=group)
+    release = getattr(expert.backbone, "release_text_tower", None)
+    if release is not None:
+        release()  # the head comes from the checkpoint
+    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    own = {k: v for k, v in expert.state_dict().items() if is_saved_key(k)}
+    missing = sorted(set(own) - set(state))
+    if missing:
+        raise CheckpointError(f"{path}: lacks {len(missing)} trained tensors (e.g. {prefix}{missing[0]})")
+    bad = [k for k in own if state[k].shape != own[k].shape]
+    if bad:
+        raise CheckpointError(f"{path}: {prefix}{bad[0]} has shape {tuple(state[bad[0]].shape)}, "
+                              f"the model expects {tuple(own[bad[0]].shape)}")
+    expert.load_state_dict({k: state[k] for k in own}, strict=False)
+    return expert
 
 
-def read_phase_metadata(checkpoint: dict[str, Any], path: str | Path) -> dict[str, Any]:
-    meta = checkpoint.get(META_KEY)
-    if not isinstance(meta, dict) or "phase" not in meta:
-        raise CheckpointError(f"{path}: not an lpt_lightning phase checkpoint (no '{META_KEY}' metadata)")
-    return meta
+def atomic_save(save: Any, path: str | Path) -> None:
+    """Write through ``save(tmp_path)`` then rename, so a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def export_safetensors(checkpoint_path: str | Path, out_path: str | Path) -> Path:
+    """The trained tensors of a phase checkpoint plus its metadata, as one .safetensors file."""
+    from safetensors.torch import save_file
+
+    checkpoint = load_checkpoint_file(checkpoint_path)
+    meta = read_phase_metadata(checkpoint, checkpoint_path)
+    state = {k: v.contiguous() for k, v in checkpoint["state_dict"].items() if is_saved_key(k)}
+    out_path = Path(out_path)
+    atomic_save(lambda tmp: save_file(state, str(tmp), metadata={META_KEY: json.dumps(meta)}), out_path)
+    return out_path

@@ -1,45 +1,101 @@
-"""The ``lpt`` command: a LightningCLI over the phase LightningModules and one DataModule."""
+"""The ``lpt`` command: a LightningCLI over the phase LightningModules and one DataModule,
+plus ``lpt pipeline`` (all phases) and ``lpt export`` (trained tensors to safetensors)."""
 from __future__ import annotations
 
+import contextlib
+import io
+import sys
 import warnings
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from lpt_lightning.data import LongTailDataModule
-from lpt_lightning.metrics import format_split_table
+from lpt_lightning.errors import ConfigError
+from lpt_lightning.prediction import PredictionWriter
 
 # Frozen backbones are in eval mode on purpose (no dropout / drop-path while prompts train).
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+# `lpt pipeline` runs each phase's LightningCLI with explicit args while sys.argv keeps the
+# pipeline command (the DDP launcher re-executes sys.argv in every rank).
+warnings.filterwarnings("ignore", message=r".*args parameter is intended to run from within Python.*")
 
 
 class LPTCLI(LightningCLI):
+    @staticmethod
+    def defaults() -> dict[str, Any]:
+        import lpt_lightning.phases  # noqa: F401  (registers the phase classes for class_path look-up)
+
+        return dict(model_class=L.LightningModule, datamodule_class=LongTailDataModule, subclass_mode_model=True,
+                    save_config_kwargs={"overwrite": True})
+
     def add_arguments_to_parser(self, parser) -> None:
         # The dataset defines the classes; the model is never configured separately.
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
+        # `lpt predict` writes top-k predictions (--prediction.output=preds.csv|.json, --prediction.top_k).
+        parser.add_lightning_class_args(PredictionWriter, "prediction")
 
     def _print_results(self) -> None:
+        from lpt_lightning.reports import split_table
+
         results = getattr(self.model, "results", None)
         if results:
-            rows = {stage: values for stage, values in results.items()}
-            rank_zero_info(f"\nSplit accuracy (%, {getattr(self.model, 'split_convention', 'lpt')} convention)\n"
-                           + format_split_table(rows))
+            convention = getattr(self.model, "split_convention", "lpt")
+            rank_zero_info(f"\nSplit accuracy (%, {convention} convention)\n{split_table(results)}")
 
     after_fit = after_validate = after_test = _print_results
 
 
-def main(args: list[str] | None = None) -> None:
-    import lpt_lightning.phases  # noqa: F401  (registers the phase classes for class_path look-up)
+def validate_config(config_path: str, subcommand: str = "fit") -> None:
+    """Parse a LightningCLI config without building anything; ConfigError with the parser's message."""
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            LPTCLI(args=[subcommand, "--config", config_path, "--print_config"], **LPTCLI.defaults())
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            lines = [ln for ln in err.getvalue().strip().splitlines() if ln and not ln.startswith("usage:")]
+            raise ConfigError(f"{config_path}: " + ("\n".join(lines[-12:]) or "invalid configuration")) from None
 
-    LPTCLI(
-        model_class=L.LightningModule,
-        datamodule_class=LongTailDataModule,
-        subclass_mode_model=True,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-    )
+
+def pipeline_main(args: list[str]) -> None:
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from lpt_lightning.pipeline import run_pipeline
+
+    parser = ArgumentParser(prog="lpt pipeline", description=run_pipeline.__doc__.splitlines()[0])
+    parser.add_argument("--config", action=ActionConfigFile, help="pipeline YAML (configs/*_pipeline.yaml)")
+    parser.add_function_arguments(run_pipeline, as_positional=False)
+    # Phase sections stay plain dicts: each phase's own LightningCLI parses and builds them.
+    cfg = parser.parse_args(args).as_dict()
+    cfg.pop("config", None)
+    run_pipeline(**cfg)
+
+
+def export_main(args: list[str]) -> None:
+    import argparse
+
+    from lpt_lightning.checkpoints import export_safetensors
+
+    parser = argparse.ArgumentParser(prog="lpt export", description="Write the trained tensors and metadata of a "
+                                     "phase checkpoint to a .safetensors file (loadable wherever a checkpoint is).")
+    parser.add_argument("checkpoint")
+    parser.add_argument("output")
+    ns = parser.parse_args(args)
+    path = export_safetensors(ns.checkpoint, ns.output)
+    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+
+
+def main(args: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] == "pipeline":
+        return pipeline_main(argv[1:])
+    if argv and argv[0] == "export":
+        return export_main(argv[1:])
+    LPTCLI(args=args, **LPTCLI.defaults())
 
 
 if __name__ == "__main__":

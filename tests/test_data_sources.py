@@ -460,3 +460,25 @@ def test_real_cifar10_archive_long_tail(tmp_path):
     assert s.class_names[:2] == ["airplane", "automobile"] and s.num_classes == 10
     assert np.bincount(s.test.labels).tolist() == [100] * 10
     assert np.bincount(s.train.labels).tolist() == long_tail_counts(4900, 10, 100)
+
+
+def test_image_folder_with_official_test_folder(tmp_path):
+    from PIL import Image
+
+    from lpt_lightning.data import ImageFolderSource
+    from lpt_lightning.errors import DataFormatError
+
+    for split, n in (("train", 6), ("test", 2)):
+        for cls in ("ant", "bee"):
+            d = tmp_path / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (4, 4)).save(d / f"{i}.png")
+    splits = ImageFolderSource(str(tmp_path / "train"), test_root=str(tmp_path / "test"), imbalance_ratio=2).load()
+    assert splits.train.class_counts(2).tolist() == [6, 3]
+    assert splits.test.class_counts(2).tolist() == [2, 2]
+    assert all("/test/" in p for p in splits.test.items)
+    (tmp_path / "test" / "cat").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "test" / "cat" / "0.png")
+    with pytest.raises(DataFormatError, match=r"other classes .*cat"):
+        ImageFolderSource(str(tmp_path / "train"), test_root=str(tmp_path / "test")).load()

@@ -1,16 +1,19 @@
 """LightningDataModule for long-tailed classification with dual (class + instance) sampling."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from lpt_lightning.data.datasets import LongTailImageDataset, collate_skipping, verify_files
 from lpt_lightning.data.samplers import ClassAwareSampler, InstanceSampler, PowerSampler, ShardedEvalSampler
-from lpt_lightning.data.sources import DatasetSplits, DataSource, Split
+from lpt_lightning.data.sources import IMAGE_EXTENSIONS, DatasetSplits, DataSource, Split
 from lpt_lightning.data.transforms import build_eval_transform, build_train_transform
 from lpt_lightning.errors import ConfigError, DataFormatError
 
@@ -35,6 +38,11 @@ class LongTailDataModule(LightningDataModule):
         verify_files: check that every listed image file exists before training.
         pin_memory: pin host memory (only when CUDA is available).
         persistent_workers: keep workers alive between epochs (only with num_workers > 0).
+        predict_paths: images for ``lpt predict``: a folder (searched recursively) or a text file
+            with one image path per line (relative to the file's folder); None = the test split.
+
+    Attribute ``load_images`` (default True) can be switched off by a model that trains on
+    cached expert outputs (phase 3): batches then carry only ``label`` and ``index``.
     """
 
     def __init__(
@@ -51,6 +59,7 @@ class LongTailDataModule(LightningDataModule):
         verify_files: bool = True,
         pin_memory: bool = True,
         persistent_workers: bool = False,
+        predict_paths: str | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -79,6 +88,8 @@ class LongTailDataModule(LightningDataModule):
         self.verify_files = verify_files
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
+        self.predict_paths = predict_paths
+        self.load_images = True
         self._splits: DatasetSplits | None = None
         self._datasets: dict[str, LongTailImageDataset] = {}
         self._verified: set[str] = set()
@@ -185,8 +196,11 @@ class LongTailDataModule(LightningDataModule):
             return 1, 0
         return int(getattr(trainer, "world_size", 1)), int(getattr(trainer, "global_rank", 0))
 
-    def _loader(self, dataset: LongTailImageDataset, sampler: Sampler, batch_size: int, drop_last: bool) -> DataLoader:
-        workers = self.num_workers
+    def _loader(self, dataset: Dataset, sampler: Sampler, batch_size: int, drop_last: bool,
+                load_images: bool | None = None) -> DataLoader:
+        base = dataset.dataset if isinstance(dataset, Subset) else dataset
+        base.load_images = self.load_images if load_images is None else load_images
+        workers = self.num_workers if base.load_images else 0  # index-only batches need no workers
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -234,10 +248,35 @@ class LongTailDataModule(LightningDataModule):
 
     def _eval_loader(self, wanted: str) -> DataLoader:
         name, split = self._eval_split(wanted)
-        dataset = self._dataset(name, split, train=False)
+        return self._sharded_loader(self._dataset(name, split, train=False))
+
+    def _sharded_loader(self, dataset: LongTailImageDataset, load_images: bool | None = None) -> DataLoader:
         num_replicas, rank = self._replicas()
         sampler = ShardedEvalSampler(len(dataset), num_replicas=num_replicas, rank=rank)
-        return self._loader(dataset, sampler, self.eval_batch_size, drop_last=False)
+        return self._loader(dataset, sampler, self.eval_batch_size, drop_last=False, load_images=load_images)
+
+    def eval_split_name(self, wanted: str) -> str:
+        """Which split really serves ``val`` / ``test`` (a missing one falls back to the other)."""
+        return self._eval_split(wanted)[0] if wanted in ("val", "test") else wanted
+
+    def split_dataloader(self, name: str, indices: list[int] | None = None) -> DataLoader:
+        """Images of split ``train``, ``val`` or ``test`` (or the given indices of it) with the eval
+        transform, this rank's shard without padding: for model outputs over a whole split.
+        Batches' ``index`` values are indices into the split."""
+        if name == "train":
+            split = self.splits.train
+        else:
+            name, split = self._eval_split(name)
+        self._check_files(name, split)
+        # A dataset of its own: the shared ones may be switched to index-only batches.
+        dataset = LongTailImageDataset(split, build_eval_transform(self._resolve_img_size()),
+                                       images=self.splits.images, skip_unreadable=self.skip_unreadable)
+        if indices is None:
+            return self._sharded_loader(dataset, load_images=True)
+        subset = Subset(dataset, indices)
+        num_replicas, rank = self._replicas()
+        sampler = ShardedEvalSampler(len(subset), num_replicas=num_replicas, rank=rank)
+        return self._loader(subset, sampler, self.eval_batch_size, drop_last=False, load_images=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")
@@ -246,5 +285,36 @@ class LongTailDataModule(LightningDataModule):
         return self._eval_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
+        if self.predict_paths is None:
+            return self._eval_loader("test")
+        if "predict" not in self._datasets:
+            split = image_paths_split(self.predict_paths)
+            self._check_files("predict", split)
+            self._datasets["predict"] = LongTailImageDataset(
+                split, build_eval_transform(self._resolve_img_size()), skip_unreadable=self.skip_unreadable
+            )
+        return self._sharded_loader(self._datasets["predict"], load_images=True)
+
+    def predict_items(self) -> list:
+        """What the predict loader's ``index`` values refer to (image paths or split indices)."""
+        if self.predict_paths is not None:
+            return list(self._datasets["predict"].split.items)
+        return list(self._eval_split("test")[1].items)
+
+
+def image_paths_split(path: str) -> Split:
+    """Unlabelled images (label -1) from a folder or a list file, for prediction."""
+    root = Path(os.path.expanduser(path))
+    if root.is_dir():
+        items = sorted(str(f) for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        if not items:
+            raise ConfigError(f"data.predict_paths={path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in that folder")
+    elif root.is_file():
+        lines = [line.split()[0] for line in root.read_text().splitlines() if line.strip()]
+        items = [p if os.path.isabs(p) else str(root.parent / p) for p in lines]
+        if not items:
+            raise ConfigError(f"data.predict_paths={path}: the list file is empty")
+    else:
+        raise ConfigError(f"data.predict_paths={path}: no such folder or list file")
+    return Split(items=items, labels=np.full(len(items), -1, dtype=np.int64), origin=str(root))
 

@@ -39,6 +39,7 @@ class LongTailImageDataset(Dataset):
         self.transform = transform
         self.images = images
         self.skip_unreadable = skip_unreadable
+        self.load_images = True  # False: label and index only (models training on cached outputs)
         if images is None and len(split) and not isinstance(split.items[0], str):
             raise DataFormatError(f"split from {split.origin}: integer items need the in-memory images array")
 
@@ -58,6 +59,8 @@ class LongTailImageDataset(Dataset):
         return Image.fromarray(np.asarray(self.images[int(item)])).convert("RGB")
 
     def __getitem__(self, i: int) -> dict | None:
+        if not self.load_images:
+            return {"label": torch.tensor(int(self.split.labels[i]), dtype=torch.int64), "index": i}
         try:
             img = self.load_image(i)
         except DataFormatError as exc:

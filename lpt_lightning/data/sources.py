@@ -466,6 +466,8 @@ class ImageFolderSource(DataSource):
         max_per_class: cap on n_max (or on every class when imbalance_ratio is None).
         val_per_class: images per class held out for validation.
         test_per_class: images per class held out for testing.
+        test_root: a separate balanced test folder with the same class sub-directories (e.g. the
+            official CIFAR test set), instead of test_per_class.
         seed: seed of the hold-out and long-tail subsampling.
         name: dataset name used in summaries and logs.
     """
@@ -478,10 +480,12 @@ class ImageFolderSource(DataSource):
         max_per_class: int | None = None,
         val_per_class: int = 0,
         test_per_class: int = 0,
+        test_root: str | None = None,
         seed: int = 0,
         name: str = "image_folder",
     ) -> None:
         self.root = root
+        self.test_root = test_root
         self.archive = archive
         self.imbalance_ratio = imbalance_ratio
         self.max_per_class = max_per_class
@@ -499,24 +503,36 @@ class ImageFolderSource(DataSource):
                 f"image folder {root} does not exist; set data.source.init_args.root "
                 "(or data.source.init_args.archive to a .tar.gz to extract there)"
             )
-        class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-        if not class_dirs:
-            raise DataFormatError(f"image folder {root} has no class sub-directories")
-        items, labels = [], []
-        for c, d in enumerate(class_dirs):
-            files = sorted(
-                str(f) for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
-            )
-            if not files:
-                raise DataFormatError(f"class directory {d} (class {c}) contains no images ({', '.join(IMAGE_EXTENSIONS)})")
-            items.extend(files)
-            labels.extend([c] * len(files))
-        full = Split(items, np.asarray(labels, dtype=np.int64), origin=str(root))
-        class_names = [d.name for d in class_dirs]
+        full, class_names = _read_class_folders(root)
+        if self.test_root is not None and self.test_per_class:
+            raise DataFormatError("image folder: set either test_root (an official test folder) or test_per_class, not both")
         train, val, test = _holdout_and_long_tail(
             full, self.val_per_class, self.test_per_class, self.imbalance_ratio, self.max_per_class, self.seed
         )
+        if self.test_root is not None:
+            test_root = Path(os.path.expanduser(self.test_root))
+            if not test_root.is_dir():
+                raise DataFormatError(f"test folder {test_root} does not exist; fix data.source.init_args.test_root")
+            test, test_names = _read_class_folders(test_root)
+            if test_names != class_names:
+                missing = sorted(set(class_names) ^ set(test_names))
+                raise DataFormatError(f"test folder {test_root} has other classes than {root} (differing: {missing[:5]})")
         return DatasetSplits(self.name, train=train, val=val, test=test, class_names=class_names)
+
+
+def _read_class_folders(root: Path) -> tuple[Split, list[str]]:
+    """``root/<class>/<image>`` with classes in sorted directory order."""
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_dirs:
+        raise DataFormatError(f"image folder {root} has no class sub-directories")
+    items, labels = [], []
+    for c, d in enumerate(class_dirs):
+        files = sorted(str(f) for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise DataFormatError(f"class directory {d} (class {c}) contains no images ({', '.join(IMAGE_EXTENSIONS)})")
+        items.extend(files)
+        labels.extend([c] * len(files))
+    return Split(items, np.asarray(labels, dtype=np.int64), origin=str(root)), [d.name for d in class_dirs]
 
 
 def _holdout_and_long_tail(

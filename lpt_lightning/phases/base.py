@@ -96,7 +96,8 @@ class ExpertPhase(L.LightningModule):
     def metadata(self) -> dict[str, Any]:
         """Subclasses add their phase, expert and prompt specs."""
         return {"version": __version__, "num_classes": self.num_classes, "class_names": self.class_names,
-                "split_convention": self.split_convention}
+                "split_convention": self.split_convention,
+                "logit_scale": self.loss_spec.scale}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -176,6 +177,10 @@ class ExpertPhase(L.LightningModule):
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, self.test_accuracy)
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        logits = self.expert(batch["image"]).logits
+        return {"index": batch["index"], "probs": torch.softmax(self.loss_spec.scale * logits.float(), dim=-1)}
 
     def _log_split_accuracy(self, stage: str, metric: SplitAccuracy) -> None:
         result = metric.compute()  # states already summed over ranks: identical everywhere

@@ -5,18 +5,17 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any, Literal
 
-import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lpt_lightning.checkpoints import (
+    expert_from_checkpoint,
     expert_spec_from_dict,
-    is_saved_key,
     load_checkpoint_file,
     read_phase_metadata,
 )
 from lpt_lightning.errors import CheckpointError, ConfigError
-from lpt_lightning.models.expert import ExpertSpec, GroupPromptSpec, LongTailExpert
+from lpt_lightning.models.expert import ExpertSpec, GroupPromptSpec
 from lpt_lightning.phases.base import ExpertPhase, LossSpec, OptimSpec
 
 
@@ -53,29 +52,14 @@ class GroupPromptPhase(ExpertPhase):
             raise ConfigError(f"model.expert differs from the expert of {phase1_checkpoint} in {diff} "
                               f"(checkpoint: { {k: asdict(saved_spec)[k] for k in diff} }); "
                               "drop model.expert to take it from the checkpoint")
-        # The head, prompt and adapters come from phase 1: no text-tower init needed here.
-        self.expert = LongTailExpert(saved_spec, num_classes)
-        release = getattr(self.expert.backbone, "release_text_tower", None)
-        if release is not None:
-            release()
-        self._load_phase1_state(checkpoint["state_dict"], phase1_checkpoint)
+        # Head, shared prompt and adapters come from phase 1 (no text-tower init needed here).
+        self.expert = expert_from_checkpoint(checkpoint, phase1_checkpoint)
         self.group_spec = group_prompts or GroupPromptSpec()
         self.expert.add_group_prompts(self.group_spec)
         for module in self.frozen_modules():
             for p in module.parameters():
                 p.requires_grad_(False)
         rank_zero_info(f"phase 2 starts from {phase1_checkpoint}")
-
-    def _load_phase1_state(self, state_dict: dict[str, torch.Tensor], path: str) -> None:
-        own = {k: v for k, v in self.state_dict().items() if is_saved_key(k)}
-        missing = sorted(set(own) - set(state_dict))
-        if missing:
-            raise CheckpointError(f"{path}: lacks {missing[:3]} (another expert configuration?)")
-        bad = [k for k in own if state_dict[k].shape != own[k].shape]
-        if bad:
-            raise CheckpointError(f"{path}: shape of {bad[0]} is {tuple(state_dict[bad[0]].shape)}, "
-                                  f"model expects {tuple(own[bad[0]].shape)}")
-        self.load_state_dict({k: state_dict[k] for k in own}, strict=False)
 
     def frozen_modules(self) -> list[nn.Module]:
         return [m for m in (self.expert.backbone, self.expert.shared_prompt, self.expert.adapters) if m is not None]

@@ -1,0 +1,212 @@
+"""``lpt pipeline``: phase 1 and 2 for each expert, then phase 3, each in its own directory.
+
+Every phase is an ordinary ``lpt fit`` run on a config the pipeline composes and writes to
+``<run_dir>/<phase>/config.yaml``, so a phase can be rerun or inspected on its own. A finished
+phase leaves ``final.ckpt`` (written atomically) and is skipped on rerun; an interrupted one
+resumes from its ``checkpoints/last.ckpt``. Under DDP every rank runs the same sequence (the
+launcher re-executes the command line), with a barrier after each hand-over file is written.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from lightning.pytorch.utilities import rank_zero_info
+
+from lpt_lightning.checkpoints import atomic_save, load_checkpoint_file, read_phase_metadata
+from lpt_lightning.errors import CheckpointError, ConfigError
+from lpt_lightning.reports import plot_per_class_accuracy, read_metrics, split_table, write_metrics
+
+PHASE_CLASSES = {
+    "phase1": "lpt_lightning.phases.AdaptPhase",
+    "phase2": "lpt_lightning.phases.GroupPromptPhase",
+    "phase3": "lpt_lightning.phases.MoEScorerPhase",
+}
+PHASE_KEYS = {"trainer", "data", "model", "visual", "vl"}
+
+
+@dataclass
+class PhaseRun:
+    name: str  # e.g. "phase1_visual"
+    phase: str  # "phase1" | "phase2" | "phase3"
+    directory: Path
+    config: dict[str, Any]
+
+    @property
+    def final_checkpoint(self) -> Path:
+        return self.directory / "final.ckpt"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.directory / "checkpoints" / "last.ckpt"
+
+
+def merge(base: dict[str, Any], override: dict[str, Any] | None) -> dict[str, Any]:
+    """Recursive dict merge; lists and scalars in ``override`` replace those in ``base``."""
+    out = copy.deepcopy(base)
+    for key, value in (override or {}).items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _section(name: str, section: dict[str, Any] | None) -> dict[str, Any]:
+    section = section or {}
+    unknown = set(section) - PHASE_KEYS
+    if unknown:
+        raise ConfigError(f"pipeline {name}: unknown keys {sorted(unknown)}; allowed: {sorted(PHASE_KEYS)}")
+    return section
+
+
+def plan(run_dir: str, data: dict[str, Any], trainer: dict[str, Any] | None, experts: list[str],
+         phase1: dict[str, Any] | None, phase2: dict[str, Any] | None, phase3: dict[str, Any] | None,
+         mixture: bool, seed_everything: int) -> list[PhaseRun]:
+    """The phase runs and their composed LightningCLI configs, in execution order."""
+    if not experts or len(set(experts)) != len(experts) or not set(experts) <= {"visual", "vl"}:
+        raise ConfigError(f"pipeline experts={experts}: choose 'visual', 'vl' or both, each once")
+    if mixture and set(experts) != {"visual", "vl"}:
+        raise ConfigError("pipeline mixture=true (phase 3) needs both experts; set mixture: false for LPT mode")
+    root = Path(run_dir)
+    sections = {"phase1": _section("phase1", phase1), "phase2": _section("phase2", phase2),
+                "phase3": _section("phase3", phase3)}
+    runs: list[PhaseRun] = []
+
+    def add(phase: str, name: str, model_args: dict[str, Any], expert: str | None) -> None:
+        section = sections[phase]
+        directory = root / name
+        phase_trainer = merge(trainer or {}, section.get("trainer"))
+        callbacks = list(phase_trainer.get("callbacks") or [])
+        callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                          "init_args": {"dirpath": str(directory / "checkpoints"), "save_last": True,
+                                        "save_top_k": 0}})
+        phase_trainer["callbacks"] = callbacks
+        phase_trainer["default_root_dir"] = str(directory)
+        phase_trainer.setdefault("logger", {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                                            "init_args": {"save_dir": str(directory), "name": "logs"}})
+        init_args = merge(merge(section.get("model") or {}, section.get(expert) if expert else None), model_args)
+        config = {
+            "seed_everything": seed_everything,
+            "trainer": phase_trainer,
+            "model": {"class_path": PHASE_CLASSES[phase], "init_args": init_args},
+            "data": merge(data, section.get("data")),
+        }
+        runs.append(PhaseRun(name, phase, directory, config))
+
+    for expert in experts:
+        add("phase1", f"phase1_{expert}", {}, expert)
+        add("phase2", f"phase2_{expert}", {"phase1_checkpoint": str(root / f"phase1_{expert}" / "final.ckpt")},
+            expert)
+    if mixture:
+        add("phase3", "phase3_moe", {"visual_checkpoint": str(root / "phase2_visual" / "final.ckpt"),
+                                     "vl_checkpoint": str(root / "phase2_vl" / "final.ckpt")}, None)
+    return runs
+
+
+def finished(run: PhaseRun) -> bool:
+    """A phase is done when its final checkpoint loads; a corrupt one means redo the phase."""
+    if not run.final_checkpoint.is_file():
+        return False
+    try:
+        read_phase_metadata(load_checkpoint_file(run.final_checkpoint), run.final_checkpoint)
+    except CheckpointError as exc:
+        rank_zero_info(f"{run.name}: {exc}; redoing this phase")
+        return False
+    return True
+
+
+def _validate_configs(runs: list[PhaseRun]) -> None:
+    """Parse every phase's config before anything trains: a typo fails now, not hours later."""
+    from lpt_lightning.cli import validate_config
+
+    for run in runs:
+        run.directory.mkdir(parents=True, exist_ok=True)
+        path = run.directory / "config.yaml"
+        text = yaml.safe_dump(run.config, sort_keys=False)
+        atomic_save(lambda tmp: tmp.write_text(text), path)  # ranks may write it at once
+        try:
+            validate_config(str(path))
+        except ConfigError as exc:
+            raise ConfigError(f"pipeline phase {run.name}: {exc}") from None
+
+
+def run_phase(run: PhaseRun, test: bool) -> None:
+    from lpt_lightning.cli import LPTCLI
+
+    args = ["--config", str(run.directory / "config.yaml")]
+    if run.last_checkpoint.is_file():
+        rank_zero_info(f"{run.name}: resuming from {run.last_checkpoint}")
+        args += ["--ckpt_path", str(run.last_checkpoint)]
+    cli = LPTCLI(args=["fit", *args], **LPTCLI.defaults())
+    trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
+    if trainer.interrupted:
+        raise SystemExit(f"{run.name}: interrupted; rerun the pipeline to resume from {run.last_checkpoint}")
+    # Hand-over file: written under a temporary name, then renamed (never half-written).
+    tmp = run.final_checkpoint.with_name(".final.ckpt.tmp")
+    trainer.save_checkpoint(tmp, weights_only=False)
+    if trainer.is_global_zero:
+        os.replace(tmp, run.final_checkpoint)
+    if test and datamodule.splits.test is not None:
+        trainer.test(model, datamodule=datamodule, verbose=False)
+    if trainer.is_global_zero:
+        results = {k: v for k, v in model.results.items()}
+        write_metrics(run.directory / "metrics.json", results, model.class_counts.cpu(), model.class_names,
+                      model.split_convention)
+        test_rows = {k: v for k, v in results.items() if k.startswith("test")} or results
+        plot_per_class_accuracy(run.directory / "per_class_accuracy.png", test_rows, model.class_counts.cpu(),
+                                f"{run.name}: per-class accuracy vs training count")
+        rank_zero_info(f"\n{run.name} ({run.directory})\n{split_table(results)}\n")
+    trainer.strategy.barrier("lpt-pipeline-handover")
+
+
+def run_pipeline(
+    run_dir: str,
+    data: dict[str, Any],
+    trainer: dict[str, Any] | None = None,
+    experts: list[Literal["visual", "vl"]] | None = None,
+    phase1: dict[str, Any] | None = None,
+    phase2: dict[str, Any] | None = None,
+    phase3: dict[str, Any] | None = None,
+    mixture: bool = True,
+    test: bool = True,
+    seed_everything: int = 0,
+) -> list[PhaseRun]:
+    """Run LPT++ end to end.
+
+    Args:
+        run_dir: directory of the whole run; each phase writes to ``<run_dir>/<phase>``.
+        data: the ``data`` section shared by all phases (a LongTailDataModule config).
+        trainer: the ``trainer`` section shared by all phases.
+        experts: which experts to train: ``[visual, vl]`` (LPT++) or ``[visual]`` (LPT).
+        phase1: per-phase overrides: ``trainer``, ``data``, ``model`` (init args of AdaptPhase for
+            every expert) and ``visual`` / ``vl`` (init args for one expert).
+        phase2: the same for GroupPromptPhase.
+        phase3: the same for MoEScorerPhase (``trainer``, ``data``, ``model``).
+        mixture: run phase 3 (needs both experts); false = LPT mode.
+        test: evaluate each phase on the test split after training.
+        seed_everything: global seed of every phase.
+    """
+    runs = plan(run_dir, data, trainer, list(experts or ["visual", "vl"]), phase1, phase2, phase3, mixture,
+                seed_everything)
+    _validate_configs(runs)
+    for run in runs:
+        if finished(run):
+            rank_zero_info(f"{run.name}: finished earlier ({run.final_checkpoint}), skipping")
+            metrics = run.directory / "metrics.json"
+            if metrics.is_file():
+                rank_zero_info(f"{run.name}\n{split_table_from_file(metrics)}\n")
+            continue
+        rank_zero_info(f"=== {run.name} ===")
+        run_phase(run, test)
+    return runs
+
+
+def split_table_from_file(path: Path) -> str:
+    from lpt_lightning.metrics import format_split_table
+
+    return format_split_table(read_metrics(path))
