@@ -83,8 +83,8 @@ def plan(run_dir: str, data: dict[str, Any], trainer: dict[str, Any] | None, exp
         phase_trainer = merge(trainer or {}, section.get("trainer"))
         callbacks = list(phase_trainer.get("callbacks") or [])
         callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                          "init_args": {"dirpath": str(directory / "checkpoints"), "save_last": True,
-                                        "save_top_k": 0}})
+                          "init_args": {"dirpath": str(directory / "checkpoints"), "save_last": "link",
+                                        "save_top_k": 1}})
         phase_trainer["callbacks"] = callbacks
         phase_trainer["default_root_dir"] = str(directory)
         phase_trainer.setdefault("logger", {"class_path": "lightning.pytorch.loggers.CSVLogger",

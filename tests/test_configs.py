@@ -77,7 +77,7 @@ def test_config_validates(path):
     root = cfg["trainer"]["default_root_dir"]
     assert root.startswith("runs/")
     ckpt = [c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
-    assert len(ckpt) == 1 and ckpt[0]["init_args"]["save_last"] is True
+    assert len(ckpt) == 1 and ckpt[0]["init_args"]["save_last"] in (True, "link")
     assert ckpt[0]["init_args"]["dirpath"] == f"{root}/checkpoints"
 
 

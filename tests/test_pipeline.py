@@ -1,0 +1,174 @@
+"""`lpt pipeline` end to end on tiny experts; reruns, resume, phase 3 rows, predict and export."""
+import copy
+import csv
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lpt_lightning.checkpoints import expert_from_checkpoint, load_checkpoint_file
+from lpt_lightning.cli import main
+from lpt_lightning.errors import ConfigError
+from lpt_lightning.pipeline import plan, run_pipeline
+from tiny_models import CLIP_TINY, TIMM_TINY
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+pytestmark = pytest.mark.skipif(not FMNIST.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
+
+TINY = {
+    "experts": ["visual", "vl"],
+    "trainer": {"accelerator": "cpu", "devices": 1, "precision": "32-true", "enable_progress_bar": False,
+                "enable_model_summary": False, "log_every_n_steps": 5},
+    "data": {"source": {"class_path": "lpt_lightning.data.FashionMNISTSource",
+                        "init_args": {"imbalance_ratio": 10, "max_per_class": 40, "val_per_class": 5,
+                                      "max_test_per_class": 10}},
+             "batch_size": 16, "num_workers": 0},
+    "phase1": {"trainer": {"max_epochs": 2}, "model": {"optim": {"base_lr": 0.5, "warmup_epochs": 0}},
+               "visual": {"expert": {"kind": "visual", "prompt_length": 3,
+                                     "backbone": {"name": "vit_base_patch16_224", "pretrained": False,
+                                                  "model_kwargs": TIMM_TINY}}},
+               "vl": {"expert": {"kind": "vl", "prompt_length": 3,
+                                 "backbone": {"pretrained": None, "model_kwargs": CLIP_TINY}}}},
+    "phase2": {"trainer": {"max_epochs": 2},
+               "model": {"group_prompts": {"pool_size": 6, "top_k": 2, "start_block": 2, "length": 3},
+                         "optim": {"base_lr": 0.5, "warmup_epochs": 0}}},
+    "phase3": {"trainer": {"max_epochs": 2}, "data": {"sampling": "class_aware"},
+               "model": {"scorer": {"hidden_dim": 16}}},
+}
+
+
+def digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    config = dict(copy.deepcopy(TINY), run_dir=str(root / "run"))
+    config_path = root / "pipeline.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    main(["pipeline", "--config", str(config_path)])  # through the real command
+    return root / "run", config_path
+
+
+def test_pipeline_leaves_every_phase_with_results(finished_run):
+    run_dir, _ = finished_run
+    for phase in ("phase1_visual", "phase2_visual", "phase1_vl", "phase2_vl", "phase3_moe"):
+        d = run_dir / phase
+        assert (d / "final.ckpt").is_file() and (d / "config.yaml").is_file()
+        assert (d / "per_class_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+        metrics = json.loads((d / "metrics.json").read_text())
+        assert metrics["split_convention"] == "lpt" and len(metrics["class_counts"]) == 10
+        assert load_checkpoint_file(d / "final.ckpt")["lpt"]["phase"] in ("adapt", "group_prompt", "moe_scorer")
+    # Phase 3 reports every part, and its expert rows are exactly phase 2's own test numbers.
+    rows = json.loads((run_dir / "phase3_moe" / "metrics.json").read_text())["results"]
+    assert set(rows) == {f"{s}: {r}" for s in ("val", "test") for r in
+                         ("visual expert", "vision-language expert", "W_base fusion", "LPT++ (scorer)")}
+    for expert, title in (("visual", "visual expert"), ("vl", "vision-language expert")):
+        own = json.loads((run_dir / f"phase2_{expert}" / "metrics.json").read_text())["results"]["test"]
+        assert rows[f"test: {title}"] == own
+    cache = list((run_dir / "phase3_moe" / "expert_cache").glob("*.pt"))
+    assert {p.name.split("-")[0] for p in cache} == {"train", "val", "test"}
+
+
+def test_rerun_skips_every_finished_phase(finished_run, caplog):
+    run_dir, config_path = finished_run
+    before = {p: p.stat().st_mtime_ns for p in run_dir.glob("*/final.ckpt")}
+    with caplog.at_level("INFO"):
+        main(["pipeline", "--config", str(config_path)])
+    assert {p: p.stat().st_mtime_ns for p in run_dir.glob("*/final.ckpt")} == before
+    assert caplog.text.count("finished earlier") == 5
+
+
+def test_predict_writes_top_k_with_names_and_fused_confidence(finished_run, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from lpt_lightning.data import FashionMNISTSource
+
+    run_dir, _ = finished_run
+    splits = FashionMNISTSource().load()
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in splits.test.items[:5]:
+        Image.fromarray(splits.images[i]).save(images / f"{i}.png")
+    out = tmp_path / "preds.csv"
+    phase3 = run_dir / "phase3_moe"
+    main(["predict", "--config", str(phase3 / "config.yaml"), "--ckpt_path", str(phase3 / "final.ckpt"),
+          "--data.predict_paths", str(images), "--prediction.output", str(out), "--prediction.top_k", "3"])
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 5 and list(rows[0])[:4] == ["image", "top1_class", "top1_name", "top1_confidence"]
+    for row in rows:
+        confidences = [float(row[f"top{k}_confidence"]) for k in (1, 2, 3)]
+        assert confidences == sorted(confidences, reverse=True) and 0 < sum(confidences) <= 1 + 1e-6
+        assert row["top1_name"] == splits.class_names[int(row["top1_class"])]
+    json_out = tmp_path / "preds.json"
+    main(["predict", "--config", str(phase3 / "config.yaml"), "--ckpt_path", str(phase3 / "final.ckpt"),
+          "--data.predict_paths", str(images), "--prediction.output", str(json_out)])
+    records = json.loads(json_out.read_text())
+    assert len(records) == 5 and len(records[0]["classes"]) == 5
+
+
+def test_safetensors_export_round_trip(finished_run, tmp_path):
+    run_dir, _ = finished_run
+    ckpt = run_dir / "phase2_visual" / "final.ckpt"
+    out = tmp_path / "visual.safetensors"
+    main(["export", str(ckpt), str(out)])
+    assert out.stat().st_size < 500_000
+    exported, original = load_checkpoint_file(out), load_checkpoint_file(ckpt)
+    assert exported["lpt"] == original["lpt"]
+    a = expert_from_checkpoint(original, ckpt).eval()
+    b = expert_from_checkpoint(exported, out).eval()
+    images = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(a(images).logits, b(images).logits)
+
+
+def test_interrupted_phase_resumes_and_keeps_earlier_phases(tmp_path, caplog):
+    config = copy.deepcopy(TINY)
+    config["experts"], config["mixture"] = ["visual"], False  # LPT mode: no phase 3
+    config["phase2"]["trainer"]["max_epochs"] = 3
+    crashing = copy.deepcopy(config)
+    crashing["phase2"]["trainer"]["callbacks"] = [{"class_path": "pipeline_helpers.CrashAt",
+                                                   "init_args": {"epoch": 1, "batch": 1}}]
+    run_dir = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="simulated node failure"):
+        run_pipeline(run_dir=str(run_dir), **crashing)
+    phase1 = run_dir / "phase1_visual" / "final.ckpt"
+    phase1_digest = digest(phase1)
+    assert (run_dir / "phase2_visual" / "checkpoints" / "last.ckpt").is_file()
+    assert not (run_dir / "phase2_visual" / "final.ckpt").exists()
+    with caplog.at_level("INFO"):
+        run_pipeline(run_dir=str(run_dir), **config)
+    assert "resuming from" in caplog.text and "phase1_visual: finished earlier" in caplog.text
+    assert digest(phase1) == phase1_digest
+    final = load_checkpoint_file(run_dir / "phase2_visual" / "final.ckpt")
+    assert final["epoch"] == 3 and final["lpt"]["phase"] == "group_prompt"  # all 3 epochs done
+    assert not (run_dir / "phase3_moe").exists()
+
+
+def test_plan_hands_each_final_checkpoint_to_the_next_phase(tmp_path):
+    runs = plan(str(tmp_path), TINY["data"], TINY["trainer"], ["visual", "vl"], TINY["phase1"], TINY["phase2"],
+                TINY["phase3"], True, 0)
+    assert [r.name for r in runs] == ["phase1_visual", "phase2_visual", "phase1_vl", "phase2_vl", "phase3_moe"]
+    by_name = {r.name: r.config for r in runs}
+    assert by_name["phase2_vl"]["model"]["init_args"]["phase1_checkpoint"] == str(tmp_path / "phase1_vl" / "final.ckpt")
+    p3 = by_name["phase3_moe"]["model"]["init_args"]
+    assert p3["visual_checkpoint"] == str(tmp_path / "phase2_visual" / "final.ckpt")
+    assert by_name["phase3_moe"]["data"]["sampling"] == "class_aware" and "sampling" not in by_name["phase1_vl"]["data"]
+    assert by_name["phase1_vl"]["model"]["init_args"]["expert"]["kind"] == "vl"
+    assert by_name["phase1_visual"]["trainer"]["default_root_dir"] == str(tmp_path / "phase1_visual")
+
+
+def test_pipeline_rejects_bad_configuration_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="mixture=true .* needs both experts"):
+        run_pipeline(run_dir=str(tmp_path), data=TINY["data"], experts=["visual"])
+    with pytest.raises(ConfigError, match=r"phase1: unknown keys \['modle'\]"):
+        run_pipeline(run_dir=str(tmp_path), data=TINY["data"], phase1={"modle": {}})
+    bad = copy.deepcopy(TINY)
+    bad["phase2"]["model"]["group_prompts"]["topk"] = 2
+    with pytest.raises(ConfigError, match=r"(?s)phase2_visual.*Option .topk. is not accepted"):
+        run_pipeline(run_dir=str(tmp_path / "bad"), **bad)
+    assert not (tmp_path / "bad" / "phase1_visual" / "final.ckpt").exists()
