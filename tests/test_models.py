@@ -186,3 +186,35 @@ def test_pickle_payload_in_weights_file_is_refused(tmp_path):
     spec = BackboneSpec(checkpoint_path=str(path), model_kwargs=dict(TIMM_TINY))
     with pytest.raises(CheckpointError, match="evil.pth"):
         build_backbone("visual", spec)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    images, labels = torch.rand(3, 3, 32, 32), torch.tensor([0, 1, 2])
+    grads = []
+    for recompute in (False, True):
+        expert = make_expert("visual", activation_checkpointing=recompute).train()
+        torch.manual_seed(5)  # same adapter / head dropout masks in both runs
+        out = expert(images)
+        (F.cross_entropy(20 * out.logits, labels) - out.match.similarity.mean()).backward()
+        grads.append({n: p.grad.clone() for n, p in expert.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 5
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
+
+
+def test_half_precision_backbone_keeps_trained_tensors_fp32():
+    expert = make_expert("visual", backbone_dtype="bfloat16").train()
+    dtypes = {n: p.dtype for n, p in expert.backbone.named_parameters()}
+    assert dtypes["model.blocks.0.attn.qkv.weight"] == torch.bfloat16 == dtypes["model.pos_embed"]
+    assert dtypes["model.blocks.0.norm1.weight"] == torch.float32  # norms stay fp32
+    trained = [expert.shared_prompt.prompts, expert.group_prompts.prompts, expert.head.weight]
+    assert all(p.dtype == torch.float32 for p in trained + list(expert.adapters.parameters()))
+    reference = make_expert("visual").eval()
+    images = torch.rand(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = expert.eval()(images)
+    torch.testing.assert_close(out.features.float(), reference(images).features, rtol=0.1, atol=0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        F.cross_entropy(20 * expert.train()(images).logits.float(), torch.tensor([0, 1])).backward()
+    assert expert.group_prompts.prompts.grad.dtype == torch.float32
+    assert torch.count_nonzero(expert.group_prompts.prompts.grad) > 0

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
@@ -18,6 +18,39 @@ from lpt_lightning.data.transforms import build_eval_transform, build_train_tran
 from lpt_lightning.errors import ConfigError, DataFormatError
 
 Sampling = Literal["dual", "instance", "class_aware", "square_root"]
+
+
+class ResumableDataLoader(DataLoader):
+    """A training loader that resumes mid-epoch exactly.
+
+    Lightning stores ``state_dict()`` in every checkpoint (this is a ``_Stateful`` loader): the
+    number of batches the current epoch has processed. After a restore, the next ``__iter__``
+    starts the sampler's deterministic epoch sequence that many batches in. The epoch is taken
+    from the trainer when the iterator is created, because on resume Lightning creates the first
+    iterator before it calls ``set_epoch`` (workers would otherwise prefetch a stale epoch).
+    """
+
+    def __init__(self, *args, trainer_position: Callable[[], tuple[int, int]], **kwargs):
+        super().__init__(*args, **kwargs)
+        self._position = trainer_position  # -> (epoch, batches processed in that epoch)
+        self._resume_batches = 0
+
+    def state_dict(self) -> dict[str, int]:
+        _, processed = self._position()
+        # A checkpoint taken at the end of an epoch resumes at the start of the next one.
+        return {"batches_completed": processed if processed < len(self) else 0}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume_batches = int(state.get("batches_completed", 0))
+
+    def __iter__(self):
+        epoch, _ = self._position()
+        self.sampler.set_epoch(epoch)
+        self.dataset.epoch = epoch  # per-sample augmentation seeds follow the epoch
+        if self._resume_batches:
+            self.sampler.start = self._resume_batches * self.batch_size
+            self._resume_batches = 0
+        return super().__iter__()
 
 
 class LongTailDataModule(LightningDataModule):
@@ -38,6 +71,8 @@ class LongTailDataModule(LightningDataModule):
         verify_files: check that every listed image file exists before training.
         pin_memory: pin host memory (only when CUDA is available).
         persistent_workers: keep workers alive between epochs (only with num_workers > 0).
+        augment: random-resized-crop and flip for training (False: the eval transform, e.g. for
+            exactness checks).
         predict_paths: images for ``lpt predict``: a folder (searched recursively) or a text file
             with one image path per line (relative to the file's folder); None = the test split.
 
@@ -60,6 +95,7 @@ class LongTailDataModule(LightningDataModule):
         pin_memory: bool = True,
         persistent_workers: bool = False,
         predict_paths: str | None = None,
+        augment: bool = True,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -89,6 +125,7 @@ class LongTailDataModule(LightningDataModule):
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
         self.predict_paths = predict_paths
+        self.augment = augment
         self.load_images = True
         self._splits: DatasetSplits | None = None
         self._datasets: dict[str, LongTailImageDataset] = {}
@@ -171,11 +208,13 @@ class LongTailDataModule(LightningDataModule):
         key = f"{name}:{'train' if train else 'eval'}"
         if key not in self._datasets:
             size = self._resolve_img_size()
-            transform = build_train_transform(size) if train else build_eval_transform(size)
+            transform = build_train_transform(size) if train and self.augment else build_eval_transform(size)
             self._check_files(name, split)
             self._datasets[key] = LongTailImageDataset(
                 split, transform, images=self.splits.images, skip_unreadable=self.skip_unreadable
             )
+            if train:
+                self._datasets[key].augment_seed = self.seed
         return self._datasets[key]
 
     def setup(self, stage: str | None = None) -> None:
@@ -197,12 +236,11 @@ class LongTailDataModule(LightningDataModule):
         return int(getattr(trainer, "world_size", 1)), int(getattr(trainer, "global_rank", 0))
 
     def _loader(self, dataset: Dataset, sampler: Sampler, batch_size: int, drop_last: bool,
-                load_images: bool | None = None) -> DataLoader:
+                load_images: bool | None = None, resumable: bool = False) -> DataLoader:
         base = dataset.dataset if isinstance(dataset, Subset) else dataset
         base.load_images = self.load_images if load_images is None else load_images
         workers = self.num_workers if base.load_images else 0  # index-only batches need no workers
-        return DataLoader(
-            dataset,
+        kwargs = dict(
             batch_size=batch_size,
             sampler=sampler,
             drop_last=drop_last,
@@ -211,6 +249,9 @@ class LongTailDataModule(LightningDataModule):
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers and workers > 0,
         )
+        if resumable and getattr(self.trainer, "fit_loop", None) is not None:
+            return ResumableDataLoader(dataset, trainer_position=self._trainer_position, **kwargs)
+        return DataLoader(dataset, **kwargs)
 
     def train_sampler(self, kind: str) -> Sampler:
         """A fresh sampler of one stream: "cb" class-aware, "ib" instance, "sqrt" square-root."""
@@ -243,8 +284,12 @@ class LongTailDataModule(LightningDataModule):
                     f"data.batch_size={self.batch_size} exceeds the {len(sampler)} training samples per device "
                     "(drop_last would leave no batch); lower data.batch_size"
                 )
-            loaders[kind] = self._loader(dataset, sampler, self.batch_size, drop_last=True)
+            loaders[kind] = self._loader(dataset, sampler, self.batch_size, drop_last=True, resumable=True)
         return loaders
+
+    def _trainer_position(self) -> tuple[int, int]:
+        loop = self.trainer.fit_loop
+        return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.processed
 
     def _eval_loader(self, wanted: str) -> DataLoader:
         name, split = self._eval_split(wanted)

@@ -40,6 +40,10 @@ class LongTailImageDataset(Dataset):
         self.images = images
         self.skip_unreadable = skip_unreadable
         self.load_images = True  # False: label and index only (models training on cached outputs)
+        # Set for training: random augmentation is then seeded per (seed, epoch, sample), so it
+        # does not depend on worker count, rank count or where a resumed epoch restarts.
+        self.augment_seed: int | None = None
+        self.epoch = 0
         if images is None and len(split) and not isinstance(split.items[0], str):
             raise DataFormatError(f"split from {split.origin}: integer items need the in-memory images array")
 
@@ -68,8 +72,18 @@ class LongTailImageDataset(Dataset):
                 raise
             log.warning("skipping unreadable image: %s", exc)
             return None
-        image = self.transform(img) if self.transform is not None else img
+        image = self._apply_transform(img, i)
         return {"image": image, "label": torch.tensor(int(self.split.labels[i]), dtype=torch.int64), "index": i}
+
+
+    def _apply_transform(self, img, i: int):
+        if self.transform is None:
+            return img
+        if self.augment_seed is None:
+            return self.transform(img)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.augment_seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+            return self.transform(img)
 
 
 def collate_skipping(batch: list[dict | None]) -> dict:

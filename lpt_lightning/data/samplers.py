@@ -55,6 +55,7 @@ class _GlobalSequenceSampler(DistributedSampler):
         # DistributedSampler semantics: num_samples is the PER-RANK count.
         self.num_samples = math.ceil(self.global_num_samples / num_replicas)
         self.total_size = self.num_samples * num_replicas
+        self.start = 0  # rank-local position to resume from, used by the next __iter__ only
 
     def _build(self, generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
@@ -71,7 +72,8 @@ class _GlobalSequenceSampler(DistributedSampler):
         return seq
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.global_sequence()[self.rank :: self.num_replicas].tolist())
+        start, self.start = self.start, 0
+        return iter(self.global_sequence()[self.rank :: self.num_replicas][start:].tolist())
 
     def __len__(self) -> int:
         return self.num_samples

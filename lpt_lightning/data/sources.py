@@ -7,12 +7,16 @@ metadata (paths and labels); images are decoded lazily by the dataset.
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import logging
+import math
 import os
 import shutil
+import struct
 import tarfile
 import tempfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,13 +107,32 @@ def _require_file(path: Path, option: str) -> None:
         raise DataFormatError(f"annotation file {path} does not exist; set {option} (absolute or relative to root)")
 
 
-def _check_no_empty_class(labels: np.ndarray, class_names: list[str], origin: str) -> None:
-    counts = np.bincount(labels, minlength=len(class_names))
-    empty = np.flatnonzero(counts == 0)
-    if empty.size:
-        shown = ", ".join(f"{int(c)} ({class_names[c]!r})" for c in empty[:10])
-        more = f" and {empty.size - 10} more" if empty.size > 10 else ""
+def _check_no_empty_class(
+    labels: np.ndarray, num_classes: int, origin: str, class_names: list[str] | None = None
+) -> None:
+    """Every class in [0, num_classes) must have a label. Never allocates num_classes entries:
+    a stray label like 10**12 must give this error, not a MemoryError."""
+    present = np.unique(labels)
+    n_empty = num_classes - present.size
+    if n_empty > 0:
+        # at most present.size classes lie below present.size + 10, so the first 10 empty ones are there
+        empty = np.setdiff1d(np.arange(min(num_classes, present.size + 10)), present)[:10]
+        shown = ", ".join(f"{int(c)} ({class_names[c]!r})" if class_names else str(int(c)) for c in empty)
+        more = f" and {n_empty - 10} more" if n_empty > 10 else ""
         raise DataFormatError(f"{origin}: class {shown}{more} has no training images")
+
+
+def _read_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 text file (universal newlines, as ``open`` reads them)."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_no = data.count(b"\n", 0, exc.start) + 1
+        raise DataFormatError(
+            f"{path}, line {line_no}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the file as UTF-8"
+        ) from None
+    return io.StringIO(text, newline=None).readlines()
 
 
 # --------------------------------------------------------------------------------------------
@@ -119,27 +142,28 @@ def _check_no_empty_class(labels: np.ndarray, class_names: list[str], origin: st
 def _parse_list_file(path: Path) -> tuple[list[str], np.ndarray, list[int]]:
     """Lines ``relative/path.jpg label`` -> (paths, labels, line numbers). Blank lines skipped."""
     paths, labels, line_nos = [], [], []
-    with open(path, encoding="utf-8") as fh:
-        for line_no, raw in enumerate(fh, start=1):
-            line = raw.strip()
-            if not line:
-                continue
-            fields = line.split()
-            if len(fields) != 2:
-                raise DataFormatError(
-                    f"{path}, line {line_no}: expected 'relative/path.jpg label' (2 fields), "
-                    f"got {len(fields)}: {line!r}"
-                )
-            try:
-                label = int(fields[1])
-            except ValueError:
-                raise DataFormatError(
-                    f"{path}, line {line_no}: label {fields[1]!r} is not an integer: {line!r}"
-                ) from None
-            # Places-LT writes paths as '/a/airfield/x.jpg': they are relative to root anyway.
-            paths.append(fields[0].lstrip("/"))
-            labels.append(label)
-            line_nos.append(line_no)
+    for line_no, raw in enumerate(_read_lines(path), start=1):
+        line = raw.strip()
+        if not line:
+            continue
+        fields = line.split()
+        if len(fields) != 2:
+            raise DataFormatError(
+                f"{path}, line {line_no}: expected 'relative/path.jpg label' (2 fields), "
+                f"got {len(fields)}: {line!r}"
+            )
+        try:
+            label = int(fields[1])
+        except ValueError:
+            raise DataFormatError(
+                f"{path}, line {line_no}: label {fields[1]!r} is not an integer: {line!r}"
+            ) from None
+        if not -(2**63) <= label < 2**63:
+            raise DataFormatError(f"{path}, line {line_no}: label {fields[1]!r} is out of range: {line!r}")
+        # Places-LT writes paths as '/a/airfield/x.jpg': they are relative to root anyway.
+        paths.append(fields[0].lstrip("/"))
+        labels.append(label)
+        line_nos.append(line_no)
     if not paths:
         raise DataFormatError(f"{path}: no annotation lines found")
     return paths, np.asarray(labels, dtype=np.int64), line_nos
@@ -152,8 +176,7 @@ def _parse_class_names(path: Path) -> list[str]:
     bucket directory and keep the rest (``apartment_building/outdoor``): the last component
     alone would make many classes collide ("outdoor", "indoor").
     """
-    with open(path, encoding="utf-8") as fh:
-        lines = [(n, raw.strip()) for n, raw in enumerate(fh, start=1) if raw.strip()]
+    lines = [(n, raw.strip()) for n, raw in enumerate(_read_lines(path), start=1) if raw.strip()]
     if not lines:
         raise DataFormatError(f"{path}: class names file is empty")
 
@@ -280,9 +303,9 @@ class AnnotationListSource(DataSource):
                     f"{path}, line {line_nos[i]}: label {int(labels[i])} is outside [0, {num_classes}) ({why})"
                 )
 
+        _check_no_empty_class(train_labels, num_classes, str(train_path), class_names)
         if class_names is None:
             class_names = _names_from_dirs(train_paths, train_labels, num_classes)
-        _check_no_empty_class(train_labels, class_names, str(train_path))
 
         def to_split(split_name: str) -> Split | None:
             if split_name not in parsed:
@@ -307,8 +330,8 @@ def _load_coco_json(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise DataFormatError(f"{path}: invalid JSON ({exc})") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, too many digits, nesting
+        raise DataFormatError(f"{path}: invalid JSON ({str(exc)[:200]})") from None
     if not isinstance(data, dict):
         raise DataFormatError(f"{path}: expected a JSON object with 'images', 'annotations', 'categories'")
     for key in ("images", "annotations", "categories"):
@@ -324,6 +347,13 @@ def _get(record: dict, key: str, path: Path, what: str, pos: int):
         return record[key]
     except (KeyError, TypeError):
         raise DataFormatError(f"{path}: {what}[{pos}] is missing key {key!r}: {str(record)[:200]}") from None
+
+
+def _get_id(record: dict, key: str, path: Path, what: str, pos: int) -> int | str:
+    value = _get(record, key, path, what, pos)
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise DataFormatError(f"{path}: {what}[{pos}][{key!r}] must be an integer or a string, got {str(value)[:200]}")
+    return value
 
 
 class INatJsonSource(DataSource):
@@ -351,11 +381,14 @@ class INatJsonSource(DataSource):
     def _split(self, path: Path, data: dict, id_to_class: dict, root: Path) -> Split:
         file_of = {}
         for pos, img in enumerate(data["images"]):
-            file_of[_get(img, "id", path, "images", pos)] = _get(img, "file_name", path, "images", pos)
+            file_name = _get(img, "file_name", path, "images", pos)
+            if not isinstance(file_name, str) or not file_name:
+                raise DataFormatError(f"{path}: images[{pos}]['file_name'] must be a path, got {str(file_name)[:200]}")
+            file_of[_get_id(img, "id", path, "images", pos)] = file_name
         label_of: dict = {}
         for pos, ann in enumerate(data["annotations"]):
-            image_id = _get(ann, "image_id", path, "annotations", pos)
-            cat = _get(ann, "category_id", path, "annotations", pos)
+            image_id = _get_id(ann, "image_id", path, "annotations", pos)
+            cat = _get_id(ann, "category_id", path, "annotations", pos)
             if image_id not in file_of:
                 raise DataFormatError(f"{path}: annotations[{pos}] refers to unknown image_id {image_id!r}")
             if cat not in id_to_class:
@@ -369,7 +402,7 @@ class INatJsonSource(DataSource):
         items, labels = [], []
         for image_id, file_name in file_of.items():
             if image_id in label_of:
-                items.append(str(root / str(file_name).lstrip("/")))
+                items.append(str(root / file_name.lstrip("/")))
                 labels.append(label_of[image_id])
         if not items:
             raise DataFormatError(f"{path}: no annotated images")
@@ -383,16 +416,19 @@ class INatJsonSource(DataSource):
         train_data = _load_coco_json(train_path)
         cat_name = {}
         for pos, cat in enumerate(train_data["categories"]):
-            cat_name[_get(cat, "id", train_path, "categories", pos)] = str(
+            cat_name[_get_id(cat, "id", train_path, "categories", pos)] = str(
                 _get(cat, "name", train_path, "categories", pos)
             )
         if not cat_name:
             raise DataFormatError(f"{train_path}: 'categories' is empty")
-        sorted_ids = sorted(cat_name)
+        try:
+            sorted_ids = sorted(cat_name)
+        except TypeError:
+            raise DataFormatError(f"{train_path}: category ids mix integers and strings; use one type") from None
         id_to_class = {cid: i for i, cid in enumerate(sorted_ids)}
         class_names = [cat_name[cid] for cid in sorted_ids]
         train = self._split(train_path, train_data, id_to_class, root)
-        _check_no_empty_class(train.labels, class_names, str(train_path))
+        _check_no_empty_class(train.labels, len(class_names), str(train_path), class_names)
 
         def optional(rel: str | None, option: str) -> Split | None:
             if rel is None:
@@ -509,6 +545,7 @@ class ImageFolderSource(DataSource):
         train, val, test = _holdout_and_long_tail(
             full, self.val_per_class, self.test_per_class, self.imbalance_ratio, self.max_per_class, self.seed
         )
+        _check_no_empty_class(train.labels, len(class_names), full.origin, class_names)
         if self.test_root is not None:
             test_root = Path(os.path.expanduser(self.test_root))
             if not test_root.is_dir():
@@ -559,10 +596,13 @@ def _holdout_and_long_tail(
         raise DataFormatError(
             f"{full.origin}: {exc}; lower val_per_class / test_per_class (now {val_per_class} / {test_per_class})"
         ) from None
-    if imbalance_ratio is not None:
-        rest = rest[make_long_tailed(full.labels[rest], imbalance_ratio, seed, max_per_class)]
-    elif max_per_class is not None:
-        rest = rest[cap_per_class(full.labels[rest], max_per_class, seed)]
+    try:
+        if imbalance_ratio is not None:
+            rest = rest[make_long_tailed(full.labels[rest], imbalance_ratio, seed, max_per_class)]
+        elif max_per_class is not None:
+            rest = rest[cap_per_class(full.labels[rest], max_per_class, seed)]
+    except DataFormatError as exc:
+        raise DataFormatError(f"{full.origin}: {exc}") from None
     return full.subset(rest), val, test
 
 
@@ -572,31 +612,52 @@ def _holdout_and_long_tail(
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
+def _read_at_most(fh, limit: int) -> bytes:
+    """Up to ``limit`` bytes, read in chunks: never a buffer of ``limit`` bytes up front."""
+    chunks, size = [], 0
+    while size < limit and (chunk := fh.read(min(limit - size, 1 << 24))):
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
 def read_idx(path: str | os.PathLike, expected_ndim: int | None = None) -> np.ndarray:
-    """Parse an IDX file (optionally gzip-compressed) with numpy."""
+    """Parse an IDX file (optionally gzip-compressed) with numpy.
+
+    The header is read first and the size it declares checked against the file (a .gz is read
+    up to one byte past it), so a corrupt header never makes it read or allocate absurd amounts.
+    """
     path = Path(path)
+    gz = path.suffix == ".gz"
     try:
-        opener = gzip.open if path.suffix == ".gz" else open
+        opener = gzip.open if gz else open
         with opener(path, "rb") as fh:
-            data = fh.read()
-    except (OSError, EOFError) as exc:  # BadGzipFile is an OSError; a cut .gz raises EOFError
+            data = fh.read(4)
+            if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+                raise DataFormatError(f"{path}: bad IDX magic number {data[:4].hex() or '(empty)'}, not an IDX file")
+            ndim = data[3]
+            if expected_ndim is not None and ndim != expected_ndim:
+                raise DataFormatError(f"{path}: IDX file has {ndim} dimensions, expected {expected_ndim}")
+            header = 4 + 4 * ndim
+            data += fh.read(header - 4)
+            if len(data) < header:
+                raise DataFormatError(f"{path}: truncated IDX header")
+            dims = struct.unpack(f">{ndim}I", data[4:header])
+            dtype = np.dtype(_IDX_DTYPES[data[2]])
+            expected = math.prod(dims) * dtype.itemsize  # Python ints: no int64 wrap-around
+            size = os.fstat(fh.fileno()).st_size - header if not gz else None
+            if size is None or size == expected:
+                payload = _read_at_most(fh, expected + 1)
+                size = len(payload)
+    except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError; a cut .gz raises EOFError
         raise DataFormatError(f"{path}: cannot read IDX file ({exc})") from None
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise DataFormatError(f"{path}: bad IDX magic number {data[:4].hex() or '(empty)'}, not an IDX file")
-    ndim = data[3]
-    if expected_ndim is not None and ndim != expected_ndim:
-        raise DataFormatError(f"{path}: IDX file has {ndim} dimensions, expected {expected_ndim}")
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise DataFormatError(f"{path}: truncated IDX header")
-    dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    dtype = np.dtype(_IDX_DTYPES[data[2]])
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-    if len(data) - header != expected:
-        raise DataFormatError(
-            f"{path}: IDX payload has {len(data) - header} bytes, dims {dims} need {expected} (truncated file?)"
-        )
-    return np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
+    if size != expected:
+        has = f"more than {expected}" if gz and size > expected else size
+        raise DataFormatError(f"{path}: IDX payload has {has} bytes, dims {dims} need {expected} (truncated file?)")
+    try:
+        return np.frombuffer(payload, dtype=dtype).reshape(dims)
+    except ValueError as exc:  # e.g. (0, 2**32-1, 2**32-1, 2**32-1): no data, but no valid numpy shape either
+        raise DataFormatError(f"{path}: IDX dims {dims} are not a valid array shape ({exc})") from None
 
 
 class FashionMNISTSource(DataSource):
@@ -654,9 +715,14 @@ class FashionMNISTSource(DataSource):
         img_path = self._file(root, f"{prefix}-images-idx3-ubyte")
         lbl_path = self._file(root, f"{prefix}-labels-idx1-ubyte")
         images = read_idx(img_path, expected_ndim=3)
-        labels = read_idx(lbl_path, expected_ndim=1).astype(np.int64)
+        labels = read_idx(lbl_path, expected_ndim=1)
+        if labels.dtype.kind not in "iu":
+            raise DataFormatError(f"{lbl_path}: expected integer labels, got {labels.dtype}")
+        labels = labels.astype(np.int64)
         if images.dtype != np.uint8:
             raise DataFormatError(f"{img_path}: expected uint8 pixels, got {images.dtype}")
+        if 0 in images.shape[1:]:
+            raise DataFormatError(f"{img_path}: images of size {images.shape[1]}x{images.shape[2]} are empty")
         if images.shape[0] != labels.shape[0]:
             raise DataFormatError(f"{img_path} has {images.shape[0]} images but {lbl_path} has {labels.shape[0]} labels")
         if labels.size and (labels.min() < 0 or labels.max() >= len(FASHION_MNIST_CLASSES)):
@@ -667,15 +733,24 @@ class FashionMNISTSource(DataSource):
         root = self._root()
         train_images, train_labels = self._read_pair(root, "train")
         test_images, test_labels = self._read_pair(root, "t10k")
+        if train_images.shape[1:] != test_images.shape[1:]:
+            raise DataFormatError(
+                f"{self._file(root, 't10k-images-idx3-ubyte')} holds {test_images.shape[1]}x{test_images.shape[2]} "
+                f"images, {self._file(root, 'train-images-idx3-ubyte')} {train_images.shape[1]}x{train_images.shape[2]}"
+            )
         images = np.concatenate([train_images, test_images])  # items index into this one array
         offset = train_images.shape[0]
         full = Split(list(range(offset)), train_labels, origin=str(root / "train-images-idx3-ubyte"))
         train, val, _ = _holdout_and_long_tail(
             full, self.val_per_class, 0, self.imbalance_ratio, self.max_per_class, self.seed
         )
+        _check_no_empty_class(train.labels, len(FASHION_MNIST_CLASSES), full.origin, FASHION_MNIST_CLASSES)
         test_idx = np.arange(test_labels.size)
         if self.max_test_per_class is not None:
-            test_idx = cap_per_class(test_labels, self.max_test_per_class, self.seed)
+            try:
+                test_idx = cap_per_class(test_labels, self.max_test_per_class, self.seed)
+            except DataFormatError as exc:
+                raise DataFormatError(f"{self._file(root, 't10k-labels-idx1-ubyte')}: {exc}") from None
         test = Split(
             [offset + int(i) for i in test_idx], test_labels[test_idx], origin=str(root / "t10k-images-idx3-ubyte")
         )

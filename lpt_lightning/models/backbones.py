@@ -74,6 +74,15 @@ class FrozenViT(nn.Module):
         # Frozen: dropout / drop-path stay off whatever the LightningModule does.
         return super().train(False)
 
+    def cast_weights(self, dtype: torch.dtype) -> None:
+        """Store the frozen weights in half precision, norms excepted: layer norms keep float32
+        parameters so they accept both float32 and half inputs under autocast."""
+        for module in self.modules():
+            if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+                continue
+            for name, param in module.named_parameters(recurse=False):
+                param.data = param.data.to(dtype)
+
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
         return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
 

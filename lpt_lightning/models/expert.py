@@ -9,6 +9,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lpt_lightning.errors import ConfigError
 from lpt_lightning.models.adapters import ParallelAdapter
@@ -34,6 +35,10 @@ class ExpertSpec:
         head_init: ``auto`` = text embeddings for ``vl``, random unit vectors for ``visual``;
             ``class_mean`` = mean training feature of each class.
         text_template: prompt for the text-embedding head init.
+        backbone_dtype: keep the frozen backbone's weights in ``bfloat16``/``float16`` to save
+            memory (needs a ``*-mixed`` trainer precision); trained tensors stay float32.
+        activation_checkpointing: recompute block activations in the backward pass instead of
+            storing them (memory for large batches, about one extra forward of compute).
     """
 
     kind: Literal["visual", "vl"] = "visual"
@@ -47,6 +52,8 @@ class ExpertSpec:
     head_dropout: float = 0.1
     head_init: Literal["auto", "random", "text", "class_mean"] = "auto"
     text_template: str = "a photo of a {}."
+    backbone_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    activation_checkpointing: bool = False
 
 
 @dataclass
@@ -80,6 +87,8 @@ class LongTailExpert(nn.Module):
         super().__init__()
         self.spec = spec
         self.backbone = backbone if backbone is not None else build_backbone(spec.kind, spec.backbone)
+        if spec.backbone_dtype != "float32":
+            self.backbone.cast_weights(getattr(torch, spec.backbone_dtype))
         bb = self.backbone
         self.shared_prompt = SharedPrompt(bb.num_blocks, spec.prompt_length, bb.embed_dim) if spec.prompt_length > 0 else None
         self.adapters = (
@@ -126,13 +135,19 @@ class LongTailExpert(nn.Module):
         Prompt tokens are appended after [cls; patches] without positional embedding and their
         outputs are dropped after each block (deep prompting).
         """
-        n = x.shape[1]
+        recompute = self.spec.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i in range(start, end):
-            shared = self.shared_prompt(i) if self.shared_prompt is not None else None
             group = group_prompts[:, i - self.group_start] if group_prompts is not None else None
-            adapter = self.adapters[i] if self.adapters is not None else None
-            x = self.backbone.run_block(i, append_tokens(x, shared, group), adapter)[:, :n]
+            if recompute:
+                x = checkpoint(self._prompted_block, i, x, group, use_reentrant=False)
+            else:
+                x = self._prompted_block(i, x, group)
         return x
+
+    def _prompted_block(self, i: int, x: torch.Tensor, group: torch.Tensor | None) -> torch.Tensor:
+        shared = self.shared_prompt(i) if self.shared_prompt is not None else None
+        adapter = self.adapters[i] if self.adapters is not None else None
+        return self.backbone.run_block(i, append_tokens(x, shared, group), adapter)[:, : x.shape[1]]
 
     def _query_needs_grad(self) -> bool:
         modules = [m for m in (self.shared_prompt, self.adapters) if m is not None]

@@ -2,6 +2,7 @@
 small checkpoints."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -134,6 +135,9 @@ class ExpertPhase(L.LightningModule):
                         gamma_neg=gamma_neg, smoothing=spec.smoothing)
 
     def on_fit_start(self) -> None:
+        if self.expert.spec.backbone_dtype != "float32" and "mixed" not in str(self.trainer.precision):
+            raise ConfigError(f"expert.backbone_dtype={self.expert.spec.backbone_dtype} needs a mixed trainer "
+                              f"precision (bf16-mixed or 16-mixed), not {self.trainer.precision}")
         rank_zero_info(self.parameter_report())
 
     # ----------------------------------------------------------------- training
@@ -147,6 +151,9 @@ class ExpertPhase(L.LightningModule):
         if out.match is not None:
             terms["match"] = matching_loss(out.query, self.expert.group_prompts.keys, out.match.indices)
         return terms
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        seed_training_step(self.global_step, self.global_rank)
 
     def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
         streams = list(batch)
@@ -236,6 +243,16 @@ class ExpertPhase(L.LightningModule):
 
     def frozen_modules(self) -> list[nn.Module]:
         return [self.expert.backbone]
+
+
+def seed_training_step(global_step: int, rank: int) -> None:
+    """Seed the global generators from (run seed, step, rank) before each training step.
+
+    GCL noise and dropout then depend only on the step, not on how many data-loader iterators
+    or validation runs came before: a resumed run draws exactly what an uninterrupted one does.
+    """
+    base = int(os.environ.get("PL_GLOBAL_SEED", 0))
+    torch.manual_seed((base * 1_000_003 + global_step) * 1_009 + rank)
 
 
 def instance_weight(epoch: int, max_epochs: int | None, eta_max: float) -> float:

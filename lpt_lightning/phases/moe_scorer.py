@@ -28,6 +28,7 @@ from lpt_lightning.errors import CheckpointError, ConfigError
 from lpt_lightning.expert_cache import cache_key, cached_outputs, compute_outputs, file_digest
 from lpt_lightning.metrics import SplitAccuracy
 from lpt_lightning.models.scorer import MoEScorer, fuse, search_base_weight
+from lpt_lightning.phases.base import seed_training_step
 
 SPLIT_KEYS = ("acc", "acc_many", "acc_medium", "acc_few")
 # Rows of every phase-3 evaluation: the gain of each part stays visible.
@@ -201,6 +202,9 @@ class MoEScorerPhase(L.LightningModule):
         data = self.outputs(name)
         idx = index.cpu()
         return {k: v[idx].to(self.device, non_blocking=True) for k, v in data.items()}
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        seed_training_step(self.global_step, self.global_rank)
 
     def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
         index = torch.cat([b["index"] for b in batch.values()])

@@ -1,0 +1,352 @@
+"""Model-side benchmarks with the real ViT-B/16 shapes (timm ViT-B/16 and open_clip CLIP ViT-B/16,
+random weights): training steps of phases 1-3, prefix reuse versus the plain two-pass computation,
+inference cost as multiples of one plain ViT-B/16 forward, MFU, head + loss cost growth and the
+phase-3 scorer epoch with cached expert outputs.
+"""
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks import common as C
+
+
+@dataclass
+class ModelConfig:
+    train_batches: list[int]  # per stream (dual sampling: 2x images per step)
+    rounds: int
+    warmup: int
+    ratio_batch: int  # per stream, for prefix reuse vs two-pass
+    ratio_rounds: int
+    infer_batch: int
+    infer_rounds: int
+    phase3_batches: list[int]
+    phase3_samples: int  # N of the cached training set (Places-LT: 62,500)
+    phase3_epoch_samples: int  # samples run through Lightning's loop to time a scorer epoch
+    cost_classes: list[int] = field(default_factory=lambda: [365, 1000, 8142])
+    cost_batch: int = 128  # 2 streams x 64 (the configs' per-device batch)
+    cost_rounds: int = 7
+    num_classes: int = C.PLACES_LT_CLASSES
+
+
+def config_for(env: C.Env, quick: bool) -> ModelConfig:
+    if env.is_cuda:
+        return ModelConfig(train_batches=[16, 32, 64] if quick else [16, 32, 64, 128], rounds=10, warmup=3,
+                           ratio_batch=64, ratio_rounds=10, infer_batch=64, infer_rounds=10,
+                           phase3_batches=[64, 256, 1024], phase3_samples=62_500, phase3_epoch_samples=62_500)
+    if quick:
+        return ModelConfig(train_batches=[1, 2], rounds=2, warmup=1, ratio_batch=1, ratio_rounds=3,
+                           infer_batch=2, infer_rounds=3, phase3_batches=[64, 256], phase3_samples=62_500,
+                           phase3_epoch_samples=8_192, cost_rounds=5)
+    return ModelConfig(train_batches=[1, 2, 4], rounds=3, warmup=1, ratio_batch=2, ratio_rounds=5,
+                       infer_batch=4, infer_rounds=5, phase3_batches=[64, 256, 1024], phase3_samples=62_500,
+                       phase3_epoch_samples=20_000)
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _oom_guard(fn):
+    try:
+        return fn()
+    except torch.cuda.OutOfMemoryError:
+        _free()
+        return None
+
+
+def _bench_train(module, env: C.Env, cfg: ModelConfig, phase: str, kind: str, log) -> list[dict[str, Any]]:
+    """Step time, images/s, peak memory and FLOPs of one phase across batch sizes."""
+    module.to(env.device).train()
+    optimizer = C.sgd_for(module)
+    rows = []
+    for b in cfg.train_batches:
+        batch = C.dual_batch(b, cfg.num_classes, 224, env.device, seed=b)
+        step = C.train_step_fn(module, optimizer, batch, env)
+
+        def measure():
+            times = C.time_interleaved({"step": step}, cfg.rounds, cfg.warmup, env)["step"]
+            with C.flop_counter() as flops:
+                mem = C.peak_memory(step, env, C.tensors_of(module, optimizer, batch))
+            return times, mem, flops.get_total_flops()
+
+        out = _oom_guard(measure)
+        if out is None:
+            rows.append({"phase": phase, "expert": kind, "batch_per_stream": b, "oom": True})
+            log(f"  {phase} {kind} B={b}: out of memory")
+            break
+        times, mem, flops = out
+        t = C.median(times)
+        row = {"phase": phase, "expert": kind, "batch_per_stream": b, "images_per_step": 2 * b,
+               "step_s": t, "step_s_min": min(times), "step_s_max": max(times), "images_per_s": 2 * b / t,
+               "flops_per_step": flops, "achieved_flops_per_s": flops / t, **mem}
+        rows.append(row)
+        log(f"  {phase} {kind} B={b}x2: {t:.3f} s/step ({row['images_per_s']:.2f} img/s), "
+            f"peak {mem['peak_gib']:.2f} GiB, {flops / 1e9:.0f} GFLOP/step")
+    del optimizer
+    _free()
+    return rows
+
+
+def _bench_prefix_reuse(module, env: C.Env, cfg: ModelConfig, kind: str, log) -> dict[str, Any]:
+    """Phase-2 training step with prefix reuse versus the plain two-pass computation, side by side."""
+    module.to(env.device).train()
+    optimizer = C.sgd_for(module)
+    batch = C.dual_batch(cfg.ratio_batch, cfg.num_classes, 224, env.device, seed=123)
+    step = C.train_step_fn(module, optimizer, batch, env)
+
+    def two_pass_step():
+        with C.forward_replaced(module.expert, C.two_pass_forward):
+            step()
+
+    # The two computations give the same outputs (checked here, not only in the tests).
+    module.eval()
+    with torch.no_grad(), env.autocast():
+        images = batch["cb"]["image"]
+        a = module.expert(images)
+        b = C.two_pass_forward(module.expert, images)
+    max_diff = float((a.logits.float() - b.logits.float()).abs().max())
+    module.train()
+    flops = {}
+    for name, fn in (("prefix_reuse", step), ("two_pass", two_pass_step)):
+        with C.flop_counter() as counter:
+            fn()
+        flops[name] = counter.get_total_flops()
+    times = C.time_interleaved({"prefix_reuse": step, "two_pass": two_pass_step}, cfg.ratio_rounds, cfg.warmup, env)
+    ratio = C.paired_ratio(times["prefix_reuse"], times["two_pass"])
+    res = {"expert": kind, "batch_per_stream": cfg.ratio_batch, "prefix_reuse_s": C.median(times["prefix_reuse"]),
+           "two_pass_s": C.median(times["two_pass"]), "ratio": ratio,
+           "flop_ratio": flops["prefix_reuse"] / flops["two_pass"], "max_abs_logit_diff": max_diff}
+    log(f"  prefix reuse {kind}: {res['prefix_reuse_s']:.3f} s vs two-pass {res['two_pass_s']:.3f} s, "
+        f"ratio {ratio['median']:.3f} (FLOP ratio {res['flop_ratio']:.3f})")
+    del optimizer
+    _free()
+    return res
+
+
+def _bench_inference(phase3, env: C.Env, cfg: ModelConfig, log) -> dict[str, Any]:
+    """Per-image inference cost as a multiple of one plain timm ViT-B/16 forward."""
+    from lpt_lightning.models.expert import GroupPromptSpec, LongTailExpert
+
+    phase3.to(env.device).eval()
+    visual = phase3.visual
+    # LPT = the visual expert without adapters (phases 1-2), sharing the same frozen backbone.
+    lpt = LongTailExpert(C.expert_spec("visual", adapters=False), cfg.num_classes, group=GroupPromptSpec(),
+                         backbone=visual.backbone).to(env.device).eval()
+    x = torch.rand(cfg.infer_batch, 3, 224, 224, device=env.device)
+    plain_vit = visual.backbone.model  # timm VisionTransformer, num_classes=0: the pooled feature
+
+    def both_two_pass():
+        with C.forward_replaced(phase3.visual, C.two_pass_forward), C.forward_replaced(phase3.vl, C.two_pass_forward):
+            return phase3(x)
+
+    fns = {
+        "plain ViT-B/16 forward (timm)": lambda: plain_vit(x),
+        "plain CLIP ViT-B/16 image tower": lambda: phase3.vl.backbone.visual(x),
+        "LPT, prefix reuse": lambda: lpt(x),
+        "LPT, two-pass": lambda: C.two_pass_forward(lpt, x),
+        "LPT++ mixture, prefix reuse (MoEScorerPhase.forward)": lambda: phase3(x),
+        "LPT++ mixture, two-pass": both_two_pass,
+    }
+    with torch.inference_mode(), env.autocast():
+        flops = {}
+        for name, fn in fns.items():
+            with C.flop_counter() as counter:
+                fn()
+            flops[name] = counter.get_total_flops()
+        times = C.time_interleaved(fns, cfg.infer_rounds, cfg.warmup, env)
+    ref = "plain ViT-B/16 forward (timm)"
+    rows = []
+    for name in fns:
+        rows.append({"name": name, "s_per_batch": C.median(times[name]),
+                     "ms_per_image": 1000 * C.median(times[name]) / cfg.infer_batch,
+                     "multiple": C.paired_ratio(times[name], times[ref]),
+                     "flop_multiple": flops[name] / flops[ref], "gflops_per_image": flops[name] / cfg.infer_batch / 1e9})
+        log(f"  {name}: {rows[-1]['ms_per_image']:.0f} ms/img, x{rows[-1]['multiple']['median']:.2f} "
+            f"(FLOPs x{rows[-1]['flop_multiple']:.2f})")
+    del lpt
+    _free()
+    return {"batch": cfg.infer_batch, "rows": rows}
+
+
+def _fake_cache(n: int, num_classes: int, visual_dim: int, vl_dim: int, full: bool, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, num_classes, (n,), generator=g)
+    data = {"index": torch.arange(n), "label": labels,
+            "visual.query": torch.randn(n, visual_dim, generator=g), "vl.query": torch.randn(n, vl_dim, generator=g)}
+    for name in ("visual", "vl"):
+        if full:
+            data[f"{name}.prob"] = torch.softmax(4 * torch.randn(n, num_classes, generator=g), dim=-1)
+        else:
+            data[f"{name}.prob_label"] = torch.rand(n, generator=g)
+    return data
+
+
+def _bench_phase3_steps(phase3, env: C.Env, cfg: ModelConfig, log) -> list[dict[str, Any]]:
+    """MoEScorerPhase.training_step on cached tensors (its own code: row gather, scorer, fused NLL)."""
+    vd, ld = phase3.visual.backbone.feature_dim, phase3.vl.backbone.feature_dim
+    phase3._outputs["train"] = _fake_cache(cfg.phase3_samples, cfg.num_classes, vd, ld, full=False, seed=0)
+    phase3.to(env.device).train()
+    optimizer = phase3.configure_optimizers()
+    real_log = phase3.log
+    phase3.log = lambda *args, **kwargs: None
+    rows = []
+    try:
+        for b in cfg.phase3_batches:
+            g = torch.Generator().manual_seed(b)
+            index = torch.randint(0, cfg.phase3_samples, (b,), generator=g)
+            batch = {"cb": {"index": index.to(env.device), "label": phase3._outputs["train"]["label"][index].to(env.device)}}
+
+            def step():
+                with env.autocast():
+                    loss = phase3.training_step(batch, 0)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            times = C.time_interleaved({"step": step}, max(cfg.rounds, 5) * 4, cfg.warmup + 2, env)["step"]
+            mem = C.peak_memory(step, env, C.tensors_of(phase3.scorer, optimizer, batch, phase3._outputs["train"]))
+            t = C.median(times)
+            rows.append({"phase": "phase3", "expert": "scorer", "batch": b, "step_s": t, "step_s_min": min(times),
+                         "step_s_max": max(times), "images_per_s": b / t, **mem})
+            log(f"  phase3 scorer B={b}: {1000 * t:.2f} ms/step ({b / t:,.0f} samples/s), "
+                f"{1024 * mem['above_baseline_gib']:.1f} MiB above the cache")
+    finally:
+        phase3.log = real_log
+    return rows
+
+
+def _bench_phase3_epoch(phase3, env: C.Env, cfg: ModelConfig, log) -> dict[str, Any]:
+    """One scorer epoch through Lightning's real loop (index-only batches, cached-row gather,
+    logging, AdamW), on ``phase3_epoch_samples`` cached samples; per-sample cost reported."""
+    import lightning as L
+
+    from lpt_lightning.data import DatasetSplits, DataSource, LongTailDataModule, Split
+
+    n, nv = cfg.phase3_epoch_samples, 512
+    vd, ld = phase3.visual.backbone.feature_dim, phase3.vl.backbone.feature_dim
+    labels = np.asarray(torch.randint(0, cfg.num_classes, (n,), generator=torch.Generator().manual_seed(1)))
+    labels[: cfg.num_classes] = np.arange(cfg.num_classes)
+    val_labels = np.arange(nv) % cfg.num_classes
+
+    class CachedOnlySource(DataSource):
+        def load(self):
+            return DatasetSplits("cached", train=Split([f"/nonexistent/{i}.jpg" for i in range(n)], labels),
+                                 val=Split([f"/nonexistent/v{i}.jpg" for i in range(nv)], val_labels), test=None,
+                                 class_names=[f"c{i}" for i in range(cfg.num_classes)])
+
+    train = _fake_cache(n, cfg.num_classes, vd, ld, full=False, seed=2)
+    train["label"] = torch.as_tensor(labels)
+    val = _fake_cache(nv, cfg.num_classes, vd, ld, full=True, seed=3)
+    val["label"] = torch.as_tensor(val_labels)
+    phase3._outputs = {"train": train, "val": val, "heldout": val}
+
+    class EpochTimer(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            env.sync()
+            self.t0 = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            env.sync()
+            self.seconds = time.perf_counter() - self.t0
+
+    dm = LongTailDataModule(CachedOnlySource(), batch_size=64, sampling="class_aware", num_workers=4,
+                            verify_files=False)
+    timer = EpochTimer()
+    trainer = L.Trainer(accelerator=env.device.type, devices=1, max_epochs=1, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        precision="bf16-mixed" if env.precision == "bf16-mixed" else "32-true",
+                        callbacks=[timer], default_root_dir=str(C.scratch_dir()), num_sanity_val_steps=0)
+    trainer.fit(phase3, datamodule=dm)
+    per_sample = timer.seconds / n
+    log(f"  phase3 epoch through Lightning: {timer.seconds:.2f} s for {n:,} samples ({1e6 * per_sample:.1f} us/sample)")
+    return {"samples": n, "batch": 64, "epoch_s": timer.seconds, "s_per_sample": per_sample}
+
+
+def _bench_cost_growth(env: C.Env, cfg: ModelConfig, log) -> list[dict[str, Any]]:
+    """Cosine head + A-GCL (forward, backward into the features, SGD step) from 365 to 8,142 classes."""
+    from lpt_lightning.losses import AGCLLoss
+    from lpt_lightning.models.heads import CosineHead
+
+    setups = {}
+    for c in cfg.cost_classes:
+        head = CosineHead(768, c).to(env.device).train()
+        loss = AGCLLoss(C.class_counts(c, n_max=max(1000, c), n_min=2)).to(env.device).train()
+        opt = torch.optim.SGD(head.parameters(), lr=0.01, momentum=0.9, weight_decay=0.01)
+        g = torch.Generator().manual_seed(c)
+        feats = torch.randn(cfg.cost_batch, 768, generator=g).to(env.device).requires_grad_(True)
+        labels = torch.randint(0, c, (cfg.cost_batch,), generator=g).to(env.device)
+
+        def step(head=head, loss=loss, opt=opt, feats=feats, labels=labels):
+            with env.autocast():
+                value = loss(head(feats), labels)
+            value.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            feats.grad = None
+
+        step()  # creates the momentum buffer: part of the resident state below
+        setups[c] = (step, [head, loss, opt, feats, labels])
+    times = C.time_interleaved({c: s for c, (s, _) in setups.items()}, cfg.cost_rounds, cfg.warmup + 1, env)
+    rows = []
+    for c, (step, objs) in setups.items():
+        mem = C.peak_memory(step, env, C.tensors_of(*objs))
+        t = C.median(times[c])
+        rows.append({"classes": c, "batch": cfg.cost_batch, "step_s": t, "step_s_min": min(times[c]),
+                     "step_s_max": max(times[c]),
+                     "state_mib": 3 * c * 768 * 4 / 2 ** 20,  # fp32 weight + grad + momentum
+                     "peak_above_baseline_mib": 1024 * mem["above_baseline_gib"], "peak_mib": 1024 * mem["peak_gib"]})
+        log(f"  head+loss C={c}: {1000 * t:.2f} ms/step (B={cfg.cost_batch}), state {rows[-1]['state_mib']:.1f} MiB, "
+            f"peak +{rows[-1]['peak_above_baseline_mib']:.1f} MiB")
+    return rows
+
+
+def run(env: C.Env, quick: bool, log=print, experts: tuple[str, ...] = ("visual", "vl")) -> dict[str, Any]:
+    cfg = config_for(env, quick)
+    counts = C.class_counts(cfg.num_classes)
+    scratch = C.scratch_dir()
+    res: dict[str, Any] = {"config": cfg.__dict__, "train": [], "prefix_reuse": [], "trainable": {}}
+    t0 = time.perf_counter()
+    log("matmul peak ...")
+    res["matmul_peak"] = C.matmul_peak(env, quick)
+    log(f"  {res['matmul_peak']['flops_per_s'] / 1e9:.1f} GFLOP/s ({res['matmul_peak']})")
+    checkpoints = {}
+    for kind in experts:
+        log(f"phase 1, {kind} expert (ViT-B/16 shapes, random weights) ...")
+        p1 = C.build_phase1(kind, counts)
+        res["trainable"][f"phase1 {kind}"] = p1.parameter_report()
+        res["train"] += _bench_train(p1, env, cfg, "phase1", kind, log)
+        p1.cpu()
+        ckpt1 = C.save_phase_checkpoint(p1, scratch / f"phase1_{kind}.ckpt")
+        del p1
+        _free()
+        log(f"phase 2, {kind} expert ...")
+        p2 = C.build_phase2(ckpt1, counts)
+        res["trainable"][f"phase2 {kind}"] = p2.parameter_report()
+        res["train"] += _bench_train(p2, env, cfg, "phase2", kind, log)
+        res["prefix_reuse"].append(_oom_guard(lambda: _bench_prefix_reuse(p2, env, cfg, kind, log)))
+        p2.cpu()
+        checkpoints[kind] = C.save_phase_checkpoint(p2, scratch / f"phase2_{kind}.ckpt")
+        del p2
+        _free()
+    if set(experts) == {"visual", "vl"}:
+        log("phase 3 (both experts frozen + MoE scorer) ...")
+        p3 = C.build_phase3(checkpoints["visual"], checkpoints["vl"], counts)
+        p3.scorer.w_base.fill_(0.5)
+        res["inference"] = _bench_inference(p3, env, cfg, log)
+        res["phase3_steps"] = _bench_phase3_steps(p3, env, cfg, log)
+        res["phase3_epoch"] = _bench_phase3_epoch(p3, env, cfg, log)
+        del p3
+        _free()
+    log("head + loss cost growth ...")
+    res["cost_growth"] = _bench_cost_growth(env, cfg, log)
+    res["seconds"] = time.perf_counter() - t0
+    return res

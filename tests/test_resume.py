@@ -1,0 +1,92 @@
+"""Exact resumption: a phase killed mid-epoch and resumed ends where an uninterrupted run ends."""
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from lpt_lightning.data import FashionMNISTSource, LongTailDataModule
+from lpt_lightning.models.expert import ExpertSpec, GroupPromptSpec
+from lpt_lightning.phases import AdaptPhase, GroupPromptPhase, OptimSpec
+from tiny_models import tiny_backbone
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+pytestmark = pytest.mark.skipif(not FMNIST.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
+
+
+class KillAfter(L.Callback):
+    """Saves a checkpoint after a given batch of a given epoch, then dies (like SIGKILL would,
+    the checkpoint standing in for the last one written before the kill)."""
+
+    def __init__(self, path, epoch, batch):
+        self.path, self.epoch, self.batch = path, epoch, batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            trainer.save_checkpoint(self.path)
+            raise RuntimeError("killed")
+
+
+def datamodule(num_workers=0):
+    source = FashionMNISTSource(imbalance_ratio=10, max_per_class=40, val_per_class=5, max_test_per_class=5)
+    return LongTailDataModule(source, batch_size=16, num_workers=num_workers, seed=3)
+
+
+def fit(module, root, epochs, callbacks=(), ckpt_path=None, num_workers=0):
+    L.seed_everything(7)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+                        callbacks=list(callbacks))
+    trainer.fit(module, datamodule=datamodule(num_workers), ckpt_path=ckpt_path)
+    return trainer
+
+
+def trained(module):
+    return {k: v for k, v in module.state_dict().items() if "backbone" not in k}
+
+
+def phase1():
+    L.seed_everything(0)  # as `lpt fit` does before building the model: same initial prompts
+    spec = ExpertSpec(kind="visual", backbone=tiny_backbone("visual"), prompt_length=3)
+    return AdaptPhase(expert=spec, num_classes=10, optim=OptimSpec(base_lr=0.5, warmup_epochs=1))
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_phase1_killed_mid_epoch_resumes_exactly(tmp_path, num_workers):
+    reference = phase1()
+    fit(reference, tmp_path, 3, num_workers=num_workers)
+
+    ckpt = tmp_path / "killed.ckpt"
+    interrupted = phase1()
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(interrupted, tmp_path, 3, [KillAfter(ckpt, epoch=1, batch=2)], num_workers=num_workers)
+    resumed = phase1()  # a fresh process would build the model from config, then load the checkpoint
+    trainer = fit(resumed, tmp_path, 3, ckpt_path=ckpt, num_workers=num_workers)
+    assert trainer.current_epoch == 3
+    for key, value in trained(reference).items():
+        assert torch.equal(value, trained(resumed)[key]), key
+    for key in ("acc", "acc_many", "acc_medium", "acc_few"):
+        assert resumed.results["val"][key] == pytest.approx(reference.results["val"][key], nan_ok=True)
+
+
+def test_phase2_killed_mid_epoch_resumes_exactly(tmp_path):
+    first = phase1()
+    trainer = fit(first, tmp_path, 1)
+    p1 = tmp_path / "phase1.ckpt"
+    trainer.save_checkpoint(p1)
+    group = GroupPromptSpec(pool_size=4, top_k=2, start_block=2, length=3)
+
+    def make():
+        L.seed_everything(0)
+        return GroupPromptPhase(phase1_checkpoint=str(p1), group_prompts=group, num_classes=10,
+                                optim=OptimSpec(base_lr=0.5, warmup_epochs=0))
+
+    reference = make()
+    fit(reference, tmp_path, 2)
+    ckpt = tmp_path / "killed2.ckpt"
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(make(), tmp_path, 2, [KillAfter(ckpt, epoch=0, batch=4)])
+    resumed = make()
+    fit(resumed, tmp_path, 2, ckpt_path=ckpt)
+    for key, value in trained(reference).items():
+        assert torch.equal(value, trained(resumed)[key]), key
