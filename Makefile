@@ -35,3 +35,6 @@ demo:
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache
+
+bench:
+	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) benchmarks/run_all.py $(BENCH_ARGS)

@@ -63,7 +63,12 @@ def _per_worker(datasets: dict[str, Any], n: int, rounds: int, env: C.Env) -> di
         return lambda: [ds[i] for i in range(n)]
 
     fns = {name: run(ds) for name, ds in datasets.items()}
-    times = C.time_interleaved(fns, rounds, 1, env)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what a DataLoader worker runs with
+    try:
+        times = C.time_interleaved(fns, rounds, 1, env)
+    finally:
+        torch.set_num_threads(threads)
     return {name: {"images_per_s": n / C.median(ts), "ms_per_image": 1000 * C.median(ts) / n,
                    "images_per_s_best": n / min(ts)} for name, ts in times.items()}
 

@@ -45,7 +45,7 @@ def config_for(env: C.Env, quick: bool) -> ModelConfig:
                            infer_batch=2, infer_rounds=3, phase3_batches=[64, 256], phase3_samples=62_500,
                            phase3_epoch_samples=8_192, cost_rounds=5)
     return ModelConfig(train_batches=[1, 2, 4], rounds=3, warmup=1, ratio_batch=2, ratio_rounds=5,
-                       infer_batch=4, infer_rounds=5, phase3_batches=[64, 256, 1024], phase3_samples=62_500,
+                       infer_batch=2, infer_rounds=6, phase3_batches=[64, 256, 1024], phase3_samples=62_500,
                        phase3_epoch_samples=20_000)
 
 
@@ -96,6 +96,33 @@ def _bench_train(module, env: C.Env, cfg: ModelConfig, phase: str, kind: str, lo
     return rows
 
 
+def _bench_fast_phase1(module, env: C.Env, cfg: ModelConfig, kind: str, log) -> dict[str, Any]:
+    """Phase-1 step: library forward versus the prototype (benchmarks/prototypes.py), side by side."""
+    from benchmarks.prototypes import fast_forward
+
+    module.to(env.device).train()
+    optimizer = C.sgd_for(module)
+    batch = C.dual_batch(cfg.ratio_batch, cfg.num_classes, 224, env.device, seed=321)
+    step = C.train_step_fn(module, optimizer, batch, env)
+
+    def fast_step():
+        with C.forward_replaced(module.expert, fast_forward):
+            step()
+
+    times = C.time_interleaved({"library": step, "prototype": fast_step}, cfg.ratio_rounds, cfg.warmup, env)
+    with C.forward_replaced(module.expert, fast_forward), C.flop_counter() as counter:
+        mem = C.peak_memory(step, env, C.tensors_of(module, optimizer, batch))
+    res = {"phase": "phase1", "expert": kind, "batch_per_stream": cfg.ratio_batch,
+           "library_s": C.median(times["library"]), "prototype_s": C.median(times["prototype"]),
+           "ratio": C.paired_ratio(times["prototype"], times["library"]), "prototype_flops": counter.get_total_flops(),
+           "prototype_peak_gib": mem["peak_gib"]}
+    log(f"  phase1 {kind} prototype: {res['prototype_s']:.3f} s vs library {res['library_s']:.3f} s "
+        f"(x{res['ratio']['median']:.3f})")
+    del optimizer
+    _free()
+    return res
+
+
 def _bench_prefix_reuse(module, env: C.Env, cfg: ModelConfig, kind: str, log) -> dict[str, Any]:
     """Phase-2 training step with prefix reuse versus the plain two-pass computation, side by side."""
     module.to(env.device).train()
@@ -107,6 +134,12 @@ def _bench_prefix_reuse(module, env: C.Env, cfg: ModelConfig, kind: str, log) ->
         with C.forward_replaced(module.expert, C.two_pass_forward):
             step()
 
+    from benchmarks.prototypes import fast_forward
+
+    def fast_step():
+        with C.forward_replaced(module.expert, fast_forward):
+            step()
+
     # The two computations give the same outputs (checked here, not only in the tests).
     module.eval()
     with torch.no_grad(), env.autocast():
@@ -116,17 +149,23 @@ def _bench_prefix_reuse(module, env: C.Env, cfg: ModelConfig, kind: str, log) ->
     max_diff = float((a.logits.float() - b.logits.float()).abs().max())
     module.train()
     flops = {}
-    for name, fn in (("prefix_reuse", step), ("two_pass", two_pass_step)):
+    for name, fn in (("prefix_reuse", step), ("two_pass", two_pass_step), ("prototype", fast_step)):
         with C.flop_counter() as counter:
             fn()
         flops[name] = counter.get_total_flops()
-    times = C.time_interleaved({"prefix_reuse": step, "two_pass": two_pass_step}, cfg.ratio_rounds, cfg.warmup, env)
+    times = C.time_interleaved({"prefix_reuse": step, "two_pass": two_pass_step, "prototype": fast_step},
+                               cfg.ratio_rounds, cfg.warmup, env)
     ratio = C.paired_ratio(times["prefix_reuse"], times["two_pass"])
     res = {"expert": kind, "batch_per_stream": cfg.ratio_batch, "prefix_reuse_s": C.median(times["prefix_reuse"]),
            "two_pass_s": C.median(times["two_pass"]), "ratio": ratio,
-           "flop_ratio": flops["prefix_reuse"] / flops["two_pass"], "max_abs_logit_diff": max_diff}
+           "flop_ratio": flops["prefix_reuse"] / flops["two_pass"], "max_abs_logit_diff": max_diff,
+           "prototype_s": C.median(times["prototype"]),
+           "prototype_vs_library": C.paired_ratio(times["prototype"], times["prefix_reuse"]),
+           "prototype_vs_two_pass": C.paired_ratio(times["prototype"], times["two_pass"]),
+           "prototype_flop_ratio": flops["prototype"] / flops["two_pass"]}
     log(f"  prefix reuse {kind}: {res['prefix_reuse_s']:.3f} s vs two-pass {res['two_pass_s']:.3f} s, "
-        f"ratio {ratio['median']:.3f} (FLOP ratio {res['flop_ratio']:.3f})")
+        f"ratio {ratio['median']:.3f} (FLOP ratio {res['flop_ratio']:.3f}); prototype {res['prototype_s']:.3f} s "
+        f"(x{res['prototype_vs_two_pass']['median']:.3f} of two-pass)")
     del optimizer
     _free()
     return res
@@ -144,6 +183,12 @@ def _bench_inference(phase3, env: C.Env, cfg: ModelConfig, log) -> dict[str, Any
     x = torch.rand(cfg.infer_batch, 3, 224, 224, device=env.device)
     plain_vit = visual.backbone.model  # timm VisionTransformer, num_classes=0: the pooled feature
 
+    from benchmarks.prototypes import fast_forward
+
+    def both_fast():
+        with C.forward_replaced(phase3.visual, fast_forward), C.forward_replaced(phase3.vl, fast_forward):
+            return phase3(x)
+
     def both_two_pass():
         with C.forward_replaced(phase3.visual, C.two_pass_forward), C.forward_replaced(phase3.vl, C.two_pass_forward):
             return phase3(x)
@@ -155,6 +200,8 @@ def _bench_inference(phase3, env: C.Env, cfg: ModelConfig, log) -> dict[str, Any
         "LPT, two-pass": lambda: C.two_pass_forward(lpt, x),
         "LPT++ mixture, prefix reuse (MoEScorerPhase.forward)": lambda: phase3(x),
         "LPT++ mixture, two-pass": both_two_pass,
+        "LPT, prototype fix": lambda: fast_forward(lpt, x),
+        "LPT++ mixture, prototype fix": both_fast,
     }
     with torch.inference_mode(), env.autocast():
         flops = {}
@@ -163,6 +210,10 @@ def _bench_inference(phase3, env: C.Env, cfg: ModelConfig, log) -> dict[str, Any
                 fn()
             flops[name] = counter.get_total_flops()
         times = C.time_interleaved(fns, cfg.infer_rounds, cfg.warmup, env)
+        diffs = {}
+        for name, expert in (("visual", phase3.visual), ("vl", phase3.vl), ("lpt", lpt)):
+            a, b = expert(x), fast_forward(expert, x)
+            diffs[name] = float((a.logits.float() - b.logits.float()).abs().max())
     ref = "plain ViT-B/16 forward (timm)"
     rows = []
     for name in fns:
@@ -174,7 +225,41 @@ def _bench_inference(phase3, env: C.Env, cfg: ModelConfig, log) -> dict[str, Any
             f"(FLOPs x{rows[-1]['flop_multiple']:.2f})")
     del lpt
     _free()
-    return {"batch": cfg.infer_batch, "rows": rows}
+    return {"batch": cfg.infer_batch, "rows": rows, "prototype_max_abs_logit_diff": diffs}
+
+
+def _bench_attention_paths(phase3, env: C.Env, cfg: ModelConfig, log) -> dict[str, Any]:
+    """One ViT-B/16 block, forward + backward into its input (what phases 1-2 do through frozen
+    blocks), [tokens; 10 prompts]: timm's block, open_clip's block (nn.MultiheadAttention), and
+    open_clip's block with the prototype's direct attention (same weights, one SDPA call)."""
+    from benchmarks.prototypes import _attention_for_queries
+
+    tv, tl = phase3.visual.backbone, phase3.vl.backbone
+    tb, cb = tv.blocks[0], tl.blocks[0]
+    x = torch.randn(2 * cfg.ratio_batch, 207, 768, device=env.device, requires_grad=True)
+
+    def clip_direct(h):
+        h1 = h + _attention_for_queries(tl, cb, cb.ln_1(h), h.shape[1])
+        return h1 + tl.mlp_branch(cb, h1)
+
+    def fwd_bwd(fn):
+        def run():
+            with env.autocast():
+                y = fn(x)
+            y.float().sum().backward()
+            x.grad = None
+        return run
+
+    fns = {"timm block": fwd_bwd(tb), "open_clip block (nn.MultiheadAttention)": fwd_bwd(cb),
+           "open_clip block, direct attention (prototype)": fwd_bwd(clip_direct)}
+    with torch.no_grad():
+        diff = float((cb(x) - clip_direct(x)).abs().max())
+    times = C.time_interleaved(fns, cfg.ratio_rounds + 2, cfg.warmup, env)
+    ref = "timm block"
+    rows = [{"name": n, "ms": 1000 * C.median(t), "vs_timm": C.paired_ratio(t, times[ref])} for n, t in times.items()]
+    for r in rows:
+        log(f"  {r['name']}: {r['ms']:.1f} ms fwd+bwd (x{r['vs_timm']['median']:.2f} of timm)")
+    return {"batch": 2 * cfg.ratio_batch, "tokens": 207, "rows": rows, "max_abs_diff": diff}
 
 
 def _fake_cache(n: int, num_classes: int, visual_dim: int, vl_dim: int, full: bool, seed: int) -> dict[str, torch.Tensor]:
@@ -224,7 +309,7 @@ def _bench_phase3_steps(phase3, env: C.Env, cfg: ModelConfig, log) -> list[dict[
     return rows
 
 
-def _bench_phase3_epoch(phase3, env: C.Env, cfg: ModelConfig, log) -> dict[str, Any]:
+def _bench_phase3_epoch(phase3, env: C.Env, cfg: ModelConfig, log, batch: int = 64) -> dict[str, Any]:
     """One scorer epoch through Lightning's real loop (index-only batches, cached-row gather,
     logging, AdamW), on ``phase3_epoch_samples`` cached samples; per-sample cost reported."""
     import lightning as L
@@ -258,7 +343,7 @@ def _bench_phase3_epoch(phase3, env: C.Env, cfg: ModelConfig, log) -> dict[str, 
             env.sync()
             self.seconds = time.perf_counter() - self.t0
 
-    dm = LongTailDataModule(CachedOnlySource(), batch_size=64, sampling="class_aware", num_workers=4,
+    dm = LongTailDataModule(CachedOnlySource(), batch_size=batch, sampling="class_aware", num_workers=4,
                             verify_files=False)
     timer = EpochTimer()
     trainer = L.Trainer(accelerator=env.device.type, devices=1, max_epochs=1, limit_val_batches=0, logger=False,
@@ -267,8 +352,9 @@ def _bench_phase3_epoch(phase3, env: C.Env, cfg: ModelConfig, log) -> dict[str, 
                         callbacks=[timer], default_root_dir=str(C.scratch_dir()), num_sanity_val_steps=0)
     trainer.fit(phase3, datamodule=dm)
     per_sample = timer.seconds / n
-    log(f"  phase3 epoch through Lightning: {timer.seconds:.2f} s for {n:,} samples ({1e6 * per_sample:.1f} us/sample)")
-    return {"samples": n, "batch": 64, "epoch_s": timer.seconds, "s_per_sample": per_sample}
+    log(f"  phase3 epoch through Lightning, batch {batch}: {timer.seconds:.2f} s for {n:,} samples "
+        f"({1e6 * per_sample:.1f} us/sample)")
+    return {"samples": n, "batch": batch, "epoch_s": timer.seconds, "s_per_sample": per_sample}
 
 
 def _bench_cost_growth(env: C.Env, cfg: ModelConfig, log) -> list[dict[str, Any]]:
@@ -318,12 +404,17 @@ def run(env: C.Env, quick: bool, log=print, experts: tuple[str, ...] = ("visual"
     log("matmul peak ...")
     res["matmul_peak"] = C.matmul_peak(env, quick)
     log(f"  {res['matmul_peak']['flops_per_s'] / 1e9:.1f} GFLOP/s ({res['matmul_peak']})")
+    from benchmarks.prototypes import check_exactness
+
+    res["prototype_exactness"] = check_exactness()
+    log(f"prototype exactness (small experts, logits and gradients): {res['prototype_exactness']}")
     checkpoints = {}
     for kind in experts:
         log(f"phase 1, {kind} expert (ViT-B/16 shapes, random weights) ...")
         p1 = C.build_phase1(kind, counts)
         res["trainable"][f"phase1 {kind}"] = p1.parameter_report()
         res["train"] += _bench_train(p1, env, cfg, "phase1", kind, log)
+        res.setdefault("prototype_phase1", []).append(_oom_guard(lambda: _bench_fast_phase1(p1, env, cfg, kind, log)))
         p1.cpu()
         ckpt1 = C.save_phase_checkpoint(p1, scratch / f"phase1_{kind}.ckpt")
         del p1
@@ -342,11 +433,16 @@ def run(env: C.Env, quick: bool, log=print, experts: tuple[str, ...] = ("visual"
         p3 = C.build_phase3(checkpoints["visual"], checkpoints["vl"], counts)
         p3.scorer.w_base.fill_(0.5)
         res["inference"] = _bench_inference(p3, env, cfg, log)
-        res["phase3_steps"] = _bench_phase3_steps(p3, env, cfg, log)
-        res["phase3_epoch"] = _bench_phase3_epoch(p3, env, cfg, log)
+        res["attention_paths"] = _bench_attention_paths(p3, env, cfg, log)
+        with C.small_op_threads(env):
+            res["phase3_steps"] = _bench_phase3_steps(p3, env, cfg, log)
+            res["phase3_epoch"] = _bench_phase3_epoch(p3, env, cfg, log)  # the configs' batch (64)
+            res["phase3_epoch_large_batch"] = _bench_phase3_epoch(p3, env, cfg, log, batch=1024)
         del p3
         _free()
     log("head + loss cost growth ...")
-    res["cost_growth"] = _bench_cost_growth(env, cfg, log)
+    with C.small_op_threads(env):
+        res["cost_growth"] = _bench_cost_growth(env, cfg, log)
+    res["small_op_threads"] = 1 if not env.is_cuda else None
     res["seconds"] = time.perf_counter() - t0
     return res

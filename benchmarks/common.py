@@ -253,16 +253,41 @@ def _cpu_flash_attention_backward_flops(grad_out_shape, query_shape, key_shape, 
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
+def _native_mha_flops(query_shape, key_shape, value_shape, embed_dim, num_head, *args, out_shape=None,
+                      **kwargs) -> int:
+    """nn.MultiheadAttention's fused fast path (open_clip towers without gradient): in-projection,
+    attention and out-projection, which the fused kernel hides from the counter."""
+    b, n, d = query_shape
+    s = key_shape[1]
+    proj = 2 * b * n * d * 3 * d + 2 * b * n * d * d
+    attention = 2 * b * n * s * d * 2
+    return proj + attention
+
+
 def flop_counter():
-    """FlopCounterMode that also counts the CPU flash-attention kernels (not in torch's table)."""
+    """FlopCounterMode that also counts the CPU flash-attention kernels and the fused
+    multi-head-attention fast path (neither is in torch's table)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     aten = torch.ops.aten
-    custom = {}
+    custom = {aten._native_multi_head_attention: _native_mha_flops}
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
         custom[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_attention_flops
         custom[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _cpu_flash_attention_backward_flops
-    return FlopCounterMode(display=False, custom_mapping=custom)
+    counter = FlopCounterMode(display=False, custom_mapping=custom)
+    # Totals only: the per-module tracker trips over views of prompt parameters taken under no_grad.
+    counter.mod_tracker = _GlobalOnly()
+    return counter
+
+
+class _GlobalOnly:
+    parents = {"Global"}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return None
 
 
 def matmul_peak(env: Env, quick: bool = False) -> dict[str, Any]:
@@ -429,6 +454,22 @@ def forward_replaced(expert, forward: Callable):
         yield
     finally:
         del expert.forward
+
+
+@contextlib.contextmanager
+def small_op_threads(env: Env):
+    """One torch thread for the small-tensor sections on the CPU: on a few cores shared with other
+    jobs, 2-thread OpenMP makes every tiny op wait for a descheduled sibling thread (we saw 10-50x
+    swings). No effect on GPU runs."""
+    if env.is_cuda:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def fmt_gib(x: float) -> str:

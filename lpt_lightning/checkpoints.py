@@ -47,16 +47,27 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
 
 
 def read_phase_metadata(checkpoint: dict[str, Any], path: str | Path) -> dict[str, Any]:
+    """The ``lpt`` metadata, after checking the checkpoint has the shape every phase relies on."""
     meta = checkpoint.get(META_KEY) if isinstance(checkpoint, dict) else None
     if not isinstance(meta, dict) or "phase" not in meta:
         raise CheckpointError(f"{path}: not an lpt_lightning phase checkpoint (no '{META_KEY}' metadata)")
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: its state_dict is missing or holds something other than tensors")
+    if not isinstance(meta.get("num_classes"), int) or meta["num_classes"] < 1:
+        raise CheckpointError(f"{path}: metadata lacks a valid num_classes")
+    if meta["phase"] in ("adapt", "group_prompt") and not isinstance(meta.get("expert"), dict):
+        raise CheckpointError(f"{path}: metadata of a '{meta['phase']}' checkpoint lacks its expert spec")
     return meta
 
 
-def expert_spec_from_dict(data: dict[str, Any]) -> ExpertSpec:
-    data = dict(data)
-    data["backbone"] = BackboneSpec(**data["backbone"])
-    return ExpertSpec(**data)
+def expert_spec_from_dict(data: dict[str, Any], path: str | Path = "checkpoint") -> ExpertSpec:
+    try:
+        data = dict(data)
+        data["backbone"] = BackboneSpec(**data["backbone"])
+        return ExpertSpec(**data)
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path}: malformed expert spec in the metadata ({exc})") from None
 
 
 def expert_from_checkpoint(checkpoint: dict[str, Any], path: str | Path, prefix: str = "expert.") -> LongTailExpert:
@@ -64,8 +75,11 @@ def expert_from_checkpoint(checkpoint: dict[str, Any], path: str | Path, prefix:
     meta = read_phase_metadata(checkpoint, path)
     if "expert" not in meta:
         raise CheckpointError(f"{path}: a '{meta['phase']}' checkpoint holds no single expert")
-    group = GroupPromptSpec(**meta["group_prompts"]) if meta.get("group_prompts") else None
-    expert = LongTailExpert(expert_spec_from_dict(meta["expert"]), meta["num_classes"], group=group)
+    try:
+        group = GroupPromptSpec(**meta["group_prompts"]) if meta.get("group_prompts") else None
+    except TypeError as exc:
+        raise CheckpointError(f"{path}: malformed group prompt spec in the metadata ({exc})") from None
+    expert = LongTailExpert(expert_spec_from_dict(meta["expert"], path), meta["num_classes"], group=group)
     release = getattr(expert.backbone, "release_text_tower", None)
     if release is not None:
         release()  # the head comes from the checkpoint

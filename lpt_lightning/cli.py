@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lpt_lightning.data import LongTailDataModule
 from lpt_lightning.errors import ConfigError
 from lpt_lightning.prediction import PredictionWriter
+from lpt_lightning.reports import SplitReport
 
 # Frozen backbones are in eval mode on purpose (no dropout / drop-path while prompts train).
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
@@ -28,8 +29,10 @@ class LPTCLI(LightningCLI):
     def defaults() -> dict[str, Any]:
         import lpt_lightning.phases  # noqa: F401  (registers the phase classes for class_path look-up)
 
+        from lpt_lightning.reports import LoggedSaveConfig
+
         return dict(model_class=L.LightningModule, datamodule_class=LongTailDataModule, subclass_mode_model=True,
-                    save_config_kwargs={"overwrite": True})
+                    save_config_callback=LoggedSaveConfig, save_config_kwargs={"overwrite": True})
 
     def add_arguments_to_parser(self, parser) -> None:
         # The dataset defines the classes; the model is never configured separately.
@@ -37,6 +40,8 @@ class LPTCLI(LightningCLI):
         parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
         # `lpt predict` writes top-k predictions (--prediction.output=preds.csv|.json, --prediction.top_k).
         parser.add_lightning_class_args(PredictionWriter, "prediction")
+        # `lpt test` writes per-class tables and plots (and sends them to W&B when configured).
+        parser.add_lightning_class_args(SplitReport, "report")
 
     def _print_results(self) -> None:
         from lpt_lightning.reports import split_table
@@ -72,6 +77,10 @@ def pipeline_main(args: list[str]) -> None:
     # Phase sections stay plain dicts: each phase's own LightningCLI parses and builds them.
     cfg = parser.parse_args(args).as_dict()
     cfg.pop("config", None)
+    if cfg.get("wandb") is not None:
+        from lpt_lightning.pipeline import WandbSpec
+
+        cfg["wandb"] = WandbSpec(**cfg["wandb"])
     run_pipeline(**cfg)
 
 

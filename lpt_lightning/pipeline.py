@@ -9,6 +9,7 @@ launcher re-executes the command line), with a barrier after each hand-over file
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,26 @@ PHASE_CLASSES = {
     "phase3": "lpt_lightning.phases.MoEScorerPhase",
 }
 PHASE_KEYS = {"trainer", "data", "model", "visual", "vl"}
+
+
+@dataclass
+class WandbSpec:
+    """Weights & Biases logging of every phase (beside the CSV logs).
+
+    Runs of one pipeline share a ``group`` (default: the run directory's name), each phase is a
+    ``job_type``; the run id is derived from the run directory and the phase, so a requeued or
+    resumed phase keeps appending to the same W&B run.
+    """
+
+    project: str = "lpt_lightning"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] | None = None
+    offline: bool = False
+
+
+def wandb_run_id(run_dir: Path, phase: str) -> str:
+    return hashlib.sha1(f"{run_dir.resolve()}|{phase}".encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -66,7 +87,7 @@ def _section(name: str, section: dict[str, Any] | None) -> dict[str, Any]:
 
 def plan(run_dir: str, data: dict[str, Any], trainer: dict[str, Any] | None, experts: list[str],
          phase1: dict[str, Any] | None, phase2: dict[str, Any] | None, phase3: dict[str, Any] | None,
-         mixture: bool, seed_everything: int) -> list[PhaseRun]:
+         mixture: bool, seed_everything: int, wandb: WandbSpec | None = None) -> list[PhaseRun]:
     """The phase runs and their composed LightningCLI configs, in execution order."""
     if not experts or len(set(experts)) != len(experts) or not set(experts) <= {"visual", "vl"}:
         raise ConfigError(f"pipeline experts={experts}: choose 'visual', 'vl' or both, each once")
@@ -87,8 +108,18 @@ def plan(run_dir: str, data: dict[str, Any], trainer: dict[str, Any] | None, exp
                                         "save_top_k": 1}})
         phase_trainer["callbacks"] = callbacks
         phase_trainer["default_root_dir"] = str(directory)
-        phase_trainer.setdefault("logger", {"class_path": "lightning.pytorch.loggers.CSVLogger",
-                                            "init_args": {"save_dir": str(directory), "name": "logs"}})
+        if "logger" not in phase_trainer:
+            loggers = [{"class_path": "lightning.pytorch.loggers.CSVLogger",
+                        "init_args": {"save_dir": str(directory), "name": "logs"}}]
+            if wandb is not None:
+                loggers.append({
+                    "class_path": "lightning.pytorch.loggers.WandbLogger",
+                    "init_args": {"project": wandb.project, "name": f"{root.name}/{name}", "save_dir": str(directory),
+                                  "id": wandb_run_id(root, name), "offline": wandb.offline},
+                    "dict_kwargs": {"group": wandb.group or root.name, "job_type": name, "tags": wandb.tags,
+                                    "entity": wandb.entity, "resume": "allow"},
+                })
+            phase_trainer["logger"] = loggers
         init_args = merge(merge(section.get("model") or {}, section.get(expert) if expert else None), model_args)
         config = {
             "seed_everything": seed_everything,
@@ -135,17 +166,33 @@ def _validate_configs(runs: list[PhaseRun]) -> None:
             raise ConfigError(f"pipeline phase {run.name}: {exc}") from None
 
 
+def resume_checkpoint(run: PhaseRun) -> Path | None:
+    """The newest readable checkpoint of an interrupted phase: the epoch checkpoint
+    (``checkpoints/last.ckpt``) or a mid-epoch one Lightning wrote on SLURM's pre-emption signal
+    (``hpc_ckpt_N.ckpt``). An unreadable one is reported and passed over."""
+    candidates = [run.last_checkpoint, *run.directory.glob("hpc_ckpt_*.ckpt")]
+    existing = sorted((p for p in candidates if p.is_file()), key=lambda p: p.stat().st_mtime, reverse=True)
+    for path in existing:
+        try:
+            load_checkpoint_file(path)
+            return path
+        except CheckpointError as exc:
+            rank_zero_info(f"{run.name}: {exc}; trying an older checkpoint")
+    return None
+
+
 def run_phase(run: PhaseRun, test: bool) -> None:
     from lpt_lightning.cli import LPTCLI
 
     args = ["--config", str(run.directory / "config.yaml")]
-    if run.last_checkpoint.is_file():
-        rank_zero_info(f"{run.name}: resuming from {run.last_checkpoint}")
-        args += ["--ckpt_path", str(run.last_checkpoint)]
+    resume = resume_checkpoint(run)
+    if resume is not None:
+        rank_zero_info(f"{run.name}: resuming from {resume}")
+        args += ["--ckpt_path", str(resume)]
     cli = LPTCLI(args=["fit", *args], **LPTCLI.defaults())
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
     if trainer.interrupted:
-        raise SystemExit(f"{run.name}: interrupted; rerun the pipeline to resume from {run.last_checkpoint}")
+        raise SystemExit(f"{run.name}: interrupted; rerun the pipeline to resume from its last checkpoint")
     # Hand-over file: written under a temporary name, then renamed (never half-written).
     tmp = run.final_checkpoint.with_name(".final.ckpt.tmp")
     trainer.save_checkpoint(tmp, weights_only=False)
@@ -175,6 +222,9 @@ def run_pipeline(
     mixture: bool = True,
     test: bool = True,
     seed_everything: int = 0,
+    devices: int | str | None = None,
+    num_nodes: int | None = None,
+    wandb: WandbSpec | None = None,
 ) -> list[PhaseRun]:
     """Run LPT++ end to end.
 
@@ -190,9 +240,17 @@ def run_pipeline(
         mixture: run phase 3 (needs both experts); false = LPT mode.
         test: evaluate each phase on the test split after training.
         seed_everything: global seed of every phase.
+        devices: overrides ``trainer.devices`` of every phase (e.g. from a SLURM script).
+        num_nodes: overrides ``trainer.num_nodes`` of every phase.
+        wandb: log every phase to Weights & Biases as well.
     """
+    trainer = dict(trainer or {})
+    if devices is not None:
+        trainer["devices"] = devices
+    if num_nodes is not None:
+        trainer["num_nodes"] = num_nodes
     runs = plan(run_dir, data, trainer, list(experts or ["visual", "vl"]), phase1, phase2, phase3, mixture,
-                seed_everything)
+                seed_everything, wandb)
     _validate_configs(runs)
     for run in runs:
         if finished(run):

@@ -1,15 +1,20 @@
-"""Per-phase result files: metrics.json and a plot of per-class accuracy against training count."""
+"""Result reports: metrics.json, per-class tables and plots of accuracy against training count,
+to files beside the logs and to Weights & Biases when a WandbLogger is attached."""
 from __future__ import annotations
 
+import csv
 import json
 import math
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch import Callback
+from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
 
 from lpt_lightning.checkpoints import atomic_save
-from lpt_lightning.metrics import format_split_table
+from lpt_lightning.metrics import format_split_table, shot_groups
 
 SPLIT_KEYS = ("acc", "acc_many", "acc_medium", "acc_few")
 
@@ -68,3 +73,62 @@ def plot_per_class_accuracy(path: Path, results: dict[str, dict[str, Any]], clas
 
 def split_table(results: dict[str, dict[str, Any]]) -> str:
     return format_split_table({row: {k: v[k] for k in SPLIT_KEYS} for row, v in results.items()})
+
+
+def per_class_rows(results: dict[str, dict[str, Any]], class_counts: torch.Tensor, class_names: list[str] | None,
+                   convention: str) -> tuple[list[str], list[list[Any]]]:
+    """One row per class: index, name, training count, group, then the accuracy of every result row."""
+    groups = shot_groups(class_counts, convention)
+    group_of = ["many" if groups["many"][c] else "medium" if groups["medium"][c] else "few"
+                for c in range(len(class_counts))]
+    columns = ["class", "name", "train_count", "group", *[f"acc[{row}]" for row in results]]
+    rows = []
+    for c, count in enumerate(class_counts.tolist()):
+        accs = [_finite(float(v["per_class"][c])) for v in results.values()]
+        rows.append([c, class_names[c] if class_names else str(c), int(count), group_of[c], *accs])
+    return columns, rows
+
+
+class SplitReport(Callback):
+    """After ``lpt test``: the per-class table (CSV) and the accuracy-versus-training-count plot
+    (PNG) beside the logs; with a WandbLogger also a W&B table, the plot and, for phase 3, the
+    comparison of each expert, W_base fusion and the full scorer."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        results = {k: v for k, v in getattr(pl_module, "results", {}).items() if k.startswith("test")}
+        if not (self.enabled and results):
+            return
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir)  # a collective: every rank asks
+        if not trainer.is_global_zero:
+            return
+        counts = pl_module.class_counts.cpu()
+        columns, rows = per_class_rows(results, counts, pl_module.class_names, pl_module.split_convention)
+        table_path, plot_path = out_dir / "per_class_test.csv", out_dir / "per_class_accuracy_test.png"
+
+        def write_table(tmp: Path) -> None:
+            with open(tmp, "w", newline="") as f:
+                csv.writer(f).writerows([columns, *rows])
+
+        atomic_save(write_table, table_path)
+        plot_per_class_accuracy(plot_path, results, counts, f"{type(pl_module).__name__}: per-class test accuracy")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_table(key="test/per_class", columns=columns, data=rows)
+                logger.log_image(key="test/per_class_accuracy", images=[str(plot_path)])
+                summary = [[row, *(_finite(v[k]) for k in SPLIT_KEYS)] for row, v in results.items()]
+                logger.log_table(key="test/split_accuracy", columns=["row", "overall", "many", "medium", "few"],
+                                 data=summary)
+
+
+class LoggedSaveConfig(SaveConfigCallback):
+    """Saves config.yaml beside the logs (Lightning's behaviour) and sends the resolved config to
+    the experiment loggers (W&B shows it as the run's config)."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        config = self.config.as_dict() if hasattr(self.config, "as_dict") else dict(self.config)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_hyperparams(config)

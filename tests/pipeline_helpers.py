@@ -11,3 +11,22 @@ class CrashAt(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.current_epoch == self.epoch and batch_idx == self.batch:
             raise RuntimeError("simulated node failure")
+
+
+class SlurmPreemption(L.Callback):
+    """What SLURM does near the time limit: SIGUSR1 (Lightning checkpoints and requeues), then a
+    kill a few batches later, before the epoch ends."""
+
+    def __init__(self, epoch: int = 1, signal_batch: int = 1, kill_batch: int = 3):
+        self.epoch, self.signal_batch, self.kill_batch = epoch, signal_batch, kill_batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        import os
+        import signal
+
+        if trainer.current_epoch != self.epoch:
+            return
+        if batch_idx == self.signal_batch:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        if batch_idx == self.kill_batch:
+            raise RuntimeError("killed at the time limit")

@@ -70,7 +70,8 @@ def test_config_validates(path):
     assert {"trainer", "model", "data"} <= set(raw), f"{path}: not a LightningCLI config"
     cfg = parse_config(path)
     model = cfg["model"]
-    assert model["class_path"] in ("lpt_lightning.phases.AdaptPhase", "lpt_lightning.phases.GroupPromptPhase")
+    assert model["class_path"] in ("lpt_lightning.phases.AdaptPhase", "lpt_lightning.phases.GroupPromptPhase",
+                                   "lpt_lightning.phases.MoEScorerPhase")
     assert cfg["data"]["source"]["class_path"].startswith("lpt_lightning.data.")
     # Every run writes under its own runs/<dataset>/<phase>_<expert> directory.
     root = cfg["trainer"]["default_root_dir"]

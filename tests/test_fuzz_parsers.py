@@ -25,7 +25,7 @@ from lpt_lightning.data import AnnotationListSource, FashionMNISTSource, INatJso
 from lpt_lightning.data.sources import FASHION_MNIST_CLASSES, DatasetSplits
 from lpt_lightning.errors import DataFormatError, LPTError
 
-FUZZ = settings(max_examples=120, deadline=None, derandomize=True, database=None,
+FUZZ = settings(max_examples=100, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
                                        HealthCheck.data_too_large])
 
@@ -145,8 +145,7 @@ class TestAnnotationList:
                 return
             check_consistent(splits)
             assert all(item.startswith(str(root)) for item in splits.train.items)
-            lines = [ln for ln in train.decode("utf-8").splitlines() if ln.strip()]
-            assert len(splits.train) <= len(lines)
+            assert len(splits.train) == sum(1 for ln in io_lines(train) if ln.strip())  # one item per line
             if names is not None:
                 n_names = sum(1 for ln in io_lines(names) if ln.strip())
                 assert splits.num_classes == n_names
@@ -287,9 +286,8 @@ def idx_file(draw):
     if flaw == "magic":
         code = draw(st.sampled_from([0x00, 0x07, 0x0A, 0x0F, 0xFF]))
     ndim = draw(st.integers(0, 255) if flaw == "ndim" else st.integers(0, 4))
-    big = st.sampled_from([2**16, 2**31, 2**32 - 1])
-    dims = draw(st.lists(st.integers(0, 4) | big if flaw == "huge" else st.integers(0, 4), min_size=ndim,
-                         max_size=ndim))
+    dim = st.sampled_from([0, 1, 2**16, 2**31, 2**32 - 1]) if flaw == "huge" else st.integers(0, 4)
+    dims = draw(st.lists(dim, min_size=ndim, max_size=ndim))
     header = bytes([0, 0, code, ndim]) + struct.pack(f">{ndim}I", *dims)
     itemsize = np.dtype(_DTYPE_CODES.get(code, np.uint8)).itemsize
     need = math.prod(dims) * itemsize

@@ -46,7 +46,7 @@ class GroupPromptPhase(ExpertPhase):
         if meta["num_classes"] != num_classes:
             raise ConfigError(f"model.phase1_checkpoint={phase1_checkpoint}: trained for {meta['num_classes']} "
                               f"classes, but the data has {num_classes}")
-        saved_spec = expert_spec_from_dict(meta["expert"])
+        saved_spec = expert_spec_from_dict(meta["expert"], phase1_checkpoint)
         if expert is not None and asdict(expert) != asdict(saved_spec):
             diff = [k for k, v in asdict(expert).items() if asdict(saved_spec)[k] != v]
             raise ConfigError(f"model.expert differs from the expert of {phase1_checkpoint} in {diff} "

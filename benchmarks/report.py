@@ -1,0 +1,583 @@
+"""Render docs/benchmarks.md from benchmarks/results/bench_*.json."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+# Reference GPU peaks (dense bf16, vendor data sheets) for the *estimates* of how fast a GPU would
+# consume images; a --device cuda run replaces them with measurements.
+GPU_PEAKS = {"A100 (312 TFLOP/s bf16)": 312e12, "H100 SXM (989 TFLOP/s bf16)": 989e12}
+ASSUMED_GPU_MFU = 0.40
+PHASE_NAMES = {"phase1": "phase 1", "phase2": "phase 2", "phase3": "phase 3"}
+EXPERT_NAMES = {"visual": "visual (timm ViT-B/16)", "vl": "VL (CLIP ViT-B/16)", "scorer": "MoE scorer"}
+
+
+def _f(x: float | None, nd: int = 2) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return f"{x:,.{nd}f}"
+
+
+def _ok(value: float, target: float) -> str:
+    return "yes" if value <= target else "**no**"
+
+
+def _load(results: Path) -> list[dict[str, Any]]:
+    """Full runs per device; a quick run only where no full run of that device exists."""
+    runs = {}
+    for path in sorted(results.glob("bench_*.json")):
+        data = json.loads(path.read_text())
+        device = path.stem.replace("bench_", "").replace("_quick", "")
+        if device not in runs or (runs[device]["quick"] and not data.get("quick")):
+            runs[device] = data
+    return [runs[d] for d in sorted(runs, key=lambda d: d != "cpu")]
+
+
+def _train_rows(model: dict[str, Any], phase: str, expert: str) -> list[dict[str, Any]]:
+    return [r for r in model["train"] if r["phase"] == phase and r["expert"] == expert and not r.get("oom")]
+
+
+def _largest(model: dict[str, Any], phase: str, expert: str) -> dict[str, Any] | None:
+    rows = _train_rows(model, phase, expert)
+    return max(rows, key=lambda r: r["batch_per_stream"]) if rows else None
+
+
+def _inference(model: dict[str, Any], name_start: str) -> dict[str, Any] | None:
+    for row in model.get("inference", {}).get("rows", []):
+        if row["name"].startswith(name_start):
+            return row
+    return None
+
+
+def _phase2_epoch_s_per_sample(model: dict[str, Any], expert: str) -> float | None:
+    """A dual-sampling epoch has N/B steps of 2B images: seconds per training sample = t(B) / B."""
+    row = _largest(model, "phase2", expert)
+    return row["step_s"] / row["batch_per_stream"] if row else None
+
+
+def _data_rate(data: dict[str, Any], size: str, start: str) -> float | None:
+    for name, r in data.get("per_worker", {}).get(size, {}).items():
+        if name.startswith(start):
+            return r["images_per_s"]
+    return None
+
+
+def summary(run: dict[str, Any]) -> list[str]:
+    model, lines = run.get("model"), []
+    if not model:
+        return lines
+    lines += ["| figure | naive / limit | target | measured | met |", "| --- | --- | --- | --- | --- |"]
+    for pr in model.get("prefix_reuse", []):
+        if pr:
+            r = pr["ratio"]
+            lines.append(f"| phase-2 step, prefix reuse / two-pass, {EXPERT_NAMES[pr['expert']]} | 1.0 / FLOP ratio "
+                         f"{pr['flop_ratio']:.3f} | <= 0.82 | {r['median']:.3f} (rounds {r['min']:.3f}-{r['max']:.3f}) "
+                         f"| {_ok(r['median'], 0.82)} |")
+    lpp = _inference(model, "LPT++ mixture, prefix reuse")
+    lpt = _inference(model, "LPT, prefix reuse")
+    if lpp:
+        m = lpp["multiple"]
+        lines.append(f"| LPT++ inference per image, x one plain ViT-B/16 forward | 4.0 / FLOPs x{lpp['flop_multiple']:.2f} "
+                     f"| <= 3.2 | {m['median']:.2f} (rounds {m['min']:.2f}-{m['max']:.2f}) | {_ok(m['median'], 3.2)} |")
+    if lpt:
+        m = lpt["multiple"]
+        lines.append(f"| LPT inference per image, x one plain ViT-B/16 forward | 2.0 / FLOPs x{lpt['flop_multiple']:.2f} "
+                     f"| <= 1.65 | {m['median']:.2f} (rounds {m['min']:.2f}-{m['max']:.2f}) | {_ok(m['median'], 1.65)} |")
+    for name, naive, target in (("LPT++ mixture, prototype fix", 4.0, 3.2), ("LPT, prototype fix", 2.0, 1.65)):
+        row = _inference(model, name)
+        if row:
+            m = row["multiple"]
+            label = "LPT++" if name.startswith("LPT++") else "LPT"
+            lines.append(f"| {label} inference, **with the proposed fix** (prototype, see below) | {naive} / FLOPs "
+                         f"x{row['flop_multiple']:.2f} | <= {target} | {m['median']:.2f} (rounds {m['min']:.2f}-{m['max']:.2f}) "
+                         f"| {_ok(m['median'], target)} |")
+    peak = model["matmul_peak"]["flops_per_s"]
+    for expert in ("visual", "vl"):
+        row = _largest(model, "phase1", expert)
+        if row:
+            lines.append(f"| phase-1 MFU, {EXPERT_NAMES[expert]}, B = {row['batch_per_stream']} x 2 | - | - | "
+                         f"{100 * row['achieved_flops_per_s'] / peak:.0f}% of the measured matmul peak | - |")
+    share = scorer_share(model)
+    if share:
+        lines.append(f"| phase-3 scorer epoch / one phase-2 epoch (visual expert), this machine | - | < 2% | "
+                     f"{100 * share['this_machine']:.4f}% | {_ok(share['this_machine'], 0.02)} |")
+        big = model.get("phase3_epoch_large_batch")
+        for gpu, value in share["gpu_estimates"].items():
+            lines.append(f"| same, **estimate** for {gpu} at {ASSUMED_GPU_MFU:.0%} MFU, scorer batch 64 (see phase 3) | - | < 2% | "
+                         f"~{100 * value:.1f}% | {_ok(value, 0.02)} |")
+            if big:
+                v = value * big["s_per_sample"] / model["phase3_epoch"]["s_per_sample"]
+                lines.append(f"| same, **estimate** for {gpu}, scorer batch {big['batch']} | - | < 2% | ~{100 * v:.2f}% | {_ok(v, 0.02)} |")
+    return lines + [""]
+
+
+def scorer_share(model: dict[str, Any]) -> dict[str, Any] | None:
+    epoch, p2 = model.get("phase3_epoch"), _largest(model, "phase2", "visual")
+    if not epoch or not p2:
+        return None
+    per_sample_p2 = p2["step_s"] / p2["batch_per_stream"]
+    flops_per_sample = p2["flops_per_step"] / p2["batch_per_stream"]
+    est = {gpu: epoch["s_per_sample"] / (flops_per_sample / (peak * ASSUMED_GPU_MFU)) for gpu, peak in GPU_PEAKS.items()}
+    return {"this_machine": epoch["s_per_sample"] / per_sample_p2, "gpu_estimates": est,
+            "phase2_s_per_sample": per_sample_p2, "phase2_flops_per_sample": flops_per_sample}
+
+
+def training_section(model: dict[str, Any], precision: str) -> list[str]:
+    peak = model["matmul_peak"]["flops_per_s"]
+    lines = [
+        "### Training steps",
+        "",
+        f"One optimisation step through the phase's own `training_step` ({precision}): both dual-sampling "
+        "streams (B class-balanced + B instance-balanced images, one concatenated forward), A-GCL per stream "
+        "(+ 0.5 x matching loss in phase 2), backward, SGD over the trainable parameters only. Phase 1 trains "
+        "shared prompt + adapters + head; phase 2 (a real `GroupPromptPhase` loaded from the phase-1 "
+        "checkpoint) trains group pool + keys + head, with prefix reuse. Head: 365 classes (Places-LT). "
+        "Step time: median over rounds after warm-up (min-max in brackets). Peak memory: tensor bytes "
+        "(`torch.cuda.max_memory_allocated` on GPU; on CPU a dispatch-mode tracker of live tensor storage), "
+        "including the frozen weights. MFU: FLOPs counted by `torch.utils.flop_counter` (matmuls and "
+        "attention, forward + backward) per second, over the measured matmul peak.",
+        "",
+        "| phase | expert | B per stream | images/step | step (s) | images/s | peak memory (GiB) | above weights (GiB) | GFLOP/step | MFU |",
+        "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in model["train"]:
+        if r.get("oom"):
+            lines.append(f"| {PHASE_NAMES[r['phase']]} | {EXPERT_NAMES[r['expert']]} | {r['batch_per_stream']} | | OOM | | | | | |")
+            continue
+        lines.append(
+            f"| {PHASE_NAMES[r['phase']]} | {EXPERT_NAMES[r['expert']]} | {r['batch_per_stream']} | {r['images_per_step']} "
+            f"| {_f(r['step_s'], 3)} ({_f(r['step_s_min'], 3)}-{_f(r['step_s_max'], 3)}) | {_f(r['images_per_s'], 2)} "
+            f"| {_f(r['peak_gib'])} | {_f(r['above_baseline_gib'])} | {r['flops_per_step'] / 1e9:,.0f} "
+            f"| {100 * r['achieved_flops_per_s'] / peak:.0f}% |")
+    for r in model.get("phase3_steps", []):
+        lines.append(
+            f"| phase 3 | {EXPERT_NAMES['scorer']} (cached outputs) | {r['batch']} | {r['batch']} "
+            f"| {_f(1000 * r['step_s'], 2)} ms ({_f(1000 * r['step_s_min'], 2)}-{_f(1000 * r['step_s_max'], 2)}) "
+            f"| {_f(r['images_per_s'], 0)} | {_f(r['peak_gib'])} | {_f(r['above_baseline_gib'], 4)} | - | - |")
+    lines += ["", "Phase 3's peak memory includes its cached training tensors (62,500 samples); "
+              "\"above weights\" is what a step adds on top.", "", "Trainable parameters:", ""]
+    lines += [f"- {v}" for v in model.get("trainable", {}).values()]
+    return lines + [""]
+
+
+def prefix_section(model: dict[str, Any]) -> list[str]:
+    lines = [
+        "### Prefix reuse versus the plain two-pass computation (phase 2)",
+        "",
+        "Same `GroupPromptPhase.training_step`, same batch, timed alternately in one process: with the "
+        "library's prefix reuse (blocks 1..K once, then the query branch without gradient and the "
+        "classification branch with the group prompts), and with `LongTailExpert.forward` swapped for the "
+        "plain two-pass computation (a full query pass, then a full classification pass from the embedding). "
+        "The ratio is the median of per-round ratios. The FLOP ratio is the exact limit for this workload "
+        "(the backward through blocks K+1..12 is common to both, which is why it is above 0.75).",
+        "",
+        "| expert | B per stream | prefix reuse (s) | two-pass (s) | time ratio (median, min-max) | FLOP ratio | max abs logit difference |",
+        "| --- | ---: | ---: | ---: | --- | ---: | ---: |",
+    ]
+    for pr in model.get("prefix_reuse", []):
+        if not pr:
+            continue
+        r = pr["ratio"]
+        lines.append(f"| {EXPERT_NAMES[pr['expert']]} | {pr['batch_per_stream']} | {_f(pr['prefix_reuse_s'], 3)} | "
+                     f"{_f(pr['two_pass_s'], 3)} | {r['median']:.3f} ({r['min']:.3f}-{r['max']:.3f}, {r['rounds']} rounds) | "
+                     f"{pr['flop_ratio']:.3f} | {pr['max_abs_logit_diff']:.1e} |")
+    return lines + [""]
+
+
+def inference_section(model: dict[str, Any]) -> list[str]:
+    inf = model.get("inference")
+    if not inf:
+        return []
+    lines = [
+        "### Inference cost per image",
+        "",
+        f"Eval mode, `torch.inference_mode`, batch {inf['batch']}, all candidates timed alternately; "
+        "multiple = median of per-round ratios to one plain timm ViT-B/16 forward of the same batch. "
+        "LPT = the visual expert without adapters (prefix reuse: 1.5 passes); LPT++ = "
+        "`MoEScorerPhase.forward` (both experts with prefix reuse + scorer). The naive method runs two "
+        "full passes per expert (2.0 and 4.0). The FLOP multiple shows what the 10 shared + 10 group "
+        "prompt tokens add (about 5-10% more tokens per block).",
+        "",
+        "| model | ms per image | multiple of plain ViT-B/16 (median, min-max) | FLOP multiple | GFLOP per image |",
+        "| --- | ---: | --- | ---: | ---: |",
+    ]
+    for r in inf["rows"]:
+        m = r["multiple"]
+        lines.append(f"| {r['name']} | {_f(r['ms_per_image'], 1)} | {m['median']:.2f} ({m['min']:.2f}-{m['max']:.2f}) | "
+                     f"{r['flop_multiple']:.2f} | {r['gflops_per_image']:.1f} |")
+    return lines + [""]
+
+
+def mfu_section(model: dict[str, Any], machine: dict[str, Any]) -> list[str]:
+    mp = model["matmul_peak"]
+    lines = [
+        "### Model FLOP utilisation (phase 1)",
+        "",
+        f"Measured matmul peak: {mp['flops_per_s'] / 1e9:,.1f} GFLOP/s ({mp['dtype']}, best of square "
+        f"matmuls up to n = {mp['n']}, {machine.get('torch_threads')} threads). Phase-1 MFU = counted FLOPs per "
+        "step / median step time / that peak:",
+        "",
+        "| expert | B per stream | GFLOP/step | achieved GFLOP/s | MFU |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for r in model["train"]:
+        if r["phase"] == "phase1" and not r.get("oom"):
+            lines.append(f"| {EXPERT_NAMES[r['expert']]} | {r['batch_per_stream']} | {r['flops_per_step'] / 1e9:,.0f} | "
+                         f"{r['achieved_flops_per_s'] / 1e9:,.1f} | {100 * r['achieved_flops_per_s'] / mp['flops_per_s']:.0f}% |")
+    return lines + [""]
+
+
+def cost_section(model: dict[str, Any]) -> list[str]:
+    rows = model.get("cost_growth")
+    if not rows:
+        return []
+    p1 = _largest(model, "phase1", "visual")
+    per_image = p1["step_s"] / p1["images_per_step"] if p1 else None
+    lines = [
+        "### Cost growth of head + loss with the number of classes",
+        "",
+        f"Cosine head + A-GCL on a batch of {rows[0]['batch']} features (2 streams x 64, the configs' batch): "
+        "forward, backward into the features and the head, SGD step. Times alternate between class counts. "
+        "State = fp32 head weight + gradient + momentum."
+        + (" CPU: 1 torch thread (small tensors; see phase 3)." if model.get("small_op_threads") else "")
+        + " The last column compares with a phase-1 step of "
+        f"the same {rows[0]['batch']} images"
+        + (", extrapolated linearly from the largest measured phase-1 batch" if p1 and p1["images_per_step"] < rows[0]["batch"] else "")
+        + ".",
+        "",
+        "| classes | head + loss step (ms) | head state (MiB) | step peak above state (MiB) | share of a phase-1 step |",
+        "| ---: | --- | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        share = r["step_s"] / (per_image * r["batch"]) if per_image else None
+        lines.append(f"| {r['classes']:,} | {_f(1000 * r['step_s'], 2)} ({_f(1000 * r['step_s_min'], 2)}-{_f(1000 * r['step_s_max'], 2)}) "
+                     f"| {_f(r['state_mib'], 1)} | {_f(r['peak_above_baseline_mib'], 1)} | "
+                     f"{_f(100 * share, 2) + '%' if share is not None else 'n/a'} |")
+    first, last = rows[0], rows[-1]
+    lines += ["", f"From {first['classes']:,} to {last['classes']:,} classes ({last['classes'] / first['classes']:.1f}x) the "
+              f"head + loss step grows {last['step_s'] / first['step_s']:.1f}x in time and the head state "
+              f"{last['state_mib'] / first['state_mib']:.1f}x in memory.", ""]
+    return lines
+
+
+def phase3_section(model: dict[str, Any]) -> list[str]:
+    epoch = model.get("phase3_epoch")
+    if not epoch:
+        return []
+    share = scorer_share(model)
+    lpp = _inference(model, "LPT++ mixture, prefix reuse")
+    lines = [
+        "### Phase 3: scorer epoch on cached outputs versus recomputing them",
+        "",
+        f"A scorer epoch measured through Lightning's real loop (`MoEScorerPhase` in `Trainer.fit`, index-only "
+        f"batches of {epoch['batch']} from the class-aware sampler, cached-row gather, fused NLL, AdamW, "
+        f"logging) over {epoch['samples']:,} cached samples: {epoch['epoch_s']:.2f} s, i.e. "
+        f"{1e6 * epoch['s_per_sample']:.1f} us per training sample"
+        + (" (on the CPU the phase-3 and cost-growth sections run with 1 torch thread: with 2 OpenMP threads on 2 shared cores, tiny ops wait for a descheduled sibling thread and their times swing 10-50x)." if model.get("small_op_threads") else "."),
+        "",
+        "| per training sample | seconds | relative to a phase-2 epoch |",
+        "| --- | ---: | ---: |",
+    ]
+    if share:
+        p2 = share["phase2_s_per_sample"]
+        lines.append(f"| phase-2 epoch, visual expert (one step of 2B images per B samples) | {p2:.3g} | 100% |")
+        lines.append(f"| scorer epoch, cached outputs, batch {epoch['batch']} (the configs') | {epoch['s_per_sample']:.3g} | "
+                     f"{100 * epoch['s_per_sample'] / p2:.4f}% |")
+        big = model.get("phase3_epoch_large_batch")
+        if big:
+            lines.append(f"| scorer epoch, cached outputs, batch {big['batch']} | {big['s_per_sample']:.3g} | "
+                         f"{100 * big['s_per_sample'] / p2:.4f}% |")
+        if lpp:
+            recompute = lpp["ms_per_image"] / 1000 + epoch["s_per_sample"]
+            lines.append(f"| scorer epoch recomputing both experts' outputs (LPT++ forward per image + scorer) | "
+                         f"{recompute:.3g} | {100 * recompute / p2:.1f}% |")
+        lines += [
+            "",
+            f"Caching makes a scorer epoch {recompute / epoch['s_per_sample']:,.0f}x cheaper than recomputing the "
+            "experts' outputs (computing the cache once costs one LPT++ inference pass over the training and "
+            "held-out images)." if lpp else "",
+            "",
+            "On this CPU the phase-2 epoch is so slow that the share is tiny. The scorer epoch is bound by "
+            "per-step Python overhead (Lightning loop, sampler, collation), which a GPU host pays too while its "
+            "phase-2 epoch is hundreds of times faster. **Estimate** (not a measurement) for GPUs, taking this "
+            f"machine's per-sample scorer cost and a phase-2 step at {ASSUMED_GPU_MFU:.0%} MFU "
+            f"({share['phase2_flops_per_sample'] / 1e9:.0f} GFLOP per training sample, counted above): "
+            + ", ".join(f"{gpu}: ~{100 * v:.1f}%" for gpu, v in share["gpu_estimates"].items())
+            + (" at batch 64, and " + ", ".join(
+                f"~{100 * v * big['s_per_sample'] / epoch['s_per_sample']:.2f}%" for v in share["gpu_estimates"].values())
+               + f" at batch {big['batch']}" if big else "")
+            + ". A GPU host's CPU is faster than this shared one, so these are upper-end estimates; "
+            "a `--device cuda` run measures them.",
+        ]
+    return lines + [""]
+
+
+def data_section(run: dict[str, Any]) -> list[str]:
+    data, model = run.get("data"), run.get("model") or {}
+    if not data:
+        return []
+    kb = data["jpeg_kib"]
+    lines = [
+        "### Data loading",
+        "",
+        f"Photo-like JPEGs (natural images upscaled plus sensor-like noise, quality 90): "
+        f"{data['n_images']['256x256']} at 256x256 (pre-resized; {kb['256x256']:.1f} KiB on average) and "
+        f"{data['n_images']['800x600']} at 800x600 (iNaturalist-sized originals; {kb['800x600']:.1f} KiB), "
+        "in the page cache. Per-worker rates run `LongTailImageDataset` with the library's transforms in "
+        "one process with 1 torch thread (what a DataLoader worker uses).",
+        "",
+        "| images | pipeline | images/s per worker | ms per image |",
+        "| --- | --- | ---: | ---: |",
+    ]
+    for size, rows in data["per_worker"].items():
+        for name, r in rows.items():
+            lines.append(f"| {size} | {name} | {r['images_per_s']:.0f} | {r['ms_per_image']:.2f} |")
+    lines += ["", "DataLoader throughput (batch "
+              f"{data['loaders'][0]['batch']}, 256x256 JPEGs, train transform; this machine has "
+              f"{run['machine'].get('cpu_cores_visible')} cores):", "",
+              "| workers | variant | images/s |", "| ---: | --- | ---: |"]
+    for r in data["loaders"]:
+        lines.append(f"| {r['workers']} | {r['variant']} | {r['images_per_s']:.0f} |")
+    per_worker = _data_rate(data, "256x256", "train: decode")
+    if per_worker and model.get("train"):
+        lines += ["", "**Workers one training step needs** = images consumed per second / images per second per "
+                  f"worker ({per_worker:.0f} here, 256-px JPEGs, train transform). With dual sampling the two "
+                  "streams have one DataLoader each, so `data.num_workers` is per stream and the process count "
+                  "is 2 x num_workers (+ the main process).", "",
+                  "| step | where | images/s consumed | workers needed (total) | `data.num_workers` (per stream) |",
+                  "| --- | --- | ---: | ---: | ---: |"]
+        device = "this " + ("GPU" if run["machine"]["device"].startswith("cuda") else "CPU") + " (measured)"
+        for phase in ("phase1", "phase2"):
+            for expert in ("visual", "vl"):
+                r = _largest(model, phase, expert)
+                if not r:
+                    continue
+                need = r["images_per_s"] / per_worker
+                lines.append(f"| {PHASE_NAMES[phase]} {EXPERT_NAMES[expert]} B={r['batch_per_stream']} | {device} | "
+                             f"{r['images_per_s']:,.1f} | {need:.2f} | {max(1, math.ceil(need / 2))} |")
+        if not run["machine"]["device"].startswith("cuda"):
+            for phase in ("phase1", "phase2"):
+                r = _largest(model, phase, "visual")
+                if not r:
+                    continue
+                flops_per_image = r["flops_per_step"] / r["images_per_step"]
+                for gpu, peak in GPU_PEAKS.items():
+                    rate = peak * ASSUMED_GPU_MFU / flops_per_image
+                    need = rate / per_worker
+                    lines.append(f"| {PHASE_NAMES[phase]} visual | **estimate**: {gpu} at {ASSUMED_GPU_MFU:.0%} MFU | "
+                                 f"{rate:,.0f} | {need:.0f} | {math.ceil(need / 2)} |")
+    return lines + [""]
+
+
+FAST_PATH = """### Fast path for iNaturalist-scale data
+
+A phase-1 or phase-2 step trains only prompts, adapters, group prompts and heads, so a GPU consumes
+images several times faster than in full fine-tuning, and decoding plus augmentation, not the model,
+sets the pace (tables above: one worker decodes and augments a few hundred pre-resized 256-px JPEGs
+per second on a fast core; an H100 would consume thousands per second). For iNaturalist 2018
+(437,513 training images, originals around 800x600):
+
+1. **Pre-resize once**: shorter side 256 px (aspect kept), JPEG quality about 90. Decoding falls
+   several-fold (the 800x600 versus 256x256 rows above), files get about 6x smaller, and
+   RandomResizedCrop(224) and the test Resize(256, 256) + CenterCrop(224) see the same views.
+   For example `find train_val2018 -name '*.jpg' | parallel mogrify -resize '256x256^>' -quality 90 {}`
+   on a copy, keeping the same relative paths so the jsons still apply.
+2. **Keep the images on local disk** (NVMe or a RAM disk), not on a network file system: the
+   loader reads tens of MB/s in small random files.
+3. **Workers**: `data.num_workers` is per stream, and dual sampling has two streams, so a GPU uses
+   2 x num_workers worker processes. Size it as images/s the GPU consumes / images/s per worker / 2
+   (measure both with `python benchmarks/run_all.py --device cuda`), within the CPU cores per GPU
+   (leave one for the main process).
+4. **`data.persistent_workers: true`** so the 2 x num_workers workers (plus the validation loader's)
+   are not re-forked every epoch; `pin_memory` is on by default when CUDA is available.
+5. Check that the GPU is the bottleneck: if images/s in training is far below the step rate of
+   `benchmarks/run_all.py --device cuda`, add workers or CPU cores before anything else.
+"""
+
+
+def findings(run: dict[str, Any]) -> list[str]:
+    """Bottlenecks in lpt_lightning that the figures above expose, with before/after numbers."""
+    model, data = run.get("model") or {}, run.get("data") or {}
+    lines = ["### Bottlenecks found in our code, with before/after figures", ""]
+    # 1. compute on discarded tokens
+    if model.get("inference"):
+        lines += [
+            "**1. Compute spent on tokens whose outputs are thrown away** (`lpt_lightning/models/expert.py`, "
+            "`LongTailExpert._prompted_block` / `run_blocks`, and `FrozenViT.run_block` in "
+            "`lpt_lightning/models/backbones.py`). Every block runs the full block on [tokens; 10 shared (+10 "
+            "group) prompt tokens] and then drops the prompt positions (`[:, :n]`); and the last block of each "
+            "branch computes all 197 tokens although `pool` reads only the CLS token. Prompt tokens are only "
+            "needed as attention keys/values, and the last block only for CLS. The prototype in "
+            "`benchmarks/prototypes.py` (`fast_forward`) computes queries, out-projection, MLP and adapter only "
+            "for the kept tokens (K/V from all tokens) and keeps only CLS in the last block of each branch. "
+            "It is exact: max |logit difference| "
+            + ", ".join(f"{k} {v:.1e}" for k, v in model["inference"].get("prototype_max_abs_logit_diff", {}).items())
+            + " on the ViT-B/16 experts; on small experts of both kinds, max |difference| of logits "
+            f"{model.get('prototype_exactness', {}).get('logits', float('nan')):.1e} and of every trainable "
+            f"gradient {model.get('prototype_exactness', {}).get('grad', float('nan')):.1e}, phase-1 and phase-2 settings.",
+            "",
+            "| measurement | library (before) | prototype (after) | after / before |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for before, after, label in (("LPT, prefix reuse", "LPT, prototype fix", "LPT inference, x plain ViT-B/16"),
+                                     ("LPT++ mixture, prefix reuse", "LPT++ mixture, prototype fix",
+                                      "LPT++ inference, x plain ViT-B/16")):
+            b, a = _inference(model, before), _inference(model, after)
+            if a and b:
+                lines.append(f"| {label} (time; FLOPs) | {b['multiple']['median']:.2f}; {b['flop_multiple']:.2f} | "
+                             f"{a['multiple']['median']:.2f}; {a['flop_multiple']:.2f} | "
+                             f"{a['multiple']['median'] / b['multiple']['median']:.3f} |")
+        for r in model.get("prototype_phase1", []) or []:
+            if r:
+                lines.append(f"| phase-1 step, {EXPERT_NAMES[r['expert']]}, B = {r['batch_per_stream']} x 2 (s) | "
+                             f"{r['library_s']:.3f} | {r['prototype_s']:.3f} | {r['ratio']['median']:.3f} (paired) |")
+        for r in model.get("prefix_reuse", []) or []:
+            if r and "prototype_s" in r:
+                lines.append(f"| phase-2 step, {EXPERT_NAMES[r['expert']]}, B = {r['batch_per_stream']} x 2 (s) | "
+                             f"{r['prefix_reuse_s']:.3f} | {r['prototype_s']:.3f} | "
+                             f"{r['prototype_vs_library']['median']:.3f} (paired) |")
+                lines.append(f"| phase-2 step / plain two-pass, {EXPERT_NAMES[r['expert']]} | "
+                             f"{r['ratio']['median']:.3f} | {r['prototype_vs_two_pass']['median']:.3f} | - |")
+        ap = model.get("attention_paths")
+        if ap:
+            lines += ["", f"Part of the VL expert's gap is open_clip's attention itself when gradients flow through "
+                      "its input (phases 1 and 2): `OpenClipViT.attention_branch` calls `block.attention`, i.e. "
+                      "`nn.MultiheadAttention` with `batch_first=True`, whose general path transposes the input and "
+                      "runs the in-projection backward as `bmm` on non-contiguous tensors. One block, forward + "
+                      f"backward, {ap['batch']} x {ap['tokens']} tokens (max |output difference| of the direct "
+                      f"path {ap['max_abs_diff']:.1e}):", "",
+                      "| block | ms | x timm block (median, min-max) |", "| --- | ---: | --- |"]
+            for r in ap["rows"]:
+                v = r["vs_timm"]
+                lines.append(f"| {r['name']} | {r['ms']:.1f} | {v['median']:.2f} ({v['min']:.2f}-{v['max']:.2f}) |")
+        lines += ["",
+                  "Proposed fix: give `FrozenViT` an `attention_branch(block, h, n_queries)` that projects queries "
+                  "for the first `n_queries` tokens and keys/values for all (timm: from `attn.qkv.weight` plus "
+                  "`q_norm`/`k_norm`/`norm`/`proj`; open_clip: from `attn.in_proj_weight` and `attn.out_proj`, one "
+                  "`F.scaled_dot_product_attention` call; do not route open_clip through "
+                  "`nn.MultiheadAttention` with a query subset, which takes its slow general path), apply the MLP "
+                  "and adapter to the kept tokens only, and keep only CLS in the last block of each branch "
+                  "(`pool` reads CLS only: timm `global_pool='token'`, open_clip `pool_type='tok'`; fall back to "
+                  "all tokens for other pool types). Port `benchmarks/prototypes.py` and keep "
+                  "`tests/test_models.py::test_prefix_reuse_equals_two_pass` as the exactness test.", ""]
+    # 2. data hand-off
+    pw = data.get("per_worker", {}).get("256x256", {})
+    ours = next((r for n, r in pw.items() if n.startswith("train: decode")), None)
+    u8 = next((r for n, r in pw.items() if n.startswith("train, uint8")), None)
+    loaders = {(r["workers"], r["variant"]): r["images_per_s"] for r in data.get("loaders", [])}
+    if ours and u8:
+        l_ours, l_u8 = loaders.get((2, "ours")), loaders.get((2, "uint8 hand-off (proposed)"))
+        lines += [
+            "**2. Float32 images leave the workers** (`lpt_lightning/data/transforms.py`, "
+            "`build_train_transform` / `build_eval_transform` end in `T.ToTensor()`). Each 224x224 image is "
+            "converted and divided in the worker and crosses process boundaries and pinned memory as 602 KB "
+            "of float32 instead of 151 KB of uint8. Per worker: "
+            f"{ours['images_per_s']:.0f} images/s with `ToTensor` versus {u8['images_per_s']:.0f} with "
+            f"`PILToTensor` (x{u8['images_per_s'] / ours['images_per_s']:.2f})"
+            + (f"; through a 2-worker DataLoader {l_ours:.0f} versus {l_u8:.0f} images/s (x{l_u8 / l_ours:.2f})"
+               if l_ours and l_u8 else "")
+            + ". Proposed fix: end the transforms with `T.PILToTensor()` and divide by 255 on the device (in "
+            "`FrozenViT.normalise`, which already runs there, or in `on_after_batch_transfer`); uint8 batches "
+            "also make pinned-memory copies 4x smaller.", ""]
+    # 3. phase-3 caches at scale
+    lines += [
+        "**3. Phase-3 caches grow with classes x held-out images, are held in RAM on every rank, and the "
+        "test split is computed twice when there is no validation split** (`lpt_lightning/phases/moe_scorer.py`, "
+        "`MoEScorerPhase.outputs`; `lpt_lightning/expert_cache.py`). For val/test/held-out the cache keeps both "
+        "experts' full fp32 probability vectors (N x C x 4 B x 2), and the training cache keeps both query "
+        "features (N x (768 + 512) x 4 B). With no validation split (iNaturalist 2018, CIFAR-LT with `test_root`), "
+        "`outputs(\"val\")` resolves to the test split but is stored as `val-<key>.pt`, and `outputs(\"test\")` "
+        "computes the same outputs again into `test-<key>.pt`: one extra LPT++ inference pass over the test "
+        "set and a second copy on disk and in RAM. Sizes (computed from the formulas above, not measured):",
+        "",
+        "| dataset | classes | train queries | held-out probs | val probs | test probs | total in RAM per rank |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    gib = 2.0 ** 30
+    for name, classes, n_train, n_held, n_val, n_test, dup in (
+            ("Places-LT", 365, 62_500, 0, 7_300, 36_500, False),
+            ("ImageNet-LT", 1_000, 115_846, 0, 20_000, 50_000, False),
+            ("iNaturalist 2018", 8_142, 437_513, 8_142 * 5, 24_426, 24_426, True)):
+        train = n_train * (768 + 512) * 4 / gib
+        held = n_held * (classes * 2 + 1280) * 4 / gib
+        val = n_val * (classes * 2 + 1280) * 4 / gib
+        test = n_test * (classes * 2 + 1280) * 4 / gib
+        lines.append(f"| {name} | {classes:,} | {train:.2f} GiB | {held:.2f} GiB{' (held_out: train, 5/class)' if n_held else ' (= val)'} "
+                     f"| {val:.2f} GiB{' (a second copy of test)' if dup else ''} | {test:.2f} GiB | "
+                     f"{train + held + val + test:.2f} GiB |")
+    lines += ["",
+              "Proposed fixes: (a) in `outputs()`, alias `val` to `test` when `dm.eval_split_name(\"val\") == \"test\"` "
+              "(as `heldout` is already aliased to `val`), or name cache files by the resolved split; (b) store "
+              "cosine logits (in [-1, 1]) and queries as float16 and apply softmax(s * z) per batch (halves the "
+              "files; W_base search and the scorer see the same argmax up to rounding); (c) load caches with "
+              "`torch.load(..., mmap=True)` so DDP ranks on a node share one copy through the page cache.", ""]
+    # 4. phase-3 per-sample overhead
+    epoch = model.get("phase3_epoch")
+    steps = model.get("phase3_steps") or []
+    if epoch and steps:
+        bare = next((r for r in steps if r["batch"] == epoch["batch"]), steps[0])
+        lines += [
+            "**4. A scorer epoch is per-sample Python overhead, not compute** (`MoEScorerPhase` training loop). "
+            f"The bare `training_step` + AdamW takes {1e6 * bare['step_s'] / bare['batch']:.1f} us per sample at batch "
+            f"{bare['batch']}, the full Lightning epoch {1e6 * epoch['s_per_sample']:.1f} us per sample: the rest "
+            "is the index-only `LongTailImageDataset.__getitem__` (a dict and a tensor per sample), "
+            "`default_collate`, the class-aware sampler, two `self.log` calls and the loop itself, at 64 "
+            "samples per step. It is far below 2% of a phase-2 epoch on this machine; on a fast GPU it is the "
+            "part of phase 3 that does not shrink (estimate in the summary). If it matters: train the scorer "
+            "with a larger batch (`phase3.data.batch_size`, e.g. 1024: the cached rows make that free) or "
+            "iterate index tensors directly (a batch sampler yielding index tensors, no per-sample dataset "
+            "calls).", ""]
+    lines += [
+        "**Not measured here (GPU only):** `ExpertPhase.training_step` ends with "
+        "`if not torch.isfinite(total)` (`lpt_lightning/phases/base.py`), a device-to-host synchronisation "
+        "every step that stops the CPU from queueing the backward while the forward runs. It costs nothing "
+        "on the CPU; on a GPU check it with `--device cuda` (or the PyTorch profiler) and, if visible, check "
+        "finiteness every N steps or after `optimizer.step` on a detached copy.", ""]
+    return lines
+
+
+def render(results: Path) -> str:
+    runs = _load(results)
+    lines = [
+        "# Benchmarks",
+        "",
+        "Speed and memory of `lpt_lightning` with the real ViT-B/16 shapes: timm `vit_base_patch16_224` "
+        "(the architecture of `augreg_in21k`) and the open_clip `ViT-B-16` image tower, both with random "
+        "weights (no download; speed does not depend on the weights). Regenerate this page with "
+        "`make bench` (`python benchmarks/run_all.py`); on a GPU, `python benchmarks/run_all.py --device cuda` "
+        "adds a bf16-mixed section. Raw numbers: `benchmarks/results/bench_<device>.json`.",
+        "",
+        "Method: every time is the median of several runs after warm-up; ratios are measured side by side "
+        "in one process (candidates alternate within each round) and reported as the median of per-round "
+        "ratios, so that load from other processes affects both sides alike.",
+        "",
+    ]
+    if not runs:
+        lines.append("No results yet: run `make bench`.")
+    for run in runs:
+        m = run["machine"]
+        where = m.get("gpu") or m["cpu"]
+        title = f"## {'GPU' if m['device'].startswith('cuda') else 'CPU'}: {where}, {m['precision']}"
+        lines += [title, ""]
+        if m["device"] == "cpu":
+            lines += [f"**CPU figures were taken on a {m['cpu_cores_visible']}-core machine** ({m['cpu']}, "
+                      f"{m['torch_threads']} torch threads) shared with other jobs (load average "
+                      f"{_f(run.get('load_average_start'), 1)} at the start, {_f(run.get('load_average_end'), 1)} at "
+                      "the end): absolute times are noisy and slow, batch sizes are tiny (1-4 images per stream), "
+                      "and fp32 is used because bf16 matmuls on this CPU are hundreds of times slower. Ratios "
+                      "are the robust figures.", ""]
+        if run.get("quick"):
+            lines += ["**Quick mode** (`--quick`): fewer batch sizes and rounds; a smoke run, not the reference figures.", ""]
+        lines += [f"Command `{run['command']}`, {run['date']}, {run['seconds'] / 60:.1f} min; torch {m['torch']}, "
+                  f"timm {m.get('timm')}, open_clip {m.get('open_clip')}.", ""]
+        model = run.get("model")
+        lines += ["### Summary", ""] + summary(run)
+        if model:
+            lines += training_section(model, m["precision"]) + prefix_section(model) + inference_section(model)
+            lines += mfu_section(model, m) + cost_section(model) + phase3_section(model)
+        lines += data_section(run)
+        lines += findings(run)
+    lines += [FAST_PATH]
+    return "\n".join(lines).rstrip() + "\n"
