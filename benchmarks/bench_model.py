@@ -72,22 +72,28 @@ def _bench_train(module, env: C.Env, cfg: ModelConfig, phase: str, kind: str, lo
         batch = C.dual_batch(b, cfg.num_classes, 224, env.device, seed=b)
         step = C.train_step_fn(module, optimizer, batch, env)
 
+        probe, probe_flops = C.matmul_probe(env)
+
         def measure():
-            times = C.time_interleaved({"step": step}, cfg.rounds, cfg.warmup, env)["step"]
+            both = C.time_interleaved({"step": step, "probe": probe}, cfg.rounds, cfg.warmup, env)
             with C.flop_counter() as flops:
                 mem = C.peak_memory(step, env, C.tensors_of(module, optimizer, batch))
-            return times, mem, flops.get_total_flops()
+            return both, mem, flops.get_total_flops()
 
         out = _oom_guard(measure)
         if out is None:
             rows.append({"phase": phase, "expert": kind, "batch_per_stream": b, "oom": True})
             log(f"  {phase} {kind} B={b}: out of memory")
             break
-        times, mem, flops = out
+        both, mem, flops = out
+        times = both["step"]
         t = C.median(times)
+        # Paired MFU: per round, (step FLOPs / step time) / (probe FLOPs / probe time).
+        mfu = C.paired_ratio([flops / x for x in times], [probe_flops / p for p in both["probe"]])
         row = {"phase": phase, "expert": kind, "batch_per_stream": b, "images_per_step": 2 * b,
                "step_s": t, "step_s_min": min(times), "step_s_max": max(times), "images_per_s": 2 * b / t,
-               "flops_per_step": flops, "achieved_flops_per_s": flops / t, **mem}
+               "flops_per_step": flops, "achieved_flops_per_s": flops / t,
+               "probe_flops_per_s": probe_flops / C.median(both["probe"]), "mfu_paired": mfu, **mem}
         rows.append(row)
         log(f"  {phase} {kind} B={b}x2: {t:.3f} s/step ({row['images_per_s']:.2f} img/s), "
             f"peak {mem['peak_gib']:.2f} GiB, {flops / 1e9:.0f} GFLOP/step")

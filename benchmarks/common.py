@@ -313,6 +313,22 @@ def matmul_peak(env: Env, quick: bool = False) -> dict[str, Any]:
     return best
 
 
+def matmul_probe(env: Env) -> tuple[Callable[[], None], float]:
+    """A fixed dense matmul workload (and its FLOPs) timed in the same rounds as a training step,
+    so that MFU is a paired ratio: achieved FLOP/s of the step over the matmul FLOP/s measured
+    moments apart, robust to load that comes and goes."""
+    dtype = torch.bfloat16 if env.precision == "bf16-mixed" else torch.float32
+    n, reps = (8192, 10) if env.is_cuda else (2048, 2)
+    a = torch.randn(n, n, device=env.device, dtype=dtype)
+    b = torch.randn(n, n, device=env.device, dtype=dtype)
+
+    def probe() -> None:
+        for _ in range(reps):
+            a @ b
+
+    return probe, 2.0 * n ** 3 * reps
+
+
 # --------------------------------------------------------------------------------------------
 # ViT-B/16-shaped phase modules (random weights, offline)
 

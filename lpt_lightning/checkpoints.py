@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from lpt_lightning.errors import CheckpointError
 from lpt_lightning.models.backbones import BackboneSpec
@@ -119,3 +120,22 @@ def export_safetensors(checkpoint_path: str | Path, out_path: str | Path) -> Pat
     out_path = Path(out_path)
     atomic_save(lambda tmp: save_file(state, str(tmp), metadata={META_KEY: json.dumps(meta)}), out_path)
     return out_path
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint I/O that never leaves a half-written file (temporary file + rename)
+    and reads checkpoints with ``weights_only=True``."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        if "://" in str(path):  # remote storage: the base class's fsspec path
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        atomic_save(lambda tmp: super(AtomicCheckpointIO, self).save_checkpoint(checkpoint, tmp, storage_options),
+                    path)
+
+    def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        try:
+            return super().load_checkpoint(path, map_location=map_location or "cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"{path}: cannot be loaded safely ({type(exc).__name__}: {exc})") from exc

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import sys
+from pathlib import Path
 import warnings
 from typing import Any
 
 import lightning as L
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -42,6 +45,28 @@ class LPTCLI(LightningCLI):
         parser.add_lightning_class_args(PredictionWriter, "prediction")
         # `lpt test` writes per-class tables and plots (and sends them to W&B when configured).
         parser.add_lightning_class_args(SplitReport, "report")
+
+    def instantiate_trainer(self, **kwargs: Any):
+        # Checkpoints are written atomically and read without unpickling code, unless the config
+        # brings its own CheckpointIO.
+        from lpt_lightning.checkpoints import AtomicCheckpointIO
+
+        plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        root = Path(self.trainer.default_root_dir)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            probe = root / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(f"trainer.default_root_dir={root} is not writable ({exc}); "
+                              "choose a directory you can write to") from None
 
     def _print_results(self) -> None:
         from lpt_lightning.reports import split_table

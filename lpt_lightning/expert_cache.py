@@ -10,6 +10,7 @@ written atomically, and every rank reads the merged file.
 from __future__ import annotations
 
 import hashlib
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from lpt_lightning.checkpoints import atomic_save
 from lpt_lightning.data.sources import Split
-from lpt_lightning.errors import CheckpointError
+from lpt_lightning.errors import CheckpointError, ConfigError
 from lpt_lightning.models.expert import LongTailExpert
 
 CACHE_FORMAT = 1
@@ -69,6 +70,15 @@ def compute_outputs(experts: dict[str, LongTailExpert], scales: dict[str, float]
         for k, v in row.items():
             parts.setdefault(k, []).append(v.cpu())
     return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def ensure_disk_space(directory: Path, needed_bytes: int) -> None:
+    """Refuse to start an inference pass whose result cannot be stored (checked up front)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(directory).free
+    if free < 1.1 * needed_bytes:
+        raise ConfigError(f"expert-output cache needs about {needed_bytes / 1e9:.2f} GB in {directory}, "
+                          f"only {free / 1e9:.2f} GB are free; set model.init_args.cache_dir to a larger disk")
 
 
 def merge_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

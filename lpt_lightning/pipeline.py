@@ -87,7 +87,8 @@ def _section(name: str, section: dict[str, Any] | None) -> dict[str, Any]:
 
 def plan(run_dir: str, data: dict[str, Any], trainer: dict[str, Any] | None, experts: list[str],
          phase1: dict[str, Any] | None, phase2: dict[str, Any] | None, phase3: dict[str, Any] | None,
-         mixture: bool, seed_everything: int, wandb: WandbSpec | None = None) -> list[PhaseRun]:
+         mixture: bool, seed_everything: int, wandb: WandbSpec | None = None,
+         checkpoint_every_n_steps: int | None = None) -> list[PhaseRun]:
     """The phase runs and their composed LightningCLI configs, in execution order."""
     if not experts or len(set(experts)) != len(experts) or not set(experts) <= {"visual", "vl"}:
         raise ConfigError(f"pipeline experts={experts}: choose 'visual', 'vl' or both, each once")
@@ -105,7 +106,7 @@ def plan(run_dir: str, data: dict[str, Any], trainer: dict[str, Any] | None, exp
         callbacks = list(phase_trainer.get("callbacks") or [])
         callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                           "init_args": {"dirpath": str(directory / "checkpoints"), "save_last": "link",
-                                        "save_top_k": 1}})
+                                        "save_top_k": 1, "every_n_train_steps": checkpoint_every_n_steps}})
         phase_trainer["callbacks"] = callbacks
         phase_trainer["default_root_dir"] = str(directory)
         if "logger" not in phase_trainer:
@@ -225,6 +226,7 @@ def run_pipeline(
     devices: int | str | None = None,
     num_nodes: int | None = None,
     wandb: WandbSpec | None = None,
+    checkpoint_every_n_steps: int | None = None,
 ) -> list[PhaseRun]:
     """Run LPT++ end to end.
 
@@ -243,14 +245,22 @@ def run_pipeline(
         devices: overrides ``trainer.devices`` of every phase (e.g. from a SLURM script).
         num_nodes: overrides ``trainer.num_nodes`` of every phase.
         wandb: log every phase to Weights & Biases as well.
+        checkpoint_every_n_steps: also checkpoint every N training steps (long epochs: a killed
+            job then loses at most N steps); None = at the end of every epoch only.
     """
     trainer = dict(trainer or {})
     if devices is not None:
         trainer["devices"] = devices
     if num_nodes is not None:
         trainer["num_nodes"] = num_nodes
+    try:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"run_dir={run_dir} cannot be created ({exc}); choose a writable directory") from None
+    if not os.access(run_dir, os.W_OK):
+        raise ConfigError(f"run_dir={run_dir} is not writable; choose a writable directory")
     runs = plan(run_dir, data, trainer, list(experts or ["visual", "vl"]), phase1, phase2, phase3, mixture,
-                seed_everything, wandb)
+                seed_everything, wandb, checkpoint_every_n_steps)
     _validate_configs(runs)
     for run in runs:
         if finished(run):

@@ -30,3 +30,16 @@ class SlurmPreemption(L.Callback):
             os.kill(os.getpid(), signal.SIGUSR1)
         if batch_idx == self.kill_batch:
             raise RuntimeError("killed at the time limit")
+
+
+class DieOnRank(L.Callback):
+    """One DDP rank dies abruptly (no Python clean-up), as after an OOM kill or a node failure."""
+
+    def __init__(self, rank: int = 1, step: int = 3):
+        self.rank, self.step = rank, step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        import os
+
+        if trainer.global_rank == self.rank and trainer.global_step == self.step:
+            os._exit(9)

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from lpt_lightning import __version__
@@ -37,6 +37,9 @@ class LossSpec:
             when it is paired with a class-balanced batch.
         match_weight: weight of the prompt-key matching loss (phase 2).
         tau: logit-adjustment strength (``logit_adjusted`` only).
+        on_nonfinite: a NaN/Inf loss ``stop``s training (naming the step and the batch's images;
+            the last checkpoint is kept) or is ``skip``ped (no update) and counted.
+        max_nonfinite_batches: with ``skip``, stop once this many batches were skipped.
     """
 
     kind: Literal["agcl", "logit_adjusted"] = "agcl"
@@ -49,6 +52,8 @@ class LossSpec:
     instance_weight: float = 0.5
     match_weight: float = 0.5
     tau: float = 1.0
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_nonfinite_batches: int = 10
 
 
 @dataclass
@@ -85,6 +90,7 @@ class ExpertPhase(L.LightningModule):
         self.register_buffer("class_counts", torch.ones(num_classes, dtype=torch.long))
         self.stream_losses = nn.ModuleDict()
         self.results: dict[str, dict[str, Any]] = {}
+        self.nonfinite_batches = 0
         # Frozen backbone weights are not in our checkpoints: they come from the hub/local file.
         self.strict_loading = False
         self.expert: LongTailExpert
@@ -170,10 +176,40 @@ class ExpertPhase(L.LightningModule):
             total = total + self.stream_weight(stream, streams) * term
             for name, value in terms.items():
                 self.log(f"train/{name}_{stream}", value.detach(), batch_size=size)
-        if not torch.isfinite(total):
-            raise FloatingPointError(f"non-finite training loss {total.item()} at global step {self.global_step}")
+        if self._nonfinite(total, batch, batch_idx):
+            return None  # skipped: Lightning makes no optimiser step for this batch
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=sum(sizes))
         return total
+
+    def _nonfinite(self, loss: torch.Tensor, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> bool:
+        """Stop with a message naming the step and the batch's images, or skip and count."""
+        bad = not bool(torch.isfinite(loss))
+        skip = self.loss_spec.on_nonfinite == "skip"
+        if skip and self.trainer.world_size > 1:  # every rank must skip the same step (DDP)
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if not bad:
+            return False
+        where = f"global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
+        if skip:
+            self.nonfinite_batches += 1
+            self.log("train/skipped_batches", float(self.nonfinite_batches))
+            if self.nonfinite_batches <= self.loss_spec.max_nonfinite_batches:
+                rank_zero_warn(f"non-finite loss at {where}: batch skipped ({self.nonfinite_batches} so far)")
+                return True
+        raise FloatingPointError(
+            f"non-finite training loss ({float(loss)}) at {where}; images of the batch: {self._batch_sources(batch)}. "
+            "The last checkpoint is untouched; check these images, lower the learning rate, or set "
+            "model.init_args.loss.on_nonfinite=skip to skip isolated bad batches"
+        )
+
+    def _batch_sources(self, batch: dict[str, dict[str, torch.Tensor]], show: int = 8) -> str:
+        dm = getattr(self.trainer, "datamodule", None)
+        items = dm.splits.train.items if dm is not None and hasattr(dm, "splits") else None
+        indices = [int(i) for b in batch.values() for i in b["index"]]
+        names = [str(items[i]) if items is not None and isinstance(items[i], str) else f"train item {i}"
+                 for i in indices[:show]]
+        more = f" and {len(indices) - show} more" if len(indices) > show else ""
+        return ", ".join(names) + more
 
     # ----------------------------------------------------------------- evaluation
     def _eval_step(self, batch: dict[str, torch.Tensor], metric: SplitAccuracy) -> None:

@@ -25,7 +25,7 @@ from lpt_lightning.checkpoints import (
     read_phase_metadata,
 )
 from lpt_lightning.errors import CheckpointError, ConfigError
-from lpt_lightning.expert_cache import cache_key, cached_outputs, compute_outputs, file_digest
+from lpt_lightning.expert_cache import cache_key, cached_outputs, compute_outputs, ensure_disk_space, file_digest
 from lpt_lightning.metrics import SplitAccuracy
 from lpt_lightning.models.scorer import MoEScorer, fuse, search_base_weight
 from lpt_lightning.phases.base import seed_training_step
@@ -171,6 +171,11 @@ class MoEScorerPhase(L.LightningModule):
         full = name != "train"
         key = cache_key(self.digests, split, indices, self.img_size, full)
         path = self._cache_path(name, key)
+        if not path.is_file():
+            rows = len(indices) if indices is not None else len(split)
+            per_row = 16 + 4 * sum(e.backbone.feature_dim + (self.num_classes if full else 1)
+                                   for e in self.experts().values())
+            ensure_disk_space(path.parent, rows * per_row)
 
         def compute() -> dict[str, torch.Tensor]:
             rank_zero_info(f"phase 3: computing expert outputs for {name} ({split_name} split) -> {path}")

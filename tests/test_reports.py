@@ -1,0 +1,72 @@
+"""What `lpt test` reports: per-class tables and plots locally, and what W&B would receive."""
+import csv
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+from lpt_lightning.data import FashionMNISTSource, LongTailDataModule
+from lpt_lightning.models.expert import ExpertSpec
+from lpt_lightning.phases import AdaptPhase
+from lpt_lightning.reports import LoggedSaveConfig, SplitReport, per_class_rows
+from tiny_models import tiny_backbone
+
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def test_per_class_rows_name_group_and_accuracy():
+    counts = torch.tensor([150, 100, 21, 20, 3])
+    results = {"test": {"per_class": torch.tensor([90.0, 80.0, float("nan"), 50.0, 0.0])}}
+    columns, rows = per_class_rows(results, counts, ["a", "b", "c", "d", "e"], "lpt")
+    assert columns == ["class", "name", "train_count", "group", "acc[test]"]
+    assert rows == [[0, "a", 150, "many", 90.0], [1, "b", 100, "medium", 80.0], [2, "c", 21, "medium", None],
+                    [3, "d", 20, "few", 50.0], [4, "e", 3, "few", 0.0]]
+    assert [r[3] for r in per_class_rows(results, counts, None, "oltr")[1]] == ["many", "medium", "medium",
+                                                                               "medium", "few"]
+
+
+@pytest.mark.skipif(not FMNIST.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
+def test_test_run_writes_local_reports_and_sends_tables_to_wandb(tmp_path, monkeypatch):
+    logged = {"tables": {}, "images": {}, "metrics": set()}
+    monkeypatch.setattr(WandbLogger, "log_table",
+                        lambda self, key, columns=None, data=None, **kw: logged["tables"].__setitem__(key, (columns, data)))
+    monkeypatch.setattr(WandbLogger, "log_image",
+                        lambda self, key, images, **kw: logged["images"].__setitem__(key, images))
+    monkeypatch.setattr(WandbLogger, "log_metrics", lambda self, metrics, step=None: logged["metrics"].update(metrics))
+    dm = LongTailDataModule(FashionMNISTSource(imbalance_ratio=10, max_per_class=40, val_per_class=5,
+                                               max_test_per_class=10), batch_size=16, num_workers=0)
+    model = AdaptPhase(expert=ExpertSpec(kind="visual", backbone=tiny_backbone("visual"), prompt_length=2),
+                       num_classes=10, class_names=dm.class_names)
+    wandb = WandbLogger(project="lpt-test", save_dir=str(tmp_path), offline=True, mode="disabled")
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=2, enable_progress_bar=False,
+                        logger=[CSVLogger(str(tmp_path), name="csv"), wandb], callbacks=[SplitReport()],
+                        default_root_dir=tmp_path, enable_checkpointing=False)
+    trainer.fit(model, datamodule=dm)
+    trainer.test(model, datamodule=dm, verbose=False)
+
+    assert {"val/acc", "val/acc_many", "val/acc_medium", "val/acc_few", "test/acc", "test/acc_few"} <= logged["metrics"]
+    columns, rows = logged["tables"]["test/per_class"]
+    assert columns == ["class", "name", "train_count", "group", "acc[test]"] and len(rows) == 10
+    assert rows[0][1] == "T-shirt/top" and rows[0][2] == int(dm.train_class_counts[0])
+    summary_columns, summary = logged["tables"]["test/split_accuracy"]
+    assert summary_columns == ["row", "overall", "many", "medium", "few"] and summary[0][0] == "test"
+    assert summary[0][1] == pytest.approx(model.results["test"]["acc"], abs=1e-3)
+    plot = Path(logged["images"]["test/per_class_accuracy"][0])
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+    # The CSV-only path has the same table beside the logs.
+    local = list(csv.reader(open(plot.with_name("per_class_test.csv"))))
+    assert local[0] == columns and len(local) == 11
+
+
+def test_resolved_config_goes_to_wandb(monkeypatch):
+    received = {}
+    monkeypatch.setattr(WandbLogger, "log_hyperparams", lambda self, params: received.update(params))
+    logger = WandbLogger(project="lpt-test", offline=True, mode="disabled")
+    from jsonargparse import Namespace
+
+    config = Namespace(model=Namespace(class_path="lpt_lightning.phases.AdaptPhase"), seed_everything=0)
+    callback = LoggedSaveConfig(parser=None, config=config)
+    callback.save_config(type("T", (), {"loggers": [logger]})(), None, "fit")
+    assert received == {"model": {"class_path": "lpt_lightning.phases.AdaptPhase"}, "seed_everything": 0}
