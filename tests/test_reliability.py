@@ -135,7 +135,7 @@ def test_a_dying_rank_ends_the_whole_job_quickly(tmp_path):
         cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
     elapsed = time.monotonic() - start
     assert result.returncode != 0
-    assert "Connection closed by peer" in result.stderr or "ProcessExitedException" in result.stderr
+    assert "remote worker" in result.stderr  # gloo names the cause: the peer rank went away
     assert elapsed < 240, elapsed
 
 
