@@ -175,3 +175,20 @@ def test_learning_rate_scales_with_global_batch_and_warms_up():
     scheduler.step(epoch=1)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.02 * 128 / 256 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi / 10)).item()))
     assert optimizer.param_groups[0]["momentum"] == 0.9 and optimizer.param_groups[0]["weight_decay"] == 0.01
+
+
+@needs_fmnist
+def test_class_mean_head_init(tmp_path):
+    dm = datamodule()
+    spec = ExpertSpec(kind="visual", backbone=tiny_backbone("visual"), prompt_length=3, head_init="class_mean")
+    phase = AdaptPhase(expert=spec, num_classes=dm.num_classes, optim=OPTIM)
+    t = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=0, logger=False, enable_progress_bar=False,
+                  enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0)
+    t.fit(phase, datamodule=dm)  # no training step: the head is exactly the class means
+    expert = phase.expert.eval()
+    sums, counts = torch.zeros(10, expert.backbone.feature_dim), torch.zeros(10)
+    with torch.no_grad():
+        for batch in dm.split_dataloader("train"):
+            sums.index_add_(0, batch["label"], expert(batch["image"]).features)
+            counts.index_add_(0, batch["label"], torch.ones(len(batch["label"])))
+    torch.testing.assert_close(expert.head.weight, torch.nn.functional.normalize(sums / counts[:, None], dim=-1))

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any, Literal
 
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lpt_lightning.errors import ConfigError
@@ -40,11 +41,35 @@ class AdaptPhase(ExpertPhase):
                 raise ConfigError(f"{len(class_names)} class names for {num_classes} classes")
             self.expert.init_head_from_text(class_names)
             rank_zero_info(f"head initialised from CLIP text embeddings of {num_classes} class names")
-        elif head_init == "class_mean":
-            raise ConfigError("expert.head_init='class_mean' is not available yet; use 'random' or 'text'")
+        self.head_init = head_init
         release = getattr(self.expert.backbone, "release_text_tower", None)
         if release is not None:
             release()  # the text tower is only needed for the head's initialisation
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.head_init == "class_mean" and self.global_step == 0:  # not again on resume
+            self.init_head_from_class_means()
+
+    @torch.no_grad()
+    def init_head_from_class_means(self) -> None:
+        """Head = mean training feature of each class (one eval pass over the training split,
+        summed over ranks)."""
+        loader = self.trainer.datamodule.split_dataloader("train")
+        sums = torch.zeros(self.num_classes, self.expert.backbone.feature_dim, device=self.device)
+        counts = torch.zeros(self.num_classes, device=self.device)
+        self.expert.eval()
+        for batch in loader:
+            labels = batch["label"].to(self.device)
+            with self.trainer.precision_plugin.forward_context():
+                features = self.expert(batch["image"].to(self.device)).features.float()
+            sums.index_add_(0, labels, features)
+            counts.index_add_(0, labels, torch.ones_like(labels, dtype=counts.dtype))
+        self.expert.train(self.training)
+        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        self.expert.head.init_from(sums / counts.clamp_min(1)[:, None])
+        rank_zero_info("head initialised from the class-mean training features")
 
     def metadata(self) -> dict[str, Any]:
         return super().metadata() | {"phase": self.phase_name, "expert": asdict(self.expert.spec),
