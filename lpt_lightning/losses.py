@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lpt_lightning.errors import ConfigError
+from lpt_lightning.metrics import as_count_vector
 
 __all__ = [
     "AGCL_GAMMAS_CLASS_BALANCED",
@@ -41,29 +42,9 @@ GCL_NOISE_STD: float = 1.0 / 3.0
 
 
 def as_class_counts(class_counts: Tensor | Sequence[float], *, min_classes: int = 1) -> Tensor:
-    """Validate per-class training counts and return them as a float64 CPU tensor [C].
-
-    Raises ConfigError naming the first offending class (count < 1 or not finite).
-    """
-    try:
-        counts = torch.as_tensor(
-            class_counts.detach().cpu() if isinstance(class_counts, Tensor) else class_counts,
-            dtype=torch.float64,
-        )
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise ConfigError(f"class_counts must be a 1-D sequence of numbers: {exc}") from exc
-    if counts.dim() != 1:
-        raise ConfigError(f"class_counts must be 1-D (one count per class), got shape {tuple(counts.shape)}")
-    if counts.numel() < min_classes:
-        raise ConfigError(f"class_counts needs at least {min_classes} class(es), got {counts.numel()}")
-    bad = (~torch.isfinite(counts)) | (counts < 1)
-    if bad.any():
-        c = int(bad.nonzero()[0])
-        raise ConfigError(
-            f"class_counts[{c}] = {counts[c].item():g}: every class needs >= 1 training image "
-            f"({int(bad.sum())} class(es) invalid); drop empty classes or fix the annotation file"
-        )
-    return counts
+    """Validate per-class training counts (every class >= 1 image) as a float64 CPU tensor [C]."""
+    return as_count_vector(class_counts, name="class_counts", min_count=1, min_classes=min_classes,
+                           hint="; drop empty classes or fix the annotation file")
 
 
 def gcl_class_offsets(class_counts: Tensor | Sequence[float]) -> Tensor:

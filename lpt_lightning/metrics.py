@@ -26,20 +26,23 @@ SHOT_CONVENTIONS: tuple[str, ...] = ("lpt", "oltr")
 SHOT_GROUPS: tuple[str, ...] = ("many", "medium", "few")
 
 
-def _as_train_counts(train_counts: Tensor | Sequence[int]) -> Tensor:
+def as_count_vector(values: Tensor | Sequence[float], *, name: str, min_count: int, min_classes: int = 1,
+                    hint: str = "") -> Tensor:
+    """Per-class counts as a float64 CPU tensor [C]; ConfigError naming the first bad class."""
     try:
-        counts = torch.as_tensor(
-            train_counts.detach().cpu() if isinstance(train_counts, Tensor) else train_counts,
-            dtype=torch.float64,
-        )
+        counts = torch.as_tensor(values.detach().cpu() if isinstance(values, Tensor) else values,
+                                 dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise ConfigError(f"train_counts must be a 1-D sequence of numbers: {exc}") from exc
-    if counts.dim() != 1 or counts.numel() == 0:
-        raise ConfigError(f"train_counts must be a non-empty 1-D sequence, got shape {tuple(counts.shape)}")
-    bad = (~torch.isfinite(counts)) | (counts < 0)
+        raise ConfigError(f"{name} must be a 1-D sequence of numbers: {exc}") from exc
+    if counts.dim() != 1:
+        raise ConfigError(f"{name} must be 1-D (one count per class), got shape {tuple(counts.shape)}")
+    if counts.numel() < min_classes:
+        raise ConfigError(f"{name} needs at least {min_classes} class(es), got {counts.numel()}")
+    bad = (~torch.isfinite(counts)) | (counts < min_count)
     if bad.any():
         c = int(bad.nonzero()[0])
-        raise ConfigError(f"train_counts[{c}] = {counts[c].item():g}: counts must be finite and >= 0")
+        raise ConfigError(f"{name}[{c}] = {counts[c].item():g}: counts must be finite and >= {min_count} "
+                          f"({int(bad.sum())} class(es) invalid){hint}")
     return counts
 
 
@@ -48,7 +51,7 @@ def shot_groups(train_counts: Tensor | Sequence[int], convention: str = "lpt") -
     conv = str(convention).lower()
     if conv not in SHOT_CONVENTIONS:
         raise ConfigError(f"unknown shot-group convention {convention!r}; valid: {', '.join(SHOT_CONVENTIONS)}")
-    n = _as_train_counts(train_counts)
+    n = as_count_vector(train_counts, name="train_counts", min_count=0)
     many = n > 100
     if conv == "lpt":
         few = n <= 20
