@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lpt_lightning.errors import CheckpointError, ConfigError
@@ -100,17 +101,55 @@ class FrozenViT(nn.Module):
     def mlp_branch(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def run_block(self, index: int, x: torch.Tensor, adapter: nn.Module | None = None) -> torch.Tensor:
-        """One transformer block; with an adapter, y = x' + MLP(LN2(x')) + adapter(x') (SPEC 2.2)."""
+    def run_block(self, index: int, x: torch.Tensor, adapter: nn.Module | None = None,
+                  keep: int | None = None) -> torch.Tensor:
+        """One transformer block; with an adapter, y = x' + MLP(LN2(x')) + adapter(x') (SPEC 2.2).
+
+        ``keep``: only the first ``keep`` tokens' outputs are wanted (appended prompt tokens are
+        dropped after every block, and the last block's CLS token is all the pooled feature
+        reads). Every token still serves as attention key and value, but queries, the output
+        projection, the MLP and the adapter run on the kept tokens only: the same outputs for
+        fewer FLOPs.
+        """
         block = self.blocks[index]
-        if adapter is None:
-            return block(x)
-        x = x + self.attention_branch(block, x)
-        return x + self.mlp_branch(block, x) + adapter(x)
+        if keep is None or keep == x.shape[1]:
+            if adapter is None:
+                return block(x)
+            x = x + self.attention_branch(block, x)
+            return x + self.mlp_branch(block, x) + adapter(x)
+        y = x[:, :keep] + self.attention_for_queries(block, x, keep)
+        out = y + self.mlp_branch(block, y)
+        return out + adapter(y) if adapter is not None else out
+
+    def attention_for_queries(self, block: nn.Module, x: torch.Tensor, keep: int) -> torch.Tensor:
+        """Attention branch output of the first ``keep`` tokens, keys and values from all of ``x``."""
+        raise NotImplementedError
+
+    @property
+    def pools_cls_token(self) -> bool:
+        """Whether ``pool`` reads the CLS token only (then the last block needs no other output)."""
+        raise NotImplementedError
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         """Final norm + CLS feature (+ projection for CLIP): [B, N, d] -> [B, feature_dim]."""
         raise NotImplementedError
+
+
+def _attend(h: torch.Tensor, keep: int, weight: torch.Tensor, bias: torch.Tensor | None, num_heads: int,
+            q_norm=None, k_norm=None) -> torch.Tensor:
+    """Multi-head attention of the first ``keep`` rows of ``h`` over all rows, from a fused
+    [3d, d] q/k/v projection (the layout of timm's ``qkv`` and torch's ``in_proj_weight``);
+    returns the heads concatenated, before the output projection."""
+    b, n, d = h.shape
+    head_dim = d // num_heads
+    q = F.linear(h[:, :keep], weight[:d], bias[:d] if bias is not None else None)
+    kv = F.linear(h, weight[d:], bias[d:] if bias is not None else None)
+    q = q.reshape(b, keep, num_heads, head_dim).transpose(1, 2)
+    k, v = kv.reshape(b, n, 2, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    if q_norm is not None:
+        q, k = q_norm(q), k_norm(k)
+    out = F.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).reshape(b, keep, d)
 
 
 def _unwrap_state_dict(obj: Any, path: str) -> dict[str, torch.Tensor]:
@@ -218,6 +257,15 @@ class TimmViT(FrozenViT):
     def mlp_branch(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
+    def attention_for_queries(self, block: nn.Module, x: torch.Tensor, keep: int) -> torch.Tensor:
+        attn = block.attn
+        heads = _attend(block.norm1(x), keep, attn.qkv.weight, attn.qkv.bias, attn.num_heads, attn.q_norm, attn.k_norm)
+        return block.drop_path1(block.ls1(attn.proj(attn.norm(heads))))
+
+    @property
+    def pools_cls_token(self) -> bool:
+        return self.model.global_pool == "token" and isinstance(self.model.fc_norm, nn.Identity)
+
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.forward_head(self.model.norm(tokens), pre_logits=True)
 
@@ -305,6 +353,16 @@ class OpenClipViT(FrozenViT):
 
     def mlp_branch(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return block.ls_2(block.mlp(block.ln_2(x)))
+
+    def attention_for_queries(self, block: nn.Module, x: torch.Tensor, keep: int) -> torch.Tensor:
+        attn = block.attn  # nn.MultiheadAttention (batch_first): fused in_proj, out_proj
+        heads = _attend(block.ln_1(x), keep, attn.in_proj_weight, attn.in_proj_bias, attn.num_heads)
+        return block.ls_1(attn.out_proj(heads))
+
+    @property
+    def pools_cls_token(self) -> bool:
+        v = self.visual
+        return v.attn_pool is None and v.pool_type == "tok"
 
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         pooled, _ = self.visual._pool(tokens)

@@ -136,18 +136,21 @@ class LongTailExpert(nn.Module):
         outputs are dropped after each block (deep prompting).
         """
         recompute = self.spec.activation_checkpointing and self.training and torch.is_grad_enabled()
+        last = self.backbone.num_blocks - 1
         for i in range(start, end):
             group = group_prompts[:, i - self.group_start] if group_prompts is not None else None
+            # The pooled feature reads the CLS token only: the last block computes just that row.
+            keep = 1 if i == last and self.backbone.pools_cls_token else x.shape[1]
             if recompute:
-                x = checkpoint(self._prompted_block, i, x, group, use_reentrant=False)
+                x = checkpoint(self._prompted_block, i, x, group, keep, use_reentrant=False)
             else:
-                x = self._prompted_block(i, x, group)
+                x = self._prompted_block(i, x, group, keep)
         return x
 
-    def _prompted_block(self, i: int, x: torch.Tensor, group: torch.Tensor | None) -> torch.Tensor:
+    def _prompted_block(self, i: int, x: torch.Tensor, group: torch.Tensor | None, keep: int) -> torch.Tensor:
         shared = self.shared_prompt(i) if self.shared_prompt is not None else None
         adapter = self.adapters[i] if self.adapters is not None else None
-        return self.backbone.run_block(i, append_tokens(x, shared, group), adapter)[:, : x.shape[1]]
+        return self.backbone.run_block(i, append_tokens(x, shared, group), adapter, keep=keep)
 
     def _query_needs_grad(self) -> bool:
         modules = [m for m in (self.shared_prompt, self.adapters) if m is not None]
