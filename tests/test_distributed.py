@@ -62,6 +62,7 @@ def tiny_pipeline(run_dir, **overrides):
     return config
 
 
+@pytest.mark.slow
 @pytest.mark.ddp
 def test_pipeline_under_ddp(tmp_path):
     path = tmp_path / "pipeline.yaml"

@@ -140,6 +140,7 @@ def test_a_dying_rank_ends_the_whole_job_quickly(tmp_path):
 
 
 @needs_fmnist
+@pytest.mark.slow
 def test_pipeline_killed_with_sigkill_resumes_to_the_same_result(tmp_path):
     config = copy.deepcopy(TINY)
     config.update(experts=["visual"], mixture=False, test=False, checkpoint_every_n_steps=2)

@@ -51,7 +51,7 @@ def phase1():
     return AdaptPhase(expert=spec, num_classes=10, optim=OptimSpec(base_lr=0.5, warmup_epochs=1))
 
 
-@pytest.mark.parametrize("num_workers", [0, 1])
+@pytest.mark.parametrize("num_workers", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_phase1_killed_mid_epoch_resumes_exactly(tmp_path, num_workers):
     reference = phase1()
     fit(reference, tmp_path, 3, num_workers=num_workers)
