@@ -161,6 +161,10 @@ class MoEScorerPhase(L.LightningModule):
         if name == "heldout" and spec.held_out == "val":
             self._outputs[name] = self.outputs("val")
             return self._outputs[name]
+        if name in ("val", "test") and dm.eval_split_name(name) != name:
+            # No validation split: val *is* the test split; one inference pass and one cache serve both.
+            self._outputs[name] = self.outputs(dm.eval_split_name(name))
+            return self._outputs[name]
         if name in ("train", "heldout"):
             split_name, split = "train", dm.splits.train
             if name == "heldout":
