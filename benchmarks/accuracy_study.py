@@ -1,6 +1,6 @@
 """Small-scale accuracy study on CIFAR-10-LT with tiny random-weight experts; writes docs/results.md.
 
-    python benchmarks/accuracy_study.py            # full study: 3 seeds (about 30 min on 2 CPU cores)
+    python benchmarks/accuracy_study.py            # full study: 3 seeds (about 30 min on 2 shared CPU cores)
     python benchmarks/accuracy_study.py --quick    # smoke version: 1 seed, short schedules (a few minutes)
     python benchmarks/accuracy_study.py --render   # rewrite docs/results.md from the saved JSON
 
@@ -47,11 +47,11 @@ GROUP = {"pool_size": 10, "top_k": 2, "start_block": 2, "length": 4}
 
 
 def settings(quick: bool) -> dict[str, Any]:
+    common = {"n_max": 500, "val_per_class": 30, "test_per_class": 300, "batch_size": 64, "base_lr": 0.1}
     if quick:
-        return {"mode": "quick", "seeds": [0], "n_max": 500, "val_per_class": 30, "test_per_class": 100,
-                "epochs": {"phase1": 2, "phase2": 2, "phase3": 2}, "batch_size": 64}
-    return {"mode": "full", "seeds": [0, 1, 2], "n_max": 1000, "val_per_class": 50, "test_per_class": 500,
-            "epochs": {"phase1": 8, "phase2": 6, "phase3": 4}, "batch_size": 64}
+        return common | {"mode": "quick", "seeds": [0], "test_per_class": 100,
+                         "epochs": {"phase1": 2, "phase2": 2, "phase3": 1}}
+    return common | {"mode": "full", "seeds": [0, 1, 2], "epochs": {"phase1": 6, "phase2": 4, "phase3": 3}}
 
 
 def visual_expert(prompt_length: int = 4, adapters: bool = True) -> dict[str, Any]:
@@ -67,7 +67,7 @@ def vl_expert() -> dict[str, Any]:
 
 def base_config(s: dict[str, Any], seed: int) -> dict[str, Any]:
     """Keyword arguments of ``run_pipeline`` for the LPT++ run (both experts, phases 1-3)."""
-    optim = {"base_lr": 0.5, "warmup_epochs": 1}
+    optim = {"base_lr": s["base_lr"], "warmup_epochs": 1}
     return {
         "experts": ["visual", "vl"],
         "mixture": True,
@@ -176,6 +176,30 @@ TABLES = [
 ]
 
 
+# Paired differences (same seed): label, (run, row) minus (run, row).
+DIFFS = [
+    ("phase 1 minus head-only baseline (visual)", ("lptpp", "phase1_visual: test"), ("head_only", "phase1_visual: test")),
+    ("phase 2 minus phase 1 (visual)", ("lptpp", "phase2_visual: test"), ("lptpp", "phase1_visual: test")),
+    ("phase 2 minus phase 1 (VL)", ("lptpp", "phase2_vl: test"), ("lptpp", "phase1_vl: test")),
+    ("A-GCL minus CE (visual, phase 2)", ("lptpp", "phase2_visual: test"), ("ce", "phase2_visual: test")),
+    ("dual minus instance sampling (visual, phase 2)", ("lptpp", "phase2_visual: test"), ("instance", "phase2_visual: test")),
+    ("VL expert minus visual expert (phase 2)", ("lptpp", "phase3_moe: test: vision-language expert"),
+     ("lptpp", "phase3_moe: test: visual expert")),
+    ("W_base fusion minus the better expert", ("lptpp", "phase3_moe: test: W_base fusion"), ("lptpp", "_best_expert")),
+    ("learned scorer minus W_base fusion", ("lptpp", "phase3_moe: test: LPT++ (scorer)"),
+     ("lptpp", "phase3_moe: test: W_base fusion")),
+]
+
+
+def _row(seed_runs: dict[str, Any], run: str, key: str) -> dict[str, float] | None:
+    rows = seed_runs.get(run, {})
+    if key == "_best_expert":
+        experts = [rows.get(f"phase3_moe: test: {n}") for n in ("visual expert", "vision-language expert")]
+        experts = [e for e in experts if e]
+        return max(experts, key=lambda r: r["acc"]) if experts else None
+    return rows.get(key)
+
+
 def _mean_spread(values: list[float]) -> str:
     values = [v for v in values if v is not None and not math.isnan(v)]
     if not values:
@@ -234,8 +258,9 @@ def render(payloads: list[dict[str, Any]]) -> str:
             "n_max is capped so that all three groups exist: CIFAR-10-LT at its usual n_max = 5,000 has no "
             "class with 20 images or fewer.",
             f"- Schedules: phase 1 {s['epochs']['phase1']} epochs, phase 2 {s['epochs']['phase2']}, phase 3 "
-            f"{s['epochs']['phase3']}; batch {s['batch_size']} per stream; SGD base_lr 0.5 (lr 0.125), 1 warm-up "
-            "epoch; reference A-GCL constants (s = 20, m = 0.1, beta = 0.5).",
+            f"{s['epochs']['phase3']}; batch {s['batch_size']} per stream; SGD base_lr {s.get('base_lr', 0.5)} "
+            f"(lr {s.get('base_lr', 0.5) * s['batch_size'] / 256:g}), 1 warm-up epoch; reference A-GCL constants "
+            "(s = 20, m = 0.1, beta = 0.5); 1 torch thread.",
             f"- Seeds: {s['seeds']} (training seed and sampler seed; the dataset split and the frozen backbones "
             "are fixed, as pretrained backbones would be). Cells are mean ± sample standard deviation over "
             "seeds" + (" (one seed: the value)." if len(s["seeds"]) == 1 else "."),
@@ -252,6 +277,19 @@ def render(payloads: list[dict[str, Any]]) -> str:
                     cells.append(_mean_spread([v for v in vals if v is not None]))
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
             lines.append("")
+        lines += ["### Paired differences (percentage points, same seed, mean ± std over seeds)", "",
+                  "| comparison | overall | many | medium | few |", "| --- | ---: | ---: | ---: | ---: |"]
+        for label, (ra, ka), (rb, kb) in DIFFS:
+            cells = []
+            for k in SPLIT_KEYS:
+                vals = []
+                for seed in s["seeds"]:
+                    a, b = _row(per_seed[str(seed)], ra, ka), _row(per_seed[str(seed)], rb, kb)
+                    if a and b and a.get(k) is not None and b.get(k) is not None:
+                        vals.append(a[k] - b[k])
+                cells.append(_mean_spread(vals).replace("n/a", "n/a") if vals else "n/a")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
         w = [per_seed[str(seed)].get("lptpp", {}).get("_w_base") for seed in s["seeds"]]
         w = [x for x in w if x is not None]
         if w:
@@ -268,7 +306,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="*", help="override the seeds")
     parser.add_argument("--render", action="store_true", help="only rewrite docs/results.md from saved JSON")
     parser.add_argument("--fresh", action="store_true", help="delete this mode's earlier runs first")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of the training process (default 1: tiny models are latency-bound, and "
+                             "2 OpenMP threads on a shared 2-core machine stall on every small op)")
     args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
     if not args.render:
         s = settings(args.quick)
         if args.seeds:

@@ -32,6 +32,7 @@ class ModelConfig:
     cost_classes: list[int] = field(default_factory=lambda: [365, 1000, 8142])
     cost_batch: int = 128  # 2 streams x 64 (the configs' per-device batch)
     cost_rounds: int = 7
+    fast_batch: int = 1  # per stream, phase-1 library vs the forward before the kept-token fix
     num_classes: int = C.PLACES_LT_CLASSES
 
 
@@ -39,12 +40,13 @@ def config_for(env: C.Env, quick: bool) -> ModelConfig:
     if env.is_cuda:
         return ModelConfig(train_batches=[16, 32, 64] if quick else [16, 32, 64, 128], rounds=10, warmup=3,
                            ratio_batch=64, ratio_rounds=10, infer_batch=64, infer_rounds=10,
-                           phase3_batches=[64, 256, 1024], phase3_samples=62_500, phase3_epoch_samples=62_500)
+                           phase3_batches=[64, 256, 1024], phase3_samples=62_500, phase3_epoch_samples=62_500,
+                           fast_batch=64)
     if quick:
         return ModelConfig(train_batches=[1, 2], rounds=2, warmup=1, ratio_batch=1, ratio_rounds=3,
                            infer_batch=2, infer_rounds=3, phase3_batches=[64, 256], phase3_samples=62_500,
                            phase3_epoch_samples=8_192, cost_rounds=5)
-    return ModelConfig(train_batches=[1, 2, 4], rounds=3, warmup=1, ratio_batch=2, ratio_rounds=5,
+    return ModelConfig(train_batches=[1, 2, 4], rounds=3, warmup=1, ratio_batch=1, ratio_rounds=6,
                        infer_batch=2, infer_rounds=6, phase3_batches=[64, 256, 1024], phase3_samples=62_500,
                        phase3_epoch_samples=20_000)
 
@@ -103,27 +105,30 @@ def _bench_train(module, env: C.Env, cfg: ModelConfig, phase: str, kind: str, lo
 
 
 def _bench_fast_phase1(module, env: C.Env, cfg: ModelConfig, kind: str, log) -> dict[str, Any]:
-    """Phase-1 step: library forward versus the prototype (benchmarks/prototypes.py), side by side."""
-    from benchmarks.prototypes import fast_forward
+    """Phase-1 step: library forward (after the kept-token fix) versus the forward before it
+    (benchmarks/prototypes.py), side by side."""
+    from benchmarks.prototypes import legacy_forward
 
     module.to(env.device).train()
     optimizer = C.sgd_for(module)
-    batch = C.dual_batch(cfg.ratio_batch, cfg.num_classes, 224, env.device, seed=321)
+    batch = C.dual_batch(cfg.fast_batch, cfg.num_classes, 224, env.device, seed=321)
     step = C.train_step_fn(module, optimizer, batch, env)
 
-    def fast_step():
-        with C.forward_replaced(module.expert, fast_forward):
+    def before_step():
+        with C.forward_replaced(module.expert, legacy_forward):
             step()
 
-    times = C.time_interleaved({"library": step, "prototype": fast_step}, cfg.ratio_rounds, cfg.warmup, env)
-    with C.forward_replaced(module.expert, fast_forward), C.flop_counter() as counter:
+    times = C.time_interleaved({"library": step, "before": before_step}, cfg.ratio_rounds, cfg.warmup, env)
+    with C.forward_replaced(module.expert, legacy_forward), C.flop_counter() as counter:
         mem = C.peak_memory(step, env, C.tensors_of(module, optimizer, batch))
-    res = {"phase": "phase1", "expert": kind, "batch_per_stream": cfg.ratio_batch,
-           "library_s": C.median(times["library"]), "prototype_s": C.median(times["prototype"]),
-           "ratio": C.paired_ratio(times["prototype"], times["library"]), "prototype_flops": counter.get_total_flops(),
-           "prototype_peak_gib": mem["peak_gib"]}
-    log(f"  phase1 {kind} prototype: {res['prototype_s']:.3f} s vs library {res['library_s']:.3f} s "
-        f"(x{res['ratio']['median']:.3f})")
+    with C.flop_counter() as after:
+        step()
+    res = {"phase": "phase1", "expert": kind, "batch_per_stream": cfg.fast_batch,
+           "library_s": C.median(times["library"]), "before_s": C.median(times["before"]),
+           "ratio": C.paired_ratio(times["library"], times["before"]), "before_flops": counter.get_total_flops(),
+           "library_flops": after.get_total_flops(), "before_peak_gib": mem["peak_gib"]}
+    log(f"  phase1 {kind}: library {res['library_s']:.3f} s vs before the kept-token fix {res['before_s']:.3f} s "
+        f"(after/before x{res['ratio']['median']:.3f})")
     del optimizer
     _free()
     return res
@@ -140,10 +145,10 @@ def _bench_prefix_reuse(module, env: C.Env, cfg: ModelConfig, kind: str, log) ->
         with C.forward_replaced(module.expert, C.two_pass_forward):
             step()
 
-    from benchmarks.prototypes import fast_forward
+    from benchmarks.prototypes import legacy_forward
 
-    def fast_step():
-        with C.forward_replaced(module.expert, fast_forward):
+    def before_step():
+        with C.forward_replaced(module.expert, legacy_forward):
             step()
 
     # The two computations give the same outputs (checked here, not only in the tests).
@@ -155,23 +160,23 @@ def _bench_prefix_reuse(module, env: C.Env, cfg: ModelConfig, kind: str, log) ->
     max_diff = float((a.logits.float() - b.logits.float()).abs().max())
     module.train()
     flops = {}
-    for name, fn in (("prefix_reuse", step), ("two_pass", two_pass_step), ("prototype", fast_step)):
+    for name, fn in (("prefix_reuse", step), ("two_pass", two_pass_step), ("before", before_step)):
         with C.flop_counter() as counter:
             fn()
         flops[name] = counter.get_total_flops()
-    times = C.time_interleaved({"prefix_reuse": step, "two_pass": two_pass_step, "prototype": fast_step},
+    times = C.time_interleaved({"prefix_reuse": step, "two_pass": two_pass_step, "before": before_step},
                                cfg.ratio_rounds, cfg.warmup, env)
     ratio = C.paired_ratio(times["prefix_reuse"], times["two_pass"])
     res = {"expert": kind, "batch_per_stream": cfg.ratio_batch, "prefix_reuse_s": C.median(times["prefix_reuse"]),
            "two_pass_s": C.median(times["two_pass"]), "ratio": ratio,
            "flop_ratio": flops["prefix_reuse"] / flops["two_pass"], "max_abs_logit_diff": max_diff,
-           "prototype_s": C.median(times["prototype"]),
-           "prototype_vs_library": C.paired_ratio(times["prototype"], times["prefix_reuse"]),
-           "prototype_vs_two_pass": C.paired_ratio(times["prototype"], times["two_pass"]),
-           "prototype_flop_ratio": flops["prototype"] / flops["two_pass"]}
+           "before_s": C.median(times["before"]),
+           "library_vs_before": C.paired_ratio(times["prefix_reuse"], times["before"]),
+           "before_vs_two_pass": C.paired_ratio(times["before"], times["two_pass"]),
+           "before_flops": flops["before"], "library_flops": flops["prefix_reuse"]}
     log(f"  prefix reuse {kind}: {res['prefix_reuse_s']:.3f} s vs two-pass {res['two_pass_s']:.3f} s, "
-        f"ratio {ratio['median']:.3f} (FLOP ratio {res['flop_ratio']:.3f}); prototype {res['prototype_s']:.3f} s "
-        f"(x{res['prototype_vs_two_pass']['median']:.3f} of two-pass)")
+        f"ratio {ratio['median']:.3f} (FLOP ratio {res['flop_ratio']:.3f}); before the kept-token fix "
+        f"{res['before_s']:.3f} s (after/before x{res['library_vs_before']['median']:.3f})")
     del optimizer
     _free()
     return res
@@ -189,10 +194,10 @@ def _bench_inference(phase3, env: C.Env, cfg: ModelConfig, log) -> dict[str, Any
     x = torch.rand(cfg.infer_batch, 3, 224, 224, device=env.device)
     plain_vit = visual.backbone.model  # timm VisionTransformer, num_classes=0: the pooled feature
 
-    from benchmarks.prototypes import fast_forward
+    from benchmarks.prototypes import legacy_forward
 
-    def both_fast():
-        with C.forward_replaced(phase3.visual, fast_forward), C.forward_replaced(phase3.vl, fast_forward):
+    def both_before():
+        with C.forward_replaced(phase3.visual, legacy_forward), C.forward_replaced(phase3.vl, legacy_forward):
             return phase3(x)
 
     def both_two_pass():
@@ -206,8 +211,8 @@ def _bench_inference(phase3, env: C.Env, cfg: ModelConfig, log) -> dict[str, Any
         "LPT, two-pass": lambda: C.two_pass_forward(lpt, x),
         "LPT++ mixture, prefix reuse (MoEScorerPhase.forward)": lambda: phase3(x),
         "LPT++ mixture, two-pass": both_two_pass,
-        "LPT, prototype fix": lambda: fast_forward(lpt, x),
-        "LPT++ mixture, prototype fix": both_fast,
+        "LPT, before the kept-token fix": lambda: legacy_forward(lpt, x),
+        "LPT++ mixture, before the kept-token fix": both_before,
     }
     with torch.inference_mode(), env.autocast():
         flops = {}
@@ -218,7 +223,7 @@ def _bench_inference(phase3, env: C.Env, cfg: ModelConfig, log) -> dict[str, Any
         times = C.time_interleaved(fns, cfg.infer_rounds, cfg.warmup, env)
         diffs = {}
         for name, expert in (("visual", phase3.visual), ("vl", phase3.vl), ("lpt", lpt)):
-            a, b = expert(x), fast_forward(expert, x)
+            a, b = expert(x), legacy_forward(expert, x)
             diffs[name] = float((a.logits.float() - b.logits.float()).abs().max())
     ref = "plain ViT-B/16 forward (timm)"
     rows = []
@@ -231,24 +236,25 @@ def _bench_inference(phase3, env: C.Env, cfg: ModelConfig, log) -> dict[str, Any
             f"(FLOPs x{rows[-1]['flop_multiple']:.2f})")
     del lpt
     _free()
-    return {"batch": cfg.infer_batch, "rows": rows, "prototype_max_abs_logit_diff": diffs}
+    return {"batch": cfg.infer_batch, "rows": rows, "before_fix_max_abs_logit_diff": diffs}
 
 
 def _bench_attention_paths(phase3, env: C.Env, cfg: ModelConfig, log) -> dict[str, Any]:
     """One ViT-B/16 block, forward + backward into its input (what phases 1-2 do through frozen
-    blocks), [tokens; 10 prompts]: timm's block, open_clip's block (nn.MultiheadAttention), and
-    open_clip's block with the prototype's direct attention (same weights, one SDPA call)."""
-    from benchmarks.prototypes import _attention_for_queries
+    blocks), [tokens; 10 prompts] with all outputs kept: timm's block, open_clip's block
+    (nn.MultiheadAttention, the path before the fix), and open_clip's block through the library's
+    direct attention (``attention_for_queries``: same weights, one SDPA call)."""
 
     tv, tl = phase3.visual.backbone, phase3.vl.backbone
     tb, cb = tv.blocks[0], tl.blocks[0]
-    x = torch.randn(2 * cfg.ratio_batch, 207, 768, device=env.device, requires_grad=True)
+    xs = {bb: torch.randn(2 * cfg.ratio_batch, 207, bb.embed_dim, device=env.device, requires_grad=True)
+          for bb in (tv, tl)}
 
     def clip_direct(h):
-        h1 = h + _attention_for_queries(tl, cb, cb.ln_1(h), h.shape[1])
+        h1 = h + tl.attention_for_queries(cb, h, h.shape[1])
         return h1 + tl.mlp_branch(cb, h1)
 
-    def fwd_bwd(fn):
+    def fwd_bwd(fn, x):
         def run():
             with env.autocast():
                 y = fn(x)
@@ -256,10 +262,10 @@ def _bench_attention_paths(phase3, env: C.Env, cfg: ModelConfig, log) -> dict[st
             x.grad = None
         return run
 
-    fns = {"timm block": fwd_bwd(tb), "open_clip block (nn.MultiheadAttention)": fwd_bwd(cb),
-           "open_clip block, direct attention (prototype)": fwd_bwd(clip_direct)}
+    fns = {"timm block": fwd_bwd(tb, xs[tv]), "open_clip block (nn.MultiheadAttention)": fwd_bwd(cb, xs[tl]),
+           "open_clip block, library's direct attention (after the fix)": fwd_bwd(clip_direct, xs[tl])}
     with torch.no_grad():
-        diff = float((cb(x) - clip_direct(x)).abs().max())
+        diff = float((cb(xs[tl]) - clip_direct(xs[tl])).abs().max())
     times = C.time_interleaved(fns, cfg.ratio_rounds + 2, cfg.warmup, env)
     ref = "timm block"
     rows = [{"name": n, "ms": 1000 * C.median(t), "vs_timm": C.paired_ratio(t, times[ref])} for n, t in times.items()]
@@ -412,15 +418,15 @@ def run(env: C.Env, quick: bool, log=print, experts: tuple[str, ...] = ("visual"
     log(f"  {res['matmul_peak']['flops_per_s'] / 1e9:.1f} GFLOP/s ({res['matmul_peak']})")
     from benchmarks.prototypes import check_exactness
 
-    res["prototype_exactness"] = check_exactness()
-    log(f"prototype exactness (small experts, logits and gradients): {res['prototype_exactness']}")
+    res["before_fix_exactness"] = check_exactness()
+    log(f"library vs before the kept-token fix (small experts, logits and gradients): {res['before_fix_exactness']}")
     checkpoints = {}
     for kind in experts:
         log(f"phase 1, {kind} expert (ViT-B/16 shapes, random weights) ...")
         p1 = C.build_phase1(kind, counts)
         res["trainable"][f"phase1 {kind}"] = p1.parameter_report()
         res["train"] += _bench_train(p1, env, cfg, "phase1", kind, log)
-        res.setdefault("prototype_phase1", []).append(_oom_guard(lambda: _bench_fast_phase1(p1, env, cfg, kind, log)))
+        res.setdefault("before_fix_phase1", []).append(_oom_guard(lambda: _bench_fast_phase1(p1, env, cfg, kind, log)))
         p1.cpu()
         ckpt1 = C.save_phase_checkpoint(p1, scratch / f"phase1_{kind}.ckpt")
         del p1

@@ -1,100 +1,54 @@
-"""Prototype of a faster, output-identical expert forward, measured side by side with the library's.
+"""The expert forward as it was before the kept-token fix, for before/after figures.
 
 Deep prompting drops the outputs at prompt positions after every block, and the pooled feature
-reads only the CLS token. So in every block the prompt tokens are needed only as attention keys
-and values, and in the last block of each branch only the CLS row is needed. The library computes
-queries, attention outputs, out-projection and MLP for every token in every block; this prototype:
-
-1. projects queries, runs out-projection, MLP and adapter only for the kept tokens (K/V still come
-   from all tokens, prompts included), and
-2. keeps only the CLS token in the last block of each branch (query pass and classification pass).
-
-Both are exact (same outputs up to float rounding; checked in the benchmark). The prototype
-reimplements the attention step from the libraries' own weights and modules (timm ``Attention``:
-``qkv``/``q_norm``/``k_norm``/``norm``/``proj``; open_clip: ``nn.MultiheadAttention``'s
-``in_proj_weight``/``out_proj``) with one ``scaled_dot_product_attention`` call. (Calling open_clip's
-``attention(q_x=..., k_x=..., v_x=...)`` with a query subset is exact too but takes
-``nn.MultiheadAttention``'s slow general path and was 1.3x slower than the library's forward.) It lives here only to measure the gain; the fix belongs in ``lpt_lightning/models``.
+reads only the CLS token. Until commit 50918b1 ("Kept-token attention") every block computed
+queries, attention outputs, out-projection, MLP and adapter for all tokens, prompts included,
+and the last block of each branch for all 197 tokens; for the open_clip expert the attention went
+through ``nn.MultiheadAttention`` (with gradients: its general path). The library now computes
+those only for the kept tokens (prompts serve as keys/values; the last block keeps CLS only),
+with the same outputs. ``legacy_forward`` reproduces the old computation with the library's own
+``FrozenViT.run_block(..., keep=None)`` (the full-block path) so the benchmark can time both side
+by side; ``check_exactness`` confirms that logits and gradients agree.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from lpt_lightning.models.prompts import append_tokens
 
 
-def _is_timm(backbone) -> bool:
-    return hasattr(backbone, "model") and hasattr(backbone.model, "patch_embed")
-
-
-def _attention_for_queries(backbone, block, h: torch.Tensor, n_q: int) -> torch.Tensor:
-    """Attention-branch output for the first ``n_q`` tokens; keys/values from all tokens of ``h``
-    (h = LN1 of [tokens; prompts])."""
-    if _is_timm(backbone):
-        attn = block.attn
-        w, bias = attn.qkv.weight, attn.qkv.bias
-        q_norm, k_norm, out = attn.q_norm, attn.k_norm, (lambda o: attn.proj(attn.norm(o)))
-        post = lambda o: block.drop_path1(block.ls1(o))  # noqa: E731
-    else:  # open_clip ResidualAttentionBlock around nn.MultiheadAttention (batch_first)
-        attn = block.attn
-        w, bias = attn.in_proj_weight, attn.in_proj_bias
-        q_norm = k_norm = (lambda t: t)
-        out = attn.out_proj
-        post = block.ls_1
-    b, n, c = h.shape
-    heads = attn.num_heads
-    dh = c // heads
-    q = F.linear(h[:, :n_q], w[:c], bias[:c] if bias is not None else None)
-    kv = F.linear(h, w[c:], bias[c:] if bias is not None else None)
-    q = q.reshape(b, n_q, heads, dh).transpose(1, 2)
-    k, v = kv.reshape(b, n, 2, heads, dh).permute(2, 0, 3, 1, 4).unbind(0)
-    o = F.scaled_dot_product_attention(q_norm(q), k_norm(k), v)
-    return post(out(o.transpose(1, 2).reshape(b, n_q, c)))
-
-
-def _block(expert, i: int, x: torch.Tensor, group: torch.Tensor | None, keep: int) -> torch.Tensor:
+def _legacy_run(expert, x: torch.Tensor, start: int, end: int, group_prompts=None) -> torch.Tensor:
+    n = x.shape[1]
     bb = expert.backbone
-    block = bb.blocks[i]
-    shared = expert.shared_prompt(i) if expert.shared_prompt is not None else None
-    full = append_tokens(x, shared, group)
-    h = (block.norm1 if _is_timm(bb) else block.ln_1)(full)
-    x = x[:, :keep] + _attention_for_queries(bb, block, h, keep)
-    adapter = expert.adapters[i] if expert.adapters is not None else None
-    out = x + bb.mlp_branch(block, x)
-    return out + adapter(x) if adapter is not None else out
-
-
-def _run(expert, x: torch.Tensor, start: int, end: int, group_prompts=None, cls_only_last: bool = False):
-    last = expert.backbone.num_blocks - 1
     for i in range(start, end):
+        shared = expert.shared_prompt(i) if expert.shared_prompt is not None else None
         group = group_prompts[:, i - expert.group_start] if group_prompts is not None else None
-        keep = 1 if (cls_only_last and i == last) else x.shape[1]
-        x = _block(expert, i, x, group, keep)
+        adapter = expert.adapters[i] if expert.adapters is not None else None
+        x = bb.run_block(i, append_tokens(x, shared, group), adapter)[:, :n]  # full block, then drop prompts
     return x
 
 
-def fast_forward(expert, images: torch.Tensor, use_group_prompts: bool = True):
-    """Drop-in for ``LongTailExpert.forward`` (same outputs), with the two savings above."""
+def legacy_forward(expert, images: torch.Tensor, use_group_prompts: bool = True):
+    """``LongTailExpert.forward`` before the fix: every token through every block (prefix reuse kept)."""
     from lpt_lightning.models.expert import ExpertOutput
 
     bb = expert.backbone
     n = bb.num_blocks
     x = bb.embed(images)
     if expert.group_prompts is None or not use_group_prompts:
-        features = bb.pool(_run(expert, x, 0, n, cls_only_last=True))
+        features = bb.pool(_legacy_run(expert, x, 0, n))
         return ExpertOutput(logits=expert.head(features), features=features, query=features)
-    x = _run(expert, x, 0, expert.group_start)
+    x = _legacy_run(expert, x, 0, expert.group_start)
     with torch.set_grad_enabled(expert._query_needs_grad()):
-        query = bb.pool(_run(expert, x, expert.group_start, n, cls_only_last=True))
+        query = bb.pool(_legacy_run(expert, x, expert.group_start, n))
     match = expert.group_prompts.match(query.detach())
-    features = bb.pool(_run(expert, x, expert.group_start, n, match.prompts, cls_only_last=True))
+    features = bb.pool(_legacy_run(expert, x, expert.group_start, n, match.prompts))
     return ExpertOutput(logits=expert.head(features), features=features, query=query, match=match)
 
 
 def check_exactness(seed: int = 0) -> dict[str, float]:
     """Largest |difference| of logits and of every trainable gradient between the library's forward
-    and the prototype, on small random-weight experts of both kinds (phase-1 and phase-2 settings)."""
+    and ``legacy_forward``, on small random-weight experts of both kinds (phase-1 and phase-2 settings)."""
     from lpt_lightning.models.backbones import BackboneSpec
     from lpt_lightning.models.expert import ExpertSpec, GroupPromptSpec, LongTailExpert
 
@@ -117,7 +71,7 @@ def check_exactness(seed: int = 0) -> dict[str, float]:
                 p.requires_grad_(not name.startswith("backbone.") and (
                     name.startswith(("group_prompts.", "head.")) if phase2 else not name.startswith("group_prompts.")))
             grads = []
-            for forward in (type(expert).forward, fast_forward):
+            for forward in (type(expert).forward, legacy_forward):
                 expert.zero_grad(set_to_none=True)
                 out = forward(expert, images, use_group_prompts=phase2)
                 (out.logits.square().sum() + out.query.sum()).backward()

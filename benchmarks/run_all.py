@@ -1,6 +1,6 @@
 """Run every speed / memory benchmark and regenerate docs/benchmarks.md.
 
-    python benchmarks/run_all.py                   # CPU, fp32 (what `make bench` runs; ~10-15 min on 2 cores)
+    python benchmarks/run_all.py                   # CPU, fp32, 1 thread (what `make bench` runs; ~15 min)
     python benchmarks/run_all.py --device cuda     # GPU, bf16-mixed autocast, larger batches
     python benchmarks/run_all.py --quick           # smoke version (smaller batches, fewer rounds)
     python benchmarks/run_all.py --render          # only rewrite docs/benchmarks.md from saved results
@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="smoke version: fewer batch sizes and rounds")
     parser.add_argument("--only", choices=["model", "data"], nargs="*", default=None, help="run only these parts")
     parser.add_argument("--render", action="store_true", help="only rewrite docs/benchmarks.md")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default on CPU: 1, see docs/benchmarks.md; GPU: torch's default)")
     args = parser.parse_args(argv)
 
     if not args.render:
@@ -48,6 +50,11 @@ def main(argv: list[str] | None = None) -> None:
         warnings.filterwarnings("ignore")
         torch.manual_seed(0)
         env = C.make_env(args.device, args.precision)
+        threads = args.threads or (1 if not env.is_cuda else None)
+        if threads:
+            # On a few cores shared with other jobs, 2 OpenMP threads stall at every barrier whenever the
+            # other core is taken (5x swings seen here); one thread per process measures steadily.
+            torch.set_num_threads(threads)
         parts = args.only or ["model", "data"]
         tag = env.device.type + ("_quick" if args.quick else "")
         out_path = RESULTS / f"bench_{tag}.json"
