@@ -566,11 +566,12 @@ def findings(run: dict[str, Any]) -> list[str]:
         "metrics. The same effect made the small-tensor sections above swing 10-50x before they were pinned to "
         "1 thread. Proposed: `OMP_NUM_THREADS=1` (or `torch.set_num_threads(1)`) in the `demo`/`test` targets "
         "and a line in the README's CPU notes; `benchmarks/accuracy_study.py` does this (`--threads`).", "",
-        "**Not measured here (GPU only):** `ExpertPhase.training_step` ends with "
-        "`if not torch.isfinite(total)` (`lpt_lightning/phases/base.py`), a device-to-host synchronisation "
-        "every step that stops the CPU from queueing the backward while the forward runs. It costs nothing "
-        "on the CPU; on a GPU check it with `--device cuda` (or the PyTorch profiler) and, if visible, check "
-        "finiteness every N steps or after `optimizer.step` on a detached copy.", ""]
+        "**Not measured here (GPU only):** every training step calls `ExpertPhase._nonfinite` "
+        "(`lpt_lightning/phases/base.py`: `bool(torch.isfinite(loss))`), a device-to-host synchronisation that "
+        "keeps the CPU from queueing the backward while the forward still runs; with `on_nonfinite: skip` under "
+        "DDP it adds a `reduce_boolean_decision` all-reduce per step. Free on the CPU; on a GPU check it with "
+        "`--device cuda` or the PyTorch profiler. If it shows: in `stop` mode, check a detached copy every N "
+        "steps (or after the optimizer step); `skip` needs the answer before the step, so it keeps the sync.", ""]
     return lines
 
 
