@@ -20,10 +20,12 @@ from torchmetrics import Metric
 
 from lpt_lightning.errors import ConfigError
 
-__all__ = ["SHOT_CONVENTIONS", "SHOT_GROUPS", "SplitAccuracy", "format_split_table", "shot_groups"]
+__all__ = ["SHOT_CONVENTIONS", "SHOT_GROUPS", "SPLIT_KEYS", "SplitAccuracy", "format_split_table", "shot_groups"]
 
 SHOT_CONVENTIONS: tuple[str, ...] = ("lpt", "oltr")
 SHOT_GROUPS: tuple[str, ...] = ("many", "medium", "few")
+# The scalar results of SplitAccuracy.compute(), in the order tables print them.
+SPLIT_KEYS: tuple[str, ...] = ("acc", "acc_many", "acc_medium", "acc_few")
 
 
 def as_count_vector(values: Tensor | Sequence[float], *, name: str, min_count: int, min_classes: int = 1,

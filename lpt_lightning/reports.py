@@ -14,9 +14,8 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
 from lpt_lightning.checkpoints import atomic_save
-from lpt_lightning.metrics import format_split_table, shot_groups
+from lpt_lightning.metrics import SPLIT_KEYS, format_split_table, shot_groups
 
-SPLIT_KEYS = ("acc", "acc_many", "acc_medium", "acc_few")
 
 
 def _finite(x: float) -> float | None:

@@ -15,10 +15,9 @@ from lpt_lightning import __version__
 from lpt_lightning.checkpoints import META_KEY, is_saved_key
 from lpt_lightning.errors import CheckpointError, ConfigError
 from lpt_lightning.losses import AGCLLoss, LogitAdjustedCE, matching_loss
-from lpt_lightning.metrics import SplitAccuracy
+from lpt_lightning.metrics import SPLIT_KEYS, SplitAccuracy
 from lpt_lightning.models.expert import ExpertOutput, LongTailExpert
 
-SPLIT_KEYS = ("acc", "acc_many", "acc_medium", "acc_few")
 
 
 @dataclass

@@ -26,11 +26,10 @@ from lpt_lightning.checkpoints import (
 )
 from lpt_lightning.errors import CheckpointError, ConfigError
 from lpt_lightning.expert_cache import cache_key, cached_outputs, compute_outputs, ensure_disk_space, file_digest
-from lpt_lightning.metrics import SplitAccuracy
+from lpt_lightning.metrics import SPLIT_KEYS, SplitAccuracy
 from lpt_lightning.models.scorer import MoEScorer, fuse, search_base_weight
 from lpt_lightning.phases.base import seed_training_step
 
-SPLIT_KEYS = ("acc", "acc_many", "acc_medium", "acc_few")
 # Rows of every phase-3 evaluation: the gain of each part stays visible.
 ROWS = {"visual": "visual expert", "vl": "vision-language expert", "base": "W_base fusion", "fused": "LPT++ (scorer)"}
 EXPERTS = ("visual", "vl")
