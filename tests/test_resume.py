@@ -1,5 +1,4 @@
 """Exact resumption: a phase killed mid-epoch and resumed ends where an uninterrupted run ends."""
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -9,9 +8,9 @@ from lpt_lightning.data import FashionMNISTSource, LongTailDataModule
 from lpt_lightning.models.expert import ExpertSpec, GroupPromptSpec
 from lpt_lightning.phases import AdaptPhase, GroupPromptPhase, OptimSpec
 from tiny_models import tiny_backbone
+from datasets_available import needs_fmnist
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-pytestmark = pytest.mark.skipif(not FMNIST.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
+pytestmark = needs_fmnist
 
 
 class KillAfter(L.Callback):

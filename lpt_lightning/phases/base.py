@@ -90,6 +90,7 @@ class ExpertPhase(L.LightningModule):
         self.stream_losses = nn.ModuleDict()
         self.results: dict[str, dict[str, Any]] = {}
         self.nonfinite_batches = 0
+        self.data_record: dict[str, Any] | None = None  # digests of the data it trains on (set in setup)
         # Frozen backbone weights are not in our checkpoints: they come from the hub/local file.
         self.strict_loading = False
         self.expert: LongTailExpert
@@ -103,7 +104,10 @@ class ExpertPhase(L.LightningModule):
         """Subclasses add their phase, expert and prompt specs."""
         return {"version": __version__, "num_classes": self.num_classes, "class_names": self.class_names,
                 "split_convention": self.split_convention,
-                "logit_scale": self.loss_spec.scale}
+                "logit_scale": self.loss_spec.scale, "data": self.data_record}
+
+    def check_upstream_data(self) -> None:
+        """Phase 2 checks that phase 1 trained on the same data (nothing to check in phase 1)."""
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -120,19 +124,25 @@ class ExpertPhase(L.LightningModule):
     # ----------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        loss_counts = None
         if dm is not None and hasattr(dm, "train_class_counts"):
-            counts = torch.as_tensor(dm.train_class_counts, dtype=torch.long)
+            counts = torch.as_tensor(dm.group_class_counts, dtype=torch.long)
             if counts.numel() != self.num_classes:
                 raise ConfigError(f"data has {counts.numel()} classes but model.num_classes={self.num_classes}")
             self.class_counts.copy_(counts)
+            loss_counts = torch.as_tensor(dm.train_class_counts, dtype=torch.long)
+            self.data_record = dm.data_record()
+            if stage == "fit":
+                self.check_upstream_data()
         self.val_accuracy = SplitAccuracy(self.class_counts.cpu(), convention=self.split_convention)
         self.test_accuracy = SplitAccuracy(self.class_counts.cpu(), convention=self.split_convention)
         if stage == "fit":
-            self.stream_losses = nn.ModuleDict({s: self._make_loss(s) for s in ("cb", "ib", "sqrt")})
+            counts = loss_counts if loss_counts is not None else self.class_counts.cpu()
+            self.stream_losses = nn.ModuleDict({s: self._make_loss(s, counts) for s in ("cb", "ib", "sqrt")})
 
-    def _make_loss(self, stream: str) -> nn.Module:
+    def _make_loss(self, stream: str, counts: torch.Tensor) -> nn.Module:
+        """The loss of one stream; its prior is the real training counts (after any held-out carving)."""
         spec = self.loss_spec
-        counts = self.class_counts.cpu()
         if spec.kind == "logit_adjusted":
             return LogitAdjustedCE(counts, tau=spec.tau, scale=spec.scale)
         gamma_pos, gamma_neg = spec.class_balanced_gammas if stream == "cb" else spec.instance_gammas
