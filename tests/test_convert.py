@@ -3,6 +3,7 @@ ViT) is converted, loaded through the project's own code and checked against an 
 reference forward of the official model; malformed or unsafe files are refused."""
 from __future__ import annotations
 
+import csv
 import logging
 import math
 import sys
@@ -260,3 +261,6 @@ def test_cli_convert_then_lpt_test(tmp_path, monkeypatch, capsys, caplog):
           "--trainer.accelerator=cpu", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
           "--ckpt_path=converted.ckpt"])
     assert "Split accuracy (%, lpt convention)" in caplog.text
+    # The per-class report counts the data's training images, not the checkpoint's placeholder.
+    with open(tmp_path / "per_class_test.csv", newline="") as f:
+        assert {row["train_count"] for row in csv.DictReader(f)} == {"2"}
