@@ -44,8 +44,6 @@ from lpt_lightning.models.expert import ExpertSpec, GroupPromptSpec, LongTailExp
 OFFICIAL_LAYER_NORM_EPS = 1e-5
 SHARED, POOL, KEYS, HEAD = (f"prompt_learner.{n}" for n in ("Prompt_Tokens", "Prompt_Tokens_pool", "Prompt_Keys",
                                                              "head.weight"))
-OFFICIAL_TO_PROJECT = {SHARED: "expert.shared_prompt.prompts", POOL: "expert.group_prompts.prompts",
-                       KEYS: "expert.group_prompts.keys", HEAD: "expert.head.weight"}
 # The official training loss is not recorded in the file: the project's default scale, which sets
 # the temperature of `lpt predict` probabilities and of phase 3's expert mixing.
 LOGIT_SCALE = 20.0
@@ -83,7 +81,7 @@ def _ndim_checked(state: dict[str, torch.Tensor], key: str, ndim: int, path: Pat
 def official_specs(state: dict[str, torch.Tensor], path: Path, backbone: BackboneSpec, top_k: int,
                    num_classes: int) -> tuple[ExpertSpec, GroupPromptSpec]:
     """Expert and group prompt specs read off the prompt tensors' shapes."""
-    missing = [k for k in OFFICIAL_TO_PROJECT if k not in state]
+    missing = [k for k in (SHARED, POOL, KEYS, HEAD) if k not in state]
     if missing:
         raise CheckpointError(f"{path}: lacks {missing[0]!r}; not an official LPT phase-2 checkpoint")
     depth, length, _ = _ndim_checked(state, SHARED, 3, path)
