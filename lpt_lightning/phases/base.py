@@ -277,6 +277,12 @@ class ExpertPhase(L.LightningModule):
                 f"checkpoint lacks {len(missing)} trained tensors of this {self.phase_name} model "
                 f"(e.g. {missing[0]}): it was written by another phase or model configuration"
             )
+        # Class counts describe the attached data (setup copied them before the restore): keep them,
+        # so reports agree with the split metrics, also for checkpoints without real counts
+        # (`lpt convert`).
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "train_class_counts"):
+            checkpoint["state_dict"]["class_counts"] = self.class_counts.clone()
 
     def train(self, mode: bool = True) -> "ExpertPhase":
         super().train(mode)
