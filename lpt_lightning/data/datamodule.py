@@ -48,7 +48,6 @@ class ResumableDataLoader(DataLoader):
     def __iter__(self):
         epoch, _ = self._position()
         self.sampler.set_epoch(epoch)
-        self.dataset.epoch = epoch  # per-sample augmentation seeds follow the epoch
         if self._resume_batches:
             self.sampler.start = self._resume_batches * self.batch_size
             self._resume_batches = 0
@@ -68,7 +67,7 @@ class LongTailDataModule(LightningDataModule):
         images_per_class: consecutive images drawn per class visit by the class-aware sampler.
         num_workers: DataLoader worker processes per device.
         img_size: crop size; None takes ``trainer.lightning_module.img_size`` in setup().
-        seed: seed of the samplers (the epoch is added each epoch).
+        seed: seed of the samplers (the epoch is added each epoch) and of training augmentation.
         skip_unreadable: drop undecodable images from batches instead of failing.
         verify_files: check that every listed image file exists before training.
         pin_memory: pin host memory (only when CUDA is available).
@@ -335,8 +334,6 @@ class LongTailDataModule(LightningDataModule):
             self._datasets[key] = LongTailImageDataset(
                 split, transform, images=self.splits.images, skip_unreadable=self.skip_unreadable
             )
-            if train:
-                self._datasets[key].augment_seed = self.seed
         return self._datasets[key]
 
     def setup(self, stage: str | None = None) -> None:
@@ -383,18 +380,19 @@ class LongTailDataModule(LightningDataModule):
         return self.eval_split(self.fit_split)
 
     def train_sampler(self, kind: str) -> Sampler:
-        """A fresh sampler of one stream: "cb" class-aware, "ib" instance, "sqrt" square-root."""
+        """A fresh sampler of one stream: "cb" class-aware, "ib" instance, "sqrt" square-root.
+
+        It yields `Draw` keys, so that each draw gets an augmentation of its own."""
         num_replicas, rank = self._replicas()
         labels = self._fit_split()[1].labels
+        common = dict(num_replicas=num_replicas, rank=rank, draw_keys=True)
         if kind == "cb":
-            return ClassAwareSampler(
-                labels, images_per_class=self.images_per_class, seed=self.seed, num_replicas=num_replicas, rank=rank
-            )
+            return ClassAwareSampler(labels, images_per_class=self.images_per_class, seed=self.seed, **common)
         if kind == "ib":
-            # A different seed offset keeps the two streams from sharing a random stream.
-            return InstanceSampler(labels, seed=self.seed + 1_000_003, num_replicas=num_replicas, rank=rank)
+            # A different seed offset keeps the two streams (and their augmentations) apart.
+            return InstanceSampler(labels, seed=self.seed + 1_000_003, **common)
         if kind == "sqrt":
-            return PowerSampler(labels, power=0.5, seed=self.seed, num_replicas=num_replicas, rank=rank)
+            return PowerSampler(labels, power=0.5, seed=self.seed, **common)
         raise ConfigError(f"unknown sampler kind {kind!r}")
 
     def train_dataloader(self) -> dict[str, DataLoader]:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
@@ -168,7 +169,7 @@ class ExpertPhase(L.LightningModule):
         return terms
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        seed_training_step(self.global_step, self.global_rank)
+        seed_training_step(self.current_epoch, batch_idx, self.global_rank)
 
     def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
         streams = list(batch)
@@ -296,14 +297,17 @@ class ExpertPhase(L.LightningModule):
         return [self.expert.backbone]
 
 
-def seed_training_step(global_step: int, rank: int) -> None:
-    """Seed the global generators from (run seed, step, rank) before each training step.
+def seed_training_step(epoch: int, batch_idx: int, rank: int) -> None:
+    """Seed the global generators from (run seed, epoch, batch, rank) before each training batch.
 
-    GCL noise and dropout then depend only on the step, not on how many data-loader iterators
+    GCL noise and dropout then depend only on the batch, not on how many data-loader iterators
     or validation runs came before: a resumed run draws exactly what an uninterrupted one does.
+    Seeding by batch rather than by optimiser step gives each micro-batch of a gradient
+    accumulation window (and the batch after a skipped one) draws of its own.
     """
     base = int(os.environ.get("PL_GLOBAL_SEED", 0))
-    torch.manual_seed((base * 1_000_003 + global_step) * 1_009 + rank)
+    words = [base % 2**64, epoch, batch_idx, rank]  # SeedSequence takes no negative words
+    torch.manual_seed(int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0]))
 
 
 def instance_weight(epoch: int, max_epochs: int | None, eta_max: float) -> float:

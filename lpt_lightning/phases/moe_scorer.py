@@ -215,7 +215,7 @@ class MoEScorerPhase(L.LightningModule):
         return {k: v[idx].to(self.device, non_blocking=True) for k, v in data.items()}
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        seed_training_step(self.global_step, self.global_rank)
+        seed_training_step(self.current_epoch, batch_idx, self.global_rank)
 
     def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
         index = torch.cat([b["index"] for b in batch.values()])
