@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from lpt_lightning.errors import CheckpointError
+from lpt_lightning.errors import CheckpointError, ConfigError
 from lpt_lightning.models.backbones import BackboneSpec
 from lpt_lightning.models.expert import ExpertSpec, GroupPromptSpec, LongTailExpert
 
@@ -41,10 +42,21 @@ def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
             return {"state_dict": state, META_KEY: meta}
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(
-            f"{path}: cannot be loaded safely ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
-            "It is truncated, corrupt, or carries pickled objects other than tensors and plain data."
-        ) from exc
+        raise CheckpointError(f"{path}: cannot be loaded safely: {_load_failure(path, exc)}") from exc
+
+
+def _load_failure(path: Path, exc: Exception) -> str:
+    """Why a checkpoint did not load, in words that do not invite unpickling it unsafely (torch's
+    own message suggests ``weights_only=False``, which would run any code the file carries)."""
+    if path.is_file() and path.stat().st_size == 0:
+        return "the file is empty"
+    if "zip archive" in str(exc) or isinstance(exc, EOFError):
+        return "the file is truncated or corrupt (not a complete checkpoint archive)"
+    if isinstance(exc, pickle.UnpicklingError):
+        return ("it is corrupt, or carries pickled objects other than tensors and plain data, which are refused "
+                "because unpickling them can run code; re-save it with tensors and plain data only")
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {first}; the file is truncated, corrupt or not a checkpoint"
 
 
 def read_phase_metadata(checkpoint: dict[str, Any], path: str | Path) -> dict[str, Any]:
@@ -60,6 +72,20 @@ def read_phase_metadata(checkpoint: dict[str, Any], path: str | Path) -> dict[st
     if meta["phase"] in ("adapt", "group_prompt") and not isinstance(meta.get("expert"), dict):
         raise CheckpointError(f"{path}: metadata of a '{meta['phase']}' checkpoint lacks its expert spec")
     return meta
+
+
+PHASE_NUMBERS = {"adapt": "phase 1", "group_prompt": "phase 2", "moe_scorer": "phase 3"}
+
+
+def check_phase_metadata(meta: dict[str, Any], path: str | Path, option: str, phase: str | None = None,
+                         num_classes: int | None = None) -> None:
+    """Refuse a checkpoint of another phase than ``phase`` or for another class count (None: not
+    checked). ``option`` is the setting that named the file, quoted in the message."""
+    if phase is not None and meta["phase"] != phase:
+        raise CheckpointError(f"{option}={path}: written by phase '{meta['phase']}', expected a checkpoint of "
+                              f"phase '{phase}' ({PHASE_NUMBERS.get(phase, phase)})")
+    if num_classes is not None and meta["num_classes"] != num_classes:
+        raise ConfigError(f"{option}={path}: trained for {meta['num_classes']} classes, but the data has {num_classes}")
 
 
 def check_same_data(recorded: dict[str, Any] | None, current: dict[str, Any] | None, what: str) -> None:
@@ -159,4 +185,4 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except FileNotFoundError:
             raise
         except Exception as exc:
-            raise CheckpointError(f"{path}: cannot be loaded safely ({type(exc).__name__}: {exc})") from exc
+            raise CheckpointError(f"{path}: cannot be loaded safely: {_load_failure(Path(path), exc)}") from exc

@@ -1,23 +1,32 @@
 """The ``lpt`` command: a LightningCLI over the phase LightningModules and one DataModule,
 plus ``lpt pipeline`` (all phases), ``lpt export`` (trained tensors to safetensors) and ``lpt convert``
-(checkpoints of other code bases)."""
+(checkpoints of other code bases).
+
+Bad input ends in one message naming the file, line or option, exit code 2 and no traceback
+(``--debug`` or ``LPT_DEBUG=1`` shows it); Ctrl-C or SIGTERM ends in one line saying how to resume.
+"""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 import warnings
 from typing import Any
 
 import lightning as L
 from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lpt_lightning.data import LongTailDataModule
-from lpt_lightning.errors import ConfigError
+from lpt_lightning.errors import CheckpointError, ConfigError, LPTError, RunInterrupted
 from lpt_lightning.prediction import PredictionWriter
 from lpt_lightning.reports import SplitReport
 
@@ -26,6 +35,10 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 # `lpt pipeline` runs each phase's LightningCLI with explicit args while sys.argv keeps the
 # pipeline command (the DDP launcher re-executes sys.argv in every rank).
 warnings.filterwarnings("ignore", message=r".*args parameter is intended to run from within Python.*")
+
+# ckpt_path values Lightning resolves itself ("last" is resolved here, so that it is checked too).
+LIGHTNING_CKPT_NAMES = ("best", "hpc")
+SIGTERM_EXIT, SIGINT_EXIT = 128 + signal.SIGTERM, 128 + signal.SIGINT
 
 
 class LPTCLI(LightningCLI):
@@ -38,6 +51,13 @@ class LPTCLI(LightningCLI):
         return dict(model_class=L.LightningModule, datamodule_class=LongTailDataModule, subclass_mode_model=True,
                     save_config_callback=LoggedSaveConfig, save_config_kwargs={"overwrite": True})
 
+    def init_parser(self, **kwargs: Any):
+        # argparse would take an abbreviation (--trainer.max_epoch) as the option it prefixes.
+        kwargs.setdefault("allow_abbrev", False)
+        # A parse error shows the error, not the 70-line usage of every option (--help has it).
+        kwargs.setdefault("usage", "%(prog)s")
+        return super().init_parser(**kwargs)
+
     def add_arguments_to_parser(self, parser) -> None:
         # The dataset defines the classes; the model is never configured separately.
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
@@ -46,6 +66,112 @@ class LPTCLI(LightningCLI):
         parser.add_lightning_class_args(PredictionWriter, "prediction")
         # `lpt test` writes per-class tables and plots (and sends them to W&B when configured).
         parser.add_lightning_class_args(SplitReport, "report")
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="fit: delete the checkpoints an earlier run left in this run's directory and "
+                                 "start afresh, replacing its config.yaml (without it such a directory is refused "
+                                 "unless --ckpt_path resumes that run)")
+
+    # ------------------------------------------------------------ ckpt_path, checked before Lightning reads it
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the file here, before anything is built: the safe loader comes first.
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path and path not in (*LIGHTNING_CKPT_NAMES, "last"):
+            self._ckpt_meta = (path, self._check_ckpt_path(path, self._model_phase(self.config[subcommand])))
+        super()._parse_ckpt_path()
+
+    @staticmethod
+    def _model_phase(config) -> str | None:
+        """The phase name of the configured model class (None for classes that are not phases)."""
+        class_path = (config.get("model") or {}).get("class_path") or ""
+        module, _, name = class_path.rpartition(".")
+        try:
+            return getattr(getattr(importlib.import_module(module), name), "phase_name", None) or None
+        except (ImportError, AttributeError, ValueError):
+            return None  # the parser has named a bad class_path already
+
+    @staticmethod
+    def _check_ckpt_path(path: str, phase: str | None) -> dict[str, Any]:
+        """The checkpoint's metadata, after the checks of `lpt export` and model.phase1_checkpoint."""
+        from lpt_lightning.checkpoints import check_phase_metadata, load_checkpoint_file, read_phase_metadata
+
+        if Path(path).suffix == ".safetensors":
+            raise CheckpointError(f"ckpt_path={path}: an export holds no trainer state; give the .ckpt it was "
+                                  "exported from (an export can start phase 2 or 3 as model.init_args.*_checkpoint)")
+        meta = read_phase_metadata(load_checkpoint_file(path), path)
+        check_phase_metadata(meta, path, "ckpt_path", phase)
+        return meta
+
+    def _checkpoint_dirs(self) -> list[Path]:
+        return [Path(cb.dirpath) for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+
+    def _earlier_checkpoints(self) -> list[Path]:
+        """Checkpoints in this run's directories: ModelCheckpoint's and SLURM's ``hpc_ckpt_N.ckpt``."""
+        found = [p for d in self._checkpoint_dirs() for p in sorted(d.glob("*.ckpt"))]
+        return found + sorted(Path(self.trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"))
+
+    def after_instantiate_classes(self) -> None:
+        if self.subcommand is None:
+            return
+        config = self.config_init[self.subcommand]
+        path = config.get("ckpt_path")
+        phase, num_classes = getattr(self.model, "phase_name", None) or None, getattr(self.model, "num_classes", None)
+        if path == "last":
+            path = self._last_checkpoint()
+            config["ckpt_path"] = path
+        if path and path not in LIGHTNING_CKPT_NAMES:
+            from lpt_lightning.checkpoints import check_phase_metadata
+
+            checked, meta = getattr(self, "_ckpt_meta", (None, None))
+            meta = meta if checked == path else self._check_ckpt_path(path, phase)
+            check_phase_metadata(meta, path, "ckpt_path", num_classes=num_classes)
+        if self.subcommand == "fit":
+            self._check_run_directory(path)
+
+    def _last_checkpoint(self) -> str:
+        """``--ckpt_path=last``: the newest checkpoint of this run (as Lightning's "last", plus SLURM's)."""
+        candidates = [p for p in self._earlier_checkpoints() if p.name.startswith(("last", "hpc_ckpt_"))]
+        if not candidates:
+            where = ", ".join(str(d) for d in self._checkpoint_dirs()) or self.trainer.default_root_dir
+            raise ConfigError(f"ckpt_path=last: no checkpoint to resume in {where}; drop --ckpt_path to start afresh")
+        return str(max(candidates, key=lambda p: p.stat().st_mtime))
+
+    def _check_run_directory(self, ckpt_path: str | None) -> None:
+        """A fresh run into a directory holding an earlier run's checkpoints would leave
+        ``last.ckpt`` pointing at the old run (the new one writes ``last-v1.ckpt``): refuse it,
+        unless ckpt_path resumes that run or --overwrite clears it."""
+        earlier = self._earlier_checkpoints()
+        if not earlier:
+            return
+        own = {os.path.realpath(d) for d in [*self._checkpoint_dirs(), Path(self.trainer.default_root_dir)]}
+        if ckpt_path and os.path.realpath(Path(ckpt_path).absolute().parent) in own:
+            return  # resuming this run: its ModelCheckpoint state makes it overwrite last.ckpt
+        where = earlier[0].parent
+        if self._get(self.config, "overwrite"):
+            for p in earlier:
+                p.unlink(missing_ok=True)  # every rank may try
+            rank_zero_info(f"--overwrite: deleted {len(earlier)} checkpoints of an earlier run in {where}")
+            return
+        shown = ", ".join(p.name for p in earlier[:4]) + (f" and {len(earlier) - 4} more" if len(earlier) > 4 else "")
+        raise ConfigError(
+            f"{where} already holds checkpoints of an earlier run ({shown}). Resume it with --ckpt_path=last, "
+            "write to a new directory (trainer.default_root_dir and the ModelCheckpoint dirpath), or start "
+            "afresh with --overwrite=true (deletes those checkpoints)")
+
+    def fit(self, model, **kwargs: Any) -> None:
+        """``trainer.fit``, with Ctrl-C / SIGTERM turned into `RunInterrupted` (Lightning ends the
+        former with ``sys.exit(1)``, the latter with ``SIGTERMException``)."""
+        with _signal_handler(signal.SIGTERM, signal.SIG_DFL):  # Lightning's own handler stops at a batch end
+            try:
+                self.trainer.fit(model, **kwargs)
+            except SystemExit as exc:
+                if not self.trainer.interrupted:
+                    raise
+                resume = ("rerun with --ckpt_path=last to resume" if self._earlier_checkpoints()
+                          else "no checkpoint was written yet: rerun the same command to start again")
+                raise RunInterrupted(f"interrupted in phase {getattr(model, 'phase_name', '') or type(model).__name__} "
+                                     f"({self.trainer.default_root_dir}); {resume}",
+                                     SIGTERM_EXIT if isinstance(exc, SIGTERMException) else SIGINT_EXIT) from None
 
     def instantiate_trainer(self, **kwargs: Any):
         # Checkpoints are written atomically and read without unpickling code, unless the config
@@ -92,17 +218,54 @@ def validate_config(config_path: str, subcommand: str = "fit") -> None:
             raise ConfigError(f"{config_path}: " + ("\n".join(lines[-12:]) or "invalid configuration")) from None
 
 
+# Sections of `lpt pipeline` that stay plain dicts: each phase's own LightningCLI parses them.
+PIPELINE_DICT_SECTIONS = ("data", "trainer", "phase1", "phase2", "phase3")
+
+
+def split_nested_overrides(args: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """Take ``--data.source.init_args.root=DIR`` (or ``... DIR``) out of ``args`` as
+    ``{"data": {"source": {"init_args": {"root": "DIR"}}}}``. jsonargparse sets a dotted key of a
+    dict-typed argument one level deep only (``source`` would become ``{"init_args.root": DIR}``,
+    dropping its class_path); these are merged into the sections as ``lpt fit`` merges them."""
+    import yaml
+
+    rest, nested = [], {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        key = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+        if key.split(".", 1)[0] in PIPELINE_DICT_SECTIONS and "." in key:
+            if "=" in arg:
+                value = arg.split("=", 1)[1]
+            elif i + 1 < len(args):
+                i += 1
+                value = args[i]
+            else:
+                raise ConfigError(f"lpt pipeline: {arg} needs a value")
+            node = nested
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = yaml.safe_load(value) if value else value
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, nested
+
+
 def pipeline_main(args: list[str]) -> None:
     from jsonargparse import ActionConfigFile, ArgumentParser
 
-    from lpt_lightning.pipeline import run_pipeline
+    from lpt_lightning.pipeline import merge, run_pipeline
 
-    parser = ArgumentParser(prog="lpt pipeline", description=run_pipeline.__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="lpt pipeline", description=run_pipeline.__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--config", action=ActionConfigFile, help="pipeline YAML (configs/*_pipeline.yaml)")
     parser.add_function_arguments(run_pipeline, as_positional=False)
-    # Phase sections stay plain dicts: each phase's own LightningCLI parses and builds them.
+    args, overrides = split_nested_overrides(args)
     cfg = parser.parse_args(args).as_dict()
     cfg.pop("config", None)
+    for section, override in overrides.items():
+        cfg[section] = merge(cfg.get(section) or {}, override)
     if cfg.get("wandb") is not None:
         from lpt_lightning.pipeline import WandbSpec
 
@@ -115,7 +278,7 @@ def export_main(args: list[str]) -> None:
 
     from lpt_lightning.checkpoints import export_safetensors
 
-    parser = argparse.ArgumentParser(prog="lpt export", description="Write the trained tensors and metadata of a "
+    parser = argparse.ArgumentParser(prog="lpt export", allow_abbrev=False, description="Write the trained tensors and metadata of a "
                                      "phase checkpoint to a .safetensors file (loadable wherever a checkpoint is).")
     parser.add_argument("checkpoint")
     parser.add_argument("output")
@@ -131,7 +294,7 @@ def convert_main(args: list[str]) -> None:
     from lpt_lightning.data.sources import _parse_class_names
     from lpt_lightning.models.backbones import REFERENCE_BACKBONES, BackboneSpec
 
-    parser = argparse.ArgumentParser(prog="lpt convert", description="Convert a checkpoint of another code base "
+    parser = argparse.ArgumentParser(prog="lpt convert", allow_abbrev=False, description="Convert a checkpoint of another code base "
                                      "into phase checkpoints of this project.")
     formats = parser.add_subparsers(dest="format", required=True)
     official = formats.add_parser("lpt-official", help="the released LPT checkpoint of GitHub DongSky/LPT: "
@@ -154,15 +317,75 @@ def convert_main(args: list[str]) -> None:
     print(f"wrote {phase2} (phase 2) and {phase1} (phase 1)")
 
 
-def main(args: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if args is None else args)
+def project_error(exc: BaseException) -> BaseException | None:
+    """The project's own error behind ``exc`` (jsonargparse raises ``Does not validate against
+    any of the Union subtypes`` *from* an error raised while building a class), or None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, (LPTError, MisconfigurationException)):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__
+    return None
+
+
+def headline(exc: BaseException) -> str:
+    """The message of ``exc``; a DataLoader worker re-raises it with the worker's traceback
+    folded into the text, of which the last line is the message."""
+    text = str(exc)
+    if "\nOriginal Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
+@contextlib.contextmanager
+def _signal_handler(signum: int, handler):
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield
+        return
+    previous = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signum, previous)
+
+
+def _terminated(signum, frame) -> None:
+    raise RunInterrupted("terminated (SIGTERM)", SIGTERM_EXIT)
+
+
+def dispatch(argv: list[str]) -> None:
     if argv and argv[0] == "pipeline":
         return pipeline_main(argv[1:])
     if argv and argv[0] == "export":
         return export_main(argv[1:])
     if argv and argv[0] == "convert":
         return convert_main(argv[1:])
-    LPTCLI(args=args, **LPTCLI.defaults())
+    LPTCLI(args=argv, **LPTCLI.defaults())
+
+
+def main(args: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if args is None else args)
+    debug = "--debug" in argv or os.environ.get("LPT_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    command = f"lpt {argv[0]}" if argv and not argv[0].startswith("-") else "lpt"
+    try:
+        with _signal_handler(signal.SIGTERM, _terminated):  # SIGTERM outside training: one line too
+            dispatch(argv)
+    except (RunInterrupted, KeyboardInterrupt) as exc:
+        if debug:
+            raise
+        message = str(exc) if isinstance(exc, RunInterrupted) else "interrupted (Ctrl-C)"
+        print(f"{command}: {message}", file=sys.stderr)
+        sys.exit(getattr(exc, "exit_code", SIGINT_EXIT))
+    except Exception as exc:
+        error = project_error(exc)
+        if error is None or debug:
+            raise
+        print(f"{command}: error: {headline(error)}\n(run with --debug or LPT_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -15,3 +15,11 @@ class ConfigError(LPTError, ValueError):
 
 class CheckpointError(LPTError, ValueError):
     """A checkpoint or weights file is unreadable, unsafe or does not match the model."""
+
+
+class RunInterrupted(Exception):
+    """Ctrl-C or SIGTERM ended a run; the message says where and how to resume."""
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

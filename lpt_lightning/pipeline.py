@@ -19,7 +19,7 @@ import yaml
 from lightning.pytorch.utilities import rank_zero_info
 
 from lpt_lightning.checkpoints import atomic_save, load_checkpoint_file, read_phase_metadata
-from lpt_lightning.errors import CheckpointError, ConfigError
+from lpt_lightning.errors import CheckpointError, ConfigError, RunInterrupted
 from lpt_lightning.reports import plot_per_class_accuracy, read_metrics, split_table, write_metrics
 
 PHASE_CLASSES = {
@@ -190,6 +190,8 @@ def run_phase(run: PhaseRun, test: bool) -> None:
     if resume is not None:
         rank_zero_info(f"{run.name}: resuming from {resume}")
         args += ["--ckpt_path", str(resume)]
+    else:  # nothing readable to resume: whatever checkpoints are left are unusable, start afresh
+        args += ["--overwrite=true"]
     cli = LPTCLI(args=["fit", *args], **LPTCLI.defaults())
     trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
     if trainer.interrupted:
@@ -270,7 +272,11 @@ def run_pipeline(
                 rank_zero_info(f"{run.name}\n{split_table_from_file(metrics)}\n")
             continue
         rank_zero_info(f"=== {run.name} ===")
-        run_phase(run, test)
+        try:
+            run_phase(run, test)
+        except (KeyboardInterrupt, RunInterrupted) as exc:
+            raise RunInterrupted(f"interrupted in phase {run.name}; rerun the same command to resume",
+                                 getattr(exc, "exit_code", 130)) from None
     return runs
 
 

@@ -12,8 +12,10 @@ import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
 
 from lpt_lightning.checkpoints import atomic_save
+from lpt_lightning.errors import ConfigError
 from lpt_lightning.metrics import SPLIT_KEYS, format_split_table, shot_groups
 
 
@@ -124,7 +126,23 @@ class SplitReport(Callback):
 
 class LoggedSaveConfig(SaveConfigCallback):
     """Saves config.yaml beside the logs (Lightning's behaviour) and sends the resolved config to
-    the experiment loggers (W&B shows it as the run's config)."""
+    the experiment loggers (W&B shows it as the run's config).
+
+    An existing config.yaml is never replaced silently: a resumed run, ``lpt test`` and the like
+    keep it (it describes the run that wrote the checkpoints); a fresh ``lpt fit`` is refused
+    unless ``--overwrite=true``."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.save_to_log_dir and not self.already_saved:
+            path = Path(trainer.log_dir) / self.config_filename
+            exists = trainer.strategy.broadcast(path.is_file() if trainer.is_global_zero else False)
+            if exists and not self.config.get("overwrite"):
+                if stage == "fit" and not self.config.get("ckpt_path"):
+                    raise ConfigError(f"{path} holds the config of an earlier run: write to a new log directory, or "
+                                      "pass --overwrite=true to replace it")
+                rank_zero_info(f"keeping {path} (the config of the run being resumed or evaluated)")
+                self.save_to_log_dir = False  # still sends the config to the loggers
+        super().setup(trainer, pl_module, stage)
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         config = self.config.as_dict() if hasattr(self.config, "as_dict") else dict(self.config)

@@ -122,7 +122,7 @@ def test_phase2_refuses_checkpoint_of_wrong_phase(tmp_path, phase1_checkpoint):
     phase2 = GroupPromptPhase(phase1_checkpoint=str(phase1_checkpoint), group_prompts=GROUP, num_classes=5)
     wrong = tmp_path / "phase2.ckpt"
     torch.save({"state_dict": phase2.state_dict(), "lpt": phase2.metadata()}, wrong)
-    with pytest.raises(CheckpointError, match=r"phase2\.ckpt.*'group_prompt'.*expected an 'adapt'"):
+    with pytest.raises(CheckpointError, match=r"phase2\.ckpt.*'group_prompt'.*expected a checkpoint of phase 'adapt'"):
         GroupPromptPhase(phase1_checkpoint=str(wrong), num_classes=5)
 
 

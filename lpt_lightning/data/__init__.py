@@ -1,6 +1,6 @@
 """Data layer: dataset sources, long-tail subsampling, rank-aware samplers and the DataModule."""
 from lpt_lightning.data.datamodule import LongTailDataModule
-from lpt_lightning.data.datasets import LongTailImageDataset, collate_skipping, verify_files
+from lpt_lightning.data.datasets import LongTailImageDataset, collate_skipping, verify_images
 from lpt_lightning.data.long_tail import balanced_holdout, cap_per_class, long_tail_counts, make_long_tailed
 from lpt_lightning.data.samplers import ClassAwareSampler, InstanceSampler, PowerSampler, ShardedEvalSampler
 from lpt_lightning.data.sources import (
@@ -40,5 +40,5 @@ __all__ = [
     "long_tail_counts",
     "make_long_tailed",
     "read_idx",
-    "verify_files",
+    "verify_images",
 ]

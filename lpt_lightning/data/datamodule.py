@@ -13,9 +13,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Sampler
 
 from lpt_lightning.data.long_tail import holdout_upto
-from lpt_lightning.data.datasets import LongTailImageDataset, collate_skipping, verify_files
+from lpt_lightning.data.datasets import LongTailImageDataset, VerifyMode, collate_skipping, verify_images
 from lpt_lightning.data.samplers import ClassAwareSampler, InstanceSampler, PowerSampler, ShardedEvalSampler
-from lpt_lightning.data.sources import IMAGE_EXTENSIONS, DatasetSplits, DataSource, Split
+from lpt_lightning.data.sources import IMAGE_EXTENSIONS, DatasetSplits, DataSource, Split, _read_lines
 from lpt_lightning.data.transforms import build_eval_transform, build_train_transform
 from lpt_lightning.errors import ConfigError, DataFormatError
 
@@ -69,7 +69,9 @@ class LongTailDataModule(LightningDataModule):
         img_size: crop size; None takes ``trainer.lightning_module.img_size`` in setup().
         seed: seed of the samplers (the epoch is added each epoch) and of training augmentation.
         skip_unreadable: drop undecodable images from batches instead of failing.
-        verify_files: check that every listed image file exists before training.
+        verify_images: check every listed image before training, in ``max(num_workers, 1)``
+            processes: "header" (default: the file exists and its header parses), "full" (every
+            pixel decodes: also finds truncated files, several times slower) or "off".
         pin_memory: pin host memory (only when CUDA is available).
         persistent_workers: keep workers alive between epochs (only with num_workers > 0).
         augment: random-resized-crop and flip for training (False: the eval transform, e.g. for
@@ -106,7 +108,7 @@ class LongTailDataModule(LightningDataModule):
         img_size: int | None = None,
         seed: int = 0,
         skip_unreadable: bool = False,
-        verify_files: bool = True,
+        verify_images: VerifyMode = "header",
         pin_memory: bool = True,
         persistent_workers: bool = False,
         predict_paths: str | None = None,
@@ -127,6 +129,8 @@ class LongTailDataModule(LightningDataModule):
             )
         if images_per_class < 1:
             raise ConfigError(f"data.images_per_class must be >= 1, got {images_per_class}")
+        if verify_images not in ("header", "full", "off"):
+            raise ConfigError(f"data.verify_images must be header, full or off; got {verify_images!r}")
         if num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}")
         if holdout_per_class < 0:
@@ -147,7 +151,7 @@ class LongTailDataModule(LightningDataModule):
         self.img_size = img_size
         self.seed = seed
         self.skip_unreadable = skip_unreadable
-        self.verify_files = verify_files
+        self.verify_images = verify_images
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
         self.predict_paths = predict_paths
@@ -315,10 +319,11 @@ class LongTailDataModule(LightningDataModule):
                     "or set data.holdout_per_class to select on a held-out split instead")
 
     def _check_files(self, name: str, split: Split) -> None:
-        if not self.verify_files or name in self._verified:
+        if name in self._verified:
             return
         try:
-            verify_files(split)
+            verify_images(split, self.verify_images, workers=max(self.num_workers, 1),
+                          progress=self.trainer is None or self.trainer.is_global_zero)
         except DataFormatError as exc:
             if not self.skip_unreadable:
                 raise
@@ -473,11 +478,20 @@ def image_paths_split(path: str) -> Split:
         if not items:
             raise ConfigError(f"data.predict_paths={path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in that folder")
     elif root.is_file():
-        lines = [line.split()[0] for line in root.read_text().splitlines() if line.strip()]
-        items = [p if os.path.isabs(p) else str(root.parent / p) for p in lines]
+        # One path per line (spaces allowed); a trailing integer label, as in a training list, is ignored.
+        entries = [(n, line.strip()) for n, line in enumerate(_read_lines(root), start=1) if line.strip()]
+        paths = [_strip_label(line) for _, line in entries]
+        items = [p if os.path.isabs(p) else str(root.parent / p) for p in paths]
         if not items:
             raise ConfigError(f"data.predict_paths={path}: the list file is empty")
+        return Split(items=items, labels=np.full(len(items), -1, dtype=np.int64), origin=str(root),
+                     positions=np.array([n for n, _ in entries]))
     else:
         raise ConfigError(f"data.predict_paths={path}: no such folder or list file")
     return Split(items=items, labels=np.full(len(items), -1, dtype=np.int64), origin=str(root))
+
+
+def _strip_label(line: str) -> str:
+    fields = line.rsplit(maxsplit=1)
+    return fields[0] if len(fields) == 2 and fields[1].lstrip("-").isdigit() else line
 

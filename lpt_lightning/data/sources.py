@@ -44,6 +44,10 @@ class Split:
     items: list
     labels: np.ndarray
     origin: str = ""  # where the split was read from, quoted in error messages
+    # Where each item is written in ``origin`` (a list file's line number, a json's images[] index),
+    # so that errors about one image can point at the entry to fix.
+    positions: np.ndarray | None = None
+    position_format: str = "line {}"
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
@@ -51,15 +55,26 @@ class Split:
             raise DataFormatError(
                 f"split from {self.origin or '?'}: {len(self.items)} items but {self.labels.size} labels"
             )
+        if self.positions is not None:
+            self.positions = np.asarray(self.positions, dtype=np.int64).reshape(-1)
+
+    def where(self, i: int) -> str:
+        """``origin, line N`` of item ``i`` (just ``origin`` when positions are unknown)."""
+        if self.positions is None:
+            return self.origin
+        return f"{self.origin}, {self.position_format.format(int(self.positions[i]))}"
 
     def __len__(self) -> int:
         return len(self.items)
 
     def subset(self, indices: np.ndarray, origin: str | None = None) -> "Split":
+        indices = np.asarray(indices, dtype=np.int64)
         return Split(
             items=[self.items[int(i)] for i in indices],
-            labels=self.labels[np.asarray(indices, dtype=np.int64)],
+            labels=self.labels[indices],
             origin=self.origin if origin is None else origin,
+            positions=None if self.positions is None else self.positions[indices],
+            position_format=self.position_format,
         )
 
     def class_counts(self, num_classes: int) -> np.ndarray:
@@ -136,8 +151,16 @@ def _check_no_empty_class(
         raise DataFormatError(f"{origin}: class {shown}{more} has no training images")
 
 
+def _gapless_label_count(labels: np.ndarray) -> int:
+    """C such that 0..C-1 all occur in ``labels`` and C does not (no allocation of max(labels))."""
+    present = np.unique(labels[labels >= 0])
+    gaps = np.flatnonzero(present != np.arange(present.size))
+    return int(gaps[0]) if gaps.size else int(present.size)
+
+
 def _read_lines(path: Path) -> list[str]:
-    """The lines of a UTF-8 text file (universal newlines, as ``open`` reads them)."""
+    """The lines of a UTF-8 text file (universal newlines, as ``open`` reads them; a byte-order
+    mark, as Windows editors write, is dropped instead of becoming part of the first path)."""
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")
@@ -146,7 +169,7 @@ def _read_lines(path: Path) -> list[str]:
         raise DataFormatError(
             f"{path}, line {line_no}: not UTF-8 text ({exc.reason} at byte {exc.start}); save the file as UTF-8"
         ) from None
-    return io.StringIO(text, newline=None).readlines()
+    return io.StringIO(text.removeprefix("\ufeff"), newline=None).readlines()
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,17 +177,19 @@ def _read_lines(path: Path) -> list[str]:
 
 
 def _parse_list_file(path: Path) -> tuple[list[str], np.ndarray, list[int]]:
-    """Lines ``relative/path.jpg label`` -> (paths, labels, line numbers). Blank lines skipped."""
+    """Lines ``relative/path.jpg label`` -> (paths, labels, line numbers). Blank lines skipped.
+
+    The label is the last field: everything before it is the path, which may contain spaces."""
     paths, labels, line_nos = [], [], []
     for line_no, raw in enumerate(_read_lines(path), start=1):
         line = raw.strip()
         if not line:
             continue
-        fields = line.split()
+        fields = line.rsplit(maxsplit=1)
         if len(fields) != 2:
             raise DataFormatError(
-                f"{path}, line {line_no}: expected 'relative/path.jpg label' (2 fields), "
-                f"got {len(fields)}: {line!r}"
+                f"{path}, line {line_no}: expected 'relative/path.jpg label' (a path, then the label), "
+                f"got {line!r}"
             )
         try:
             label = int(fields[1])
@@ -302,19 +327,23 @@ class AnnotationListSource(DataSource):
             class_names = _parse_class_names(names_path)
         else:
             class_names = None
-        num_classes = len(class_names) if class_names is not None else int(train_labels.max()) + 1
+        if class_names is not None:
+            num_classes = len(class_names)
+            why = f"{num_classes} classes in {self.class_names_file}"
+        else:
+            # Without a names file the classes are 0..C-1, the training labels present without a gap:
+            # a stray label (a typo like 70 for 7) is then reported where it is written.
+            num_classes = _gapless_label_count(train_labels)
+            why = (f"no class_names_file: the classes are taken to be 0..{num_classes - 1}, the training labels "
+                   "present without a gap; set data.source.init_args.class_names_file if there are more")
 
         for split_name, (path, _, labels, line_nos) in parsed.items():
             bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
             if bad.size:
                 i = int(bad[0])
-                why = (
-                    f"{num_classes} classes in {self.class_names_file}"
-                    if class_names is not None
-                    else f"max training label is {num_classes - 1}"
-                )
+                more = f"; {bad.size - 1} more such lines" if bad.size > 1 else ""
                 raise DataFormatError(
-                    f"{path}, line {line_nos[i]}: label {int(labels[i])} is outside [0, {num_classes}) ({why})"
+                    f"{path}, line {line_nos[i]}: label {int(labels[i])} is outside [0, {num_classes}) ({why}){more}"
                 )
 
         _check_no_empty_class(train_labels, num_classes, str(train_path), class_names)
@@ -324,8 +353,8 @@ class AnnotationListSource(DataSource):
         def to_split(split_name: str) -> Split | None:
             if split_name not in parsed:
                 return None
-            path, rel_paths, labels, _ = parsed[split_name]
-            return Split([str(root / p) for p in rel_paths], labels, origin=str(path))
+            path, rel_paths, labels, line_nos = parsed[split_name]
+            return Split([str(root / p) for p in rel_paths], labels, origin=str(path), positions=line_nos)
 
         return DatasetSplits(
             name=self.name,
@@ -342,7 +371,7 @@ class AnnotationListSource(DataSource):
 
 def _load_coco_json(path: Path) -> dict:
     try:
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8-sig") as fh:  # -sig: a byte-order mark is not an error
             data = json.load(fh)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, too many digits, nesting
         raise DataFormatError(f"{path}: invalid JSON ({str(exc)[:200]})") from None
@@ -399,7 +428,7 @@ class INatJsonSource(DataSource):
             file_name = _get(img, "file_name", path, "images", pos)
             if not isinstance(file_name, str) or not file_name:
                 raise DataFormatError(f"{path}: images[{pos}]['file_name'] must be a path, got {str(file_name)[:200]}")
-            file_of[_get_id(img, "id", path, "images", pos)] = file_name
+            file_of[_get_id(img, "id", path, "images", pos)] = (file_name, pos)
         label_of: dict = {}
         for pos, ann in enumerate(data["annotations"]):
             image_id = _get_id(ann, "image_id", path, "annotations", pos)
@@ -414,14 +443,16 @@ class INatJsonSource(DataSource):
                 raise DataFormatError(f"{path}: image_id {image_id!r} has more than one annotation (annotations[{pos}])")
             label_of[image_id] = id_to_class[cat]
         # Images are kept in the json's order; unlabeled images (e.g. a challenge test set) are skipped.
-        items, labels = [], []
-        for image_id, file_name in file_of.items():
+        items, labels, positions = [], [], []
+        for image_id, (file_name, pos) in file_of.items():
             if image_id in label_of:
                 items.append(str(root / file_name.lstrip("/")))
                 labels.append(label_of[image_id])
+                positions.append(pos)
         if not items:
             raise DataFormatError(f"{path}: no annotated images")
-        return Split(items, np.asarray(labels, dtype=np.int64), origin=str(path))
+        return Split(items, np.asarray(labels, dtype=np.int64), origin=str(path), positions=np.asarray(positions),
+                     position_format="images[{}]")
 
     def load(self) -> DatasetSplits:
         root = Path(os.path.expanduser(self.root))

@@ -9,13 +9,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lpt_lightning.checkpoints import (
+    check_phase_metadata,
     check_same_data,
     expert_from_checkpoint,
     expert_spec_from_dict,
     load_checkpoint_file,
     read_phase_metadata,
 )
-from lpt_lightning.errors import CheckpointError, ConfigError
+from lpt_lightning.errors import ConfigError
 from lpt_lightning.models.expert import ExpertSpec, GroupPromptSpec
 from lpt_lightning.phases.base import ExpertPhase, LossSpec, OptimSpec
 
@@ -41,12 +42,7 @@ class GroupPromptPhase(ExpertPhase):
         self.phase1_checkpoint = phase1_checkpoint
         checkpoint = load_checkpoint_file(phase1_checkpoint)
         meta = read_phase_metadata(checkpoint, phase1_checkpoint)
-        if meta["phase"] != "adapt":
-            raise CheckpointError(f"model.phase1_checkpoint={phase1_checkpoint}: written by phase "
-                                  f"'{meta['phase']}', expected an 'adapt' (phase 1) checkpoint")
-        if meta["num_classes"] != num_classes:
-            raise ConfigError(f"model.phase1_checkpoint={phase1_checkpoint}: trained for {meta['num_classes']} "
-                              f"classes, but the data has {num_classes}")
+        check_phase_metadata(meta, phase1_checkpoint, "model.phase1_checkpoint", "adapt", num_classes)
         saved_spec = expert_spec_from_dict(meta["expert"], phase1_checkpoint)
         if expert is not None and asdict(expert) != asdict(saved_spec):
             diff = [k for k, v in asdict(expert).items() if asdict(saved_spec)[k] != v]
