@@ -363,3 +363,20 @@ def test_ctrl_c_and_sigterm_end_in_one_line_saying_how_to_resume(corpus):
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == epochs + 1
+
+
+def test_overwrite_starts_afresh_and_last_ckpt_is_the_new_runs(corpus, monkeypatch, capsys):
+    """--overwrite=true deletes an earlier run's checkpoints, so last.ckpt is the new run's."""
+    from lpt_lightning.cli import main
+
+    root, _ = corpus
+    run = root / "runs/overwritten"
+    stale = write(run / "checkpoints/last.ckpt", b"an earlier run")
+    write(run / "checkpoints/epoch=7-step=99.ckpt", b"an earlier run")
+    config = write(root / "configs/overwritten.yaml", yaml.safe_dump(phase1_config(root / "data", run)))
+    monkeypatch.chdir(root)
+    torch.set_num_threads(1)
+    main(["fit", "--config", str(config), "--overwrite=true"])
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert len(names) == 2 and names[0].startswith("epoch=0-") and names[1] == "last.ckpt", names
+    assert torch.load(stale, weights_only=True)["epoch"] == 0

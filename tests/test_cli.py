@@ -92,16 +92,20 @@ def test_console_script_runs():
 
 
 @needs_fmnist
-def test_phase2_without_phase1_checkpoint_names_the_path(lpt, tmp_path):
-    with pytest.raises(Exception) as exc:
-        lpt("fit", "--config", str(CPU_CONFIGS / "fmnist_lt_phase2_visual.yaml"))
-    assert "runs/fmnist_lt/phase1_visual/checkpoints/last.ckpt" in str(exc.value)
-    assert "not found" in str(exc.value)
+def test_phase2_without_phase1_checkpoint_names_the_path(lpt, tmp_path, capsys):
+    def error(*args: str) -> str:
+        with pytest.raises(SystemExit) as exc:
+            lpt(*args)
+        assert exc.value.code == 2
+        return capsys.readouterr().err
+
+    message = error("fit", "--config", str(CPU_CONFIGS / "fmnist_lt_phase2_visual.yaml"))
+    assert "runs/fmnist_lt/phase1_visual/checkpoints/last.ckpt: checkpoint not found" in message
+    assert "Traceback" not in message and "Union subtypes" not in message
     missing = tmp_path / "elsewhere" / "phase1.ckpt"
-    with pytest.raises(Exception) as exc:
-        lpt("fit", "--config", str(CPU_CONFIGS / "fmnist_lt_phase2_visual.yaml"),
-            f"--model.init_args.phase1_checkpoint={missing}")
-    assert str(missing) in str(exc.value)
+    message = error("fit", "--config", str(CPU_CONFIGS / "fmnist_lt_phase2_visual.yaml"),
+                    f"--model.init_args.phase1_checkpoint={missing}")
+    assert str(missing) in message
     assert not (tmp_path / "runs" / "fmnist_lt" / "phase2_visual" / "checkpoints").exists()
 
 
@@ -152,3 +156,13 @@ def test_visual_phase1_phase2_test(lpt, capsys, caplog):
 @needs_fmnist
 def test_vl_phase1_phase2(lpt, capsys, caplog):
     run_pair(lpt, "vl", capsys, caplog)
+
+
+def test_pipeline_dotted_overrides_merge_into_nested_sections():
+    from lpt_lightning.cli import split_nested_overrides
+
+    rest, nested = split_nested_overrides(["--config", "p.yaml", "--data.source.init_args.root=/d",
+                                           "--phase1.trainer.max_epochs", "3", "--run_dir=r", "--data.batch_size=8"])
+    assert rest == ["--config", "p.yaml", "--run_dir=r"]
+    assert nested == {"data": {"source": {"init_args": {"root": "/d"}}, "batch_size": 8},
+                      "phase1": {"trainer": {"max_epochs": 3}}}

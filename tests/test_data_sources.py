@@ -152,9 +152,9 @@ def test_names_file_plain_names(tmp_path):
 @pytest.mark.parametrize(
     "content, line_no, what",
     [
-        ("a.jpg 0\nb.jpg 1\nc.jpg 1 extra\n", 3, "2 fields"),
+        ("a.jpg 0\nb.jpg 1\nc.jpg 1 extra\n", 3, "not an integer"),
         ("a.jpg 0\n\nb.jpg one\n", 3, "not an integer"),
-        ("a.jpg\n", 1, "2 fields"),
+        ("a.jpg\n", 1, "a path, then the label"),
     ],
 )
 def test_annotation_list_malformed_lines(tmp_path, content, line_no, what):
@@ -475,3 +475,46 @@ def test_image_folder_with_official_test_folder(tmp_path):
     Image.new("RGB", (4, 4)).save(tmp_path / "test" / "cat" / "0.png")
     with pytest.raises(DataFormatError, match=r"other classes .*cat"):
         ImageFolderSource(str(tmp_path / "train"), test_root=str(tmp_path / "test")).load()
+
+
+# ------------------------------------------------------------------------------ messy real-world files
+
+
+def test_byte_order_mark_crlf_and_spaces_in_list_files(tmp_path):
+    """Windows editors write a BOM and CRLF; image names may contain spaces (the label is last)."""
+    root = tmp_path / "r"
+    path = root / "train.txt"
+    path.parent.mkdir(parents=True)
+    path.write_bytes("\ufeffdir a/img 1.jpg 0\r\nb.jpg   1\r\n".encode("utf-8"))
+    (root / "names.txt").write_bytes("\ufeffcat\r\ndog\r\n".encode("utf-8"))
+    s = AnnotationListSource(root=str(root), train_list="train.txt", class_names_file="names.txt").load()
+    assert s.train.items == [str(root / "dir a/img 1.jpg"), str(root / "b.jpg")]
+    assert s.train.labels.tolist() == [0, 1] and s.class_names == ["cat", "dog"]
+    assert s.train.where(1) == f"{path}, line 2"
+
+
+def test_byte_order_mark_in_json(inat_root):
+    text = (inat_root / "train2018.json").read_text()
+    (inat_root / "train2018.json").write_bytes("\ufeff".encode() + text.encode())
+    s = INatJsonSource(root=str(inat_root)).load()
+    assert s.class_names == ["Aardvark", "Moth", "Zebra"]
+    assert s.train.where(0) == f"{inat_root / 'train2018.json'}, images[0]"
+
+
+def test_stray_label_without_class_names_is_reported_where_it_is_written(tmp_path):
+    root = tmp_path / "r"
+    _write(root / "train.txt", "a.jpg 0\nb.jpg 1\nc.jpg 2\nd.jpg 3\ne.jpg 70\n")
+    with pytest.raises(DataFormatError) as err:
+        AnnotationListSource(root=str(root), train_list="train.txt").load()
+    assert f"{root / 'train.txt'}, line 5: label 70 is outside [0, 4)" in str(err.value)
+    assert "class_names_file" in str(err.value)
+
+
+def test_predict_list_with_spaces_and_bom(tmp_path):
+    from lpt_lightning.data.datamodule import image_paths_split
+
+    listing = tmp_path / "predict.txt"
+    listing.write_bytes("\ufeffmy photos/a 1.jpg\r\n/abs/b.jpg 3\r\n".encode())
+    split = image_paths_split(str(listing))
+    assert split.items == [str(tmp_path / "my photos/a 1.jpg"), "/abs/b.jpg"]
+    assert split.where(1) == f"{listing}, line 2"

@@ -25,7 +25,7 @@ from lpt_lightning.data import (
     build_train_transform,
     collate_skipping,
     eval_resize_size,
-    verify_files,
+    verify_images,
 )
 from lpt_lightning.errors import ConfigError, DataFormatError
 
@@ -104,19 +104,39 @@ def test_unreadable_image_raises_or_is_skipped(tmp_path):
     assert empty["num_skipped"].item() == 2 and empty["label"].numel() == 0
 
 
-def test_verify_files_reports_missing(tmp_path):
+def test_verify_images_reports_each_bad_file_and_its_line(tmp_path):
     present = tmp_path / "ok.png"
-    present.write_bytes(b"x")
+    Image.new("RGB", (4, 4)).save(present)
     items = [str(present)] + [str(tmp_path / f"gone{i}.jpg") for i in range(7)]
-    split = Split(items, np.zeros(8, dtype=np.int64), origin="/data/Places_LT_train.txt")
+    split = Split(items, np.zeros(8, dtype=np.int64), origin="/data/Places_LT_train.txt", positions=np.arange(1, 9))
     with pytest.raises(DataFormatError) as err:
-        verify_files(split)
+        verify_images(split)
     msg = str(err.value)
-    assert "7 of 8 checked image files listed in /data/Places_LT_train.txt do not exist" in msg
-    assert "gone0.jpg" in msg and "gone4.jpg" in msg and "gone5.jpg" not in msg and "and 2 more" in msg
-    assert verify_files(Split([str(present)], np.array([0]))) == 1
-    assert verify_files(Split([0, 1], np.array([0, 1]))) == 0  # in-memory arrays: nothing to check
-    assert verify_files(Split([str(present)] * 50, np.zeros(50, dtype=np.int64)), sample=5) <= 5
+    assert "7 of 8 checked images listed in /data/Places_LT_train.txt cannot be read" in msg
+    assert "gone0.jpg (/data/Places_LT_train.txt, line 2): does not exist" in msg
+    assert "gone4.jpg" in msg and "gone5.jpg" not in msg and "and 2 more" in msg and "data.skip_unreadable" in msg
+    assert verify_images(Split([str(present)], np.array([0]))) == 1
+    assert verify_images(Split([0, 1], np.array([0, 1]))) == 0  # in-memory arrays: nothing to check
+    assert verify_images(Split([str(present)] * 50, np.zeros(50, dtype=np.int64)), sample=5) <= 5
+    assert verify_images(split, "off") == 0
+
+
+def test_verify_images_modes_and_processes(tmp_path):
+    """header: existence and a parsable header; full: every pixel (finds truncated files). The
+    result is the same in one process or several."""
+    good = tmp_path / "good.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(good)
+    (tmp_path / "cut.jpg").write_bytes(good.read_bytes()[:good.stat().st_size // 2])
+    (tmp_path / "text.jpg").write_text("not an image")
+    items = [str(good)] * 600 + [str(tmp_path / "cut.jpg"), str(tmp_path / "text.jpg")]
+    split = Split(items, np.zeros(len(items), dtype=np.int64), origin="list.txt", positions=np.arange(1, 603))
+    for workers in (1, 2):
+        with pytest.raises(DataFormatError) as err:
+            verify_images(split, "header", workers=workers)
+        assert "1 of 602" in str(err.value) and "text.jpg (list.txt, line 602)" in str(err.value)
+        with pytest.raises(DataFormatError) as err:
+            verify_images(split, "full", workers=workers)
+        assert "2 of 602" in str(err.value) and "cut.jpg (list.txt, line 601): OSError" in str(err.value)
 
 
 # ------------------------------------------------------------------------------ DataModule
@@ -219,7 +239,7 @@ def test_invalid_config(folder):
         _dm(folder, batch_size=0)
 
 
-def test_verify_files_before_training(tmp_path):
+def test_verify_images_before_training(tmp_path):
     root = tmp_path / "r"
     root.mkdir()
     Image.new("RGB", (4, 4)).save(root / "x.png")
@@ -235,7 +255,7 @@ def test_verify_files_before_training(tmp_path):
         skip.setup("fit")
     batch = next(iter(skip.train_dataloader()["ib"]))
     assert batch["num_skipped"].item() == 1 and batch["index"].tolist() == [0]
-    unchecked = LongTailDataModule(src, batch_size=1, num_workers=0, img_size=4, verify_files=False)
+    unchecked = LongTailDataModule(src, batch_size=1, num_workers=0, img_size=4, verify_images="off")
     unchecked.setup("fit")  # no up-front check; the missing file would fail when loaded
 
 

@@ -105,16 +105,17 @@ def test_too_little_disk_for_the_cache_is_refused_up_front(tmp_path):
     ensure_disk_space(tmp_path / "cache", 1000)
 
 
-def test_unwritable_run_directory_is_refused_before_anything_runs(tmp_path):
+def test_unwritable_run_directory_is_refused_before_anything_runs(tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with pytest.raises(ConfigError, match="cannot be created"):
         run_pipeline(run_dir=str(blocker / "run"), data=TINY["data"])
     from lpt_lightning.cli import main
 
-    with pytest.raises(ConfigError, match="not writable"):
+    with pytest.raises(SystemExit) as exc:
         main(["fit", "--config", str(REPO / "configs/cpu/fmnist_lt_phase1_visual.yaml"),
               f"--trainer.default_root_dir={blocker / 'run'}"])
+    assert exc.value.code == 2 and "not writable" in capsys.readouterr().err
 
 
 def env():

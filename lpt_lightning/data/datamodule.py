@@ -323,7 +323,7 @@ class LongTailDataModule(LightningDataModule):
             return
         try:
             verify_images(split, self.verify_images, workers=max(self.num_workers, 1),
-                          progress=self.trainer is None or self.trainer.is_global_zero)
+                          progress=self._replicas()[1] == 0)
         except DataFormatError as exc:
             if not self.skip_unreadable:
                 raise
