@@ -399,7 +399,7 @@ def model_card(report: dict) -> str:
 def _backbone_yaml(block: dict) -> list[str]:
     import yaml
 
-    return yaml.safe_dump({"backbone": block}, sort_keys=False, default_flow_style=None).splitlines()
+    return yaml.safe_dump({"backbone": block}, sort_keys=False, default_flow_style=None, width=200).splitlines()
 
 
 # ------------------------------------------------------------------------------------- main
