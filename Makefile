@@ -5,13 +5,14 @@ PY := $(VENV)/bin/python
 # torch 2.14.1 / torchvision 0.29.1: the pair this project is tested with.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test test-all test-ddp demo clean help
+.PHONY: install test test-all test-ddp demo standins clean help
 
 help:
 	@echo "make install   create $(VENV) and install lpt_lightning with test extras"
 	@echo "make test      fast test suite (what CI runs)"
 	@echo "make test-all  every test, slow end-to-end runs included"
 	@echo "make demo      the three-phase pipeline on Fashion-MNIST-LT with tiny experts (CPU, offline)"
+	@echo "make standins  pretrain the stand-in experts into weights/standins (about 30 min, 1 CPU thread)"
 	@echo "make clean     remove run outputs and caches"
 
 $(PY):
@@ -32,6 +33,10 @@ test-ddp:
 
 demo:
 	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(VENV)/bin/lpt pipeline --config configs/cpu/fmnist_lt_pipeline.yaml
+
+# Offline stand-ins for the hub backbones; STANDINS_ARGS e.g. "--device cuda --epochs 40 --out runs/standins".
+standins:
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) benchmarks/pretrain_standins.py $(STANDINS_ARGS)
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache

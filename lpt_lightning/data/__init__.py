@@ -1,7 +1,13 @@
 """Data layer: dataset sources, long-tail subsampling, rank-aware samplers and the DataModule."""
 from lpt_lightning.data.datamodule import LongTailDataModule
 from lpt_lightning.data.datasets import LongTailImageDataset, collate_skipping, verify_images
-from lpt_lightning.data.long_tail import balanced_holdout, cap_per_class, long_tail_counts, make_long_tailed
+from lpt_lightning.data.long_tail import (
+    balanced_holdout,
+    cap_per_class,
+    holdout_slices,
+    long_tail_counts,
+    make_long_tailed,
+)
 from lpt_lightning.data.samplers import ClassAwareSampler, InstanceSampler, PowerSampler, ShardedEvalSampler
 from lpt_lightning.data.sources import (
     FASHION_MNIST_CLASSES,
@@ -37,6 +43,7 @@ __all__ = [
     "cap_per_class",
     "collate_skipping",
     "eval_resize_size",
+    "holdout_slices",
     "long_tail_counts",
     "make_long_tailed",
     "read_idx",

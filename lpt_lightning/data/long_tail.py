@@ -143,3 +143,18 @@ def holdout_upto(
     mask = np.ones(labels.size, dtype=bool)
     mask[held_idx] = False
     return held_idx, np.flatnonzero(mask).astype(np.int64)
+
+
+def holdout_slices(
+    labels: np.ndarray, val_per_class: int, test_per_class: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(val, test, rest) sorted indices: a balanced val slice (drawn with ``seed``), then a
+    balanced test slice of the remainder (``seed + 1``); 0 per class gives an empty slice.
+
+    The one carving rule of the image-folder and Fashion-MNIST sources, importable so that
+    anything else (the stand-in pretraining) can hold out exactly the same images.
+    """
+    labels = np.asarray(labels)
+    val, rest = balanced_holdout(labels, val_per_class, seed)
+    held, keep = balanced_holdout(labels[rest], test_per_class, seed + 1)
+    return val, rest[held], rest[keep]

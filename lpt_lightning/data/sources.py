@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lpt_lightning.data.long_tail import balanced_holdout, cap_per_class, make_long_tailed
+from lpt_lightning.data.long_tail import cap_per_class, holdout_slices, make_long_tailed
 from lpt_lightning.errors import DataFormatError
 
 log = logging.getLogger(__name__)
@@ -627,17 +627,13 @@ def _holdout_and_long_tail(
     seed: int,
 ) -> tuple[Split, Split | None, Split | None]:
     """Carve balanced val/test slices first, then long-tail (or cap) what remains."""
-    rest = np.arange(len(full))
     val = test = None
     try:
+        val_idx, test_idx, rest = holdout_slices(full.labels, val_per_class, test_per_class, seed)
         if val_per_class:
-            held, keep = balanced_holdout(full.labels, val_per_class, seed)
-            val = full.subset(held, origin=f"{full.origin} (balanced val slice, {val_per_class}/class)")
-            rest = keep
+            val = full.subset(val_idx, origin=f"{full.origin} (balanced val slice, {val_per_class}/class)")
         if test_per_class:
-            held, keep = balanced_holdout(full.labels[rest], test_per_class, seed + 1)
-            test = full.subset(rest[held], origin=f"{full.origin} (balanced test slice, {test_per_class}/class)")
-            rest = rest[keep]
+            test = full.subset(test_idx, origin=f"{full.origin} (balanced test slice, {test_per_class}/class)")
     except DataFormatError as exc:
         raise DataFormatError(
             f"{full.origin}: {exc}; lower val_per_class / test_per_class (now {val_per_class} / {test_per_class})"

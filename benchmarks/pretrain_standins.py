@@ -1,0 +1,481 @@
+"""Pretrain the two small stand-in experts offline; writes weights/standins/.
+
+    python benchmarks/pretrain_standins.py                 # about 30 min on 1 CPU thread
+    python benchmarks/pretrain_standins.py --device cuda --epochs 40 --out runs/standins_big
+
+No hub weights can be downloaded where this project is tested, so the experts' frozen backbones
+are stand-ins pretrained here: a small timm ViT (supervised cross-entropy) and a small open_clip
+CLIP (image tower trained contrastively against the text tower's embeddings of the 20 captions
+"a photo of a {class}."), both on the balanced training splits of Fashion-MNIST and CIFAR-10
+together (20 classes: Fashion-MNIST 0-9, CIFAR-10 10-19).
+
+Held out before pretraining, by ``lpt_lightning.data.holdout_slices`` with seed 0 (the carving rule
+of ``FashionMNISTSource`` / ``ImageFolderSource``, so those sources reproduce the slices): a
+balanced validation slice of each dataset (the accuracies of the model card) and a balanced CIFAR-10
+test slice for the accuracy study (CIFAR-10's test split is not available here). Fashion-MNIST's
+t10k split is never read. ``heldout_slices.json`` lists the held-out images exactly.
+
+Images get the project's eval preprocessing (``build_eval_transform``: resize 32 -> 37, centre
+crop 32; Fashion-MNIST as RGB), so the experts see in the pipeline what they saw here. CIFAR-10
+training crops are random 32x32 crops of the 37x37 resize, half of them flipped.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import platform
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms import functional as TF
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from lpt_lightning.data import FASHION_MNIST_CLASSES, build_eval_transform, eval_resize_size, holdout_slices, read_idx  # noqa: E402
+from lpt_lightning.data.sources import FASHION_MNIST_DEFAULT_DIR  # noqa: E402
+from lpt_lightning.models.backbones import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # noqa: E402
+from lpt_lightning.models.expert import ExpertSpec, class_name_to_text  # noqa: E402
+
+SEED = 0
+FMNIST_VAL_PER_CLASS = 100
+CIFAR_VAL_PER_CLASS = 100
+CIFAR_TEST_PER_CLASS = 200
+IMG_SIZE = 32
+DEFAULT_ARCHIVE = "../shared/data/cifar10-train-jpeg.tar.gz"
+DEFAULT_OUT = "weights/standins"
+VIT_FILE = "vit_standin.safetensors"
+CLIP_FILE = "clip_standin.safetensors"
+
+VIT_NAME = "vit_base_patch16_224"  # timm's ViT family; model_kwargs make it small
+VIT_KWARGS = {"img_size": IMG_SIZE, "patch_size": 4, "embed_dim": 96, "depth": 6, "num_heads": 3, "mlp_ratio": 2.0}
+CLIP_KWARGS = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": IMG_SIZE, "patch_size": 4, "width": 96, "layers": 6, "head_width": 32,
+                   "mlp_ratio": 2.0},
+    # vocab_size and context_length match open_clip's SimpleTokenizer, which OpenClipViT builds.
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 3},
+}
+TEXT_TEMPLATE = ExpertSpec().text_template  # the template of the VL expert's text-initialised head
+
+
+# ------------------------------------------------------------------------------------- data
+
+
+def read_cifar10_archive(archive: Path) -> tuple[list[str], np.ndarray, list[str], list[bytes]]:
+    """(member names, labels, class names, JPEG bytes) of ``train/<class>/<image>`` in the order
+    ``ImageFolderSource`` lists the extracted folder: classes, then files, sorted by name."""
+    with tarfile.open(archive) as tar:
+        files = {m.name: tar.extractfile(m).read() for m in tar.getmembers()
+                 if m.isfile() and len(Path(m.name).parts) == 3}
+    names = sorted(files)  # "train/<class>/<image>": by class, then by file name
+    classes = sorted({Path(n).parts[1] for n in names})
+    labels = np.array([classes.index(Path(n).parts[1]) for n in names], dtype=np.int64)
+    return names, labels, classes, [files[n] for n in names]
+
+
+def carve_cifar10(labels: np.ndarray, seed: int = SEED) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(val, test, pretraining) indices into the sorted archive listing; the same slices as
+    ``ImageFolderSource(val_per_class=100, test_per_class=200, seed=0)`` on the extracted folder."""
+    return holdout_slices(labels, CIFAR_VAL_PER_CLASS, CIFAR_TEST_PER_CLASS, seed)
+
+
+def carve_fashion_mnist(labels: np.ndarray, seed: int = SEED) -> tuple[np.ndarray, np.ndarray]:
+    """(val, pretraining) indices into the official training split; the val slice of
+    ``FashionMNISTSource(val_per_class=100, seed=0)``."""
+    val, _, rest = holdout_slices(labels, FMNIST_VAL_PER_CLASS, 0, seed)
+    return val, rest
+
+
+def _idx_file(root: Path, base: str) -> Path:
+    return root / base if (root / base).is_file() else root / f"{base}.gz"
+
+
+def resized(images: list[Image.Image], size: int) -> torch.Tensor:
+    """uint8 [N, 3, size, size]: RGB, squashed to size x size exactly as build_eval_transform does."""
+    return torch.stack([TF.pil_to_tensor(TF.resize(img.convert("RGB"), [size, size])) for img in images])
+
+
+class PretrainingData:
+    """Pretraining pools and validation slices of both datasets as uint8 tensors [N, 3, H, W].
+
+    Fashion-MNIST is stored after the eval transform (32x32); CIFAR-10 pretraining images at the
+    37x37 resize, so training can take random crops (its val slice: the centre crop).
+    """
+
+    def __init__(self, fmnist_root: str | None, archive: Path, seed: int):
+        root = Path(fmnist_root or os.environ.get("LPT_FASHION_MNIST_DIR") or FASHION_MNIST_DEFAULT_DIR)
+        # Only the training IDX files are read: t10k is the downstream test split.
+        fm_pixels = read_idx(_idx_file(root, "train-images-idx3-ubyte"), expected_ndim=3)
+        fm_labels = read_idx(_idx_file(root, "train-labels-idx1-ubyte"), expected_ndim=1).astype(np.int64)
+        fm_val, fm_rest = carve_fashion_mnist(fm_labels, seed)
+        transform = build_eval_transform(IMG_SIZE)
+        fm_images = torch.stack([(transform(Image.fromarray(x).convert("RGB")) * 255).round().to(torch.uint8)
+                                 for x in fm_pixels])
+
+        names, c_labels, c_classes, jpegs = read_cifar10_archive(archive)
+        c_val, c_test, c_rest = carve_cifar10(c_labels, seed)
+        c_images = resized([Image.open(io.BytesIO(b)) for b in jpegs], eval_resize_size(IMG_SIZE))
+        c_labels = torch.from_numpy(c_labels + len(FASHION_MNIST_CLASSES))  # CIFAR-10 follows Fashion-MNIST
+        fm_labels = torch.from_numpy(fm_labels)
+
+        self.class_names = list(FASHION_MNIST_CLASSES) + c_classes
+        self.train = {"fashion_mnist": (fm_images[fm_rest], fm_labels[fm_rest]),
+                      "cifar10": (c_images[c_rest], c_labels[c_rest])}
+        self.val = {"fashion_mnist": (fm_images[fm_val], fm_labels[fm_val]),
+                    "cifar10": (TF.center_crop(c_images[c_val], [IMG_SIZE]), c_labels[c_val])}
+        self.slices = {
+            "seed": seed,
+            "fashion_mnist": {
+                "split": "train-images-idx3-ubyte (the official training split; t10k is never read)",
+                "val_per_class": FMNIST_VAL_PER_CLASS,
+                "val_indices": fm_val.tolist(),
+                "reproduce": f"FashionMNISTSource(val_per_class={FMNIST_VAL_PER_CLASS}, seed={seed}).load().val",
+            },
+            "cifar10": {
+                "archive": archive.name,
+                "classes": c_classes,
+                "val_per_class": CIFAR_VAL_PER_CLASS,
+                "test_per_class": CIFAR_TEST_PER_CLASS,
+                "val_files": [names[i] for i in c_val],
+                "test_files": [names[i] for i in c_test],
+                "reproduce": (f"ImageFolderSource(root=<extracted train/>, val_per_class={CIFAR_VAL_PER_CLASS}, "
+                              f"test_per_class={CIFAR_TEST_PER_CLASS}, seed={seed}): its val and test splits"),
+            },
+        }
+
+    def pretraining_counts(self) -> dict[str, int]:
+        return {dataset: len(labels) for dataset, (_, labels) in self.train.items()}
+
+    def epoch_batches(self, per_class: dict[str, int], batch_size: int, generator: torch.Generator):
+        """Batches of one epoch: a fresh balanced draw of per_class[dataset] images of every class
+        (without replacement), shuffled together; CIFAR-10 images randomly cropped and flipped."""
+        picks = []
+        for dataset, (_, labels) in self.train.items():
+            for c in labels.unique():
+                members = torch.nonzero(labels == c).flatten()
+                k = min(per_class[dataset], members.numel())
+                chosen = members[torch.randperm(members.numel(), generator=generator)[:k]]
+                picks.append(torch.stack([torch.full_like(chosen, int(dataset == "cifar10")), chosen], 1))
+        picks = torch.cat(picks)
+        picks = picks[torch.randperm(len(picks), generator=generator)]
+        for start in range(0, len(picks) - batch_size + 1, batch_size):
+            batch = picks[start:start + batch_size]
+            (fm_images, fm_labels), (c_images, c_labels) = self.train["fashion_mnist"], self.train["cifar10"]
+            fm_idx, c_idx = batch[batch[:, 0] == 0, 1], batch[batch[:, 0] == 1, 1]
+            images = torch.cat([fm_images[fm_idx], self._augment(c_images[c_idx], generator)])
+            labels = torch.cat([fm_labels[fm_idx], c_labels[c_idx]])
+            yield images, labels
+
+    @staticmethod
+    def _augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        n, margin = len(images), images.shape[-1] - IMG_SIZE
+        offsets = torch.randint(0, margin + 1, (n, 2), generator=generator).tolist()
+        crops = torch.stack([img[:, y:y + IMG_SIZE, x:x + IMG_SIZE] for img, (y, x) in zip(images, offsets)])
+        flip = torch.rand(n, generator=generator) < 0.5
+        return torch.where(flip[:, None, None, None], crops.flip(-1), crops)
+
+
+# ------------------------------------------------------------------------------------- models
+
+
+class ViTStandin(torch.nn.Module):
+    """timm ViT with a 20-class linear head; normalises with the mean/std TimmViT will use."""
+
+    def __init__(self):
+        super().__init__()
+        import timm
+
+        self.model = timm.create_model(VIT_NAME, pretrained=False, num_classes=20, **VIT_KWARGS)
+        cfg = self.model.pretrained_cfg or {}
+        self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.5, 0.5, 0.5))).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.get("std", (0.5, 0.5, 0.5))).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model((images.float() / 255 - self.mean) / self.std)
+
+
+class ClipStandin(torch.nn.Module):
+    """open_clip CLIP; logits = scaled cosine between image embeddings and the embeddings of the
+    class captions, so the text tower learns the captions the VL expert's head starts from."""
+
+    def __init__(self, class_names: list[str]):
+        super().__init__()
+        import open_clip
+
+        self.model = open_clip.CLIP(**CLIP_KWARGS)
+        tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=self.model.context_length)
+        self.register_buffer("captions", tokenizer([class_name_to_text(n, TEXT_TEMPLATE) for n in class_names]),
+                             persistent=False)
+        cfg = open_clip.get_model_preprocess_cfg(self.model)
+        self.register_buffer("mean", torch.tensor(cfg.get("mean", OPENAI_CLIP_MEAN)).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.get("std", OPENAI_CLIP_STD)).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        image = self.model.encode_image((images.float() / 255 - self.mean) / self.std, normalize=True)
+        text = self.model.encode_text(self.captions, normalize=True)
+        return self.model.logit_scale.exp() * image @ text.t()
+
+
+def round_to_half(model: torch.nn.Module) -> None:
+    """Round the weights to float16 (the saved precision), so evaluation measures the saved model."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.half().float())
+
+
+def param_counts(standin: torch.nn.Module) -> dict[str, int]:
+    m = standin.model
+    if isinstance(standin, ClipStandin):
+        visual = sum(p.numel() for p in m.visual.parameters())
+        total = sum(p.numel() for p in m.parameters())
+        return {"image_tower": visual, "text_tower_and_logit_scale": total - visual, "total": total}
+    head = sum(p.numel() for p in m.head.parameters())
+    total = sum(p.numel() for p in m.parameters())
+    return {"backbone": total - head, "classification_head": head, "total": total}
+
+
+# ------------------------------------------------------------------------------------- training
+
+
+def train(standin: torch.nn.Module, data: PretrainingData, args: argparse.Namespace, log) -> dict:
+    device = torch.device(args.device)
+    standin.to(device)
+    per_class = {"fashion_mnist": args.fmnist_per_class, "cifar10": args.cifar_per_class}
+    steps_per_epoch = (10 * args.fmnist_per_class + 10 * args.cifar_per_class) // args.batch_size
+    total_steps = steps_per_epoch * args.epochs
+    warmup = max(1, total_steps // 20)
+    # No weight decay on norms, biases and the logit scale (the usual ViT / CLIP recipe).
+    decay = [p for p in standin.parameters() if p.ndim >= 2]
+    no_decay = [p for p in standin.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total_steps - warmup))))
+    generator = torch.Generator().manual_seed(args.seed)
+    start = time.time()
+    step = 0
+    for epoch in range(args.epochs):
+        standin.train()
+        running, seen = 0.0, 0
+        for images, labels in data.epoch_batches(per_class, args.batch_size, generator):
+            images, labels = images.to(device), labels.to(device)
+            loss = F.cross_entropy(standin(images), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            step += 1
+            running += loss.item() * len(labels)
+            seen += len(labels)
+            if step % 50 == 0:
+                log(f"  step {step}/{total_steps} loss {loss.item():.3f} ({time.time() - start:.0f} s)")
+        log(f"  epoch {epoch + 1}/{args.epochs}: mean loss {running / seen:.3f}, {time.time() - start:.0f} s")
+    return {"train_seconds": round(time.time() - start, 1), "steps": step, "images_seen": step * args.batch_size}
+
+
+@torch.no_grad()
+def evaluate(standin: torch.nn.Module, data: PretrainingData, device: str) -> dict[str, dict[str, float]]:
+    """Accuracy on each validation slice: over all 20 classes (the pretraining task) and within
+    the dataset's own 10 classes (what a downstream 10-class task with this expert starts from)."""
+    standin.eval()
+    results = {}
+    for dataset, own in (("fashion_mnist", slice(0, 10)), ("cifar10", slice(10, 20))):
+        images, labels = data.val[dataset]
+        logits = torch.cat([standin(chunk.to(device)).cpu() for chunk in images.split(500)])
+        results[dataset] = {
+            "val_images": len(labels),
+            "accuracy_20_classes": round(float((logits.argmax(1) == labels).float().mean()), 4),
+            "accuracy_own_10_classes": round(float((logits[:, own].argmax(1) + own.start == labels).float().mean()), 4),
+        }
+    return results
+
+
+def save_half(weights: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().to(torch.float16).contiguous().cpu() for k, v in weights.items()}, str(path))
+
+
+# ------------------------------------------------------------------------------------- card
+
+
+def backbone_block(kind: str, out_dir: str) -> dict:
+    if kind == "visual":
+        return {"name": VIT_NAME, "pretrained": False, "checkpoint_path": f"{out_dir}/{VIT_FILE}",
+                "model_kwargs": dict(VIT_KWARGS)}
+    return {"pretrained": None, "checkpoint_path": f"{out_dir}/{CLIP_FILE}", "model_kwargs": CLIP_KWARGS}
+
+
+def model_card(report: dict) -> str:
+    r = report
+    lines = [
+        "# Stand-in experts (pretrained offline by `benchmarks/pretrain_standins.py`)",
+        "",
+        "Small pretrained backbones for the two experts where the reference hub weights "
+        "(ViT-B/16 ImageNet-21k, CLIP ViT-B/16) cannot be downloaded. They are stand-ins, not "
+        "reproductions: tiny models pretrained on 32x32 Fashion-MNIST + CIFAR-10 only.",
+        "",
+        "| file | expert | library | parameters | weights |",
+        "|---|---|---|---|---|",
+        f"| `{VIT_FILE}` | visual (`kind: visual`) | timm `{VIT_NAME}` + model_kwargs | "
+        f"{r['vit']['parameters']['backbone']:,} backbone + {r['vit']['parameters']['classification_head']:,} head | float16 safetensors |",
+        f"| `{CLIP_FILE}` | vision-language (`kind: vl`) | `open_clip.CLIP(**model_kwargs)` | "
+        f"{r['clip']['parameters']['image_tower']:,} image tower + {r['clip']['parameters']['text_tower_and_logit_scale']:,} text tower | float16 safetensors |",
+        "",
+        "## Accuracy on the held-out validation slices",
+        "",
+        "Measured on the float16 weights as saved; ViT: its trained 20-class head; CLIP: zero-shot, "
+        f"cosine to the text embeddings of \"{TEXT_TEMPLATE.format('{class}')}\".",
+        "",
+        "| stand-in | dataset | val images | accuracy, 20 classes | accuracy within the dataset's 10 classes |",
+        "|---|---|---|---|---|",
+    ]
+    for key, label in (("vit", "ViT"), ("clip", "CLIP")):
+        for dataset, name in (("fashion_mnist", "Fashion-MNIST"), ("cifar10", "CIFAR-10")):
+            a = r[key]["val_accuracy"][dataset]
+            lines.append(f"| {label} | {name} | {a['val_images']} | {100 * a['accuracy_20_classes']:.1f}% | "
+                         f"{100 * a['accuracy_own_10_classes']:.1f}% |")
+    s = r["recipe"]
+    lines += [
+        "",
+        "## Recipe",
+        "",
+        f"- Data: the official training splits of Fashion-MNIST (10 classes, labels 0-9) and CIFAR-10 "
+        f"(`{s['cifar_archive']}`, 10 classes, labels 10-19), 20 classes together. Pretraining pools: "
+        f"{r['data']['pretraining_images']['fashion_mnist']:,} and {r['data']['pretraining_images']['cifar10']:,} images.",
+        f"- Held out first (seed {s['seed']}, `lpt_lightning.data.holdout_slices`, listed in `heldout_slices.json`): "
+        f"{FMNIST_VAL_PER_CLASS}/class Fashion-MNIST val; {CIFAR_VAL_PER_CLASS}/class CIFAR-10 val and "
+        f"{CIFAR_TEST_PER_CLASS}/class CIFAR-10 test (for the accuracy study; CIFAR-10's own test split is not "
+        "available). `FashionMNISTSource(val_per_class=100, seed=0)` and `ImageFolderSource(val_per_class=100, "
+        "test_per_class=200, seed=0)` carve the same slices. Fashion-MNIST's t10k test split is never read.",
+        "- Preprocessing: the project's eval transform (resize to 37x37, centre crop 32; Fashion-MNIST as RGB); "
+        "CIFAR-10 training images get a random 32x32 crop of the 37x37 resize and a horizontal flip with p = 0.5; "
+        "Fashion-MNIST is not augmented.",
+        f"- Each epoch draws, without replacement, {s['fmnist_per_class_per_epoch']} Fashion-MNIST and "
+        f"{s['cifar_per_class_per_epoch']} CIFAR-10 images of every class (CIFAR-10 is the harder half), "
+        f"batch {s['batch_size']}, {s['epochs']} epochs.",
+        f"- ViT: `timm.create_model(\"{VIT_NAME}\", pretrained=False, num_classes=20, **{json.dumps(VIT_KWARGS)})`, "
+        "cross-entropy on the 20 classes.",
+        f"- CLIP: `open_clip.CLIP(**{json.dumps(CLIP_KWARGS)})`; cross-entropy of logit_scale * cos(image, caption) "
+        f"over the 20 captions \"{TEXT_TEMPLATE.format('{class}')}\" (class names as `class_name_to_text` writes them), "
+        "image and text towers and the temperature trained together; open_clip's SimpleTokenizer.",
+        f"- Optimiser: AdamW, lr {s['lr']}, weight decay {s['weight_decay']} (none on norms, biases, logit scale), "
+        "linear warm-up over the first 5% of steps, then cosine to 0.",
+        f"- Run: seed {s['seed']}, device {s['device']}, {s['threads']} thread(s), torch {s['torch']}, timm "
+        f"{s['timm']}, open_clip {s['open_clip']}. Wall time: ViT {r['vit']['train_seconds'] / 60:.1f} min, "
+        f"CLIP {r['clip']['train_seconds'] / 60:.1f} min of training; {r['wall_seconds'] / 60:.1f} min in all.",
+        "",
+        "## Use",
+        "",
+        "`configs/standins/visual_expert.yaml` and `configs/standins/vl_expert.yaml` are phase-1 configs with "
+        "these backbones (paths relative to the repository root):",
+        "",
+        "```yaml",
+        "# visual expert (expert.kind: visual)",
+        *_backbone_yaml(r["backbone_blocks"]["visual"]),
+        "# vision-language expert (expert.kind: vl)",
+        *_backbone_yaml(r["backbone_blocks"]["vl"]),
+        "```",
+        "",
+        "Numbers of this card: `standins.json`. Rebuild: `make standins` (CPU) or "
+        "`python benchmarks/pretrain_standins.py --device cuda`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _backbone_yaml(block: dict) -> list[str]:
+    import yaml
+
+    return yaml.safe_dump({"backbone": block}, sort_keys=False, default_flow_style=None, width=200).splitlines()
+
+
+# ------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--archive", default=DEFAULT_ARCHIVE,
+                   help="CIFAR-10 training JPEGs (train/<class>/*.jpg) as .tar.gz; relative paths are relative to the repository root")
+    p.add_argument("--fashion-mnist-root", default=None,
+                   help="folder of the Fashion-MNIST IDX files (default: FashionMNISTSource's)")
+    p.add_argument("--out", default=DEFAULT_OUT, help="output folder, relative to the repository root unless absolute")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--fmnist-per-class", type=int, default=200, help="Fashion-MNIST images of each class per epoch")
+    p.add_argument("--cifar-per-class", type=int, default=1200, help="CIFAR-10 images of each class per epoch")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--seed", type=int, default=SEED, help="seed of the held-out slices and of training")
+    p.add_argument("--only", choices=("vit", "clip"), default=None, help="train one stand-in only (for trials)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import open_clip
+    import timm
+
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    archive = Path(args.archive) if Path(args.archive).is_absolute() else REPO / args.archive
+    out = Path(args.out) if Path(args.out).is_absolute() else REPO / args.out
+    out.mkdir(parents=True, exist_ok=True)
+
+    def log(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    begin = time.time()
+    log(f"reading Fashion-MNIST and {archive}")
+    data = PretrainingData(args.fashion_mnist_root, archive, args.seed)
+    (out / "heldout_slices.json").write_text(json.dumps(data.slices, indent=1) + "\n")
+    log(f"pretraining pools: {data.pretraining_counts()}")
+
+    out_rel = args.out if not Path(args.out).is_absolute() else str(out)
+    report = {
+        "recipe": {"seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                   "weight_decay": args.weight_decay, "fmnist_per_class_per_epoch": args.fmnist_per_class,
+                   "cifar_per_class_per_epoch": args.cifar_per_class, "device": args.device, "threads": args.threads,
+                   "cifar_archive": archive.name, "torch": torch.__version__, "timm": timm.__version__,
+                   "open_clip": open_clip.__version__, "machine": platform.machine()},
+        "data": {"pretraining_images": data.pretraining_counts(), "classes": data.class_names},
+        "backbone_blocks": {"visual": backbone_block("visual", out_rel), "vl": backbone_block("vl", out_rel)},
+    }
+    builders = {"vit": (ViTStandin, VIT_FILE), "clip": (lambda: ClipStandin(data.class_names), CLIP_FILE)}
+    for key, (build, file_name) in builders.items():
+        if args.only not in (None, key):
+            continue
+        torch.manual_seed(args.seed)
+        standin = build()
+        log(f"{key}: {param_counts(standin)}")
+        stats = train(standin, data, args, log)
+        round_to_half(standin)
+        stats["val_accuracy"] = evaluate(standin, data, args.device)
+        stats["parameters"] = param_counts(standin)
+        # The ViT's head stays in its file: the backbone loader skips it, the tests read it.
+        save_half(standin.model.state_dict(), out / file_name)
+        stats["file_bytes"] = (out / file_name).stat().st_size
+        report[key] = stats
+        log(f"{key}: {json.dumps(stats['val_accuracy'])}")
+    report["wall_seconds"] = round(time.time() - begin, 1)
+    (out / "standins.json").write_text(json.dumps(report, indent=1) + "\n")
+    if args.only is None:
+        (out / "MODEL_CARD.md").write_text(model_card(report))
+    log(f"done in {report['wall_seconds'] / 60:.1f} min: {out}")
+
+
+if __name__ == "__main__":
+    main()
