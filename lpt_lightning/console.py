@@ -7,6 +7,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from datetime import timedelta
 from typing import Any
 
@@ -106,5 +107,7 @@ def silence_noise() -> None:
     # Lightning's advertisements for its cloud products (printed by every Trainer).
     logging.getLogger("lightning.fabric.utilities.rank_zero").addFilter(_DropMessages("💡 Tip:"))
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropMessages("💡 Tip:"))
+    # A deprecation inside Lightning's own code, raised on every fit.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     # W&B's history sparklines and viewer hints; its warnings, errors and the run's location stay.
     os.environ.setdefault("WANDB_QUIET", "true")

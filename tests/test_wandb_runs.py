@@ -1,11 +1,14 @@
 """`lpt pipeline` with W&B in offline mode, read back from the run files: one run per phase, a
-killed and resumed phase appending to its own run, the reports of every phase's final weights."""
+killed (or SLURM-requeued) and resumed phase appending to its own run, and every reported number
+computed from the phase's final.ckpt."""
 import copy
 import json
 
 import pytest
 
+from lpt_lightning.cli import LPTCLI
 from lpt_lightning.pipeline import WandbSpec, run_pipeline, wandb_run_id
+from test_distributed import SLURM_ENV
 from test_pipeline import TINY
 from wandb_offline import read_offline_runs
 from datasets_available import needs_fmnist
@@ -74,33 +77,55 @@ def steps(run):
 
 
 def check_resumed(attempts):
-    """The resumed attempt continues the step axis where the checkpoint left it, never from 0."""
+    """The resumed attempt (killed in epoch 1) continues the step axis after epoch 0, not from 0."""
     killed, resumed = attempts
     assert steps(killed) == sorted(steps(killed)) and steps(resumed) == sorted(steps(resumed))
-    assert 0 < steps(resumed)[0] <= steps(killed)[-1] + 1
+    end_of_epoch0 = max(row["trainer/global_step"] for row in killed.history if "val/acc" in row)
+    assert steps(resumed)[0] >= end_of_epoch0 > 0
     assert steps(resumed)[-1] > steps(killed)[-1]
 
 
-def kill_and_resume(run_dir, config):
+def kill_and_resume(run_dir, config, killer):
     crashing = copy.deepcopy(config)
-    crashing["phase2"]["trainer"]["callbacks"] = [{"class_path": "pipeline_helpers.CrashAt",
-                                                   "init_args": {"epoch": 1, "batch": 1}}]
-    with pytest.raises(RuntimeError, match="simulated node failure"):
+    crashing["phase2"]["trainer"]["callbacks"] = [killer]
+    with pytest.raises(RuntimeError):
         run_pipeline(**crashing)
-    run_pipeline(**config)
+    run_pipeline(**config)  # the same command again
 
 
-def test_lpt_pipeline_logs_one_wandb_run_per_phase_and_resumes_into_it(tmp_path, wandb_offline):
+def evaluate(phase_dir, stage):
+    """Split accuracy of the phase's final.ckpt, evaluated on its own."""
+    cli = LPTCLI(args=[stage, "--config", str(phase_dir / "config.yaml"), "--ckpt_path", str(phase_dir / "final.ckpt"),
+                       "--trainer.logger=false", "--report.enabled=false"], **LPTCLI.defaults())
+    return cli.model.results["val" if stage == "validate" else "test"]
+
+
+def test_lpt_pipeline_requeued_in_phase2_logs_one_wandb_run_per_phase(tmp_path, wandb_offline, monkeypatch):
+    for key, value in SLURM_ENV.items():
+        monkeypatch.setenv(key, value)
     run_dir = tmp_path / "run"
-    kill_and_resume(run_dir, pipeline_config(run_dir, ["visual"]))
+    # SLURM's time-limit signal inside phase 2: Lightning writes hpc_ckpt_N.ckpt (and fails to
+    # requeue: no scontrol here), then the job is killed before the epoch ends.
+    kill_and_resume(run_dir, pipeline_config(run_dir, ["visual"]),
+                    {"class_path": "pipeline_helpers.SlurmPreemption",
+                     "init_args": {"epoch": 1, "signal_batch": 1, "kill_batch": 3}})
     runs = check_runs(run_dir, ["phase1_visual", "phase2_visual"], killed="phase2_visual")
     check_resumed(runs["phase2_visual"])
+    # Reported numbers are those of final.ckpt, not of the leftover hpc_ckpt, which is gone.
+    phase2 = run_dir / "phase2_visual"
+    assert not list(phase2.glob("hpc_ckpt_*.ckpt"))
+    reported = json.loads((phase2 / "metrics.json").read_text())["results"]
+    for stage, row in (("validate", "val"), ("test", "test")):
+        own = evaluate(phase2, stage)
+        assert reported[row]["acc"] == pytest.approx(own["acc"], abs=1e-3)
+        assert reported[row]["per_class"] == pytest.approx(own["per_class"].tolist(), abs=1e-3)
 
 
 @pytest.mark.slow
 def test_lptpp_pipeline_logs_one_wandb_run_per_phase_with_the_phase3_comparison(tmp_path, wandb_offline):
     run_dir = tmp_path / "run"
-    kill_and_resume(run_dir, pipeline_config(run_dir, ["visual", "vl"]))
+    kill_and_resume(run_dir, pipeline_config(run_dir, ["visual", "vl"]),
+                    {"class_path": "pipeline_helpers.CrashAt", "init_args": {"epoch": 1, "batch": 1}})
     runs = check_runs(run_dir, ["phase1_visual", "phase2_visual", "phase1_vl", "phase2_vl", "phase3_moe"],
                       killed="phase2_visual")
     check_resumed(runs["phase2_visual"])
