@@ -36,6 +36,8 @@ class LogLines(ProgressBar):
         self._epoch_start = time.monotonic()
         self._images = self._batches = 0
 
+    on_train_start = on_train_epoch_start  # a run resumed mid-epoch starts without the epoch hook
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         self._images += _count_images(batch) * trainer.world_size
         self._batches += 1
@@ -107,6 +109,10 @@ def silence_noise() -> None:
     # Lightning's advertisements for its cloud products (printed by every Trainer).
     logging.getLogger("lightning.fabric.utilities.rank_zero").addFilter(_DropMessages("💡 Tip:"))
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropMessages("💡 Tip:"))
+    logging.getLogger("lightning.pytorch.trainer.connectors.checkpoint_connector").addFilter(
+        _DropMessages("`weights_only` was not set"))
+    # The split metrics are torchmetrics whose states are summed over ranks before they are logged.
+    warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
     # A deprecation inside Lightning's own code, raised on every fit.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     # W&B's history sparklines and viewer hints; its warnings, errors and the run's location stay.

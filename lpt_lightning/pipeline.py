@@ -278,6 +278,7 @@ def run_pipeline(
     seed_everything: int = 0,
     devices: int | str | None = None,
     num_nodes: int | None = None,
+    num_workers: int | None = None,
     wandb: WandbSpec | None = None,
     checkpoint_every_n_steps: int | None = None,
 ) -> list[PhaseRun]:
@@ -297,6 +298,8 @@ def run_pipeline(
         seed_everything: global seed of every phase.
         devices: overrides ``trainer.devices`` of every phase (e.g. from a SLURM script).
         num_nodes: overrides ``trainer.num_nodes`` of every phase.
+        num_workers: overrides ``data.num_workers`` of every phase (e.g. from the cores a SLURM
+            task has).
         wandb: log every phase to Weights & Biases as well.
         checkpoint_every_n_steps: also checkpoint every N training steps (long epochs: a killed
             job then loses at most N steps); None = at the end of every epoch only.
@@ -306,6 +309,8 @@ def run_pipeline(
         trainer["devices"] = devices
     if num_nodes is not None:
         trainer["num_nodes"] = num_nodes
+    if num_workers is not None:
+        data = dict(data, num_workers=num_workers)
     try:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
