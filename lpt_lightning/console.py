@@ -52,8 +52,7 @@ class LogLines(ProgressBar):
             metrics = trainer.progress_bar_metrics
             loss = metrics.get("train/loss")
             lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
-            parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}",
-                     f"batch {batch_idx + 1}/{total if math.isfinite(total) else '?'}"]
+            parts = [_epoch(trainer), f"batch {batch_idx + 1}/{total if math.isfinite(total) else '?'}"]
             parts += [f"loss {float(loss):.4f}"] if loss is not None else []
             parts += [f"lr {lr:.3g}"] if lr is not None else []
             parts += [f"{self._images / max(seconds, 1e-9):,.0f} img/s", f"ETA {_clock(remaining * per_batch)}"]
@@ -64,7 +63,7 @@ class LogLines(ProgressBar):
             return
         seconds = time.monotonic() - self._epoch_start
         metrics = trainer.callback_metrics
-        parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} done in {_clock(seconds)}"]
+        parts = [f"{_epoch(trainer)} done in {_clock(seconds)}"]
         if "train/loss" in metrics:
             parts.append(f"loss {float(metrics['train/loss']):.4f}")
         val = [f"{key.split('_')[-1] if '_' in key else 'overall'} {float(metrics[key]):.2f}"
@@ -75,6 +74,11 @@ class LogLines(ProgressBar):
 
     def print(self, *args: Any, **kwargs: Any) -> None:
         print(*args, **kwargs, flush=True)
+
+
+def _epoch(trainer) -> str:
+    limit = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
+    return f"epoch {trainer.current_epoch + 1}{limit}"
 
 
 def _count_images(batch: Any) -> int:

@@ -192,14 +192,20 @@ def run_phase(run: PhaseRun, test: bool, log_model: bool = False) -> None:
     The W&B run of the phase (if any) is finished when the phase ends, also on failure, so the next
     phase starts a run of its own instead of writing into this one.
     """
+    # A run still active in this process would be reused by Lightning's WandbLogger for this phase.
+    finish_wandb_run(exit_code=0)
     succeeded = False
     try:
         _fit_and_report(run, test, log_model)
         succeeded = True
     finally:
-        wandb = sys.modules.get("wandb")  # imported only when a WandbLogger was built
-        if wandb is not None and wandb.run is not None:
-            wandb.run.finish(exit_code=0 if succeeded else 1)
+        finish_wandb_run(exit_code=0 if succeeded else 1)
+
+
+def finish_wandb_run(exit_code: int) -> None:
+    wandb = sys.modules.get("wandb")  # imported only when a WandbLogger was built
+    if wandb is not None and wandb.run is not None:
+        wandb.run.finish(exit_code=exit_code)
 
 
 def _fit_and_report(run: PhaseRun, test: bool, log_model: bool) -> None:
