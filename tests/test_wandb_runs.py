@@ -26,11 +26,11 @@ def wandb_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_QUIET", "true")
 
 
-def pipeline_config(run_dir, experts, phase2_epochs=2):
+def pipeline_config(run_dir, experts):
+    """TINY with one epoch per phase, but two in phase 2, which is killed in its second epoch."""
     config = copy.deepcopy(TINY)
     for phase in ("phase1", "phase3"):
         config[phase]["trainer"]["max_epochs"] = 1
-    config["phase2"]["trainer"]["max_epochs"] = phase2_epochs
     config.update(run_dir=str(run_dir), experts=experts, mixture=len(experts) == 2,
                   wandb=WandbSpec(project="lpt-test", offline=True, log_model=True))
     return config
