@@ -21,10 +21,12 @@ from typing import Any
 import lightning as L
 from lightning.fabric.plugins import CheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lpt_lightning.console import LogLines, plain_output, silence_noise
 from lpt_lightning.data import LongTailDataModule
 from lpt_lightning.errors import CheckpointError, ConfigError, LPTError, RunInterrupted
 from lpt_lightning.prediction import PredictionWriter
@@ -35,6 +37,7 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 # `lpt pipeline` runs each phase's LightningCLI with explicit args while sys.argv keeps the
 # pipeline command (the DDP launcher re-executes sys.argv in every rank).
 warnings.filterwarnings("ignore", message=r".*args parameter is intended to run from within Python.*")
+silence_noise()
 
 # ckpt_path values Lightning resolves itself ("last" is resolved here, so that it is checked too).
 LIGHTNING_CKPT_NAMES = ("best", "hpc")
@@ -182,6 +185,13 @@ class LPTCLI(LightningCLI):
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        # A redirected log (SLURM) gets plain progress lines instead of progress-bar redraws.
+        trainer = self._get(self.config_init, "trainer", default={})
+        callbacks = trainer.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        if plain_output() and trainer.get("enable_progress_bar") is not False and not any(
+                isinstance(c, ProgressBar) for c in callbacks):
+            kwargs["callbacks"] = [*callbacks, LogLines()]
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:

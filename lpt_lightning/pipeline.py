@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -34,9 +35,11 @@ PHASE_KEYS = {"trainer", "data", "model", "visual", "vl"}
 class WandbSpec:
     """Weights & Biases logging of every phase (beside the CSV logs).
 
-    Runs of one pipeline share a ``group`` (default: the run directory's name), each phase is a
-    ``job_type``; the run id is derived from the run directory and the phase, so a requeued or
-    resumed phase keeps appending to the same W&B run.
+    Every phase is a W&B run of its own: runs of one pipeline share a ``group`` (default: the run
+    directory's name), each phase is a ``job_type``, and the run id is derived from the run
+    directory and the phase, so a requeued or resumed phase keeps appending to the same W&B run.
+    ``log_model`` logs each phase's hand-over checkpoint (``final.ckpt``) as a ``model`` artifact
+    of its run, with the phase's split accuracies as metadata.
     """
 
     project: str = "lpt_lightning"
@@ -44,6 +47,7 @@ class WandbSpec:
     group: str | None = None
     tags: list[str] | None = None
     offline: bool = False
+    log_model: bool = False
 
 
 def wandb_run_id(run_dir: Path, phase: str) -> str:
@@ -114,7 +118,7 @@ def plan(run_dir: str, data: dict[str, Any], trainer: dict[str, Any] | None, exp
                         "init_args": {"save_dir": str(directory), "name": "logs"}}]
             if wandb is not None:
                 loggers.append({
-                    "class_path": "lightning.pytorch.loggers.WandbLogger",
+                    "class_path": "lpt_lightning.reports.PhaseWandbLogger",
                     "init_args": {"project": wandb.project, "name": f"{root.name}/{name}", "save_dir": str(directory),
                                   "id": wandb_run_id(root, name), "offline": wandb.offline},
                     "dict_kwargs": {"group": wandb.group or root.name, "job_type": name, "tags": wandb.tags,
@@ -182,7 +186,29 @@ def resume_checkpoint(run: PhaseRun) -> Path | None:
     return None
 
 
-def run_phase(run: PhaseRun, test: bool) -> None:
+def run_phase(run: PhaseRun, test: bool, log_model: bool = False) -> None:
+    """``lpt fit`` on the phase's config, then the hand-over file and the reports of its weights.
+
+    The W&B run of the phase (if any) is finished when the phase ends, also on failure, so the next
+    phase starts a run of its own instead of writing into this one.
+    """
+    # A run still active in this process would be reused by Lightning's WandbLogger for this phase.
+    finish_wandb_run(exit_code=0)
+    succeeded = False
+    try:
+        _fit_and_report(run, test, log_model)
+        succeeded = True
+    finally:
+        finish_wandb_run(exit_code=0 if succeeded else 1)
+
+
+def finish_wandb_run(exit_code: int) -> None:
+    wandb = sys.modules.get("wandb")  # imported only when a WandbLogger was built
+    if wandb is not None and wandb.run is not None:
+        wandb.run.finish(exit_code=exit_code)
+
+
+def _fit_and_report(run: PhaseRun, test: bool, log_model: bool) -> None:
     from lpt_lightning.cli import LPTCLI
 
     args = ["--config", str(run.directory / "config.yaml")]
@@ -201,17 +227,50 @@ def run_phase(run: PhaseRun, test: bool) -> None:
     trainer.save_checkpoint(tmp, weights_only=False)
     if trainer.is_global_zero:
         os.replace(tmp, run.final_checkpoint)
+        remove_preemption_checkpoints(run)
+    trainer.strategy.barrier("lpt-pipeline-handover")
+    # Every reported number is computed from the hand-over weights, read back from final.ckpt:
+    # without a ckpt_path Lightning would load a leftover hpc_ckpt_N.ckpt under SLURM, and the
+    # last validation of fit may predate a resume.
+    final = str(run.final_checkpoint)
+    model.results.clear()
+    trainer.validate(model, datamodule=datamodule, ckpt_path=final, verbose=False)
     if test and datamodule.splits.test is not None:
-        trainer.test(model, datamodule=datamodule, verbose=False)
+        trainer.test(model, datamodule=datamodule, ckpt_path=final, verbose=False)
     if trainer.is_global_zero:
-        results = {k: v for k, v in model.results.items()}
+        results = dict(model.results)
         write_metrics(run.directory / "metrics.json", results, model.class_counts.cpu(), model.class_names,
                       model.split_convention)
         test_rows = {k: v for k, v in results.items() if k.startswith("test")} or results
         plot_per_class_accuracy(run.directory / "per_class_accuracy.png", test_rows, model.class_counts.cpu(),
                                 f"{run.name}: per-class accuracy vs training count")
         rank_zero_info(f"\n{run.name} ({run.directory})\n{split_table(results)}\n")
-    trainer.strategy.barrier("lpt-pipeline-handover")
+        if log_model:
+            log_final_checkpoint(trainer, run, results)
+    trainer.strategy.barrier("lpt-pipeline-reported")
+
+
+def remove_preemption_checkpoints(run: PhaseRun) -> None:
+    """A finished phase needs no ``hpc_ckpt_N.ckpt``: left behind, Lightning would load one under
+    SLURM wherever no checkpoint path is given (``lpt test`` in that directory, for one)."""
+    for path in run.directory.glob("hpc_ckpt_*.ckpt"):
+        path.unlink(missing_ok=True)
+
+
+def log_final_checkpoint(trainer, run: PhaseRun, results: dict[str, dict[str, Any]]) -> None:
+    """``final.ckpt`` as a W&B ``model`` artifact of the phase's run, so a dashboard number links
+    to the weights that produced it."""
+    import wandb
+    from lightning.pytorch.loggers import WandbLogger
+
+    from lpt_lightning.metrics import SPLIT_KEYS
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            metadata = {"phase": run.name, **{f"{row}/{k}": v[k] for row, v in results.items() for k in SPLIT_KEYS}}
+            artifact = wandb.Artifact(f"model-{logger.version}", type="model", metadata=metadata)
+            artifact.add_file(str(run.final_checkpoint), name="final.ckpt")
+            logger.experiment.log_artifact(artifact, aliases=["latest", "final"])
 
 
 def run_pipeline(
@@ -227,6 +286,7 @@ def run_pipeline(
     seed_everything: int = 0,
     devices: int | str | None = None,
     num_nodes: int | None = None,
+    num_workers: int | None = None,
     wandb: WandbSpec | None = None,
     checkpoint_every_n_steps: int | None = None,
 ) -> list[PhaseRun]:
@@ -246,6 +306,8 @@ def run_pipeline(
         seed_everything: global seed of every phase.
         devices: overrides ``trainer.devices`` of every phase (e.g. from a SLURM script).
         num_nodes: overrides ``trainer.num_nodes`` of every phase.
+        num_workers: overrides ``data.num_workers`` of every phase (e.g. from the cores a SLURM
+            task has).
         wandb: log every phase to Weights & Biases as well.
         checkpoint_every_n_steps: also checkpoint every N training steps (long epochs: a killed
             job then loses at most N steps); None = at the end of every epoch only.
@@ -255,6 +317,8 @@ def run_pipeline(
         trainer["devices"] = devices
     if num_nodes is not None:
         trainer["num_nodes"] = num_nodes
+    if num_workers is not None:
+        data = dict(data, num_workers=num_workers)
     try:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -267,13 +331,14 @@ def run_pipeline(
     for run in runs:
         if finished(run):
             rank_zero_info(f"{run.name}: finished earlier ({run.final_checkpoint}), skipping")
+            remove_preemption_checkpoints(run)
             metrics = run.directory / "metrics.json"
             if metrics.is_file():
                 rank_zero_info(f"{run.name}\n{split_table_from_file(metrics)}\n")
             continue
         rank_zero_info(f"=== {run.name} ===")
         try:
-            run_phase(run, test)
+            run_phase(run, test, log_model=wandb is not None and wandb.log_model)
         except (KeyboardInterrupt, RunInterrupted) as exc:
             raise RunInterrupted(f"interrupted in phase {run.name}; rerun the same command to resume",
                                  getattr(exc, "exit_code", 130)) from None

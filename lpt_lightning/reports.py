@@ -124,6 +124,16 @@ class SplitReport(Callback):
                                  data=summary)
 
 
+class PhaseWandbLogger(WandbLogger):
+    """Lightning's WandbLogger without its ``anonymous=None`` argument, about which every
+    ``wandb.init`` of a recent wandb prints a deprecation note."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if self._wandb_init.get("anonymous") is None:
+            del self._wandb_init["anonymous"]
+
+
 class LoggedSaveConfig(SaveConfigCallback):
     """Saves config.yaml beside the logs (Lightning's behaviour) and sends the resolved config to
     the experiment loggers (W&B shows it as the run's config).

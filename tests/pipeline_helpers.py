@@ -43,3 +43,19 @@ class DieOnRank(L.Callback):
 
         if trainer.global_rank == self.rank and trainer.global_step == self.step:
             os._exit(9)
+
+
+class SlurmTimeLimit(L.Callback):
+    """SLURM's signal before the time limit (``--signal=SIGUSR1@...``) at a given epoch and batch,
+    in a job's first run only: the requeued run (SLURM_RESTART_COUNT set) goes on to the end."""
+
+    def __init__(self, epoch: int = 1, batch: int = 1):
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        import os
+        import signal
+
+        first_run = not int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+        if first_run and trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            os.kill(os.getpid(), signal.SIGUSR1)

@@ -99,11 +99,11 @@ def test_phase2_without_phase1_checkpoint_names_the_path(lpt, tmp_path, capsys):
         assert exc.value.code == 2
         return capsys.readouterr().err
 
-    message = error("fit", "--config", str(CPU_CONFIGS / "fmnist_lt_phase2_visual.yaml"))
+    message = error("fit", "--config", str(CPU_CONFIGS / "fmnist_lt_phase2.yaml"))
     assert "runs/fmnist_lt/phase1_visual/checkpoints/last.ckpt: checkpoint not found" in message
     assert "Traceback" not in message and "Union subtypes" not in message
     missing = tmp_path / "elsewhere" / "phase1.ckpt"
-    message = error("fit", "--config", str(CPU_CONFIGS / "fmnist_lt_phase2_visual.yaml"),
+    message = error("fit", "--config", str(CPU_CONFIGS / "fmnist_lt_phase2.yaml"),
                     f"--model.init_args.phase1_checkpoint={missing}")
     assert str(missing) in message
     assert not (tmp_path / "runs" / "fmnist_lt" / "phase2_visual" / "checkpoints").exists()
@@ -112,7 +112,8 @@ def test_phase2_without_phase1_checkpoint_names_the_path(lpt, tmp_path, capsys):
 # ------------------------------------------------------------------ end to end
 def run_pair(lpt, expert: str, capsys, caplog) -> tuple[Path, Path]:
     runs = Path("runs/fmnist_lt").resolve()
-    lpt("fit", "--config", str(CPU_CONFIGS / f"fmnist_lt_phase1_{expert}.yaml"), "--trainer.max_epochs=1",
+    suffix = "" if expert == "visual" else f"_{expert}"  # configs/<dataset>_phase1.yaml is the visual expert
+    lpt("fit", "--config", str(CPU_CONFIGS / f"fmnist_lt_phase1{suffix}.yaml"), "--trainer.max_epochs=1",
         "--trainer.enable_progress_bar=false")
     p1 = runs / f"phase1_{expert}"
     ckpt1 = check_small_checkpoint(p1 / "checkpoints" / "last.ckpt", "adapt")
@@ -124,7 +125,7 @@ def run_pair(lpt, expert: str, capsys, caplog) -> tuple[Path, Path]:
         assert "head initialised from CLIP text embeddings of 10 class names" in text
     caplog.clear()
 
-    lpt("fit", "--config", str(CPU_CONFIGS / f"fmnist_lt_phase2_{expert}.yaml"), "--trainer.max_epochs=1",
+    lpt("fit", "--config", str(CPU_CONFIGS / f"fmnist_lt_phase2{suffix}.yaml"), "--trainer.max_epochs=1",
         "--trainer.enable_progress_bar=false")
     p2 = runs / f"phase2_{expert}"
     ckpt2 = check_small_checkpoint(p2 / "checkpoints" / "last.ckpt", "group_prompt")
@@ -142,7 +143,7 @@ def run_pair(lpt, expert: str, capsys, caplog) -> tuple[Path, Path]:
 @needs_fmnist
 def test_visual_phase1_phase2_test(lpt, capsys, caplog):
     _, p2 = run_pair(lpt, "visual", capsys, caplog)
-    lpt("test", "--config", str(CPU_CONFIGS / "fmnist_lt_phase2_visual.yaml"),
+    lpt("test", "--config", str(CPU_CONFIGS / "fmnist_lt_phase2.yaml"),
         "--ckpt_path", str(p2 / "checkpoints" / "last.ckpt"), "--trainer.enable_progress_bar=false")
     text = console_output(capsys, caplog)
     assert "Split accuracy (%, lpt convention)" in text

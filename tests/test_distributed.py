@@ -38,7 +38,7 @@ def last_val_row(metrics_csv):
 
 @pytest.mark.ddp
 def test_phase1_on_two_processes_matches_one_process_with_the_same_global_batch(tmp_path):
-    config = str(REPO / "configs/cpu/fmnist_lt_phase1_visual.yaml")
+    config = str(REPO / "configs/cpu/fmnist_lt_phase1.yaml")
     common = ["fit", "--config", config, "--trainer.max_epochs=2", *DETERMINISTIC]
     (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
     run([*common, "--trainer.devices=1", "--data.batch_size=32"], tmp_path / "one")

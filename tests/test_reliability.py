@@ -113,7 +113,7 @@ def test_unwritable_run_directory_is_refused_before_anything_runs(tmp_path, caps
     from lpt_lightning.cli import main
 
     with pytest.raises(SystemExit) as exc:
-        main(["fit", "--config", str(REPO / "configs/cpu/fmnist_lt_phase1_visual.yaml"),
+        main(["fit", "--config", str(REPO / "configs/cpu/fmnist_lt_phase1.yaml"),
               f"--trainer.default_root_dir={blocker / 'run'}"])
     assert exc.value.code == 2 and "not writable" in capsys.readouterr().err
 
@@ -128,7 +128,7 @@ def env():
 def test_a_dying_rank_ends_the_whole_job_quickly(tmp_path):
     start = time.monotonic()
     result = subprocess.run(
-        [LPT, "fit", "--config", str(REPO / "configs/cpu/fmnist_lt_phase1_visual.yaml"), "--trainer.devices=2",
+        [LPT, "fit", "--config", str(REPO / "configs/cpu/fmnist_lt_phase1.yaml"), "--trainer.devices=2",
          "--trainer.strategy=ddp", "--data.batch_size=16",
          "--trainer.callbacks+=pipeline_helpers.DieOnRank", "--trainer.callbacks.rank=1",
          "--trainer.callbacks.step=3"],
