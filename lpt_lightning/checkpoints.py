@@ -62,6 +62,27 @@ def read_phase_metadata(checkpoint: dict[str, Any], path: str | Path) -> dict[st
     return meta
 
 
+def check_same_data(recorded: dict[str, Any] | None, current: dict[str, Any] | None, what: str) -> None:
+    """Refuse an upstream checkpoint trained on other data than this phase's: another training
+    split, or another held-out split (whose images may then have been trained on)."""
+    if current is None:
+        return
+    if not isinstance(recorded, dict) or "train" not in recorded:
+        raise CheckpointError(
+            f"{what}: the checkpoint records no training data, so nothing shows that this phase's held-out images "
+            "were kept out of its training set; retrain it with this version of lpt_lightning")
+    if recorded["train"] != current["train"]:
+        raise CheckpointError(
+            f"{what}: trained on another training split (digest {recorded['train']}, {recorded.get('num_train')} "
+            f"images) than this phase's data (digest {current['train']}, {current.get('num_train')} images): "
+            "use the same data section (source, long-tail settings, data.holdout_*) in every phase")
+    if recorded.get("val") != current.get("val") or recorded.get("holdout") != current.get("holdout"):
+        raise CheckpointError(
+            f"{what}: trained with another held-out split ({recorded.get('holdout') or 'the dataset val split'}, "
+            f"digest {recorded.get('val')}) than this phase's ({current.get('holdout') or 'the dataset val split'}, "
+            f"digest {current.get('val')}): use the same data.holdout_* settings in every phase")
+
+
 def expert_spec_from_dict(data: dict[str, Any], path: str | Path = "checkpoint") -> ExpertSpec:
     try:
         data = dict(data)

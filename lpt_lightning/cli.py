@@ -1,5 +1,6 @@
 """The ``lpt`` command: a LightningCLI over the phase LightningModules and one DataModule,
-plus ``lpt pipeline`` (all phases) and ``lpt export`` (trained tensors to safetensors)."""
+plus ``lpt pipeline`` (all phases), ``lpt export`` (trained tensors to safetensors) and ``lpt convert``
+(checkpoints of other code bases)."""
 from __future__ import annotations
 
 import contextlib
@@ -123,12 +124,44 @@ def export_main(args: list[str]) -> None:
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
 
+def convert_main(args: list[str]) -> None:
+    import argparse
+
+    from lpt_lightning.convert import OFFICIAL_LAYER_NORM_EPS, convert_lpt_official
+    from lpt_lightning.data.sources import _parse_class_names
+    from lpt_lightning.models.backbones import REFERENCE_BACKBONES, BackboneSpec
+
+    parser = argparse.ArgumentParser(prog="lpt convert", description="Convert a checkpoint of another code base "
+                                     "into phase checkpoints of this project.")
+    formats = parser.add_subparsers(dest="format", required=True)
+    official = formats.add_parser("lpt-official", help="the released LPT checkpoint of GitHub DongSky/LPT: "
+                                  "writes a phase-2 checkpoint and, beside it, the phase-1 one it names")
+    official.add_argument("source", help="official .pth file")
+    official.add_argument("output", help="phase-2 checkpoint to write (.ckpt)")
+    official.add_argument("--num-classes", type=int, required=True)
+    official.add_argument("--class-names", help="file with one class per line ('name' or 'name index')")
+    official.add_argument("--backbone", default=REFERENCE_BACKBONES["timm"], help="timm name of the frozen ViT")
+    official.add_argument("--backbone-checkpoint", help="local weights of that ViT (recorded in the checkpoint and "
+                          "compared with the backbone in the release); default: hub weights when the model is built")
+    official.add_argument("--top-k", type=int, default=2, help="group prompts averaged per image")
+    official.add_argument("--layer-norm-eps", type=float, default=OFFICIAL_LAYER_NORM_EPS)
+    official.add_argument("--phase1-output", help="phase-1 checkpoint to write (default: OUTPUT with .phase1.ckpt)")
+    ns = parser.parse_args(args)
+    class_names = _parse_class_names(Path(ns.class_names)) if ns.class_names else None
+    backbone = BackboneSpec(name=ns.backbone, checkpoint_path=ns.backbone_checkpoint)
+    phase2, phase1 = convert_lpt_official(ns.source, ns.output, ns.num_classes, class_names, backbone, ns.top_k,
+                                          ns.layer_norm_eps, ns.phase1_output)
+    print(f"wrote {phase2} (phase 2) and {phase1} (phase 1)")
+
+
 def main(args: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] == "pipeline":
         return pipeline_main(argv[1:])
     if argv and argv[0] == "export":
         return export_main(argv[1:])
+    if argv and argv[0] == "convert":
+        return convert_main(argv[1:])
     LPTCLI(args=args, **LPTCLI.defaults())
 
 

@@ -33,16 +33,13 @@ def file_digest(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def cache_key(checkpoint_digests: list[str], split: Split, indices: torch.Tensor | None, img_size: int,
-              full_probs: bool) -> str:
+def cache_key(checkpoint_digests: list[str], split: Split, img_size: int, full_probs: bool) -> str:
     """Changes whenever an expert checkpoint, the split's images/labels or the view of them changes."""
     h = hashlib.sha256(f"v{CACHE_FORMAT}|{img_size}|{full_probs}|".encode())
     for digest in checkpoint_digests:
         h.update(digest.encode())
     h.update("\n".join(map(str, split.items)).encode())
     h.update(split.labels.tobytes())
-    if indices is not None:
-        h.update(indices.numpy().tobytes())
     return h.hexdigest()[:20]
 
 

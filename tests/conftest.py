@@ -1,7 +1,18 @@
 """Shared test setup: never touch the network, keep CPU runs small and deterministic."""
 import os
 
+import pytest
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def pytest_configure(config):
+    from datasets_available import FMNIST, IN_CI, fmnist_present
+
+    if IN_CI and not fmnist_present():
+        raise pytest.UsageError(
+            f"CI=true but the Fashion-MNIST IDX files are not in {FMNIST}: install the Debian package "
+            "dataset-fashion-mnist (or set LPT_FASHION_MNIST_DIR). CI never skips the data tests.")

@@ -4,23 +4,18 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
 
 from lpt_lightning.cli import main
-from lpt_lightning.data.sources import FASHION_MNIST_DEFAULT_DIR
+from datasets_available import needs_fmnist
 
 REPO = Path(__file__).resolve().parents[1]
 CPU_CONFIGS = REPO / "configs" / "cpu"
-FMNIST = Path(os.environ.get("LPT_FASHION_MNIST_DIR") or FASHION_MNIST_DEFAULT_DIR)
-needs_fmnist = pytest.mark.skipif(not FMNIST.is_dir(), reason="Fashion-MNIST IDX files not installed "
-                                  "(Debian package dataset-fashion-mnist)")
 SPLIT_COLUMNS = ("val/acc", "val/acc_many", "val/acc_medium", "val/acc_few")
 
 

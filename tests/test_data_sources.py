@@ -26,6 +26,7 @@ from lpt_lightning.data import (
     read_idx,
 )
 from lpt_lightning.errors import ConfigError, DataFormatError
+from datasets_available import CIFAR_ARCHIVE, FMNIST, needs_fmnist
 
 # ------------------------------------------------------------------------------ long-tail profile
 
@@ -240,7 +241,7 @@ def test_inat_json_noncontiguous_ids(inat_root):
     assert s.train.labels.tolist() == [2, 0, 1, 1, 0]
     assert s.train.items[0] == str(inat_root / "train_val2018/c/0.jpg")
     assert s.test.labels.tolist() == [2, 1]  # images order: id 1 (Zebra), id 2 (Moth)
-    assert s.val is s.test  # iNat's official val is the benchmark test set
+    assert s.val is None  # iNat's official val is the benchmark test set, never validation
 
 
 def test_inat_separate_val(inat_root):
@@ -433,23 +434,15 @@ def test_fashion_mnist_bad_files(tmp_path):
         FashionMNISTSource(root=str(tmp_path / "absent")).load()
 
 
-REAL_FASHION = Path(os.environ.get("LPT_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
-
-
-@pytest.mark.skipif(not (REAL_FASHION / "train-labels-idx1-ubyte.gz").exists()
-                    and not (REAL_FASHION / "train-labels-idx1-ubyte").exists(),
-                    reason="Fashion-MNIST (Debian dataset-fashion-mnist) not installed")
+@needs_fmnist
 def test_real_fashion_mnist():
-    s = FashionMNISTSource(root=str(REAL_FASHION)).load()
+    s = FashionMNISTSource(root=str(FMNIST)).load()
     assert len(s.train) == 60000 and len(s.test) == 10000
     assert s.images.shape == (70000, 28, 28)
     assert np.bincount(s.train.labels).tolist() == [6000] * 10
     assert np.bincount(s.test.labels).tolist() == [1000] * 10
-    lt = FashionMNISTSource(root=str(REAL_FASHION), imbalance_ratio=100).load()
+    lt = FashionMNISTSource(root=str(FMNIST), imbalance_ratio=100).load()
     assert np.bincount(lt.train.labels).tolist() == [6000, 3596, 2156, 1292, 774, 464, 278, 166, 100, 60]
-
-
-CIFAR_ARCHIVE = Path("/work/shared/data/cifar10-train-jpeg.tar.gz")
 
 
 @pytest.mark.slow

@@ -13,13 +13,12 @@ import yaml
 
 from lpt_lightning.checkpoints import load_checkpoint_file
 from lpt_lightning.pipeline import run_pipeline
-from tiny_models import TIMM_TINY
 from test_pipeline import TINY
+from datasets_available import needs_fmnist
 
 REPO = Path(__file__).resolve().parents[1]
 LPT = str(Path(sys.executable).with_name("lpt"))
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-pytestmark = pytest.mark.skipif(not FMNIST.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
+pytestmark = needs_fmnist
 # Deterministic training: no GCL noise, no dropout (their draws are seeded per rank).
 DETERMINISTIC = ["--model.init_args.loss.beta=0", "--model.init_args.expert.adapter_dropout=0",
                  "--model.init_args.expert.head_dropout=0"]

@@ -1,5 +1,4 @@
 """Phase 1 -> phase 2 on tiny random experts and real Fashion-MNIST-LT images."""
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -13,9 +12,8 @@ from lpt_lightning.models.expert import ExpertSpec, GroupPromptSpec
 from lpt_lightning.phases import AdaptPhase, GroupPromptPhase, OptimSpec
 from lpt_lightning.phases.base import instance_weight
 from tiny_models import TIMM_TINY, tiny_backbone
+from datasets_available import needs_fmnist
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-needs_fmnist = pytest.mark.skipif(not FMNIST.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
 GROUP = GroupPromptSpec(pool_size=6, top_k=2, start_block=2, length=3)
 OPTIM = OptimSpec(base_lr=1.0, warmup_epochs=0)
 

@@ -22,11 +22,10 @@ from lpt_lightning.phases import AdaptPhase, LossSpec, OptimSpec
 from lpt_lightning.pipeline import run_pipeline
 from test_pipeline import TINY
 from tiny_models import tiny_backbone
+from datasets_available import needs_fmnist
 
 REPO = Path(__file__).resolve().parents[1]
 LPT = str(Path(sys.executable).with_name("lpt"))
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-needs_fmnist = pytest.mark.skipif(not FMNIST.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
 
 
 class NaNAt(AdaptPhase):

@@ -12,8 +12,8 @@ from lpt_lightning.models.expert import ExpertSpec
 from lpt_lightning.phases import AdaptPhase
 from lpt_lightning.reports import LoggedSaveConfig, SplitReport, per_class_rows
 from tiny_models import tiny_backbone
+from datasets_available import needs_fmnist
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
 def test_per_class_rows_name_group_and_accuracy():
@@ -27,7 +27,7 @@ def test_per_class_rows_name_group_and_accuracy():
                                                                                "medium", "few"]
 
 
-@pytest.mark.skipif(not FMNIST.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
+@needs_fmnist
 def test_test_run_writes_local_reports_and_sends_tables_to_wandb(tmp_path, monkeypatch):
     logged = {"tables": {}, "images": {}, "metrics": set()}
     monkeypatch.setattr(WandbLogger, "log_table",

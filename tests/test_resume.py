@@ -1,5 +1,4 @@
 """Exact resumption: a phase killed mid-epoch and resumed ends where an uninterrupted run ends."""
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -9,9 +8,9 @@ from lpt_lightning.data import FashionMNISTSource, LongTailDataModule
 from lpt_lightning.models.expert import ExpertSpec, GroupPromptSpec
 from lpt_lightning.phases import AdaptPhase, GroupPromptPhase, OptimSpec
 from tiny_models import tiny_backbone
+from datasets_available import needs_fmnist
 
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
-pytestmark = pytest.mark.skipif(not FMNIST.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
+pytestmark = needs_fmnist
 
 
 class KillAfter(L.Callback):
@@ -32,11 +31,11 @@ def datamodule(num_workers=0):
     return LongTailDataModule(source, batch_size=16, num_workers=num_workers, seed=3)
 
 
-def fit(module, root, epochs, callbacks=(), ckpt_path=None, num_workers=0):
+def fit(module, root, epochs, callbacks=(), ckpt_path=None, num_workers=0, **trainer_args):
     L.seed_everything(7)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
-                        callbacks=list(callbacks))
+                        callbacks=list(callbacks), **trainer_args)
     trainer.fit(module, datamodule=datamodule(num_workers), ckpt_path=ckpt_path)
     return trainer
 
@@ -67,6 +66,40 @@ def test_phase1_killed_mid_epoch_resumes_exactly(tmp_path, num_workers):
         assert torch.equal(value, trained(resumed)[key]), key
     for key in ("acc", "acc_many", "acc_medium", "acc_few"):
         assert resumed.results["val"][key] == pytest.approx(reference.results["val"][key], nan_ok=True)
+
+
+def test_phase1_with_gradient_accumulation_resumes_exactly(tmp_path):
+    reference = phase1()
+    fit(reference, tmp_path, 2, accumulate_grad_batches=2)
+    ckpt = tmp_path / "killed.ckpt"
+    with pytest.raises(RuntimeError, match="killed"):  # after the first window of epoch 1
+        fit(phase1(), tmp_path, 2, [KillAfter(ckpt, epoch=1, batch=1)], accumulate_grad_batches=2)
+    resumed = phase1()
+    fit(resumed, tmp_path, 2, ckpt_path=ckpt, accumulate_grad_batches=2)
+    for key, value in trained(reference).items():
+        assert torch.equal(value, trained(resumed)[key]), key
+
+
+class RngRecorder(AdaptPhase):
+    """Phase 1 that records the generator state each training step starts from (its noise and dropout)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rng_states = []
+
+    def training_step(self, batch, batch_idx):
+        self.rng_states.append(torch.random.get_rng_state())
+        return super().training_step(batch, batch_idx)
+
+
+def test_each_micro_batch_of_an_accumulation_window_draws_its_own_noise(tmp_path):
+    L.seed_everything(0)
+    spec = ExpertSpec(kind="visual", backbone=tiny_backbone("visual"), prompt_length=3)
+    module = RngRecorder(expert=spec, num_classes=10, optim=OptimSpec(base_lr=0.5, warmup_epochs=1))
+    fit(module, tmp_path, 1, accumulate_grad_batches=2, limit_train_batches=4, limit_val_batches=0)
+    states = module.rng_states
+    assert len(states) == 4
+    assert all(not torch.equal(states[a], states[b]) for a in range(4) for b in range(a))
 
 
 def test_phase2_killed_mid_epoch_resumes_exactly(tmp_path):

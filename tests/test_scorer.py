@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from lpt_lightning.models.scorer import MoEScorer, balanced_accuracy, fuse, search_base_weight
-from lpt_lightning.phases.moe_scorer import balanced_holdout_upto
 
 
 def one_hot_probs(pred, num_classes, confidence):
@@ -80,10 +79,3 @@ def test_learned_scorer_beats_both_experts_when_they_are_complementary():
         fused = accuracy(fuse(pv, pl, scorer(qv, ql)))
     assert accuracy(pv) == pytest.approx(0.5, abs=0.05) and accuracy(pl) == pytest.approx(0.5, abs=0.05)
     assert fused > 0.95 > max(accuracy(pv), accuracy(pl), accuracy(fuse(pv, pl, w_base)))
-
-
-def test_held_out_slice_takes_up_to_k_per_class():
-    labels = torch.tensor([0] * 10 + [1] * 3 + [2] * 7).numpy()
-    held = balanced_holdout_upto(labels, 5, seed=0)
-    assert torch.bincount(torch.as_tensor(labels[held])).tolist() == [5, 3, 5]
-    assert (held == balanced_holdout_upto(labels, 5, seed=0)).all()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -9,8 +10,9 @@ import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Sampler
 
+from lpt_lightning.data.long_tail import holdout_upto
 from lpt_lightning.data.datasets import LongTailImageDataset, collate_skipping, verify_files
 from lpt_lightning.data.samplers import ClassAwareSampler, InstanceSampler, PowerSampler, ShardedEvalSampler
 from lpt_lightning.data.sources import IMAGE_EXTENSIONS, DatasetSplits, DataSource, Split
@@ -46,7 +48,6 @@ class ResumableDataLoader(DataLoader):
     def __iter__(self):
         epoch, _ = self._position()
         self.sampler.set_epoch(epoch)
-        self.dataset.epoch = epoch  # per-sample augmentation seeds follow the epoch
         if self._resume_batches:
             self.sampler.start = self._resume_batches * self.batch_size
             self._resume_batches = 0
@@ -66,7 +67,7 @@ class LongTailDataModule(LightningDataModule):
         images_per_class: consecutive images drawn per class visit by the class-aware sampler.
         num_workers: DataLoader worker processes per device.
         img_size: crop size; None takes ``trainer.lightning_module.img_size`` in setup().
-        seed: seed of the samplers (the epoch is added each epoch).
+        seed: seed of the samplers (the epoch is added each epoch) and of training augmentation.
         skip_unreadable: drop undecodable images from batches instead of failing.
         verify_files: check that every listed image file exists before training.
         pin_memory: pin host memory (only when CUDA is available).
@@ -75,6 +76,20 @@ class LongTailDataModule(LightningDataModule):
             exactness checks).
         predict_paths: images for ``lpt predict``: a folder (searched recursively) or a text file
             with one image path per line (relative to the file's folder); None = the test split.
+        holdout_per_class: for a dataset without a validation split (iNaturalist 2018, CIFAR-LT
+            with its official test folder): carve a seeded held-out split of up to this many
+            training images per class out of train *before phase 1*, so the experts never train
+            on it. It serves as ``val``: checkpoint selection, early stopping, the W_base search
+            and the scorer's fitting. 0 = no carving.
+        holdout_max_fraction: a class gives at most this fraction of its training images (rounded
+            down), so tail classes lose little and a class too small to spare one gives none.
+        holdout_seed: seed of the carving (the same on every rank and in every phase).
+        val_from_test: explicit opt-in for a dataset without a validation split: report the test
+            split as ``val`` during training, for monitoring only. Selection and fitting on it
+            (ModelCheckpoint / EarlyStopping on ``val/...``, phase 3) are then refused.
+
+    The test split is never used as validation otherwise: a dataset without a validation split
+    needs ``holdout_per_class`` (or the explicit ``val_from_test``).
 
     Attribute ``load_images`` (default True) can be switched off by a model that trains on
     cached expert outputs (phase 3): batches then carry only ``label`` and ``index``.
@@ -96,6 +111,10 @@ class LongTailDataModule(LightningDataModule):
         persistent_workers: bool = False,
         predict_paths: str | None = None,
         augment: bool = True,
+        holdout_per_class: int = 0,
+        holdout_max_fraction: float = 0.2,
+        holdout_seed: int = 0,
+        val_from_test: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -110,6 +129,13 @@ class LongTailDataModule(LightningDataModule):
             raise ConfigError(f"data.images_per_class must be >= 1, got {images_per_class}")
         if num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {num_workers}")
+        if holdout_per_class < 0:
+            raise ConfigError(f"data.holdout_per_class must be >= 0, got {holdout_per_class}")
+        if not 0.0 < holdout_max_fraction < 1.0:
+            raise ConfigError(f"data.holdout_max_fraction must be in (0, 1), got {holdout_max_fraction}")
+        if holdout_per_class and val_from_test:
+            raise ConfigError("set either data.holdout_per_class (a held-out split carved from train) or "
+                              "data.val_from_test (monitor the test split), not both")
         # The source object is not saved: checkpoints must stay loadable with weights_only.
         self.save_hyperparameters(ignore=["source"], logger=False)
         self.source = source
@@ -126,19 +152,73 @@ class LongTailDataModule(LightningDataModule):
         self.persistent_workers = persistent_workers
         self.predict_paths = predict_paths
         self.augment = augment
+        self.holdout_per_class = holdout_per_class
+        self.holdout_max_fraction = holdout_max_fraction
+        self.holdout_seed = holdout_seed
+        self.val_from_test = val_from_test
         self.load_images = True
+        self.fit_split = "train"  # the split the training loader samples (phase 3 may fit on "val")
+        self.holdout_summary: str | None = None
+        self._source_train_counts: np.ndarray | None = None
+        self._data_record: dict | None = None
         self._splits: DatasetSplits | None = None
         self._datasets: dict[str, LongTailImageDataset] = {}
         self._verified: set[str] = set()
-        self._warned_fallback: set[str] = set()
+        self._warned_val_from_test = False
+        self._warned_test_from_val = False
 
     # ---------------------------------------------------------------- metadata (lazy, cached)
     @property
     def splits(self) -> DatasetSplits:
         """The parsed source; parsed on first access so CLI argument links work before setup()."""
         if self._splits is None:
-            self._splits = self.source.load()
+            self._splits = self._with_holdout(self.source.load())
         return self._splits
+
+    def _with_holdout(self, splits: DatasetSplits) -> DatasetSplits:
+        """Carve the held-out split out of train (deterministic: every rank and phase agrees)."""
+        if splits.val is not None and (self.holdout_per_class or self.val_from_test):
+            option = "holdout_per_class" if self.holdout_per_class else "val_from_test"
+            raise ConfigError(f"{splits.name} has a validation split ({splits.val.origin}); data.{option} is only "
+                              f"for datasets without one: remove it")
+        if not self.holdout_per_class:
+            return splits
+        train = splits.train
+        self._source_train_counts = train.class_counts(splits.num_classes)
+        held, rest = holdout_upto(train.labels, self.holdout_per_class, self.holdout_seed, self.holdout_max_fraction)
+        if held.size == 0:
+            raise ConfigError(f"data.holdout_per_class={self.holdout_per_class}: no class of {splits.name} can spare "
+                              f"an image at data.holdout_max_fraction={self.holdout_max_fraction}")
+        counts = train.class_counts(splits.num_classes)
+        held_counts = np.bincount(train.labels[held], minlength=splits.num_classes)
+        untouched = int((held_counts == 0).sum())
+        short = int(((held_counts > 0) & (held_counts < self.holdout_per_class)).sum())
+        self.holdout_summary = (
+            f"held-out split carved from train (seed {self.holdout_seed}): {held.size:,} of {len(train):,} training "
+            f"images, up to {self.holdout_per_class} per class; {splits.num_classes - untouched - short} classes give "
+            f"{self.holdout_per_class}, {short} give fewer (at most {self.holdout_max_fraction:.0%} of theirs) and "
+            f"{untouched} are too small to spare one; smallest training class now {int((counts - held_counts).min())}")
+        origin = f"{train.origin} (held-out split: up to {self.holdout_per_class}/class, seed {self.holdout_seed})"
+        return replace(splits, train=train.subset(rest), val=train.subset(held, origin=origin))
+
+    @property
+    def val_is_test(self) -> bool:
+        """True when ``val`` reports the test split (the ``val_from_test`` opt-in)."""
+        return self.splits.val is None and self.val_from_test
+
+    def data_record(self) -> dict:
+        """What every checkpoint records about its data: digests of the training and held-out
+        splits. Phases 2 and 3 compare it with their own, so an expert trained on other data or on
+        the held-out images is refused."""
+        if self._data_record is None:
+            s = self.splits
+            self._data_record = {
+                "dataset": s.name, "num_train": len(s.train), "train": s.train.digest(),
+                "val": s.val.digest() if s.val is not None else None, "val_is_test": self.val_is_test,
+                "holdout": ({"per_class": self.holdout_per_class, "max_fraction": self.holdout_max_fraction,
+                             "seed": self.holdout_seed, "size": len(s.val)} if self.holdout_per_class else None),
+            }
+        return self._data_record
 
     @property
     def num_classes(self) -> int:
@@ -150,8 +230,18 @@ class LongTailDataModule(LightningDataModule):
 
     @property
     def train_class_counts(self) -> torch.Tensor:
-        """Training images per class, LongTensor [C] (the prior of the losses and the groups)."""
+        """Training images per class, LongTensor [C]: the prior of the losses."""
         return torch.from_numpy(self.splits.train.class_counts(self.num_classes))
+
+    @property
+    def group_class_counts(self) -> torch.Tensor:
+        """Training images per class as the dataset defines them, before a held-out split is
+        carved: they define the many/medium/few groups, so tables stay comparable with published
+        ones (a carved-out image must not move its class into another group)."""
+        splits = self.splits
+        if self._source_train_counts is not None:
+            return torch.from_numpy(self._source_train_counts)
+        return torch.from_numpy(splits.train.class_counts(self.num_classes))
 
     def summary(self) -> str:
         s = self.splits
@@ -165,6 +255,10 @@ class LongTailDataModule(LightningDataModule):
         for split_name in ("val", "test"):
             split = getattr(s, split_name)
             parts.append(f"{split_name} {len(split):,}" if split is not None else f"no {split_name} split")
+        if self.val_is_test:
+            parts.append("val reports the TEST split (data.val_from_test: monitoring only)")
+        if self.holdout_summary:
+            parts.append(self.holdout_summary)
         return "; ".join(parts)
 
     # ---------------------------------------------------------------- setup
@@ -179,19 +273,46 @@ class LongTailDataModule(LightningDataModule):
             "image size unknown: set data.img_size (the model attached to the trainer exposes no int img_size)"
         )
 
-    def _eval_split(self, wanted: str) -> tuple[str, Split]:
-        """The split for val/test; a missing one falls back to the other (with a warning)."""
-        other = "test" if wanted == "val" else "val"
+    def eval_split(self, wanted: str) -> tuple[str, Split]:
+        """The split serving ``val`` / ``test``. Test stands in for val only under the explicit
+        ``val_from_test`` opt-in; a missing test split is served by val (no leak that way)."""
         split = getattr(self.splits, wanted)
         if split is not None:
             return wanted, split
-        fallback = getattr(self.splits, other)
-        if fallback is None:
+        if wanted == "val":
+            if not self.val_from_test:
+                raise ConfigError(
+                    f"{self.splits.name} has no validation split, and the test split is never used as one "
+                    "(checkpoint selection, early stopping and the phase-3 W_base/scorer fitting would see test "
+                    "images). Set data.holdout_per_class (e.g. 5) to carve a held-out split out of the training "
+                    "set before phase 1, or data.val_from_test=true to only monitor test accuracy while training")
+            if self.splits.test is None:
+                raise ConfigError(f"{self.splits.name} has neither a val nor a test split; configure one in data.source")
+            if not self._warned_val_from_test:
+                self._warned_val_from_test = True
+                rank_zero_warn(f"{self.splits.name}: val/* metrics are TEST accuracy (data.val_from_test=true); "
+                               "nothing may be selected or fitted on them")
+            return "test", self.splits.test
+        if self.splits.val is None:
             raise ConfigError(f"{self.splits.name} has neither a val nor a test split; configure one in data.source")
-        if wanted not in self._warned_fallback:  # once, not on every loader rebuild
-            self._warned_fallback.add(wanted)
-            rank_zero_warn(f"{self.splits.name} has no {wanted} split: using the {other} split for {wanted}")
-        return other, fallback
+        if not self._warned_test_from_val:  # once, not on every loader rebuild
+            self._warned_test_from_val = True
+            rank_zero_warn(f"{self.splits.name} has no test split: using the val split for test")
+        return "val", self.splits.val
+
+    def check_selection(self) -> None:
+        """Under ``val_from_test``, refuse callbacks that select on val (= test) metrics."""
+        if not self.val_is_test or self.trainer is None:
+            return
+        from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+        for callback in self.trainer.callbacks:
+            monitor = getattr(callback, "monitor", None)
+            if isinstance(callback, (ModelCheckpoint, EarlyStopping)) and monitor and monitor.startswith("val"):
+                raise ConfigError(
+                    f"{type(callback).__name__}(monitor={monitor!r}) would select on the test split "
+                    "(data.val_from_test=true reports test as val, for monitoring only): drop the monitor, "
+                    "or set data.holdout_per_class to select on a held-out split instead")
 
     def _check_files(self, name: str, split: Split) -> None:
         if not self.verify_files or name in self._verified:
@@ -213,20 +334,19 @@ class LongTailDataModule(LightningDataModule):
             self._datasets[key] = LongTailImageDataset(
                 split, transform, images=self.splits.images, skip_unreadable=self.skip_unreadable
             )
-            if train:
-                self._datasets[key].augment_seed = self.seed
         return self._datasets[key]
 
     def setup(self, stage: str | None = None) -> None:
         # Build (and verify) up front so that a bad dataset fails before any training step.
         if stage in (None, "fit"):
+            self.check_selection()
             self._dataset("train", self.splits.train, train=True)
-            self._dataset(*self._eval_split("val"), train=False)
+            self._dataset(*self.eval_split("val"), train=False)
             rank_zero_info(self.summary())
         if stage == "validate":
-            self._dataset(*self._eval_split("val"), train=False)
+            self._dataset(*self.eval_split("val"), train=False)
         if stage in (None, "test", "predict"):
-            self._dataset(*self._eval_split("test"), train=False)
+            self._dataset(*self.eval_split("test"), train=False)
 
     # ---------------------------------------------------------------- loaders
     def _replicas(self) -> tuple[int, int]:
@@ -235,11 +355,10 @@ class LongTailDataModule(LightningDataModule):
             return 1, 0
         return int(getattr(trainer, "world_size", 1)), int(getattr(trainer, "global_rank", 0))
 
-    def _loader(self, dataset: Dataset, sampler: Sampler, batch_size: int, drop_last: bool,
+    def _loader(self, dataset: LongTailImageDataset, sampler: Sampler, batch_size: int, drop_last: bool,
                 load_images: bool | None = None, resumable: bool = False) -> DataLoader:
-        base = dataset.dataset if isinstance(dataset, Subset) else dataset
-        base.load_images = self.load_images if load_images is None else load_images
-        workers = self.num_workers if base.load_images else 0  # index-only batches need no workers
+        dataset.load_images = self.load_images if load_images is None else load_images
+        workers = self.num_workers if dataset.load_images else 0  # index-only batches need no workers
         kwargs = dict(
             batch_size=batch_size,
             sampler=sampler,
@@ -253,19 +372,27 @@ class LongTailDataModule(LightningDataModule):
             return ResumableDataLoader(dataset, trainer_position=self._trainer_position, **kwargs)
         return DataLoader(dataset, **kwargs)
 
+    def _fit_split(self) -> tuple[str, Split]:
+        """The split the training loader samples: ``train``, or the held-out ``val`` split for a
+        model fitted on it (the phase-3 scorer by default)."""
+        if self.fit_split == "train":
+            return "train", self.splits.train
+        return self.eval_split(self.fit_split)
+
     def train_sampler(self, kind: str) -> Sampler:
-        """A fresh sampler of one stream: "cb" class-aware, "ib" instance, "sqrt" square-root."""
+        """A fresh sampler of one stream: "cb" class-aware, "ib" instance, "sqrt" square-root.
+
+        It yields `Draw` keys, so that each draw gets an augmentation of its own."""
         num_replicas, rank = self._replicas()
-        labels = self.splits.train.labels
+        labels = self._fit_split()[1].labels
+        common = dict(num_replicas=num_replicas, rank=rank, draw_keys=True)
         if kind == "cb":
-            return ClassAwareSampler(
-                labels, images_per_class=self.images_per_class, seed=self.seed, num_replicas=num_replicas, rank=rank
-            )
+            return ClassAwareSampler(labels, images_per_class=self.images_per_class, seed=self.seed, **common)
         if kind == "ib":
-            # A different seed offset keeps the two streams from sharing a random stream.
-            return InstanceSampler(labels, seed=self.seed + 1_000_003, num_replicas=num_replicas, rank=rank)
+            # A different seed offset keeps the two streams (and their augmentations) apart.
+            return InstanceSampler(labels, seed=self.seed + 1_000_003, **common)
         if kind == "sqrt":
-            return PowerSampler(labels, power=0.5, seed=self.seed, num_replicas=num_replicas, rank=rank)
+            return PowerSampler(labels, power=0.5, seed=self.seed, **common)
         raise ConfigError(f"unknown sampler kind {kind!r}")
 
     def train_dataloader(self) -> dict[str, DataLoader]:
@@ -274,7 +401,7 @@ class LongTailDataModule(LightningDataModule):
         Both dual streams sample N indices per epoch with the same batch size and drop_last,
         so they have the same length and neither is cycled.
         """
-        dataset = self._dataset("train", self.splits.train, train=True)
+        dataset = self._dataset(*self._fit_split(), train=True)
         kinds = {"dual": ("cb", "ib"), "instance": ("ib",), "class_aware": ("cb",), "square_root": ("sqrt",)}
         loaders = {}
         for kind in kinds[self.sampling]:
@@ -292,7 +419,7 @@ class LongTailDataModule(LightningDataModule):
         return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.processed
 
     def _eval_loader(self, wanted: str) -> DataLoader:
-        name, split = self._eval_split(wanted)
+        name, split = self.eval_split(wanted)
         return self._sharded_loader(self._dataset(name, split, train=False))
 
     def _sharded_loader(self, dataset: LongTailImageDataset, load_images: bool | None = None) -> DataLoader:
@@ -300,28 +427,19 @@ class LongTailDataModule(LightningDataModule):
         sampler = ShardedEvalSampler(len(dataset), num_replicas=num_replicas, rank=rank)
         return self._loader(dataset, sampler, self.eval_batch_size, drop_last=False, load_images=load_images)
 
-    def eval_split_name(self, wanted: str) -> str:
-        """Which split really serves ``val`` / ``test`` (a missing one falls back to the other)."""
-        return self._eval_split(wanted)[0] if wanted in ("val", "test") else wanted
-
-    def split_dataloader(self, name: str, indices: list[int] | None = None) -> DataLoader:
-        """Images of split ``train``, ``val`` or ``test`` (or the given indices of it) with the eval
-        transform, this rank's shard without padding: for model outputs over a whole split.
-        Batches' ``index`` values are indices into the split."""
+    def split_dataloader(self, name: str) -> DataLoader:
+        """Images of split ``train``, ``val`` or ``test`` with the eval transform, this rank's shard
+        without padding: for model outputs over a whole split. Batches' ``index`` values are
+        indices into the split."""
         if name == "train":
             split = self.splits.train
         else:
-            name, split = self._eval_split(name)
+            name, split = self.eval_split(name)
         self._check_files(name, split)
         # A dataset of its own: the shared ones may be switched to index-only batches.
         dataset = LongTailImageDataset(split, build_eval_transform(self._resolve_img_size()),
                                        images=self.splits.images, skip_unreadable=self.skip_unreadable)
-        if indices is None:
-            return self._sharded_loader(dataset, load_images=True)
-        subset = Subset(dataset, indices)
-        num_replicas, rank = self._replicas()
-        sampler = ShardedEvalSampler(len(subset), num_replicas=num_replicas, rank=rank)
-        return self._loader(subset, sampler, self.eval_batch_size, drop_last=False, load_images=True)
+        return self._sharded_loader(dataset, load_images=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")
@@ -344,7 +462,7 @@ class LongTailDataModule(LightningDataModule):
         """What the predict loader's ``index`` values refer to (image paths or split indices)."""
         if self.predict_paths is not None:
             return list(self._datasets["predict"].split.items)
-        return list(self._eval_split("test")[1].items)
+        return list(self.eval_split("test")[1].items)
 
 
 def image_paths_split(path: str) -> Split:

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
+from lpt_lightning.data.samplers import Draw
 from lpt_lightning.data.sources import Split
 from lpt_lightning.errors import DataFormatError
 
@@ -26,6 +27,10 @@ class LongTailImageDataset(Dataset):
     grayscale [N,H,W] or colour [N,H,W,3]) and are converted to 3-channel RGB too, so every
     backbone sees 3 channels. With ``skip_unreadable`` an undecodable image yields None
     (dropped by `collate_skipping`) instead of failing the run.
+
+    A key is a dataset index or, from the training samplers, a `Draw`: its seed fixes the random
+    augmentation of that one draw, so repeated draws of an image differ yet each is reproducible
+    (whatever the worker count). ``index`` is always the dataset index.
     """
 
     def __init__(
@@ -40,10 +45,6 @@ class LongTailImageDataset(Dataset):
         self.images = images
         self.skip_unreadable = skip_unreadable
         self.load_images = True  # False: label and index only (models training on cached outputs)
-        # Set for training: random augmentation is then seeded per (seed, epoch, sample), so it
-        # does not depend on worker count, rank count or where a resumed epoch restarts.
-        self.augment_seed: int | None = None
-        self.epoch = 0
         if images is None and len(split) and not isinstance(split.items[0], str):
             raise DataFormatError(f"split from {split.origin}: integer items need the in-memory images array")
 
@@ -62,7 +63,8 @@ class LongTailImageDataset(Dataset):
                 ) from None
         return Image.fromarray(np.asarray(self.images[int(item)])).convert("RGB")
 
-    def __getitem__(self, i: int) -> dict | None:
+    def __getitem__(self, key: int | Draw) -> dict | None:
+        i, seed = (key.index, key.seed) if isinstance(key, Draw) else (key, None)
         if not self.load_images:
             return {"label": torch.tensor(int(self.split.labels[i]), dtype=torch.int64), "index": i}
         try:
@@ -72,17 +74,16 @@ class LongTailImageDataset(Dataset):
                 raise
             log.warning("skipping unreadable image: %s", exc)
             return None
-        image = self._apply_transform(img, i)
+        image = self._apply_transform(img, seed)
         return {"image": image, "label": torch.tensor(int(self.split.labels[i]), dtype=torch.int64), "index": i}
 
-
-    def _apply_transform(self, img, i: int):
+    def _apply_transform(self, img, seed: int | None):
         if self.transform is None:
             return img
-        if self.augment_seed is None:
+        if seed is None:
             return self.transform(img)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.augment_seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+            torch.manual_seed(seed)
             return self.transform(img)
 
 

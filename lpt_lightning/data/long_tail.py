@@ -128,3 +128,33 @@ def holdout_slices(
     val, rest = balanced_holdout(labels, val_per_class, seed)
     held, keep = balanced_holdout(labels[rest], test_per_class, seed + 1)
     return val, rest[held], rest[keep]
+
+
+def holdout_upto(
+    labels: np.ndarray, per_class: int, seed: int, max_fraction: float = 0.2
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split a training set into (held, rest) for a held-out split carved before training.
+
+    Class c gives min(per_class, floor(max_fraction * n_c)) seeded-random samples: a head class
+    gives ``per_class``, a tail class at most that fraction of its images, and a class too small
+    to spare one gives none. Both index arrays are sorted and disjoint and together cover all
+    samples.
+    """
+    labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+    if per_class < 1:
+        raise ConfigError(f"data.holdout_per_class must be >= 1 to carve a held-out split, got {per_class}")
+    if not 0.0 < max_fraction < 1.0:
+        raise ConfigError(f"data.holdout_max_fraction must be in (0, 1) (every class keeps training images), "
+                          f"got {max_fraction}")
+    rng = np.random.default_rng(seed)
+    order = np.argsort(labels, kind="stable")  # one pass, not one scan per class (iNat: 8,142)
+    _, starts = np.unique(labels[order], return_index=True)
+    held = []
+    for members in np.split(order, starts[1:]):
+        take = min(per_class, int(np.floor(max_fraction * members.size)))
+        if take > 0:
+            held.append(rng.choice(members, size=take, replace=False))
+    held_idx = np.sort(np.concatenate(held)).astype(np.int64) if held else np.empty(0, dtype=np.int64)
+    mask = np.ones(labels.size, dtype=bool)
+    mask[held_idx] = False
+    return held_idx, np.flatnonzero(mask).astype(np.int64)

@@ -6,19 +6,31 @@ sequence from a private generator seeded with ``seed + epoch`` -- identical on e
 independent of the global RNG state -- pad it by repeating its head to a multiple of
 ``num_replicas`` and yield the rank's strided shard ``seq[rank::num_replicas]``.
 
+With ``draw_keys=True`` they yield `Draw` keys instead of plain indices: the index plus a seed for
+that draw's augmentation, derived from (seed, epoch, position in the global sequence). An image
+drawn twice is then augmented twice differently, and every draw's view is the same whatever the
+number of ranks or workers and wherever a resumed epoch restarts.
+
 ``DistributedSampler.__init__`` is deliberately not called: it needs an initialised process
 group, and ranks are passed in explicitly (the DataModule reads them from the Trainer).
 """
 from __future__ import annotations
 
 import math
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DistributedSampler
 
 from lpt_lightning.errors import ConfigError
+
+
+class Draw(NamedTuple):
+    """One draw of a training sampler: the dataset index and the seed of its augmentation."""
+
+    index: int
+    seed: int
 
 
 def _check_replicas(num_replicas: int, rank: int) -> None:
@@ -40,7 +52,7 @@ def _as_label_tensor(labels: Sequence[int] | np.ndarray | torch.Tensor) -> torch
 class _GlobalSequenceSampler(DistributedSampler):
     """Shared machinery: seeded global sequence -> padded -> strided rank shard."""
 
-    def __init__(self, global_num_samples: int, seed: int, num_replicas: int, rank: int) -> None:
+    def __init__(self, global_num_samples: int, seed: int, num_replicas: int, rank: int, draw_keys: bool) -> None:
         _check_replicas(num_replicas, rank)
         if global_num_samples < 1:
             raise ConfigError(f"num_samples must be >= 1, got {global_num_samples}")
@@ -56,6 +68,7 @@ class _GlobalSequenceSampler(DistributedSampler):
         self.num_samples = math.ceil(self.global_num_samples / num_replicas)
         self.total_size = self.num_samples * num_replicas
         self.start = 0  # rank-local position to resume from, used by the next __iter__ only
+        self.draw_keys = draw_keys
 
     def _build(self, generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
@@ -71,9 +84,16 @@ class _GlobalSequenceSampler(DistributedSampler):
             seq = torch.cat([seq, seq.repeat(math.ceil(pad / seq.numel()))[:pad]])
         return seq
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[int] | Iterator[Draw]:
         start, self.start = self.start, 0
-        return iter(self.global_sequence()[self.rank :: self.num_replicas][start:].tolist())
+        shard = self.global_sequence()[self.rank :: self.num_replicas][start:].tolist()
+        if not self.draw_keys:
+            return iter(shard)
+        # Seeds follow the GLOBAL position, which does not depend on the rank count.
+        positions = range(self.rank + start * self.num_replicas, self.total_size, self.num_replicas)
+        # SeedSequence mixes (seed, epoch) into one well-spread 64-bit base (it takes no negative words).
+        base = int(np.random.SeedSequence([self.seed % 2**64, self.epoch]).generate_state(1, np.uint64)[0])
+        return (Draw(index, (base + position) % 2**64) for index, position in zip(shard, positions))
 
     def __len__(self) -> int:
         return self.num_samples
@@ -83,10 +103,15 @@ class InstanceSampler(_GlobalSequenceSampler):
     """Instance-balanced: a fresh permutation of all N samples each epoch."""
 
     def __init__(
-        self, labels: Sequence[int] | np.ndarray, seed: int = 0, num_replicas: int = 1, rank: int = 0
+        self,
+        labels: Sequence[int] | np.ndarray,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+        draw_keys: bool = False,
     ) -> None:
         self.labels = _as_label_tensor(labels)
-        super().__init__(self.labels.numel(), seed, num_replicas, rank)
+        super().__init__(self.labels.numel(), seed, num_replicas, rank, draw_keys)
 
     def _build(self, generator: torch.Generator) -> torch.Tensor:
         return torch.randperm(self.labels.numel(), generator=generator)
@@ -109,6 +134,7 @@ class ClassAwareSampler(_GlobalSequenceSampler):
         seed: int = 0,
         num_replicas: int = 1,
         rank: int = 0,
+        draw_keys: bool = False,
     ) -> None:
         if images_per_class < 1:
             raise ConfigError(f"images_per_class must be >= 1, got {images_per_class}")
@@ -118,7 +144,8 @@ class ClassAwareSampler(_GlobalSequenceSampler):
         counts = torch.bincount(self.labels)
         # Classes absent from the data (count 0) are never visited.
         self.members = [chunk.tolist() for chunk in torch.split(order, counts.tolist()) if chunk.numel()]
-        super().__init__(self.labels.numel() if num_samples is None else num_samples, seed, num_replicas, rank)
+        global_num_samples = self.labels.numel() if num_samples is None else num_samples
+        super().__init__(global_num_samples, seed, num_replicas, rank, draw_keys)
 
     def _build(self, generator: torch.Generator) -> torch.Tensor:
         n, k, num_cls = self.global_num_samples, self.images_per_class, len(self.members)
@@ -157,6 +184,7 @@ class PowerSampler(_GlobalSequenceSampler):
         seed: int = 0,
         num_replicas: int = 1,
         rank: int = 0,
+        draw_keys: bool = False,
     ) -> None:
         self.labels = _as_label_tensor(labels)
         self.power = float(power)
@@ -167,7 +195,8 @@ class PowerSampler(_GlobalSequenceSampler):
         self.order = torch.argsort(self.labels, stable=True)
         self.counts = counts.to(torch.int64)
         self.starts = torch.cumsum(self.counts, 0) - self.counts
-        super().__init__(self.labels.numel() if num_samples is None else num_samples, seed, num_replicas, rank)
+        global_num_samples = self.labels.numel() if num_samples is None else num_samples
+        super().__init__(global_num_samples, seed, num_replicas, rank, draw_keys)
 
     def _build(self, generator: torch.Generator) -> torch.Tensor:
         n = self.global_num_samples

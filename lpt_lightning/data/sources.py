@@ -7,6 +7,7 @@ metadata (paths and labels); images are decoded lazily by the dataset.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import logging
@@ -63,6 +64,19 @@ class Split:
 
     def class_counts(self, num_classes: int) -> np.ndarray:
         return np.bincount(self.labels, minlength=num_classes).astype(np.int64)
+
+    def digest(self) -> str:
+        """Identity of the split's images and labels (recorded in checkpoints, compared across phases).
+
+        Paths count relative to their common folder, so the same dataset mounted elsewhere (another
+        cluster, a copied tree) has the same digest."""
+        items = [str(i) for i in self.items]
+        if items and isinstance(self.items[0], str):
+            base = os.path.dirname(os.path.commonprefix(items))
+            items = [i[len(base):] for i in items]
+        h = hashlib.sha256("\n".join(items).encode())
+        h.update(self.labels.tobytes())
+        return h.hexdigest()[:16]
 
 
 @dataclass
@@ -360,8 +374,9 @@ class INatJsonSource(DataSource):
     """iNaturalist 2018 style COCO json (``images``, ``annotations``, ``categories``).
 
     Category ids may be non-contiguous: the sorted ids of the training json map to 0..C-1.
-    When ``val_json`` is None the test json doubles as validation (iNat's official val set
-    is the benchmark's test set).
+    iNat's official val set is the benchmark's *test* set, so there is no validation split
+    unless ``val_json`` names one: the DataModule then carves a held-out split out of train
+    (``data.holdout_per_class``); the test json never doubles as validation.
     """
 
     def __init__(
@@ -438,7 +453,7 @@ class INatJsonSource(DataSource):
             return self._split(path, _load_coco_json(path), id_to_class, root)
 
         test = optional(self.test_json, "data.source.init_args.test_json")
-        val = optional(self.val_json, "data.source.init_args.val_json") if self.val_json else test
+        val = optional(self.val_json, "data.source.init_args.val_json")
         return DatasetSplits(self.name, train=train, val=val, test=test, class_names=class_names)
 
 

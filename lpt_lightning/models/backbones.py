@@ -45,6 +45,9 @@ class BackboneSpec:
             config (``embed_dim``, ``vision_cfg``, ``text_cfg``) that replaces ``name``.
         init_seed: seed of the random initialisation when no weights are loaded, so a
             random-weight backbone (tests, demos) is rebuilt identically in every phase and rank.
+        layer_norm_eps: epsilon of every LayerNorm of the library model; None = the model's own.
+            Models trained on a rebuilt backbone may differ here (the official LPT code builds
+            timm's ViT with ``nn.LayerNorm``, eps 1e-5, where timm's pretrained ViTs use 1e-6).
     """
 
     name: str | None = None
@@ -52,6 +55,15 @@ class BackboneSpec:
     checkpoint_path: str | None = None
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     init_seed: int = 0
+    layer_norm_eps: float | None = None
+
+
+def set_layer_norm_eps(model: nn.Module, eps: float | None) -> None:
+    if eps is None:
+        return
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm):
+            module.eps = eps
 
 
 class FrozenViT(nn.Module):
@@ -231,6 +243,7 @@ class TimmViT(FrozenViT):
             else:
                 state_dict = checkpoint_filter_fn(read_state_dict(path), model)
                 _load_matching(model, state_dict, path)
+        set_layer_norm_eps(model, spec.layer_norm_eps)
         self.model = model
         self.embed_dim = model.embed_dim
         self.feature_dim = model.embed_dim
@@ -301,6 +314,7 @@ class OpenClipViT(FrozenViT):
                 except RuntimeError as exc:
                     raise ConfigError(f"backbone.name={name!r} pretrained={pretrained!r}: {exc}") from exc
             self._tokenizer = open_clip.get_tokenizer(name)
+        set_layer_norm_eps(model, spec.layer_norm_eps)
         visual = model.visual
         self.visual = visual
         # Held in a tuple so the text tower is neither a submodule nor saved in checkpoints.

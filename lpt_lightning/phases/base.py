@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
@@ -90,6 +91,7 @@ class ExpertPhase(L.LightningModule):
         self.stream_losses = nn.ModuleDict()
         self.results: dict[str, dict[str, Any]] = {}
         self.nonfinite_batches = 0
+        self.data_record: dict[str, Any] | None = None  # digests of the data it trains on (set in setup)
         # Frozen backbone weights are not in our checkpoints: they come from the hub/local file.
         self.strict_loading = False
         self.expert: LongTailExpert
@@ -103,7 +105,10 @@ class ExpertPhase(L.LightningModule):
         """Subclasses add their phase, expert and prompt specs."""
         return {"version": __version__, "num_classes": self.num_classes, "class_names": self.class_names,
                 "split_convention": self.split_convention,
-                "logit_scale": self.loss_spec.scale}
+                "logit_scale": self.loss_spec.scale, "data": self.data_record}
+
+    def check_upstream_data(self) -> None:
+        """Phase 2 checks that phase 1 trained on the same data (nothing to check in phase 1)."""
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -120,19 +125,25 @@ class ExpertPhase(L.LightningModule):
     # ----------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        loss_counts = None
         if dm is not None and hasattr(dm, "train_class_counts"):
-            counts = torch.as_tensor(dm.train_class_counts, dtype=torch.long)
+            counts = torch.as_tensor(dm.group_class_counts, dtype=torch.long)
             if counts.numel() != self.num_classes:
                 raise ConfigError(f"data has {counts.numel()} classes but model.num_classes={self.num_classes}")
             self.class_counts.copy_(counts)
+            loss_counts = torch.as_tensor(dm.train_class_counts, dtype=torch.long)
+            self.data_record = dm.data_record()
+            if stage == "fit":
+                self.check_upstream_data()
         self.val_accuracy = SplitAccuracy(self.class_counts.cpu(), convention=self.split_convention)
         self.test_accuracy = SplitAccuracy(self.class_counts.cpu(), convention=self.split_convention)
         if stage == "fit":
-            self.stream_losses = nn.ModuleDict({s: self._make_loss(s) for s in ("cb", "ib", "sqrt")})
+            counts = loss_counts if loss_counts is not None else self.class_counts.cpu()
+            self.stream_losses = nn.ModuleDict({s: self._make_loss(s, counts) for s in ("cb", "ib", "sqrt")})
 
-    def _make_loss(self, stream: str) -> nn.Module:
+    def _make_loss(self, stream: str, counts: torch.Tensor) -> nn.Module:
+        """The loss of one stream; its prior is the real training counts (after any held-out carving)."""
         spec = self.loss_spec
-        counts = self.class_counts.cpu()
         if spec.kind == "logit_adjusted":
             return LogitAdjustedCE(counts, tau=spec.tau, scale=spec.scale)
         gamma_pos, gamma_neg = spec.class_balanced_gammas if stream == "cb" else spec.instance_gammas
@@ -158,7 +169,7 @@ class ExpertPhase(L.LightningModule):
         return terms
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        seed_training_step(self.global_step, self.global_rank)
+        seed_training_step(self.current_epoch, batch_idx, self.global_rank)
 
     def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
         streams = list(batch)
@@ -267,6 +278,12 @@ class ExpertPhase(L.LightningModule):
                 f"checkpoint lacks {len(missing)} trained tensors of this {self.phase_name} model "
                 f"(e.g. {missing[0]}): it was written by another phase or model configuration"
             )
+        # Class counts describe the attached data (setup copied them before the restore): keep them,
+        # so reports agree with the split metrics, also for checkpoints without real counts
+        # (`lpt convert`).
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "train_class_counts"):
+            checkpoint["state_dict"]["class_counts"] = self.class_counts.clone()
 
     def train(self, mode: bool = True) -> "ExpertPhase":
         super().train(mode)
@@ -280,14 +297,17 @@ class ExpertPhase(L.LightningModule):
         return [self.expert.backbone]
 
 
-def seed_training_step(global_step: int, rank: int) -> None:
-    """Seed the global generators from (run seed, step, rank) before each training step.
+def seed_training_step(epoch: int, batch_idx: int, rank: int) -> None:
+    """Seed the global generators from (run seed, epoch, batch, rank) before each training batch.
 
-    GCL noise and dropout then depend only on the step, not on how many data-loader iterators
+    GCL noise and dropout then depend only on the batch, not on how many data-loader iterators
     or validation runs came before: a resumed run draws exactly what an uninterrupted one does.
+    Seeding by batch rather than by optimiser step gives each micro-batch of a gradient
+    accumulation window (and the batch after a skipped one) draws of its own.
     """
     base = int(os.environ.get("PL_GLOBAL_SEED", 0))
-    torch.manual_seed((base * 1_000_003 + global_step) * 1_009 + rank)
+    words = [base % 2**64, epoch, batch_idx, rank]  # SeedSequence takes no negative words
+    torch.manual_seed(int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0]))
 
 
 def instance_weight(epoch: int, max_epochs: int | None, eta_max: float) -> float:

@@ -9,6 +9,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lpt_lightning.checkpoints import (
+    check_same_data,
     expert_from_checkpoint,
     expert_spec_from_dict,
     load_checkpoint_file,
@@ -54,12 +55,16 @@ class GroupPromptPhase(ExpertPhase):
                               "drop model.expert to take it from the checkpoint")
         # Head, shared prompt and adapters come from phase 1 (no text-tower init needed here).
         self.expert = expert_from_checkpoint(checkpoint, phase1_checkpoint)
+        self.phase1_data = meta.get("data")
         self.group_spec = group_prompts or GroupPromptSpec()
         self.expert.add_group_prompts(self.group_spec)
         for module in self.frozen_modules():
             for p in module.parameters():
                 p.requires_grad_(False)
         rank_zero_info(f"phase 2 starts from {phase1_checkpoint}")
+
+    def check_upstream_data(self) -> None:
+        check_same_data(self.phase1_data, self.data_record, f"model.phase1_checkpoint={self.phase1_checkpoint}")
 
     def frozen_modules(self) -> list[nn.Module]:
         return [m for m in (self.expert.backbone, self.expert.shared_prompt, self.expert.adapters) if m is not None]

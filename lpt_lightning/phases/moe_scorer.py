@@ -1,7 +1,8 @@
 """Phase 3 (MoEScorerPhase): both experts frozen; learn the mixture weight w(x) (SPEC 5).
 
-Expert outputs over the training and held-out images are cached once, then the searching-based
-scorer picks W_base on held-out data and the learning-based scorer trains on cached tensors.
+Expert outputs over the held-out images (and the training images, for the fit-on-train ablation)
+are cached once; the searching-based scorer picks W_base on the held-out split and the
+learning-based scorer trains on cached tensors of it. Never on the test split.
 Validation and test report each expert alone, W_base fusion and the full scorer.
 """
 from __future__ import annotations
@@ -11,7 +12,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
@@ -19,6 +19,7 @@ from torch import nn
 from lpt_lightning import __version__
 from lpt_lightning.checkpoints import (
     META_KEY,
+    check_same_data,
     expert_from_checkpoint,
     is_saved_key,
     load_checkpoint_file,
@@ -45,9 +46,11 @@ class ScorerSpec:
         grid_step: W_base grid spacing over [0, 1].
         lr: AdamW learning rate of g.
         weight_decay: AdamW weight decay.
-        held_out: data for the W_base search: the ``val`` split, or ``train`` = a class-balanced
-            slice of the training set (for datasets without a validation split).
-        held_out_per_class: images per class of that training slice.
+        fit_on: data the offset MLP g trains on: ``heldout`` (the validation or carved held-out
+            split, the default) or ``train`` (an ablation). The experts are over-confident on
+            their own training images, so a scorer fitted there learns to trust whichever
+            expert memorised more, not which one generalises. W_base is always searched on the
+            held-out split.
         learn_offset: False = searching-based scorer only (no training of g).
     """
 
@@ -56,8 +59,7 @@ class ScorerSpec:
     grid_step: float = 0.05
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    held_out: Literal["val", "train"] = "val"
-    held_out_per_class: int = 5
+    fit_on: Literal["heldout", "train"] = "heldout"
     learn_offset: bool = True
 
 
@@ -87,6 +89,8 @@ class MoEScorerPhase(L.LightningModule):
         self.checkpoints = {"visual": visual_checkpoint, "vl": vl_checkpoint}
         self.scales: dict[str, float] = {}
         self.digests: list[str] = []
+        self.expert_data: dict[str, dict[str, Any] | None] = {}
+        self.data_record: dict[str, Any] | None = None
         experts = {}
         for kind, path in self.checkpoints.items():
             checkpoint = load_checkpoint_file(path)
@@ -101,6 +105,7 @@ class MoEScorerPhase(L.LightningModule):
                                   f"but the data has {num_classes}")
             experts[kind] = expert_from_checkpoint(checkpoint, path)
             self.scales[kind] = float(meta.get("logit_scale", 20.0))
+            self.expert_data[kind] = meta.get("data")
             self.digests.append(file_digest(path))
         self.visual, self.vl = experts["visual"], experts["vl"]
         if self.visual.img_size != self.vl.img_size:
@@ -135,7 +140,7 @@ class MoEScorerPhase(L.LightningModule):
     # ----------------------------------------------------------------- setup and caches
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule
-        counts = torch.as_tensor(dm.train_class_counts, dtype=torch.long)
+        counts = torch.as_tensor(dm.group_class_counts, dtype=torch.long)  # the many/medium/few groups
         if counts.numel() != self.num_classes:
             raise ConfigError(f"data has {counts.numel()} classes but model.num_classes={self.num_classes}")
         self.class_counts.copy_(counts)
@@ -143,67 +148,65 @@ class MoEScorerPhase(L.LightningModule):
             f"{stage_}_{row}": SplitAccuracy(counts, convention=self.split_convention)
             for stage_ in ("val", "test") for row in ROWS
         })
+        self.data_record = dm.data_record()
+        if stage == "fit":
+            if dm.val_is_test:
+                raise ConfigError("phase 3 searches W_base and fits the scorer on the validation split, which is the "
+                                  "TEST split here (data.val_from_test=true): set data.holdout_per_class instead, in "
+                                  "every phase, so the experts never train on the held-out images")
+            for kind, path in self.checkpoints.items():
+                check_same_data(self.expert_data[kind], self.data_record, f"model.{kind}_checkpoint={path}")
+            # The scorer's training batches index the split it is fitted on.
+            dm.fit_split = "val" if self.scorer_spec.fit_on == "heldout" else "train"
         # Everything but prediction reads cached expert outputs: batches need no images.
         dm.load_images = stage == "predict"
+
+    @property
+    def fit_split(self) -> str:
+        return "val" if self.scorer_spec.fit_on == "heldout" else "train"
 
     def _cache_path(self, name: str, key: str) -> Path:
         root = Path(self.cache_dir or Path(self.trainer.default_root_dir) / "expert_cache")
         return root / f"{name}-{key}.pt"
 
     def outputs(self, name: str) -> dict[str, torch.Tensor]:
-        """Cached expert outputs of ``train`` (label probabilities), ``heldout``, ``val``, ``test``."""
-        if name in self._outputs:
-            return self._outputs[name]
+        """Cached expert outputs over split ``train`` (label probabilities only), ``val`` or
+        ``test`` (full probabilities); one cache and one inference pass per underlying split."""
         dm = self.trainer.datamodule
-        spec = self.scorer_spec
-        indices = None
-        if name == "heldout" and spec.held_out == "val":
-            self._outputs[name] = self.outputs("val")
-            return self._outputs[name]
-        if name in ("val", "test") and dm.eval_split_name(name) != name:
-            # No validation split: val *is* the test split; one inference pass and one cache serve both.
-            self._outputs[name] = self.outputs(dm.eval_split_name(name))
-            return self._outputs[name]
-        if name in ("train", "heldout"):
-            split_name, split = "train", dm.splits.train
-            if name == "heldout":
-                indices = torch.as_tensor(balanced_holdout_upto(split.labels, spec.held_out_per_class, seed=0))
-        else:
-            split_name = dm.eval_split_name(name)
-            split = getattr(dm.splits, split_name)
-        full = name != "train"
-        key = cache_key(self.digests, split, indices, self.img_size, full)
-        path = self._cache_path(name, key)
+        split_name, split = ("train", dm.splits.train) if name == "train" else dm.eval_split(name)
+        if split_name in self._outputs:
+            return self._outputs[split_name]
+        full = split_name != "train"
+        key = cache_key(self.digests, split, self.img_size, full)
+        path = self._cache_path(split_name, key)
         if not path.is_file():
-            rows = len(indices) if indices is not None else len(split)
             per_row = 16 + 4 * sum(e.backbone.feature_dim + (self.num_classes if full else 1)
                                    for e in self.experts().values())
-            ensure_disk_space(path.parent, rows * per_row)
+            ensure_disk_space(path.parent, len(split) * per_row)
 
         def compute() -> dict[str, torch.Tensor]:
-            rank_zero_info(f"phase 3: computing expert outputs for {name} ({split_name} split) -> {path}")
-            loader = dm.split_dataloader(split_name, indices=indices.tolist() if indices is not None else None)
-            return compute_outputs(self.experts(), self.scales, loader, self.device, full,
+            rank_zero_info(f"phase 3: computing expert outputs for the {split_name} split -> {path}")
+            return compute_outputs(self.experts(), self.scales, dm.split_dataloader(split_name), self.device, full,
                                    autocast=self.trainer.precision_plugin.forward_context)
 
         data = cached_outputs(path, compute, self.global_rank, self.trainer.world_size, self.trainer.strategy.barrier)
-        if indices is None and not torch.equal(data["index"], torch.arange(len(split))):
+        if not torch.equal(data["index"], torch.arange(len(split))):
             raise CheckpointError(f"{path}: does not cover the {split_name} split; delete it to recompute")
-        self._outputs[name] = data
+        self._outputs[split_name] = data
         return data
 
     def on_fit_start(self) -> None:
-        self.outputs("train")
-        self.outputs("val")
+        self.outputs(self.fit_split)
+        held = self.outputs("val")
         if self.global_step == 0:  # a resumed run keeps the W_base it searched before
-            held = self.outputs("heldout")
             w_base, scores = search_base_weight(held["visual.prob"], held["vl.prob"], held["label"],
                                                 self.scorer_spec.grid_step)
             self.scorer.w_base.fill_(w_base)
             rank_zero_info(f"phase 3: W_base = {w_base:.2f} (balanced held-out accuracy "
                            f"{100 * scores[w_base]:.2f}%; w=0: {100 * scores[0.0]:.2f}%, w=1: {100 * scores[1.0]:.2f}%)")
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        rank_zero_info(f"moe_scorer: {trainable:,} trainable parameters (scorer MLP); experts frozen")
+        rank_zero_info(f"moe_scorer: {trainable:,} trainable parameters (scorer MLP, fitted on the "
+                       f"{self.fit_split} split); experts frozen")
 
     # ----------------------------------------------------------------- training
     def _rows(self, name: str, index: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -212,13 +215,13 @@ class MoEScorerPhase(L.LightningModule):
         return {k: v[idx].to(self.device, non_blocking=True) for k, v in data.items()}
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        seed_training_step(self.global_step, self.global_rank)
+        seed_training_step(self.current_epoch, batch_idx, self.global_rank)
 
     def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
         index = torch.cat([b["index"] for b in batch.values()])
-        rows = self._rows("train", index)
+        rows = self._rows(self.fit_split, index)
         w = self.scorer(rows["visual.query"], rows["vl.query"])
-        p_label = w * rows["visual.prob_label"] + (1 - w) * rows["vl.prob_label"]
+        p_label = w * label_probability(rows, "visual") + (1 - w) * label_probability(rows, "vl")
         loss = -torch.log(p_label.clamp_min(1e-12)).mean()  # NLL of the fused probability
         self.log("train/loss", loss, prog_bar=True, batch_size=index.numel())
         self.log("train/w_mean", w.mean(), batch_size=index.numel())
@@ -292,7 +295,8 @@ class MoEScorerPhase(L.LightningModule):
     def metadata(self) -> dict[str, Any]:
         return {"version": __version__, "phase": self.phase_name, "num_classes": self.num_classes,
                 "class_names": self.class_names, "split_convention": self.split_convention,
-                "expert_checkpoints": dict(self.checkpoints), "logit_scales": dict(self.scales)}
+                "expert_checkpoints": dict(self.checkpoints), "logit_scales": dict(self.scales),
+                "scorer_fit_on": self.scorer_spec.fit_on, "data": self.data_record}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
@@ -300,9 +304,9 @@ class MoEScorerPhase(L.LightningModule):
         checkpoint[META_KEY] = self.metadata()
 
 
-def balanced_holdout_upto(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
-    """Sorted indices of up to ``per_class`` images of every class (all of a smaller class), seeded."""
-    labels = np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    held = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]
-    return np.sort(np.concatenate(held))
+def label_probability(rows: dict[str, torch.Tensor], expert: str) -> torch.Tensor:
+    """An expert's probability of the true label: stored as such for the training split, taken
+    from the full probability vector for the held-out split."""
+    if f"{expert}.prob_label" in rows:
+        return rows[f"{expert}.prob_label"]
+    return rows[f"{expert}.prob"].gather(1, rows["label"][:, None]).squeeze(1)
