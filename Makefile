@@ -31,7 +31,9 @@ test-all:
 test-ddp:
 	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -q -m ddp
 
-# One torch thread: small models on a shared 2-core machine run several times faster than with two.
+# One torch thread: two stall on each other's small ops when other jobs share the 2 cores (docs/benchmarks.md:
+# 48 s against 241 s). Measured for the demo: 3.1 min with one thread, 2.5 with two on a quiet machine;
+# about 5 min with one thread at load average 4.
 demo:
 	HF_HUB_OFFLINE=1 WANDB_MODE=disabled OMP_NUM_THREADS=1 $(VENV)/bin/lpt pipeline --config configs/cpu/fmnist_lt_pipeline.yaml
 
