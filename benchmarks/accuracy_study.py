@@ -472,7 +472,7 @@ def render(payloads: list[dict[str, Any]]) -> str:
             f"length 4, group pool 10 (top 2, from block {GROUP['start_block'] + 1}); phase 3: "
             f"{s['epochs']['phase3']} epochs of the scorer (hidden 64). Linear heads: Adam lr 1e-3, "
             f"{s['probe_epochs']} epochs, batches of 128.",
-            f"- Seeds {s['seeds']}: the training seed (sampler, initialisation, augmentation); the data split "
+            f"- Seeds {s['seeds']}: the training seed (samplers, initialisation, dropout, A-GCL noise); the data split "
             f"and the frozen experts are fixed. Cells are mean ± sample standard deviation over seeds; "
             "'s / seed' is the wall time of the run that produced the row (W_base and the scorer share one "
             "phase-3 run; the probes add a one-off feature pass of "
