@@ -11,7 +11,7 @@ help:
 	@echo "make install   create $(VENV) and install lpt_lightning with test extras"
 	@echo "make test      fast test suite (what CI runs)"
 	@echo "make test-all  every test, slow end-to-end runs included"
-	@echo "make demo      the three-phase pipeline on Fashion-MNIST-LT with tiny experts (CPU, offline)"
+	@echo "make demo      the three-phase pipeline on Fashion-MNIST-LT with the stand-in experts (CPU, offline, a few minutes)"
 	@echo "make standins  pretrain the stand-in experts into weights/standins (about 30 min, 1 CPU thread)"
 	@echo "make clean     remove run outputs and caches"
 
@@ -31,8 +31,11 @@ test-all:
 test-ddp:
 	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) -m pytest -q -m ddp
 
+# One torch thread: two stall on each other's small ops when other jobs share the 2 cores (docs/benchmarks.md:
+# 48 s against 241 s). Measured for the demo: 3.1 min with one thread, 2.5 with two on a quiet machine;
+# about 5 min with one thread at load average 4.
 demo:
-	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(VENV)/bin/lpt pipeline --config configs/cpu/fmnist_lt_pipeline.yaml
+	HF_HUB_OFFLINE=1 WANDB_MODE=disabled OMP_NUM_THREADS=1 $(VENV)/bin/lpt pipeline --config configs/cpu/fmnist_lt_pipeline.yaml
 
 # Offline stand-ins for the hub backbones; STANDINS_ARGS e.g. "--device cuda --epochs 40 --out runs/standins".
 standins:

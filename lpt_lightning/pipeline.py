@@ -282,7 +282,7 @@ def run_pipeline(
     phase2: dict[str, Any] | None = None,
     phase3: dict[str, Any] | None = None,
     mixture: bool = True,
-    test: bool = True,
+    test: bool | Literal["final"] = True,
     seed_everything: int = 0,
     devices: int | str | None = None,
     num_nodes: int | None = None,
@@ -302,7 +302,10 @@ def run_pipeline(
         phase2: the same for GroupPromptPhase.
         phase3: the same for MoEScorerPhase (``trainer``, ``data``, ``model``).
         mixture: run phase 3 (needs both experts); false = LPT mode.
-        test: evaluate each phase on the test split after training.
+        test: evaluate each phase on the test split after training; ``final`` only the phases
+            whose models are the result (phase 3, or phase 2 of each expert without a mixture):
+            phase 3's table repeats each phase-2 expert's test accuracy, and a large test split
+            then costs one pass instead of five.
         seed_everything: global seed of every phase.
         devices: overrides ``trainer.devices`` of every phase (e.g. from a SLURM script).
         num_nodes: overrides ``trainer.num_nodes`` of every phase.
@@ -328,6 +331,7 @@ def run_pipeline(
     runs = plan(run_dir, data, trainer, list(experts or ["visual", "vl"]), phase1, phase2, phase3, mixture,
                 seed_everything, wandb, checkpoint_every_n_steps)
     _validate_configs(runs)
+    tested_phase = "phase3" if mixture else "phase2"
     for run in runs:
         if finished(run):
             rank_zero_info(f"{run.name}: finished earlier ({run.final_checkpoint}), skipping")
@@ -338,7 +342,8 @@ def run_pipeline(
             continue
         rank_zero_info(f"=== {run.name} ===")
         try:
-            run_phase(run, test, log_model=wandb is not None and wandb.log_model)
+            run_phase(run, test is True or (test == "final" and run.phase == tested_phase),
+                      log_model=wandb is not None and wandb.log_model)
         except (KeyboardInterrupt, RunInterrupted) as exc:
             raise RunInterrupted(f"interrupted in phase {run.name}; rerun the same command to resume",
                                  getattr(exc, "exit_code", 130)) from None

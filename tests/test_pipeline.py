@@ -173,3 +173,15 @@ def test_pipeline_rejects_bad_configuration_before_training(tmp_path):
     with pytest.raises(ConfigError, match=r"(?s)phase2_visual.*Option .topk. is not accepted"):
         run_pipeline(run_dir=str(tmp_path / "bad"), **bad)
     assert not (tmp_path / "bad" / "phase1_visual" / "final.ckpt").exists()
+
+
+@pytest.mark.parametrize("mixture, tested", [(True, ["phase3_moe"]), (False, ["phase2_visual"])])
+def test_test_final_evaluates_only_the_phases_that_are_the_result(tmp_path, monkeypatch, mixture, tested):
+    from lpt_lightning import pipeline
+
+    calls = []
+    monkeypatch.setattr(pipeline, "run_phase", lambda run, test: calls.append((run.name, test)))
+    config = copy.deepcopy(TINY) | {"experts": ["visual", "vl"] if mixture else ["visual"], "mixture": mixture}
+    run_pipeline(run_dir=str(tmp_path), test="final", **config)
+    assert [name for name, test in calls if test] == tested
+    assert len(calls) == (5 if mixture else 2)
