@@ -180,7 +180,7 @@ def test_test_final_evaluates_only_the_phases_that_are_the_result(tmp_path, monk
     from lpt_lightning import pipeline
 
     calls = []
-    monkeypatch.setattr(pipeline, "run_phase", lambda run, test: calls.append((run.name, test)))
+    monkeypatch.setattr(pipeline, "run_phase", lambda run, test, log_model: calls.append((run.name, test)))
     config = copy.deepcopy(TINY) | {"experts": ["visual", "vl"] if mixture else ["visual"], "mixture": mixture}
     run_pipeline(run_dir=str(tmp_path), test="final", **config)
     assert [name for name, test in calls if test] == tested
