@@ -181,6 +181,7 @@ class LongTailDataModule(LightningDataModule):
 
     def _with_holdout(self, splits: DatasetSplits) -> DatasetSplits:
         """Carve the held-out split out of train (deterministic: every rank and phase agrees)."""
+        self._source_train_counts = splits.train.class_counts(splits.num_classes)
         if splits.val is not None and (self.holdout_per_class or self.val_from_test):
             option = "holdout_per_class" if self.holdout_per_class else "val_from_test"
             raise ConfigError(f"{splits.name} has a validation split ({splits.val.origin}); data.{option} is only "
@@ -188,7 +189,6 @@ class LongTailDataModule(LightningDataModule):
         if not self.holdout_per_class:
             return splits
         train = splits.train
-        self._source_train_counts = train.class_counts(splits.num_classes)
         held, rest = holdout_upto(train.labels, self.holdout_per_class, self.holdout_seed, self.holdout_max_fraction)
         if held.size == 0:
             raise ConfigError(f"data.holdout_per_class={self.holdout_per_class}: no class of {splits.name} can spare "
@@ -242,10 +242,8 @@ class LongTailDataModule(LightningDataModule):
         """Training images per class as the dataset defines them, before a held-out split is
         carved: they define the many/medium/few groups, so tables stay comparable with published
         ones (a carved-out image must not move its class into another group)."""
-        splits = self.splits
-        if self._source_train_counts is not None:
-            return torch.from_numpy(self._source_train_counts)
-        return torch.from_numpy(splits.train.class_counts(self.num_classes))
+        self.splits  # parsing the source (and carving) sets _source_train_counts
+        return torch.from_numpy(self._source_train_counts)
 
     def summary(self) -> str:
         s = self.splits

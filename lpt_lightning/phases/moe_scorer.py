@@ -157,7 +157,7 @@ class MoEScorerPhase(L.LightningModule):
             for kind, path in self.checkpoints.items():
                 check_same_data(self.expert_data[kind], self.data_record, f"model.{kind}_checkpoint={path}")
             # The scorer's training batches index the split it is fitted on.
-            dm.fit_split = "val" if self.scorer_spec.fit_on == "heldout" else "train"
+            dm.fit_split = self.fit_split
         # Everything but prediction reads cached expert outputs: batches need no images.
         dm.load_images = stage == "predict"
 
