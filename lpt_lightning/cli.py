@@ -372,6 +372,8 @@ def dispatch(argv: list[str]) -> None:
         return export_main(argv[1:])
     if argv and argv[0] == "convert":
         return convert_main(argv[1:])
+    if argv and argv[0] == "prepare":
+        return importlib.import_module("lpt_lightning.prepare").main(argv[1:])
     LPTCLI(args=argv, **LPTCLI.defaults())
 
 

@@ -128,3 +128,27 @@ def test_pipeline_job_requeued_on_sigusr1_skips_finished_phases_and_resumes(clus
     run = cluster.work / "runs" / "tiny"
     assert not list(run.glob("*/hpc_ckpt_*.ckpt"))
     assert json.loads((run / "phase2_visual" / "metrics.json").read_text())["results"]["test"]["acc"] >= 0
+
+
+def test_prepare_job_runs_lpt_prepare_on_cpus_only_with_one_worker_per_cpu(cluster, tmp_path):
+    from PIL import Image
+
+    for c in range(2):
+        (tmp_path / "raw" / f"class{c}").mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (40, 30), (90 * c, 40 * i, 10)).save(tmp_path / "raw" / f"class{c}" / f"{i}.jpg")
+    config = {"data": {"source": {"class_path": "lpt_lightning.data.ImageFolderSource",
+                                  "init_args": {"root": str(tmp_path / "raw"), "name": "tiny"}}}}
+    (cluster.work / "configs" / "tiny.yaml").write_text(yaml.safe_dump(config))
+    cluster("sbatch", "--cpus-per-task=2", "scripts/slurm/prepare.sbatch", "configs/tiny.yaml", "prepared",
+            "--short_side", "24", "--part_size", "4")
+    [job] = cluster.jobs()
+    assert job["state"] == "COMPLETED" and not any("gpu" in option for option in job["options"])
+    [srun] = cluster.sruns()
+    assert srun["argv"] == ["lpt", "prepare", "--config", "configs/tiny.yaml", "--output", "prepared",
+                            "--workers", "2", "--short_side", "24", "--part_size", "4"]
+    assert srun["omp_threads"] == "1"
+    manifest = json.loads((cluster.work / "prepared" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["count"] == 6 and manifest["this_run"]["resized"] == 6
+    log = (cluster.work / f"slurm-lpt-prepare-{job['id']}.out").read_text()
+    assert "prepared tiny (train 6; 6 resized" in log

@@ -8,6 +8,7 @@ from lpt_lightning.data.long_tail import (
     long_tail_counts,
     make_long_tailed,
 )
+from lpt_lightning.data.prepared import PreparedSource
 from lpt_lightning.data.samplers import ClassAwareSampler, InstanceSampler, PowerSampler, ShardedEvalSampler
 from lpt_lightning.data.sources import (
     FASHION_MNIST_CLASSES,
@@ -35,6 +36,7 @@ __all__ = [
     "LongTailDataModule",
     "LongTailImageDataset",
     "PowerSampler",
+    "PreparedSource",
     "ShardedEvalSampler",
     "Split",
     "balanced_holdout",

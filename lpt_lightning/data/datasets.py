@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import itertools
 import logging
 import os
@@ -65,7 +66,14 @@ class LongTailImageDataset(Dataset):
                 raise DataFormatError(
                     f"cannot read image {item} (listed in {self.split.origin}): {exc}"
                 ) from None
-        return Image.fromarray(np.asarray(self.images[int(item)])).convert("RGB")
+        stored = self.images[int(item)]
+        if isinstance(stored, bytes):  # an encoded image of a prepared copy (ShardReader)
+            try:
+                with Image.open(io.BytesIO(stored)) as img:
+                    return img.convert("RGB")
+            except _DECODE_ERRORS as exc:
+                raise DataFormatError(f"cannot read image {self.split.where(i)}: {exc}") from None
+        return Image.fromarray(np.asarray(stored)).convert("RGB")
 
     def __getitem__(self, key: int | Draw) -> dict | None:
         i, seed = (key.index, key.seed) if isinstance(key, Draw) else (key, None)
