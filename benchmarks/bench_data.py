@@ -1,6 +1,8 @@
 """Data loading: decoded and augmented images/s per worker with the library's own dataset and
 transforms, on 256-px JPEGs (pre-resized, the fast path) and on 800x600 JPEGs (iNaturalist-sized
 originals); DataLoader throughput with 1-2 workers; and the uint8 hand-off (proposed fix) side by side.
+Then `lpt prepare` on iNaturalist-sized originals: its cost per image with 1 and 2 processes, and the
+read rates of the originals, the resized tree and the LitData shards it writes.
 """
 from __future__ import annotations
 
@@ -97,6 +99,68 @@ def _loader_rate(dataset, workers: int, batch: int, batches: int) -> float:
     return seen / (time.perf_counter() - t0)
 
 
+class _Files:
+    """A DataSource of the given image files (one class): what `lpt prepare` reads."""
+
+    name = "bench"
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+
+    def load(self):
+        from lpt_lightning.data import DatasetSplits, Split
+
+        return DatasetSplits("bench", Split(self.paths, np.zeros(len(self.paths), dtype=np.int64)), None, None, ["x"])
+
+
+def _prepared(root: Path, n: int, env: C.Env, log) -> dict[str, Any]:
+    """`lpt prepare` (short side 256, quality 90) of n 800x600 JPEGs with 1 and 2 processes, then the
+    read rates of the three copies, train and eval transforms, per worker and with 1-2 DataLoader workers."""
+    import shutil
+
+    from lpt_lightning.data import LongTailImageDataset, PreparedSource, build_eval_transform, build_train_transform
+    from lpt_lightning.prepare import prepare
+
+    originals = make_jpegs(root / "originals", n, (800, 600), seed=2)
+    cost = []
+    for fmt, workers in (("litdata", 1), ("litdata", 2), ("tree", 2)):
+        out = root / f"prepared_{fmt}_{workers}"
+        shutil.rmtree(out, ignore_errors=True)
+        t0 = time.perf_counter()
+        manifest = prepare(_Files(originals), out, fmt=fmt, workers=workers, part_size=64, progress=False)
+        seconds = time.perf_counter() - t0
+        cost.append({"format": fmt, "processes": workers, "images": n, "seconds": seconds,
+                     "seconds_per_10k": seconds / n * 10_000, "kib_per_image": manifest["image_bytes"] / n / 1024})
+        log(f"  lpt prepare --format {fmt} --workers {workers}: {n} images in {seconds:.1f} s "
+            f"= {cost[-1]['seconds_per_10k']:.0f} s per 10,000 images ({cost[-1]['kib_per_image']:.1f} KiB/image)")
+    kib_raw = np.mean([Path(p).stat().st_size for p in originals]) / 1024
+    copies = {"raw 800x600 JPEG files": (_Files(originals).load(), None),
+              "resized tree (lpt prepare --format tree)": PreparedSource(str(root / "prepared_tree_2")).load(),
+              "LitData shards (lpt prepare)": PreparedSource(str(root / "prepared_litdata_2")).load()}
+    copies = {name: (c if isinstance(c, tuple) else (c, c.images)) for name, c in copies.items()}
+    transforms = {"train": build_train_transform(224), "eval": build_eval_transform(224)}
+    sets = {f"{name}, {t}": LongTailImageDataset(splits.train, transform, images=images)
+            for name, (splits, images) in copies.items() for t, transform in transforms.items()}
+    for d in sets.values():  # warm the page cache
+        for i in range(n):
+            d[i]
+    per_worker = _per_worker(sets, n, 3, env)
+    loaders = []
+    for name, ds in sets.items():
+        if name.endswith("train"):
+            for workers in (1, 2):
+                rate = _loader_rate(ds, workers, 16, 6)
+                loaders.append({"copy": name.rsplit(",", 1)[0], "workers": workers, "images_per_s": rate})
+    for name, r in per_worker.items():
+        log(f"  {name}: {r['images_per_s']:.0f} img/s per worker")
+    for r in loaders:
+        log(f"  DataLoader {r['workers']} workers, {r['copy']}, train: {r['images_per_s']:.0f} img/s")
+    machine = {"cpu": C.machine_info(env)["cpu"], "date": time.strftime("%Y-%m-%d %H:%M"),
+               "load_average": C.load_average()}  # `--only data` keeps the model section's machine line
+    return {"n_images": n, "kib_raw": kib_raw, "cost": cost, "per_worker": per_worker, "loaders": loaders,
+            "machine": machine}
+
+
 def run(env: C.Env, quick: bool, log=print) -> dict[str, Any]:
     from lpt_lightning.data import LongTailImageDataset, Split, build_eval_transform, build_train_transform
 
@@ -141,5 +205,6 @@ def run(env: C.Env, quick: bool, log=print) -> dict[str, Any]:
         rate = _loader_rate(dataset, workers, batch, batches)
         loaders.append({"workers": workers, "variant": name, "images_per_s": rate, "batch": batch})
         log(f"  DataLoader {workers} workers, {name}: {rate:.0f} img/s")
+    prepared = _prepared(root / "prepare", 48 if quick else 192, env, log)
     return {"jpeg_kib": kb, "per_worker": per_worker, "loaders": loaders, "seconds": time.perf_counter() - t0,
-            "n_images": {"256x256": n_small, "800x600": n_big}}
+            "n_images": {"256x256": n_small, "800x600": n_big}, "prepared": prepared}
