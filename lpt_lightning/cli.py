@@ -301,7 +301,7 @@ def convert_main(args: list[str]) -> None:
     import argparse
 
     from lpt_lightning.convert import OFFICIAL_LAYER_NORM_EPS, convert_lpt_official
-    from lpt_lightning.data.sources import _parse_class_names
+    from lpt_lightning.data.sources import parse_class_names as _parse_class_names
     from lpt_lightning.models.backbones import REFERENCE_BACKBONES, BackboneSpec
 
     parser = argparse.ArgumentParser(prog="lpt convert", allow_abbrev=False, description="Convert a checkpoint of another code base "

@@ -351,6 +351,52 @@ def test_image_folder_rejects_unsafe_archive(tmp_path):
         ImageFolderSource(root=str(tmp_path / "out2"), archive=str(abs_archive)).load()
 
 
+
+@pytest.mark.parametrize("kind, target", [
+    (tarfile.SYMTYPE, "../../../../outside"),  # from <dest>/train/cat: tmp_path/outside
+    (tarfile.SYMTYPE, "{outside}"),
+    (tarfile.LNKTYPE, "{outside}/x"),
+    (tarfile.LNKTYPE, "../outside/x"),  # hard links are relative to dest
+])
+def test_image_folder_rejects_links_out_of_the_archive(tmp_path, kind, target):
+    """A link member pointing out of the extraction folder, then a file written through it."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    archive = tmp_path / "links.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        link = tarfile.TarInfo("train/cat/link")
+        link.type, link.linkname = kind, target.format(outside=outside)
+        tar.addfile(link)
+        info = tarfile.TarInfo("train/cat/link/0.png")
+        info.size = len(_png_bytes())
+        tar.addfile(info, io.BytesIO(_png_bytes()))
+    with pytest.raises(DataFormatError, match=r"links\.tar\.gz: unsafe member \('train/cat/link' (would link to|is a link)"):
+        ImageFolderSource(root=str(tmp_path / "out" / "train"), archive=str(archive)).load()
+    assert list(outside.iterdir()) == [] and list((tmp_path / "out").iterdir()) == []  # temp dir removed too
+
+
+def test_image_folder_unreadable_archive(tmp_path):
+    good = _tar(tmp_path / "good.tar.gz", {f"train/cat/{i}.png": os.urandom(2000) for i in range(4)}).read_bytes()
+    for name, data in (("random.tar.gz", b"not an archive" * 10), ("cut.tar.gz", good[:len(good) // 2])):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(DataFormatError, match=rf"{name}: not a readable tar archive \(.+\); check the file"):
+            ImageFolderSource(root=str(tmp_path / "out" / "train"), archive=str(tmp_path / name)).load()
+        assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_image_folder_skips_hidden_directories(tmp_path):
+    """Notebook and trash folders are not classes (torchvision's find_classes alone would make
+    ``.ipynb_checkpoints`` class 0 and shift every label)."""
+    root = tmp_path / "folder"
+    _image_folder(root, {"cat": 2, "dog": 1, ".ipynb_checkpoints": 1})
+    s = ImageFolderSource(root=str(root)).load()
+    assert s.class_names == ["cat", "dog"] and s.train.labels.tolist() == [0, 0, 1]
+    assert [Path(p).relative_to(root).as_posix() for p in s.train.items] == ["cat/000.png", "cat/001.png", "dog/000.png"]
+    only_hidden = tmp_path / "hidden_only"
+    _image_folder(only_hidden, {".Trash-1000": 1})
+    with pytest.raises(DataFormatError, match="hidden_only has no class sub-directories"):
+        ImageFolderSource(root=str(only_hidden)).load()
+
 def test_image_folder_errors(tmp_path):
     with pytest.raises(DataFormatError, match="does not exist; set data.source.init_args.root"):
         ImageFolderSource(root=str(tmp_path / "missing")).load()

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Sampler
 from lpt_lightning.data.long_tail import holdout_upto
 from lpt_lightning.data.datasets import LongTailImageDataset, VerifyMode, collate_skipping, verify_images
 from lpt_lightning.data.samplers import ClassAwareSampler, InstanceSampler, PowerSampler, ShardedEvalSampler
-from lpt_lightning.data.sources import IMAGE_EXTENSIONS, DatasetSplits, DataSource, Split, _read_lines
+from lpt_lightning.data.sources import IMAGE_EXTENSIONS, DatasetSplits, DataSource, Split, read_lines as _read_lines
 from lpt_lightning.data.transforms import build_eval_transform, build_train_transform
 from lpt_lightning.errors import ConfigError, DataFormatError
 
