@@ -15,6 +15,7 @@ from lpt_lightning.checkpoints import load_checkpoint_file
 from lpt_lightning.data import ImageFolderSource, LongTailDataModule
 from lpt_lightning.data.long_tail import holdout_upto
 from lpt_lightning.errors import CheckpointError, ConfigError
+from lpt_lightning.expert_outputs import scorer_fit_data
 from lpt_lightning.metrics import shot_groups
 from lpt_lightning.models.expert import ExpertSpec, GroupPromptSpec
 from lpt_lightning.phases import AdaptPhase, GroupPromptPhase, MoEScorerPhase
@@ -156,6 +157,16 @@ def test_phase2_refuses_a_phase1_trained_with_another_holdout(experts, folder, t
     fit(phase2, dm(folder, holdout_per_class=2), tmp_path)  # the same data: accepted
 
 
+def fit_scorer(module, data, root, epochs=1):
+    """``lpt fit`` of phase 3: the experts' outputs, then the scorer on them."""
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, precision="32-true", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, default_root_dir=str(root))
+    cached = scorer_fit_data(module, data, trainer)
+    trainer.fit(module, datamodule=cached)
+    return cached
+
+
 def scorer(experts, tmp_path, **spec):
     return MoEScorerPhase(visual_checkpoint=str(experts["visual"]), vl_checkpoint=str(experts["vl"]), num_classes=4,
                           scorer=ScorerSpec(hidden_dim=8, **spec), cache_dir=str(tmp_path / "cache"))
@@ -163,17 +174,17 @@ def scorer(experts, tmp_path, **spec):
 
 def test_phase3_refuses_test_as_validation_and_foreign_experts(experts, folder, tmp_path):
     with pytest.raises(ConfigError, match=r"TEST split here \(data.val_from_test=true\)"):
-        fit(scorer(experts, tmp_path), dm(folder, val_from_test=True, sampling="class_aware"), tmp_path)
+        fit_scorer(scorer(experts, tmp_path), dm(folder, val_from_test=True, sampling="class_aware"), tmp_path)
     with pytest.raises(CheckpointError, match=r"visual_checkpoint=.*another training split"):
-        fit(scorer(experts, tmp_path), dm(folder, holdout_per_class=2, holdout_seed=7, sampling="class_aware"),
-            tmp_path)
+        fit_scorer(scorer(experts, tmp_path), dm(folder, holdout_per_class=2, holdout_seed=7, sampling="class_aware"),
+                   tmp_path)
     unrecorded = tmp_path / "old.ckpt"
     checkpoint = load_checkpoint_file(experts["vl"])
     del checkpoint["lpt"]["data"]
     torch.save(checkpoint, unrecorded)
     module = MoEScorerPhase(visual_checkpoint=str(experts["visual"]), vl_checkpoint=str(unrecorded), num_classes=4)
     with pytest.raises(CheckpointError, match=r"vl_checkpoint=.*old\.ckpt: the checkpoint records no training data"):
-        fit(module, dm(folder, holdout_per_class=2, sampling="class_aware"), tmp_path)
+        fit_scorer(module, dm(folder, holdout_per_class=2, sampling="class_aware"), tmp_path)
 
 
 def test_phase3_fits_on_the_held_out_split_by_default(experts, folder, tmp_path):
@@ -181,9 +192,9 @@ def test_phase3_fits_on_the_held_out_split_by_default(experts, folder, tmp_path)
     module = scorer(experts, tmp_path)
     seen = []
     module.on_train_batch_start = lambda batch, batch_idx: seen.append(batch["cb"]["index"].clone())
-    fit(module, data, tmp_path, epochs=2)
-    assert data.fit_split == "val"
-    caches = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").glob("*.pt"))
+    cached = fit_scorer(module, data, tmp_path, epochs=2)
+    assert cached.fit_split == "val"
+    caches = sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir())
     assert caches == ["val"]  # no inference over the training images at all
     assert torch.cat(seen).max() < len(data.splits.val)  # batches index the held-out split
     saved = tmp_path / "p3.ckpt"
@@ -192,6 +203,5 @@ def test_phase3_fits_on_the_held_out_split_by_default(experts, folder, tmp_path)
     assert meta["scorer_fit_on"] == "heldout" and meta["data"] == data.data_record()
 
     ablation = dm(folder, holdout_per_class=2, sampling="class_aware")
-    fit(scorer(experts, tmp_path, fit_on="train"), ablation, tmp_path)
-    assert ablation.fit_split == "train"
-    assert sorted(p.name.split("-")[0] for p in (tmp_path / "cache").glob("*.pt")) == ["train", "val"]
+    assert fit_scorer(scorer(experts, tmp_path, fit_on="train"), ablation, tmp_path).fit_split == "train"
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "cache").iterdir()) == ["train", "val"]

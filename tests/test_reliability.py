@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lpt_lightning.checkpoints import AtomicCheckpointIO, load_checkpoint_file
 from lpt_lightning.data import FashionMNISTSource, LongTailDataModule
 from lpt_lightning.errors import ConfigError
-from lpt_lightning.expert_cache import ensure_disk_space
+from lpt_lightning.expert_outputs import ensure_disk_space
 from lpt_lightning.models.expert import ExpertSpec
 from lpt_lightning.phases import AdaptPhase, LossSpec, OptimSpec
 from lpt_lightning.pipeline import run_pipeline

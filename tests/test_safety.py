@@ -17,7 +17,7 @@ import torch
 from lpt_lightning.checkpoints import expert_from_checkpoint, load_checkpoint_file
 from lpt_lightning.cli import main
 from lpt_lightning.errors import CheckpointError
-from lpt_lightning.expert_cache import load_cache
+from lpt_lightning.data.cached_outputs import CachedSplit
 from lpt_lightning.models.backbones import BackboneSpec, build_backbone, read_state_dict
 from lpt_lightning.models.expert import ExpertSpec
 from lpt_lightning.phases import AdaptPhase, GroupPromptPhase, MoEScorerPhase
@@ -112,11 +112,21 @@ def test_moe_scorer_phase_refuses_payload(evil, checkpoint, which):
     refused(path, marker, exc)
 
 
-def test_expert_cache_refuses_payload(evil):
-    path, marker = evil("train-abc.pt", lambda m: {"index": torch.arange(3), "visual.query": Payload(m)})
+def cached_split(directory: Path, index: np.ndarray) -> Path:
+    """A one-rank expert-output cache holding ``index`` (an object array carries a pickle)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    np.save(directory / "rank0-of-1.index.npy", index, allow_pickle=True)
+    manifest = {"format": 2, "num_rows": 3, "world_size": 1, "arrays": {"index": {"dtype": "int64", "shape": []}}}
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    return directory / "rank0-of-1.index.npy"
+
+
+def test_expert_cache_refuses_payload(tmp_path):
+    marker = tmp_path / "ran"
+    shard = cached_split(tmp_path / "val-abc", np.array([0, 1, Payload(marker)], dtype=object))
     with pytest.raises(CheckpointError, match="expert-output cache") as exc:
-        load_cache(path)
-    refused(path, marker, exc)
+        CachedSplit(tmp_path / "val-abc")
+    refused(shard, marker, exc)
 
 
 @pytest.mark.parametrize("kind, suffix", [("visual", ".pth"), ("visual", ".bin"), ("vl", ".pt")])
@@ -200,12 +210,15 @@ def test_damaged_checkpoints_fail_clearly(tmp_path, checkpoint):
 
 
 def test_damaged_cache_and_weights_fail_clearly(tmp_path):
-    cache = tmp_path / "cache.pt"
-    torch.save({"index": torch.arange(50), "label": torch.zeros(50, dtype=torch.long)}, cache)
-    for name, path in damaged(tmp_path, cache).items():
-        with pytest.raises(CheckpointError, match="delete it to recompute") as exc:
-            load_cache(path)
-        assert str(path) in str(exc.value), name
+    shard = cached_split(tmp_path / "val-abc", np.arange(3))
+    for name, path in damaged(tmp_path, shard).items():
+        shard.write_bytes(path.read_bytes())
+        with pytest.raises(CheckpointError, match="delete .* to recompute") as exc:
+            CachedSplit(shard.parent)
+        assert str(shard) in str(exc.value), name
+    weights = tmp_path / "weights.pt"
+    torch.save({"index": torch.arange(50), "label": torch.zeros(50, dtype=torch.long)}, weights)
+    for name, path in damaged(tmp_path, weights).items():
         with pytest.raises(CheckpointError) as exc:
             read_state_dict(str(path))
         assert str(path) in str(exc.value), name

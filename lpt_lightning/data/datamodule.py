@@ -92,9 +92,6 @@ class LongTailDataModule(LightningDataModule):
 
     The test split is never used as validation otherwise: a dataset without a validation split
     needs ``holdout_per_class`` (or the explicit ``val_from_test``).
-
-    Attribute ``load_images`` (default True) can be switched off by a model that trains on
-    cached expert outputs (phase 3): batches then carry only ``label`` and ``index``.
     """
 
     def __init__(
@@ -160,8 +157,6 @@ class LongTailDataModule(LightningDataModule):
         self.holdout_max_fraction = holdout_max_fraction
         self.holdout_seed = holdout_seed
         self.val_from_test = val_from_test
-        self.load_images = True
-        self.fit_split = "train"  # the split the training loader samples (phase 3 may fit on "val")
         self.holdout_summary: str | None = None
         self._source_train_counts: np.ndarray | None = None
         self._data_record: dict | None = None
@@ -359,9 +354,8 @@ class LongTailDataModule(LightningDataModule):
         return int(getattr(trainer, "world_size", 1)), int(getattr(trainer, "global_rank", 0))
 
     def _loader(self, dataset: LongTailImageDataset, sampler: Sampler, batch_size: int, drop_last: bool,
-                load_images: bool | None = None, resumable: bool = False) -> DataLoader:
-        dataset.load_images = self.load_images if load_images is None else load_images
-        workers = self.num_workers if dataset.load_images else 0  # index-only batches need no workers
+                resumable: bool = False) -> DataLoader:
+        workers = self.num_workers
         kwargs = dict(
             batch_size=batch_size,
             sampler=sampler,
@@ -375,19 +369,12 @@ class LongTailDataModule(LightningDataModule):
             return ResumableDataLoader(dataset, trainer_position=self._trainer_position, **kwargs)
         return DataLoader(dataset, **kwargs)
 
-    def _fit_split(self) -> tuple[str, Split]:
-        """The split the training loader samples: ``train``, or the held-out ``val`` split for a
-        model fitted on it (the phase-3 scorer by default)."""
-        if self.fit_split == "train":
-            return "train", self.splits.train
-        return self.eval_split(self.fit_split)
-
     def train_sampler(self, kind: str) -> Sampler:
         """A fresh sampler of one stream: "cb" class-aware, "ib" instance, "sqrt" square-root.
 
         It yields `Draw` keys, so that each draw gets an augmentation of its own."""
         num_replicas, rank = self._replicas()
-        labels = self._fit_split()[1].labels
+        labels = self.splits.train.labels
         common = dict(num_replicas=num_replicas, rank=rank, draw_keys=True)
         if kind == "cb":
             return ClassAwareSampler(labels, images_per_class=self.images_per_class, seed=self.seed, **common)
@@ -404,7 +391,7 @@ class LongTailDataModule(LightningDataModule):
         Both dual streams sample N indices per epoch with the same batch size and drop_last,
         so they have the same length and neither is cycled.
         """
-        dataset = self._dataset(*self._fit_split(), train=True)
+        dataset = self._dataset("train", self.splits.train, train=True)
         kinds = {"dual": ("cb", "ib"), "instance": ("ib",), "class_aware": ("cb",), "square_root": ("sqrt",)}
         loaders = {}
         for kind in kinds[self.sampling]:
@@ -425,10 +412,10 @@ class LongTailDataModule(LightningDataModule):
         name, split = self.eval_split(wanted)
         return self._sharded_loader(self._dataset(name, split, train=False))
 
-    def _sharded_loader(self, dataset: LongTailImageDataset, load_images: bool | None = None) -> DataLoader:
+    def _sharded_loader(self, dataset: LongTailImageDataset) -> DataLoader:
         num_replicas, rank = self._replicas()
         sampler = ShardedEvalSampler(len(dataset), num_replicas=num_replicas, rank=rank)
-        return self._loader(dataset, sampler, self.eval_batch_size, drop_last=False, load_images=load_images)
+        return self._loader(dataset, sampler, self.eval_batch_size, drop_last=False)
 
     def split_dataloader(self, name: str) -> DataLoader:
         """Images of split ``train``, ``val`` or ``test`` with the eval transform, this rank's shard
@@ -439,10 +426,9 @@ class LongTailDataModule(LightningDataModule):
         else:
             name, split = self.eval_split(name)
         self._check_files(name, split)
-        # A dataset of its own: the shared ones may be switched to index-only batches.
         dataset = LongTailImageDataset(split, build_eval_transform(self._resolve_img_size()),
                                        images=self.splits.images, skip_unreadable=self.skip_unreadable)
-        return self._sharded_loader(dataset, load_images=True)
+        return self._sharded_loader(dataset)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")
@@ -459,7 +445,7 @@ class LongTailDataModule(LightningDataModule):
             self._datasets["predict"] = LongTailImageDataset(
                 split, build_eval_transform(self._resolve_img_size()), skip_unreadable=self.skip_unreadable
             )
-        return self._sharded_loader(self._datasets["predict"], load_images=True)
+        return self._sharded_loader(self._datasets["predict"])
 
     def predict_items(self) -> list:
         """What the predict loader's ``index`` values refer to (image paths or split indices)."""

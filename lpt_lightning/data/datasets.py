@@ -49,7 +49,6 @@ class LongTailImageDataset(Dataset):
         self.transform = transform
         self.images = images
         self.skip_unreadable = skip_unreadable
-        self.load_images = True  # False: label and index only (models training on cached outputs)
         if images is None and len(split) and not isinstance(split.items[0], str):
             raise DataFormatError(f"split from {split.origin}: integer items need the in-memory images array")
 
@@ -77,8 +76,6 @@ class LongTailImageDataset(Dataset):
 
     def __getitem__(self, key: int | Draw) -> dict | None:
         i, seed = (key.index, key.seed) if isinstance(key, Draw) else (key, None)
-        if not self.load_images:
-            return {"label": torch.tensor(int(self.split.labels[i]), dtype=torch.int64), "index": i}
         try:
             img = self.load_image(i)
         except DataFormatError as exc:

@@ -20,16 +20,38 @@ def balanced_accuracy(predictions: torch.Tensor, labels: torch.Tensor, num_class
     return float((correct[present] / total[present]).mean())
 
 
+class BaseWeightSearch:
+    """Searching-based scorer, accumulated batch by batch (the held-out outputs are never held
+    whole): per grid weight w in {0, step, ..., 1}, the per-class hits of the fused prediction."""
+
+    def __init__(self, num_classes: int, step: float = 0.05):
+        n = round(1 / step)
+        self.grid = [round(i * step, 10) for i in range(n + 1)]
+        self.correct = torch.zeros(len(self.grid), num_classes, dtype=torch.float64)
+        self.total = torch.zeros(num_classes, dtype=torch.float64)
+
+    def update(self, p_visual: torch.Tensor, p_vl: torch.Tensor, labels: torch.Tensor) -> None:
+        labels = labels.cpu()
+        for i, w in enumerate(self.grid):
+            hits = (fuse(p_visual, p_vl, w).argmax(1).cpu() == labels).double()
+            self.correct[i].index_add_(0, labels, hits)
+        self.total += torch.bincount(labels, minlength=self.total.numel()).double()
+
+    def result(self) -> tuple[float, dict[float, float]]:
+        """The w with the best balanced accuracy (mean per-class accuracy over the classes present);
+        ties go to the smallest w (deterministic)."""
+        present = self.total > 0
+        scores = {w: float((self.correct[i][present] / self.total[present]).mean()) for i, w in enumerate(self.grid)}
+        best = max(self.grid, key=lambda w: (scores[w], -w))
+        return best, scores
+
+
 def search_base_weight(p_visual: torch.Tensor, p_vl: torch.Tensor, labels: torch.Tensor, step: float = 0.05
                        ) -> tuple[float, dict[float, float]]:
-    """Searching-based scorer: the w on the grid {0, step, ..., 1} with the best balanced accuracy
-    on held-out data. Ties go to the smallest w (deterministic)."""
-    num_classes = p_visual.shape[1]
-    n = round(1 / step)
-    grid = [round(i * step, 10) for i in range(n + 1)]
-    scores = {w: balanced_accuracy(fuse(p_visual, p_vl, w).argmax(1), labels, num_classes) for w in grid}
-    best = max(grid, key=lambda w: (scores[w], -w))
-    return best, scores
+    """`BaseWeightSearch` over one set of held-out probabilities."""
+    search = BaseWeightSearch(p_visual.shape[1], step)
+    search.update(p_visual, p_vl, labels)
+    return search.result()
 
 
 class MoEScorer(nn.Module):

@@ -1,13 +1,20 @@
 """Phase 3 (MoEScorerPhase): both experts frozen; learn the mixture weight w(x) (SPEC 5).
 
-Expert outputs over the held-out images (and the training images, for the fit-on-train ablation)
-are cached once; the searching-based scorer picks W_base on the held-out split and the
-learning-based scorer trains on cached tensors of it. Never on the test split.
-Validation and test report each expert alone, W_base fusion and the full scorer.
+Phase 3 is three parts: the experts' outputs over the held-out split (and the training split, for
+the fit-on-train ablation) computed once through Lightning's predict loop
+(`lpt_lightning.expert_outputs`), a DataModule over those cached tensors
+(`lpt_lightning.data.cached_outputs`), and this module, which searches W_base on the held-out
+outputs and trains the scorer on them. Never on the test split.
+
+The module is the whole LPT++ model: both experts (their trained tensors and specs are in its
+checkpoint, so it rebuilds without the phase-2 files) and the scorer. Evaluation takes either
+cached rows or images (then both experts run, as in `lpt test` / `lpt predict`) and reports each
+expert alone, W_base fusion and the full scorer.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,16 +26,16 @@ from torch import nn
 from lpt_lightning import __version__
 from lpt_lightning.checkpoints import (
     META_KEY,
-    check_same_data,
     expert_from_checkpoint,
+    expert_spec_from_dict,
     is_saved_key,
     load_checkpoint_file,
     read_phase_metadata,
 )
 from lpt_lightning.errors import CheckpointError, ConfigError
-from lpt_lightning.expert_cache import cache_key, cached_outputs, compute_outputs, ensure_disk_space, file_digest
 from lpt_lightning.metrics import SPLIT_KEYS, SplitAccuracy
-from lpt_lightning.models.scorer import MoEScorer, fuse, search_base_weight
+from lpt_lightning.models.expert import GroupPromptSpec, LongTailExpert
+from lpt_lightning.models.scorer import BaseWeightSearch, MoEScorer, fuse
 from lpt_lightning.phases.base import seed_training_step
 
 # Rows of every phase-3 evaluation: the gain of each part stays visible.
@@ -67,32 +74,64 @@ class MoEScorerPhase(L.LightningModule):
     """LPT++ phase 3.
 
     Args:
-        visual_checkpoint: the visual expert's phase-2 checkpoint (.ckpt or exported .safetensors).
+        visual_checkpoint: the visual expert's phase-2 checkpoint (.ckpt or exported .safetensors);
+            read to fit. A file that is gone is not needed when a phase-3 checkpoint is restored
+            (``--ckpt_path``, `load_from_checkpoint`) or ``weights`` is given.
         vl_checkpoint: the vision-language expert's phase-2 checkpoint.
         num_classes, class_names: linked from the data.
         scorer: scorer settings.
-        cache_dir: where cached expert outputs go (default: <trainer.default_root_dir>/expert_cache).
+        cache_dir: where the experts' outputs go (default: <trainer.default_root_dir>/expert_cache).
+        outputs_dtype: storage of the cached logits and query features.
         split_convention: many/medium/few thresholds.
+        weights: a phase-3 checkpoint or LPT++ export (``lpt export``) to take both experts and the
+            scorer from, e.g. to test or predict with an export.
     """
 
     phase_name = "moe_scorer"
 
-    def __init__(self, visual_checkpoint: str, vl_checkpoint: str, num_classes: int = 0,
+    def __init__(self, visual_checkpoint: str | None = None, vl_checkpoint: str | None = None, num_classes: int = 0,
                  class_names: list[str] | None = None, scorer: ScorerSpec | None = None, cache_dir: str | None = None,
-                 split_convention: Literal["lpt", "oltr"] = "lpt"):
+                 outputs_dtype: Literal["float16", "float32"] = "float16",
+                 split_convention: Literal["lpt", "oltr"] = "lpt", weights: str | None = None):
         super().__init__()
+        spec = ScorerSpec(**scorer) if isinstance(scorer, dict) else (scorer or ScorerSpec())
+        scorer = asdict(spec)  # plain data in the saved hyperparameters (weights_only loading)
+        self.save_hyperparameters()
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names is not None else None
-        self.scorer_spec = scorer or ScorerSpec()
+        self.scorer_spec = spec
         self.cache_dir = cache_dir
+        self.outputs_dtype = outputs_dtype
         self.split_convention = split_convention
         self.checkpoints = {"visual": visual_checkpoint, "vl": vl_checkpoint}
-        self.scales: dict[str, float] = {}
-        self.digests: list[str] = []
-        self.expert_data: dict[str, dict[str, Any] | None] = {}
+        self.expert_info: dict[str, dict[str, Any]] = {}  # per expert: specs, logit scale, digest, source, data
+        self.visual: LongTailExpert | None = None
+        self.vl: LongTailExpert | None = None
+        self.scorer: MoEScorer | None = None
         self.data_record: dict[str, Any] | None = None
-        experts = {}
+        self.register_buffer("class_counts", torch.ones(num_classes, dtype=torch.long))
+        self.strict_loading = False  # backbones are rebuilt, not loaded
+        self.results: dict[str, dict[str, Any]] = {}
+        if weights is not None:
+            checkpoint = load_checkpoint_file(weights)
+            meta = read_phase_metadata(checkpoint, weights)
+            if meta["phase"] != self.phase_name:
+                raise CheckpointError(f"model.weights={weights}: written by phase '{meta['phase']}', expected a "
+                                      "phase-3 checkpoint or LPT++ export")
+            self.on_load_checkpoint(checkpoint, where=f"model.weights={weights}")
+            self.load_state_dict(checkpoint["state_dict"], strict=False)
+        elif all(path is not None and _exists(path) for path in self.checkpoints.values()):
+            self.build_experts()
+
+    # ----------------------------------------------------------------- the experts
+    def build_experts(self) -> None:
+        """Both experts from their phase-2 files (nothing to do once they are built)."""
+        if self.visual is not None:
+            return
+        experts, info = {}, {}
         for kind, path in self.checkpoints.items():
+            if path is None:
+                raise ConfigError(f"model.{kind}_checkpoint is not set: phase 3 starts from two phase-2 experts")
             checkpoint = load_checkpoint_file(path)
             meta = read_phase_metadata(checkpoint, path)
             if meta["phase"] not in ("adapt", "group_prompt"):
@@ -100,17 +139,25 @@ class MoEScorerPhase(L.LightningModule):
             if meta["expert"]["kind"] != kind:
                 raise ConfigError(f"model.{kind}_checkpoint={path} holds a '{meta['expert']['kind']}' expert, "
                                   f"expected '{kind}' (are the two checkpoints swapped?)")
-            if meta["num_classes"] != num_classes:
+            if meta["num_classes"] != self.num_classes:
                 raise ConfigError(f"model.{kind}_checkpoint={path}: trained for {meta['num_classes']} classes, "
-                                  f"but the data has {num_classes}")
+                                  f"but the data has {self.num_classes}")
             experts[kind] = expert_from_checkpoint(checkpoint, path)
-            self.scales[kind] = float(meta.get("logit_scale", 20.0))
-            self.expert_data[kind] = meta.get("data")
-            self.digests.append(file_digest(path))
-        self.visual, self.vl = experts["visual"], experts["vl"]
-        if self.visual.img_size != self.vl.img_size:
-            raise ConfigError(f"the experts take {self.visual.img_size}px and {self.vl.img_size}px images; "
+            info[kind] = {"expert": meta["expert"], "group_prompts": meta.get("group_prompts"),
+                          "logit_scale": float(meta.get("logit_scale", 20.0)), "source": str(path),
+                          "data": meta.get("data")}
+        from lpt_lightning.expert_outputs import expert_digest
+
+        for kind, expert in experts.items():
+            info[kind]["digest"] = expert_digest(expert, architecture(info[kind]))
+        self._install(experts, info)
+
+    def _install(self, experts: dict[str, LongTailExpert], info: dict[str, dict[str, Any]]) -> None:
+        if experts["visual"].img_size != experts["vl"].img_size:
+            raise ConfigError(f"the experts take {experts['visual'].img_size}px and {experts['vl'].img_size}px images; "
                               "phase 3 feeds both from one loader and needs one size")
+        self.visual, self.vl = experts["visual"], experts["vl"]
+        self.expert_info = info
         for expert in (self.visual, self.vl):
             expert.requires_grad_(False)
             expert.eval()
@@ -119,10 +166,10 @@ class MoEScorerPhase(L.LightningModule):
                                 spec.dropout)
         if not spec.learn_offset:
             self.scorer.offset.requires_grad_(False)
-        self.register_buffer("class_counts", torch.ones(num_classes, dtype=torch.long))
-        self.strict_loading = False  # backbones are rebuilt, not loaded
-        self.results: dict[str, dict[str, Any]] = {}
-        self._outputs: dict[str, dict[str, torch.Tensor]] = {}
+
+    @property
+    def scales(self) -> dict[str, float]:
+        return {kind: info["logit_scale"] for kind, info in self.expert_info.items()}
 
     @property
     def img_size(self) -> int:
@@ -131,103 +178,90 @@ class MoEScorerPhase(L.LightningModule):
     def experts(self) -> dict[str, nn.Module]:
         return {"visual": self.visual, "vl": self.vl}
 
-    def train(self, mode: bool = True) -> "MoEScorerPhase":
-        super().train(mode)
-        self.visual.eval()
-        self.vl.eval()
-        return self
-
-    # ----------------------------------------------------------------- setup and caches
-    def setup(self, stage: str) -> None:
-        dm = self.trainer.datamodule
-        counts = torch.as_tensor(dm.group_class_counts, dtype=torch.long)  # the many/medium/few groups
-        if counts.numel() != self.num_classes:
-            raise ConfigError(f"data has {counts.numel()} classes but model.num_classes={self.num_classes}")
-        self.class_counts.copy_(counts)
-        self.metrics = nn.ModuleDict({
-            f"{stage_}_{row}": SplitAccuracy(counts, convention=self.split_convention)
-            for stage_ in ("val", "test") for row in ROWS
-        })
-        self.data_record = dm.data_record()
-        if stage == "fit":
-            if dm.val_is_test:
-                raise ConfigError("phase 3 searches W_base and fits the scorer on the validation split, which is the "
-                                  "TEST split here (data.val_from_test=true): set data.holdout_per_class instead, in "
-                                  "every phase, so the experts never train on the held-out images")
-            for kind, path in self.checkpoints.items():
-                check_same_data(self.expert_data[kind], self.data_record, f"model.{kind}_checkpoint={path}")
-            # The scorer's training batches index the split it is fitted on.
-            dm.fit_split = self.fit_split
-        # Everything but prediction reads cached expert outputs: batches need no images.
-        dm.load_images = stage == "predict"
-
     @property
     def fit_split(self) -> str:
         return "val" if self.scorer_spec.fit_on == "heldout" else "train"
 
-    def _cache_path(self, name: str, key: str) -> Path:
-        root = Path(self.cache_dir or Path(self.trainer.default_root_dir) / "expert_cache")
-        return root / f"{name}-{key}.pt"
+    def train(self, mode: bool = True) -> "MoEScorerPhase":
+        super().train(mode)
+        for expert in (self.visual, self.vl):
+            if expert is not None:
+                expert.eval()
+        return self
 
-    def outputs(self, name: str) -> dict[str, torch.Tensor]:
-        """Cached expert outputs over split ``train`` (label probabilities only), ``val`` or
-        ``test`` (full probabilities); one cache and one inference pass per underlying split."""
-        dm = self.trainer.datamodule
-        split_name, split = ("train", dm.splits.train) if name == "train" else dm.eval_split(name)
-        if split_name in self._outputs:
-            return self._outputs[split_name]
-        full = split_name != "train"
-        key = cache_key(self.digests, split, self.img_size, full)
-        path = self._cache_path(split_name, key)
-        if not path.is_file():
-            per_row = 16 + 4 * sum(e.backbone.feature_dim + (self.num_classes if full else 1)
-                                   for e in self.experts().values())
-            ensure_disk_space(path.parent, len(split) * per_row)
+    # ----------------------------------------------------------------- inputs from the data
+    def use_data(self, class_counts: torch.Tensor, data_record: dict[str, Any] | None) -> None:
+        """The many/medium/few class counts and the data record of the data it is fitted on."""
+        counts = torch.as_tensor(class_counts, dtype=torch.long)
+        if counts.numel() != self.num_classes:
+            raise ConfigError(f"data has {counts.numel()} classes but model.num_classes={self.num_classes}")
+        self.class_counts.copy_(counts)
+        self.data_record = data_record
 
-        def compute() -> dict[str, torch.Tensor]:
-            rank_zero_info(f"phase 3: computing expert outputs for the {split_name} split -> {path}")
-            return compute_outputs(self.experts(), self.scales, dm.split_dataloader(split_name), self.device, full,
-                                   autocast=self.trainer.precision_plugin.forward_context)
+    @torch.no_grad()
+    def search_base_weight(self, heldout: Iterable[dict[str, torch.Tensor]]) -> float:
+        """Searching-based scorer: W_base with the best balanced accuracy on the held-out rows."""
+        search = BaseWeightSearch(self.num_classes, self.scorer_spec.grid_step)
+        for rows in heldout:
+            search.update(self.probabilities(rows, "visual"), self.probabilities(rows, "vl"), rows["label"])
+        w_base, scores = search.result()
+        self.scorer.w_base.fill_(w_base)
+        rank_zero_info(f"phase 3: W_base = {w_base:.2f} (balanced held-out accuracy {100 * scores[w_base]:.2f}%; "
+                       f"w=0: {100 * scores[0.0]:.2f}%, w=1: {100 * scores[1.0]:.2f}%)")
+        return w_base
 
-        data = cached_outputs(path, compute, self.global_rank, self.trainer.world_size, self.trainer.strategy.barrier)
-        if not torch.equal(data["index"], torch.arange(len(split))):
-            raise CheckpointError(f"{path}: does not cover the {split_name} split; delete it to recompute")
-        self._outputs[split_name] = data
-        return data
+    def _experts_in_place(self) -> None:
+        # Called once a checkpoint is restored (or not): without one, the phase-2 files are needed.
+        if self.visual is None:
+            self.build_experts()
+            self.to(self.device)
 
     def on_fit_start(self) -> None:
-        self.outputs(self.fit_split)
-        held = self.outputs("val")
-        if self.global_step == 0:  # a resumed run keeps the W_base it searched before
-            w_base, scores = search_base_weight(held["visual.prob"], held["vl.prob"], held["label"],
-                                                self.scorer_spec.grid_step)
-            self.scorer.w_base.fill_(w_base)
-            rank_zero_info(f"phase 3: W_base = {w_base:.2f} (balanced held-out accuracy "
-                           f"{100 * scores[w_base]:.2f}%; w=0: {100 * scores[0.0]:.2f}%, w=1: {100 * scores[1.0]:.2f}%)")
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         rank_zero_info(f"moe_scorer: {trainable:,} trainable parameters (scorer MLP, fitted on the "
                        f"{self.fit_split} split); experts frozen")
 
-    # ----------------------------------------------------------------- training
-    def _rows(self, name: str, index: torch.Tensor) -> dict[str, torch.Tensor]:
-        data = self.outputs(name)
-        idx = index.cpu()
-        return {k: v[idx].to(self.device, non_blocking=True) for k, v in data.items()}
+    # ----------------------------------------------------------------- expert outputs
+    def probabilities(self, rows: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+        return torch.softmax(self.scales[kind] * rows[f"{kind}.logits"].float(), dim=-1)
 
+    def label_probability(self, rows: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+        """An expert's probability of the true label: cached as such for the training split, taken
+        from the logits for the held-out split."""
+        if f"{kind}.prob_label" in rows:
+            return rows[f"{kind}.prob_label"]
+        return self.probabilities(rows, kind).gather(1, rows["label"][:, None]).squeeze(1)
+
+    def expert_rows(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Both experts on images (1.5 backbone passes each with prefix reuse): what the cache holds."""
+        rows = {}
+        for kind, expert in self.experts().items():
+            out = expert(images)
+            rows[f"{kind}.logits"], rows[f"{kind}.query"] = out.logits.float(), out.query.float()
+        return rows
+
+    # ----------------------------------------------------------------- training
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         seed_training_step(self.current_epoch, batch_idx, self.global_rank)
 
     def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
-        index = torch.cat([b["index"] for b in batch.values()])
-        rows = self._rows(self.fit_split, index)
+        streams = list(batch.values())
+        if "image" in streams[0]:
+            raise ConfigError("MoEScorerPhase fits on its experts' cached outputs, not on images: fit it with `lpt fit` "
+                              "(or on the DataModule of lpt_lightning.expert_outputs.scorer_fit_data)")
+        rows = {k: torch.cat([s[k] for s in streams]) for k in streams[0]}
         w = self.scorer(rows["visual.query"], rows["vl.query"])
-        p_label = w * label_probability(rows, "visual") + (1 - w) * label_probability(rows, "vl")
+        p_label = w * self.label_probability(rows, "visual") + (1 - w) * self.label_probability(rows, "vl")
         loss = -torch.log(p_label.clamp_min(1e-12)).mean()  # NLL of the fused probability
-        self.log("train/loss", loss, prog_bar=True, batch_size=index.numel())
-        self.log("train/w_mean", w.mean(), batch_size=index.numel())
+        size = rows["index"].numel()
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/w_mean", w.mean(), batch_size=size)
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.scorer is None:
+            raise ConfigError("MoEScorerPhase fits on its experts' cached outputs: fit it with `lpt fit` (or on the "
+                              "DataModule of lpt_lightning.expert_outputs.scorer_fit_data)")
         params = [p for p in self.scorer.parameters() if p.requires_grad]
         if not params:  # searching-based scorer only: a no-op optimiser keeps Lightning's loop uniform
             params = [nn.Parameter(torch.zeros(()))]
@@ -235,24 +269,33 @@ class MoEScorerPhase(L.LightningModule):
 
     # ----------------------------------------------------------------- evaluation
     def fused_probabilities(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        p_visual, p_vl = self.probabilities(rows, "visual"), self.probabilities(rows, "vl")
         w = self.scorer(rows["visual.query"], rows["vl.query"])
-        return {
-            "visual": rows["visual.prob"],
-            "vl": rows["vl.prob"],
-            "base": fuse(rows["visual.prob"], rows["vl.prob"], self.scorer.w_base),
-            "fused": fuse(rows["visual.prob"], rows["vl.prob"], w),
-        }
+        return {"visual": p_visual, "vl": p_vl, "base": fuse(p_visual, p_vl, self.scorer.w_base),
+                "fused": fuse(p_visual, p_vl, w)}
+
+    def _start_metrics(self) -> None:
+        # Built when evaluation starts: a restored checkpoint's class counts are in place by then.
+        counts = self.class_counts.cpu()
+        self.metrics = nn.ModuleDict({
+            f"{stage}_{row}": SplitAccuracy(counts, convention=self.split_convention)
+            for stage in ("val", "test") for row in ROWS}).to(self.device)
 
     def _eval_step(self, stage: str, batch: dict[str, torch.Tensor]) -> None:
-        rows = self._rows(stage, batch["index"])
+        rows = self.expert_rows(batch["image"]) if "image" in batch else batch
         for row, probs in self.fused_probabilities(rows).items():
             self.metrics[f"{stage}_{row}"].update(probs, batch["label"])
 
     def on_validation_start(self) -> None:
-        self.outputs("val")
+        self._experts_in_place()
+        self._start_metrics()
 
     def on_test_start(self) -> None:
-        self.outputs("test")
+        self._experts_in_place()
+        self._start_metrics()
+
+    def on_predict_start(self) -> None:
+        self._experts_in_place()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step("val", batch)
@@ -281,12 +324,9 @@ class MoEScorerPhase(L.LightningModule):
 
     # ----------------------------------------------------------------- inference on images
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Fused class probabilities [B, C] for images in [0, 1]: both experts (1.5 backbone passes
-        each with prefix reuse) and the scorer."""
-        outs = {k: e(images) for k, e in self.experts().items()}
-        probs = {k: torch.softmax(self.scales[k] * o.logits.float(), dim=-1) for k, o in outs.items()}
-        w = self.scorer(outs["visual"].query, outs["vl"].query)
-        return fuse(probs["visual"], probs["vl"], w)
+        """Fused class probabilities [B, C] for images in [0, 1]: both experts and the scorer."""
+        rows = self.expert_rows(images)
+        return self.fused_probabilities(rows)["fused"]
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         return {"index": batch["index"], "probs": self(batch["image"])}
@@ -295,7 +335,7 @@ class MoEScorerPhase(L.LightningModule):
     def metadata(self) -> dict[str, Any]:
         return {"version": __version__, "phase": self.phase_name, "num_classes": self.num_classes,
                 "class_names": self.class_names, "split_convention": self.split_convention,
-                "expert_checkpoints": dict(self.checkpoints), "logit_scales": dict(self.scales),
+                "experts": self.expert_info, "scorer": asdict(self.scorer_spec),
                 "scorer_fit_on": self.scorer_spec.fit_on, "data": self.data_record}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -303,10 +343,48 @@ class MoEScorerPhase(L.LightningModule):
                                     if is_saved_key(k) and not k.startswith("metrics.")}
         checkpoint[META_KEY] = self.metadata()
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any], where: str = "checkpoint") -> None:
+        """Rebuild both experts from the specs the checkpoint records (their trained tensors follow
+        in the state dict), unless the ones built from the phase-2 files have the same specs."""
+        meta = checkpoint.get(META_KEY) or {}
+        info = meta.get("experts")
+        if not isinstance(info, dict) or set(info) != set(EXPERTS):
+            raise CheckpointError(f"{where}: records no specs of both experts (written by another phase or an "
+                                  "earlier version of lpt_lightning)")
+        if meta.get("num_classes") != self.num_classes:
+            raise ConfigError(f"{where}: trained for {meta.get('num_classes')} classes, but the data has "
+                              f"{self.num_classes}")
+        try:
+            recorded = ScorerSpec(**meta["scorer"]) if "scorer" in meta else self.scorer_spec
+        except TypeError as exc:
+            raise CheckpointError(f"{where}: malformed scorer spec in the metadata ({exc})") from None
+        same_scorer, self.scorer_spec = recorded == self.scorer_spec, recorded  # as its tensors were trained
+        if self.visual is None or any(architecture(info[k]) != architecture(self.expert_info[k]) for k in EXPERTS):
+            self._install({k: expert_from_specs(info[k], self.num_classes, where) for k in EXPERTS}, info)
+        elif not same_scorer:
+            self._install(self.experts(), info)
+        else:
+            self.expert_info = info
+        self.data_record = meta.get("data")
 
-def label_probability(rows: dict[str, torch.Tensor], expert: str) -> torch.Tensor:
-    """An expert's probability of the true label: stored as such for the training split, taken
-    from the full probability vector for the held-out split."""
-    if f"{expert}.prob_label" in rows:
-        return rows[f"{expert}.prob_label"]
-    return rows[f"{expert}.prob"].gather(1, rows["label"][:, None]).squeeze(1)
+
+def architecture(info: dict[str, Any]) -> dict[str, Any]:
+    """What defines an expert's model (its specs and logit scale), as recorded in checkpoints."""
+    return {k: info.get(k) for k in ("expert", "group_prompts", "logit_scale")}
+
+
+def expert_from_specs(info: dict[str, Any], num_classes: int, where: str) -> LongTailExpert:
+    """An expert's model from its recorded specs; its trained tensors come from a state dict."""
+    try:
+        group = GroupPromptSpec(**info["group_prompts"]) if info.get("group_prompts") else None
+    except TypeError as exc:
+        raise CheckpointError(f"{where}: malformed group prompt spec in the metadata ({exc})") from None
+    expert = LongTailExpert(expert_spec_from_dict(info["expert"], where), num_classes, group=group)
+    release = getattr(expert.backbone, "release_text_tower", None)
+    if release is not None:
+        release()  # the head comes from the checkpoint
+    return expert
+
+
+def _exists(path: str) -> bool:
+    return Path(path).is_file()

@@ -1,0 +1,232 @@
+"""Phase 3, part 2: a DataModule over the experts' cached outputs (memory-mapped, never loaded whole).
+
+The prediction pass (`lpt_lightning.expert_outputs`) writes each split into one directory:
+``manifest.json`` plus, per rank ``r`` of ``W``, ``rank{r}-of-{W}.{array}.npy`` holding that
+rank's evaluation shard ``range(r, N, W)`` (so global row ``i`` is row ``i // W`` of shard
+``i % W``). The manifest is written last: a directory without one is an interrupted pass.
+
+Every rank reads every shard (the scorer's sampler draws from the whole split), so on several
+nodes the cache directory must be on a filesystem all nodes share (the run directory of a cluster
+job normally is); a missing shard is reported as such.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from lpt_lightning.data.datamodule import ResumableDataLoader
+from lpt_lightning.data.samplers import ClassAwareSampler, InstanceSampler, PowerSampler, ShardedEvalSampler
+from lpt_lightning.errors import CheckpointError, ConfigError
+
+OUTPUTS_FORMAT = 2
+MANIFEST = "manifest.json"
+
+
+def shard_file(directory: Path, rank: int, world_size: int, array: str) -> Path:
+    return directory / f"rank{rank}-of-{world_size}.{array}.npy"
+
+
+def read_manifest(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no expert outputs here (the prediction pass has not finished)") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable expert-output manifest ({exc}); delete {directory} to "
+                              "recompute") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != OUTPUTS_FORMAT:
+        raise CheckpointError(f"{path}: not an expert-output manifest of format {OUTPUTS_FORMAT}; delete "
+                              f"{directory} to recompute")
+    return manifest
+
+
+class CachedSplit:
+    """One split's cached expert outputs: ``rows(indices)`` gathers rows from the memory-mapped
+    rank shards; nothing is read before it is asked for."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        self.manifest = read_manifest(self.directory)
+        self.num_rows = int(self.manifest["num_rows"])
+        self.world_size = int(self.manifest["world_size"])
+        self.arrays: dict[str, list[np.ndarray | None]] = {}
+        for name, spec in self.manifest["arrays"].items():
+            self.arrays[name] = [self._open(r, name, spec) for r in range(self.world_size)]
+
+    def _open(self, rank: int, name: str, spec: dict[str, Any]) -> np.ndarray | None:
+        rows = len(range(rank, self.num_rows, self.world_size))
+        if rows == 0:
+            return None
+        path = shard_file(self.directory, rank, self.world_size, name)
+        if not path.is_file():
+            raise CheckpointError(
+                f"{path}: missing; rank {rank} wrote it. On several nodes the expert-output cache must be on a "
+                "filesystem every node sees (a shared run directory, or model.init_args.cache_dir there)")
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)  # never unpickles
+        except Exception as exc:
+            raise CheckpointError(f"{path}: unreadable expert-output cache ({exc}); delete {self.directory} to "
+                                  "recompute") from None
+        if array.shape != (rows, *spec["shape"]) or str(array.dtype) != spec["dtype"]:
+            raise CheckpointError(f"{path}: holds {array.dtype}{list(array.shape)}, the manifest says "
+                                  f"{spec['dtype']}{[rows, *spec['shape']]}; delete {self.directory} to recompute")
+        return array
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.rows(np.arange(self.num_rows), ("label",))["label"].numpy()
+
+    def rows(self, indices: np.ndarray, names: tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
+        """Rows ``indices`` of every array (or of ``names``), as tensors; floating arrays as float32."""
+        indices = np.asarray(indices, dtype=np.int64)
+        shard, position = indices % self.world_size, indices // self.world_size
+        out = {}
+        for name in names or self.arrays:
+            spec = self.manifest["arrays"][name]
+            values = np.empty((len(indices), *spec["shape"]), dtype=spec["dtype"])
+            for r in np.unique(shard):
+                take = shard == r
+                values[take] = self.arrays[name][r][position[take]]
+            tensor = torch.from_numpy(values)
+            out[name] = tensor.float() if tensor.is_floating_point() else tensor
+        out["index"] = torch.from_numpy(indices)
+        return out
+
+
+class CachedOutputsDataset(Dataset):
+    """Batches of cached rows: the loader hands whole index lists to ``__getitems__``."""
+
+    def __init__(self, split: CachedSplit):
+        self.split = split
+
+    def __len__(self) -> int:
+        return self.split.num_rows
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.split.rows(np.array([int(index)])).items()}
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        return self.split.rows(np.asarray(indices))
+
+
+def _batch(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return rows  # __getitems__ already returns a batch
+
+
+Sampling = Literal["dual", "instance", "class_aware", "square_root"]
+STREAMS = {"dual": ("cb", "ib"), "instance": ("ib",), "class_aware": ("cb",), "square_root": ("sqrt",)}
+
+
+class CachedOutputsDataModule(LightningDataModule):
+    """The scorer's data: its fitting split and the held-out split, as cached expert outputs.
+
+    Args:
+        outputs: split name (``train``, ``val``) -> directory written by the prediction pass.
+        fit_split: the split the training loader samples (``val``: the held-out split, default).
+        batch_size, eval_batch_size, sampling, images_per_class, seed: as in `LongTailDataModule`;
+            the training streams use the same samplers and seeds, so they draw the same indices
+            the image data's loaders would.
+
+    The class counts (many/medium/few groups), class names and data record come from the image
+    data, recorded in the manifests when the outputs were computed.
+    """
+
+    def __init__(self, outputs: Mapping[str, str | Path], fit_split: Literal["val", "train"] = "val",
+                 batch_size: int = 128, eval_batch_size: int | None = None, sampling: Sampling = "class_aware",
+                 images_per_class: int = 4, seed: int = 0):
+        super().__init__()
+        if "val" not in outputs or fit_split not in outputs:
+            raise ConfigError(f"CachedOutputsDataModule needs the 'val' split and the fitting split "
+                              f"'{fit_split}', got {sorted(outputs)}")
+        if sampling not in STREAMS:
+            raise ConfigError(f"data.sampling must be one of {', '.join(STREAMS)}; got {sampling!r}")
+        self.splits = {name: CachedSplit(path) for name, path in outputs.items()}
+        self.fit_split = fit_split
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.sampling = sampling
+        self.images_per_class = images_per_class
+        self.seed = seed
+        facts = self.splits["val"].manifest["data"]
+        for split in self.splits.values():
+            if split.manifest["data"] != facts:
+                raise CheckpointError(f"{split.directory}: computed for other data than {self.splits['val'].directory}; "
+                                      "delete the stale one to recompute")
+        self._facts = facts
+
+    # ---------------------------------------------------------------- what the image data recorded
+    @property
+    def num_classes(self) -> int:
+        return len(self._facts["class_counts"])
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self._facts["class_names"])
+
+    @property
+    def group_class_counts(self) -> torch.Tensor:
+        return torch.tensor(self._facts["class_counts"], dtype=torch.long)
+
+    def data_record(self) -> dict[str, Any]:
+        return self._facts["record"]
+
+    # ---------------------------------------------------------------- loaders
+    def _replicas(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 1, 0
+        return int(self.trainer.world_size), int(self.trainer.global_rank)
+
+    def train_sampler(self, kind: str) -> Sampler:
+        """The sampler of one stream, with the image data's seeds (the same index sequence)."""
+        num_replicas, rank = self._replicas()
+        labels = self.splits[self.fit_split].labels
+        common = dict(num_replicas=num_replicas, rank=rank)
+        if kind == "cb":
+            return ClassAwareSampler(labels, images_per_class=self.images_per_class, seed=self.seed, **common)
+        if kind == "ib":
+            return InstanceSampler(labels, seed=self.seed + 1_000_003, **common)
+        return PowerSampler(labels, power=0.5, seed=self.seed, **common)
+
+    def train_dataloader(self) -> dict[str, DataLoader]:
+        dataset = CachedOutputsDataset(self.splits[self.fit_split])
+        loaders = {}
+        for kind in STREAMS[self.sampling]:
+            sampler = self.train_sampler(kind)
+            if len(sampler) < self.batch_size:
+                raise ConfigError(f"data.batch_size={self.batch_size} exceeds the {len(sampler)} samples per device "
+                                  f"of the {self.fit_split} split the scorer is fitted on; lower data.batch_size")
+            kwargs = dict(batch_size=self.batch_size, sampler=sampler, drop_last=True, collate_fn=_batch)
+            if getattr(self.trainer, "fit_loop", None) is not None:
+                loaders[kind] = ResumableDataLoader(dataset, trainer_position=self._trainer_position, **kwargs)
+            else:
+                loaders[kind] = DataLoader(dataset, **kwargs)
+        return loaders
+
+    def _trainer_position(self) -> tuple[int, int]:
+        loop = self.trainer.fit_loop
+        return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.processed
+
+    def _eval_loader(self, name: str) -> DataLoader:
+        num_replicas, rank = self._replicas()
+        split = self.splits[name]
+        sampler = ShardedEvalSampler(split.num_rows, num_replicas=num_replicas, rank=rank)
+        return DataLoader(CachedOutputsDataset(split), batch_size=self.eval_batch_size, sampler=sampler,
+                          collate_fn=_batch)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def heldout_batches(self, batch_size: int | None = None):
+        """The whole held-out split in order (every rank sees all of it), batch by batch."""
+        split = self.splits["val"]
+        step = batch_size or self.eval_batch_size
+        for start in range(0, split.num_rows, step):
+            yield split.rows(np.arange(start, min(start + step, split.num_rows)))

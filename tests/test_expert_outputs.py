@@ -1,0 +1,276 @@
+"""Phase 3 as three parts: the experts' outputs through the predict loop (sharded, memory-mapped),
+the DataModule over them, and a scorer whose checkpoint and export stand alone."""
+import shutil
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from lpt_lightning.checkpoints import load_checkpoint_file
+from lpt_lightning.cli import LPTCLI, main
+from lpt_lightning.data import ClassAwareSampler, ImageFolderSource, InstanceSampler, LongTailDataModule
+from lpt_lightning.data.cached_outputs import CachedOutputsDataModule, CachedSplit
+from lpt_lightning.data.samplers import ShardedEvalSampler
+from lpt_lightning.errors import CheckpointError
+from lpt_lightning.expert_outputs import ExpertOutputs, ExpertOutputsWriter, OutputsTarget, write_expert_outputs
+from lpt_lightning.models.expert import ExpertSpec
+from lpt_lightning.phases import AdaptPhase, MoEScorerPhase
+from tiny_models import tiny_backbone
+
+COUNTS = [30, 20, 12, 8]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data") / "imgs"
+    rng = np.random.default_rng(0)
+    for c, n in enumerate(COUNTS):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+DATA = {"batch_size": 4, "eval_batch_size": 5, "num_workers": 0, "img_size": 32, "pin_memory": False,
+        "sampling": "class_aware"}
+
+
+def source_args(folder):
+    return {"root": str(folder), "val_per_class": 3, "test_per_class": 2, "seed": 0, "name": "tiny"}
+
+
+def images(folder, **kw) -> LongTailDataModule:
+    return LongTailDataModule(ImageFolderSource(**source_args(folder)), **{**DATA, **kw})
+
+
+def quiet_trainer(root, **kw):
+    return L.Trainer(**{"accelerator": "cpu", "devices": 1, "precision": "32-true", "logger": False,
+                        "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
+                        "num_sanity_val_steps": 0, "default_root_dir": str(root), **kw})
+
+
+@pytest.fixture(scope="module")
+def experts(folder, tmp_path_factory):
+    """Trained phase-1 checkpoints of both experts on this data, in a directory of their own."""
+    root = tmp_path_factory.mktemp("experts")
+    paths = {}
+    for kind in ("visual", "vl"):
+        L.seed_everything(0)
+        data = images(folder)
+        spec = ExpertSpec(kind=kind, backbone=tiny_backbone(kind), prompt_length=2)
+        module = AdaptPhase(expert=spec, num_classes=data.num_classes, class_names=data.class_names)
+        trainer = quiet_trainer(root, max_epochs=1)
+        trainer.fit(module, datamodule=data)
+        paths[kind] = root / f"{kind}.ckpt"
+        trainer.save_checkpoint(paths[kind])
+    return paths
+
+
+def scorer(experts, **kw):
+    L.seed_everything(0)
+    return MoEScorerPhase(visual_checkpoint=str(experts["visual"]), vl_checkpoint=str(experts["vl"]), num_classes=4,
+                          scorer={"hidden_dim": 8}, **kw)
+
+
+def facts(data):
+    return {"class_counts": data.group_class_counts.tolist(), "class_names": data.class_names,
+            "record": data.data_record()}
+
+
+# ----------------------------------------------------------------------------- part 1: the prediction pass
+
+
+def simulate_ranks(module, data, split_name, directory, world, dtype):
+    """The writer on ``world`` ranks without DDP: ranks are threads that meet at a real barrier; each
+    feeds its own ShardedEvalSampler shard through predict_step, as the predict loop would."""
+    split = data.splits.val
+    barrier = threading.Barrier(world)
+    errors = []
+
+    def rank(r):
+        trainer = SimpleNamespace(global_rank=r, world_size=world, is_global_zero=r == 0,
+                                  strategy=SimpleNamespace(barrier=lambda name=None: barrier.wait()))
+        writer = ExpertOutputsWriter([OutputsTarget(split_name, directory, len(split), {"key": "k", "data": {}})],
+                                     dtype)
+        loader = torch.utils.data.DataLoader(data.split_dataloader("val").dataset, batch_size=1,
+                                             sampler=ShardedEvalSampler(len(split), world, r))
+        try:
+            with torch.no_grad():
+                for i, batch in enumerate(loader):
+                    writer.write_on_batch_end(trainer, module, module.predict_step(batch, i), None, batch, i)
+            writer.on_predict_epoch_end(trainer, module)
+        except Exception as exc:  # reported by the main thread
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return CachedSplit(directory)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_two_ranks_write_disjoint_shards_whose_union_is_the_one_rank_result(experts, folder, tmp_path, dtype):
+    model = scorer(experts)
+    data = images(folder)
+    module = ExpertOutputs(model.experts(), model.scales, [False]).eval()
+    one = simulate_ranks(module, data, "val", tmp_path / "one", 1, dtype)
+    two = simulate_ranks(module, data, "val", tmp_path / "two", 2, dtype)
+    n = len(data.splits.val)
+    shards = [np.load(tmp_path / "two" / f"rank{r}-of-2.index.npy") for r in range(2)]
+    assert [s.tolist() for s in shards] == [list(range(0, n, 2)), list(range(1, n, 2))]  # disjoint, complete
+    assert two.manifest["arrays"]["visual.logits"] == {"dtype": dtype, "shape": [4]}
+    everything = np.arange(n)
+    a, b = one.rows(everything), two.rows(everything)
+    assert a.keys() == b.keys() == {"index", "label", "visual.logits", "visual.query", "vl.logits", "vl.query"}
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert a["label"].tolist() == data.splits.val.labels.tolist()
+    # Stored in float32, the cache is exactly what the experts compute on the images.
+    if dtype == "float32":
+        model.eval()
+        with torch.no_grad():
+            direct = model.expert_rows(torch.stack([data.split_dataloader("val").dataset[i]["image"] for i in range(n)]))
+        for key, value in direct.items():
+            torch.testing.assert_close(a[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_a_rank_that_cannot_see_the_others_files_is_told_why(experts, folder, tmp_path, monkeypatch):
+    model = scorer(experts)
+    data = images(folder)
+    module = ExpertOutputs(model.experts(), model.scales, [False]).eval()
+    real_is_file = Path.is_file
+    # Rank 0 on another node without shared storage: rank 1's record is not visible to it.
+    monkeypatch.setattr(Path, "is_file", lambda p: False if p.name == "rank1-of-2.json" else real_is_file(p))
+    with pytest.raises(CheckpointError, match=r"rank1-of-2.json: missing.*filesystem every node sees"):
+        simulate_ranks(module, data, "val", tmp_path / "two", 2, "float16")
+    assert not (tmp_path / "two" / "manifest.json").exists()
+
+
+def test_finished_outputs_are_reused_and_an_interrupted_pass_recomputed(experts, folder, tmp_path):
+    model = scorer(experts)
+    data = images(folder)
+    digests = [model.expert_info[k]["digest"] for k in ("visual", "vl")]
+    args = (model.experts(), model.scales, digests, data, {"val": False}, tmp_path, facts(data))
+    first = write_expert_outputs(*args, quiet_trainer(tmp_path))["val"]
+    manifest = first / "manifest.json"
+    stamp = manifest.stat().st_mtime_ns
+    assert write_expert_outputs(*args, quiet_trainer(tmp_path))["val"] == first and manifest.stat().st_mtime_ns == stamp
+    manifest.unlink()  # as if the pass had been killed before its end
+    assert write_expert_outputs(*args, quiet_trainer(tmp_path))["val"] == first and manifest.is_file()
+    other = write_expert_outputs(*args, quiet_trainer(tmp_path), dtype="float32")["val"]
+    assert other != first  # the key covers the storage dtype (and the experts and the split)
+
+
+# ----------------------------------------------------------------------------- part 2: the cached DataModule
+
+
+@pytest.mark.parametrize("sampling", ["class_aware", "dual"])
+def test_cached_batches_are_the_rows_the_image_data_samplers_draw(experts, folder, tmp_path, sampling):
+    model = scorer(experts)
+    data = images(folder, sampling=sampling, seed=5, images_per_class=2)
+    digests = [model.expert_info[k]["digest"] for k in ("visual", "vl")]
+    outputs = write_expert_outputs(model.experts(), model.scales, digests, data, {"val": False}, tmp_path, facts(data),
+                                   quiet_trainer(tmp_path))
+    cached = CachedOutputsDataModule(outputs, batch_size=4, sampling=sampling, images_per_class=2, seed=5)
+    labels = data.splits.val.labels
+    # The index-only loader of the image data: its samplers (Draw keys), batches of 4, drop_last.
+    old = {"cb": ClassAwareSampler(labels, images_per_class=2, seed=5, draw_keys=True),
+           "ib": InstanceSampler(labels, seed=5 + 1_000_003, draw_keys=True)}
+    split = CachedSplit(outputs["val"])
+    for epoch in (0, 1):
+        for stream, loader in cached.train_dataloader().items():
+            loader.sampler.set_epoch(epoch)
+            old[stream].set_epoch(epoch)
+            drawn = [d.index for d in old[stream]]
+            expected = [drawn[i:i + 4] for i in range(0, len(drawn) - 3, 4)]
+            batches = list(loader)
+            assert [b["index"].tolist() for b in batches] == expected
+            for batch in batches:
+                rows = split.rows(batch["index"].numpy())
+                assert all(torch.equal(batch[k], rows[k]) for k in rows)
+                assert batch["label"].tolist() == labels[batch["index"].numpy()].tolist()
+    assert cached.group_class_counts.tolist() == data.group_class_counts.tolist()
+    assert cached.data_record() == data.data_record() and cached.class_names == data.class_names
+
+
+# ----------------------------------------------------------------------------- part 3: artefacts that stand alone
+
+
+@pytest.fixture(scope="module")
+def fitted(experts, folder, tmp_path_factory):
+    """``lpt fit`` of phase 3, its export, and then the phase-2 files deleted."""
+    root = tmp_path_factory.mktemp("phase3")
+    moved = root / "experts"
+    shutil.copytree(experts["visual"].parent, moved)
+    config = {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "precision": "32-true", "max_epochs": 2, "logger": False,
+                    "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(root / "run"),
+                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                   "init_args": {"dirpath": str(root / "run" / "checkpoints"), "save_last": True}}]},
+        "model": {"class_path": "lpt_lightning.phases.MoEScorerPhase",
+                  "init_args": {"visual_checkpoint": str(moved / "visual.ckpt"),
+                                "vl_checkpoint": str(moved / "vl.ckpt"), "scorer": {"hidden_dim": 8, "lr": 0.05}}},
+        "data": {"source": {"class_path": "lpt_lightning.data.ImageFolderSource", "init_args": source_args(folder)},
+                 **DATA},
+    }
+    path = root / "phase3.yaml"
+    path.write_text(yaml.safe_dump(config))
+    main(["fit", "--config", str(path)])
+    ckpt = root / "run" / "checkpoints" / "last.ckpt"
+    export = root / "lptpp.safetensors"
+    main(["export", str(ckpt), str(export)])
+    with torch.no_grad():
+        batch = torch.rand(3, 3, 32, 32)
+        before = MoEScorerPhase.load_from_checkpoint(ckpt).eval()(batch)
+    shutil.rmtree(moved)
+    return SimpleNamespace(config=path, ckpt=ckpt, export=export, images=batch, probs=before,
+                           counts=images(folder).group_class_counts.tolist())
+
+
+def run(args):
+    cli = LPTCLI(args=args, **LPTCLI.defaults())
+    return cli.model.results
+
+
+def test_phase3_checkpoint_and_export_test_and_predict_alike_without_the_phase2_files(fitted, tmp_path):
+    config = ["--config", str(fitted.config)]
+    from_ckpt = run(["test", *config, "--ckpt_path", str(fitted.ckpt)])
+    from_export = run(["test", *config, f"--model.init_args.weights={fitted.export}"])
+    assert set(from_ckpt) == {f"test: {r}" for r in ("visual expert", "vision-language expert", "W_base fusion",
+                                                      "LPT++ (scorer)")}
+    for row, values in from_ckpt.items():
+        assert values.keys() == from_export[row].keys()
+        for key, value in values.items():
+            torch.testing.assert_close(torch.as_tensor(from_export[row][key]), torch.as_tensor(value), rtol=0, atol=0,
+                                       equal_nan=True)
+    outputs = {}
+    for name, source in (("ckpt", ["--ckpt_path", str(fitted.ckpt)]),
+                         ("export", [f"--model.init_args.weights={fitted.export}"])):
+        outputs[name] = tmp_path / f"{name}.csv"
+        main(["predict", *config, *source, "--prediction.output", str(outputs[name])])
+    text = outputs["ckpt"].read_text()
+    assert text == outputs["export"].read_text() and len(text.splitlines()) == 1 + 2 * len(COUNTS)
+
+
+def test_load_from_checkpoint_rebuilds_the_whole_model_without_the_cli(fitted):
+    model = MoEScorerPhase.load_from_checkpoint(fitted.ckpt).eval()
+    with torch.no_grad():
+        assert torch.equal(model(fitted.images), fitted.probs)
+    saved = load_checkpoint_file(fitted.ckpt)
+    assert not any("backbone." in k for k in saved["state_dict"])  # trained tensors and specs only
+    assert set(saved["lpt"]["experts"]) == {"visual", "vl"} and saved["lpt"]["experts"]["vl"]["expert"]["kind"] == "vl"
+    w_base = float(saved["state_dict"]["scorer.w_base"])
+    assert float(model.scorer.w_base) == w_base and model.class_counts.tolist() == fitted.counts
+
