@@ -71,9 +71,8 @@ def settings(quick: bool) -> dict[str, Any]:
 
 
 def standin_backbone(kind: str) -> dict[str, Any]:
-    """The stand-in backbone block of configs/standins/<kind>_expert.yaml (one source of truth)."""
-    config = yaml.safe_load((REPO / "configs" / "standins" / f"{kind}_expert.yaml").read_text())
-    backbone = config["model"]["init_args"]["expert"]["backbone"]
+    """The stand-in backbone block of configs/expert/standin_<kind>.yaml (one source of truth)."""
+    backbone = yaml.safe_load((REPO / "configs" / "expert" / f"standin_{kind}.yaml").read_text())["backbone"]
     backbone["checkpoint_path"] = str(REPO / backbone["checkpoint_path"])  # runs start from any directory
     return backbone
 

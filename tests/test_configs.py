@@ -1,9 +1,15 @@
 """Every shipped config parses and validates with the real ``lpt`` parser (nothing is built),
-and the benchmark configs carry the reference constants of SPEC.md."""
+the entry points carry the values of the pieces they are made of, every combination the README
+shows validates, and the benchmark configs carry the reference constants of SPEC.md."""
 from __future__ import annotations
 
+import copy
 import functools
 import io
+import itertools
+import re
+import shlex
+import shutil
 import sys
 from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
@@ -19,8 +25,13 @@ from lpt_lightning.models.expert import ExpertSpec, GroupPromptSpec
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / "configs"
+# Pieces: each fills one section, given on the command line with this option (README "Config layout").
+PIECE_OPTIONS = {"data": "--data", "expert": "--model.init_args.expert", "phase": "--model", "trainer": "--trainer",
+                 "logger": "--trainer.logger"}
+PIECES = sorted(p for kind in PIECE_OPTIONS for p in (CONFIG_DIR / kind).glob("*.yaml"))
+ENTRY_POINTS = sorted(p for p in CONFIG_DIR.rglob("*.yaml") if p.relative_to(CONFIG_DIR).parts[0] not in PIECE_OPTIONS)
 # Pipeline files (*_pipeline.yaml) compose phase configs: they are checked further down.
-ALL_CONFIGS = sorted(p for p in CONFIG_DIR.rglob("*.yaml") if not p.name.endswith("_pipeline.yaml"))
+ALL_CONFIGS = [p for p in ENTRY_POINTS if not p.name.endswith("_pipeline.yaml")]
 DATASETS = ("places_lt", "imagenet_lt", "inat18", "cifar100_lt")
 REFERENCE_BACKBONE = {"visual": "vit_base_patch16_224.augreg_in21k", "vl": "ViT-B-16"}
 
@@ -31,11 +42,16 @@ def config_id(path: Path) -> str:
 
 def run_print_config(path: Path | str, *overrides: str) -> tuple[int, str, str]:
     """``lpt fit --config PATH ... --print_config``: the real parser validates, nothing is built."""
+    return run_fit_print_config("--config", str(path), *overrides)
+
+
+def run_fit_print_config(*args: str) -> tuple[int, str, str]:
+    """``lpt fit ARGS --print_config``."""
     out, err = io.StringIO(), io.StringIO()
     # sys.argv is pytest's: LightningCLI warns when it sees both args and a command line.
     with mock.patch.object(sys, "argv", ["lpt"]), redirect_stdout(out), redirect_stderr(err):
         try:
-            main(["fit", "--config", str(path), *overrides, "--print_config"])
+            main(["fit", *args, "--print_config"])
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         else:
@@ -56,12 +72,21 @@ def parse_error(path: Path, *overrides: str) -> str:
     return out + err
 
 
+def beside_the_pieces(tmp_path: Path, text: str) -> Path:
+    """``text`` as a config in a copy of configs/, so that its piece paths resolve."""
+    shutil.copytree(CONFIG_DIR, tmp_path / "configs")
+    path = tmp_path / "configs" / "bad.yaml"
+    path.write_text(text)
+    return path
+
+
 def test_there_are_configs():
     names = {config_id(p) for p in ALL_CONFIGS}
     for dataset in DATASETS:
         for suffix in ("phase1", "phase2", "phase1_vl", "phase2_vl"):
             assert f"{dataset}_{suffix}.yaml" in names
     assert any(n.startswith("cpu/") for n in names)
+    assert {p.parent.name for p in PIECES} == set(PIECE_OPTIONS)
 
 
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=config_id)
@@ -98,16 +123,117 @@ def test_bad_override_fails_naming_the_key(override, key):
 
 def test_unknown_key_in_a_config_file_fails(tmp_path):
     text = (CONFIG_DIR / "places_lt_phase2.yaml").read_text()
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(text.replace("top_k: 2", "topk: 2"))
+    bad = beside_the_pieces(tmp_path, text.replace("top_k: 2", "topk: 2"))
     assert "topk" in parse_error(bad)
+
+
+def test_unknown_key_in_a_piece_fails(tmp_path):
+    bad = beside_the_pieces(tmp_path, (CONFIG_DIR / "places_lt_phase1.yaml").read_text())
+    piece = bad.parent / "data" / "places_lt.yaml"
+    piece.write_text(piece.read_text().replace("images_per_class:", "images_per_klass:"))
+    assert "images_per_klass" in parse_error(bad)
 
 
 def test_unknown_class_path_fails(tmp_path):
     text = (CONFIG_DIR / "places_lt_phase1.yaml").read_text()
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(text.replace("lpt_lightning.phases.AdaptPhase", "lpt_lightning.phases.AdaptPhaze"))
+    bad = beside_the_pieces(tmp_path, text.replace("lpt_lightning.phases.AdaptPhase", "lpt_lightning.phases.AdaptPhaze"))
     assert "AdaptPhaze" in parse_error(bad)
+
+
+# ------------------------------------------------------------------ the hub: entry points and pieces
+ENTRY_NAME = re.compile(r"(?P<dataset>\w+?)_(?P<phase>phase[123])(?P<vl>_vl)?")
+SECTION = {
+    "data": lambda cfg: cfg["data"],
+    "expert": lambda cfg: cfg["model"]["init_args"]["expert"],
+    "phase": lambda cfg: cfg["model"],
+    "trainer": lambda cfg: cfg["trainer"],
+}
+
+
+def pieces_of(path: Path) -> dict[str, Path]:
+    """The pieces an entry point is made of: named in it (data, the phase-1 expert) or spelled out
+    beside its run's paths (trainer, phase; the CPU and stand-in configs have their own phase values)."""
+    if path.parent.name == "standins":
+        kind = path.stem.removesuffix("_expert")
+        names = {"trainer": "cpu", "data": "fmnist_lt_standins", "expert": f"standin_{kind}"}
+    else:
+        match = ENTRY_NAME.fullmatch(path.stem)
+        kind, phase = ("vl" if match["vl"] else "visual"), match["phase"]
+        if path.parent.name == "cpu":
+            names = {"trainer": "cpu", "data": match["dataset"]} | ({"expert": f"tiny_{kind}"} if phase == "phase1" else {})
+        else:
+            names = {"trainer": "gpu", "data": match["dataset"], "phase": phase} | (
+                {"expert": kind} if phase == "phase1" else {})
+    return {section: CONFIG_DIR / section / f"{name}.yaml" for section, name in names.items()}
+
+
+def mismatches(actual, expected, where: str = "") -> list[str]:
+    """Where ``actual`` (a parsed config section) differs from the values ``expected`` (a piece) sets."""
+    if isinstance(expected, dict):
+        if not isinstance(actual, dict):
+            return [f"{where}: {actual!r} where the piece has {expected!r}"]
+        return [m for key, value in expected.items() for m in mismatches(actual.get(key, "<missing>"), value, f"{where}.{key}")]
+    return [] if actual == expected else [f"{where}: {actual!r} where the piece has {expected!r}"]
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=config_id)
+def test_entry_point_carries_the_values_of_its_pieces(path):
+    cfg = parse_config(path)
+    for section, piece in pieces_of(path).items():
+        expected = yaml.safe_load(piece.read_text())
+        if section == "data" and cfg["model"]["class_path"].endswith("MoEScorerPhase"):
+            expected["sampling"] = "class_aware"  # the scorer trains class-balanced
+        assert not mismatches(SECTION[section](cfg), expected, section), f"{config_id(path)} and {config_id(piece)}"
+
+
+def test_piece_paths_are_relative_to_the_config_that_names_them(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the pieces are found beside the entry point
+    path = CONFIG_DIR / "cpu" / "fmnist_lt_phase1.yaml"
+    code, out, err = run_print_config(path)
+    assert code == 0, err[-3000:]
+    assert yaml.safe_load(out) == parse_config(path)
+
+
+def readme_commands() -> list[list[str]]:
+    """The ``lpt fit`` commands of the README's "Config layout" section, without ``lpt fit``."""
+    section = (REPO / "README.md").read_text().split("\n## Config layout\n", 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", section, re.DOTALL):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words[:2] == ["lpt", "fit"]:
+                commands.append(words[2:])
+    return commands
+
+
+README_COMMANDS = readme_commands()
+# Where the piece given with an option lands in the parsed config.
+OPTION_SECTION = {
+    "--data": SECTION["data"], "--model.init_args.expert": SECTION["expert"], "--model": SECTION["phase"],
+    "--trainer": SECTION["trainer"], "--trainer.logger": lambda cfg: cfg["trainer"]["logger"],
+    "--trainer.logger+": lambda cfg: cfg["trainer"]["logger"][-1],
+}
+
+
+@pytest.mark.parametrize("args", README_COMMANDS, ids=lambda args: "+".join(Path(a).stem for a in args if a.startswith("configs/")))
+def test_readme_combination_validates(args, monkeypatch):
+    monkeypatch.chdir(REPO)  # the README's commands run from the repository root
+    code, out, err = run_fit_print_config(*args)
+    assert code == 0, f"lpt fit {' '.join(args)} does not validate:\n{err[-3000:]}"
+    cfg = yaml.safe_load(out)
+    given = [(option, Path(value)) for option, value in itertools.pairwise(args) if option in OPTION_SECTION]
+    assert given, "the command combines no pieces"
+    for option, piece in given:
+        overridden = {a.split("=", 1)[0].removeprefix(option + ".") for a in args if a.startswith(option + ".")}
+        expected = {k: v for k, v in yaml.safe_load(piece.read_text()).items() if k not in overridden}
+        assert not mismatches(OPTION_SECTION[option](cfg), expected, option), piece
+
+
+def test_every_piece_is_checked():
+    """Each piece is carried by an entry point (checked above) or shown in a README command."""
+    carried = {piece for path in ALL_CONFIGS for piece in pieces_of(path).values()}
+    shown = {REPO / arg for args in README_COMMANDS for arg in args if arg.startswith("configs/")}
+    assert set(PIECES) - carried - shown == set()
 
 
 # ------------------------------------------------------------------ reference constants (SPEC 2-4)
@@ -184,16 +310,51 @@ def test_inat18_phase2_builds_reference_shapes(tmp_path):
 PIPELINE_CONFIGS = sorted(p for p in CONFIG_DIR.rglob("*_pipeline.yaml"))
 
 
+def pipeline_runs(config: dict, run_dir: Path):
+    """The phase runs ``lpt pipeline`` composes from a pipeline config."""
+    from lpt_lightning.pipeline import plan
+
+    return plan(str(run_dir), config["data"], config.get("trainer"), config.get("experts") or ["visual", "vl"],
+                config.get("phase1"), config.get("phase2"), config.get("phase3"), config.get("mixture", True),
+                config.get("seed_everything", 0))
+
+
 @pytest.mark.parametrize("path", PIPELINE_CONFIGS, ids=lambda p: str(p.relative_to(CONFIG_DIR)))
 def test_every_pipeline_config_composes_valid_phase_configs(path, tmp_path):
-    from lpt_lightning.pipeline import _validate_configs, plan
+    from lpt_lightning.pipeline import _validate_configs
 
     config = yaml.safe_load(path.read_text())
     assert config["run_dir"].startswith("runs/")
-    runs = plan(str(tmp_path), config["data"], config.get("trainer"), config.get("experts") or ["visual", "vl"],
-                config.get("phase1"), config.get("phase2"), config.get("phase3"), config.get("mixture", True),
-                config.get("seed_everything", 0))
+    runs = pipeline_runs(config, tmp_path)
     expected = ["phase1_visual", "phase2_visual"] + (["phase1_vl", "phase2_vl"] if "vl" in config["experts"] else [])
     assert [r.name for r in runs if r.phase != "phase3"] == expected
     assert any(r.phase == "phase3" for r in runs) == config["mixture"]
     _validate_configs(runs)  # every phase parses with the real CLI parser
+
+
+ENTRY_POINT_OF_PHASE = {"phase1_visual": "phase1", "phase1_vl": "phase1_vl", "phase2_visual": "phase2",
+                        "phase2_vl": "phase2_vl", "phase3_moe": "phase3"}
+
+
+def without_run_paths(cfg: dict) -> dict:
+    """A parsed config without what names its run's directories (and so differs between a
+    pipeline phase and the single-phase config): run directory, logger, callbacks, checkpoints read."""
+    cfg = copy.deepcopy(cfg)
+    for key in ("default_root_dir", "logger", "callbacks"):
+        del cfg["trainer"][key]
+    for key in ("phase1_checkpoint", "visual_checkpoint", "vl_checkpoint"):
+        cfg["model"]["init_args"].pop(key, None)
+    return cfg
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_pipeline_phases_equal_the_single_phase_configs(dataset, tmp_path):
+    """A pipeline config cannot name pieces: each phase it runs must equal the single-phase entry
+    point made of them, but for the run's paths."""
+    runs = pipeline_runs(yaml.safe_load((CONFIG_DIR / f"{dataset}_pipeline.yaml").read_text()), tmp_path)
+    assert [run.name for run in runs] == ["phase1_visual", "phase2_visual", "phase1_vl", "phase2_vl", "phase3_moe"]
+    for run in runs:
+        path = tmp_path / f"{run.name}.yaml"
+        path.write_text(yaml.safe_dump(run.config, sort_keys=False))
+        entry_point = CONFIG_DIR / f"{dataset}_{ENTRY_POINT_OF_PHASE[run.name]}.yaml"
+        assert without_run_paths(parse_config(path)) == without_run_paths(parse_config(entry_point)), run.name

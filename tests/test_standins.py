@@ -91,8 +91,9 @@ def test_weights_are_small_and_the_configs_use_them():
     blocks = CARD["backbone_blocks"]
     assert sum((REPO / block["checkpoint_path"]).stat().st_size for block in blocks.values()) < 10 * 2**20
     for kind, block in blocks.items():
-        config = yaml.safe_load((REPO / "configs" / "standins" / f"{kind}_expert.yaml").read_text())
-        assert config["model"]["init_args"]["expert"]["backbone"] == block
+        # configs/standins/<kind>_expert.yaml names this piece as its expert
+        expert = yaml.safe_load((REPO / "configs" / "expert" / f"standin_{kind}.yaml").read_text())
+        assert expert["backbone"] == block
 
 
 # ------------------------------------------------------------------------ held-out slices
