@@ -1,35 +1,32 @@
-"""The ``lpt`` command: a LightningCLI over the phase LightningModules and one DataModule,
-plus ``lpt pipeline`` (all phases), ``lpt export`` (trained tensors to safetensors) and ``lpt convert``
-(checkpoints of other code bases).
-
-Bad input ends in one message naming the file, line or option, exit code 2 and no traceback
-(``--debug`` or ``LPT_DEBUG=1`` shows it); Ctrl-C or SIGTERM ends in one line saying how to resume.
+"""``lpt fit | validate | test | predict``: a LightningCLI over the phase LightningModules and one
+DataModule. The `lpt` entry point (lpt_lightning/cli.py) and ``lpt pipeline`` both build on it;
+it imports neither of them.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib
-import io
 import os
 import signal
-import sys
 import threading
-from pathlib import Path
 import warnings
+from argparse import ArgumentError
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+from jsonargparse import Namespace
 from lightning.fabric.plugins import CheckpointIO
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lpt_lightning.checkpoints import check_phase_metadata, load_checkpoint_file, read_phase_metadata
 from lpt_lightning.console import LogLines, plain_output, silence_noise
 from lpt_lightning.data import LongTailDataModule
-from lpt_lightning.errors import CheckpointError, ConfigError, LPTError, RunInterrupted
-from lpt_lightning.prediction import PredictionWriter
+from lpt_lightning.errors import CheckpointError, ConfigError, RunInterrupted
+from lpt_lightning.prediction import PredictionWriter, export_model_config
 from lpt_lightning.reports import SplitReport
 
 # Frozen backbones are in eval mode on purpose (no dropout / drop-path while prompts train).
@@ -44,7 +41,25 @@ LIGHTNING_CKPT_NAMES = ("best", "hpc")
 SIGTERM_EXIT, SIGINT_EXIT = 128 + signal.SIGTERM, 128 + signal.SIGINT
 
 
+class _Parsed(Exception):
+    """Ends an ``LPTCLI(parse_only=True)`` right after parsing: nothing is seeded, built or run."""
+
+    def __init__(self, config: Namespace) -> None:
+        super().__init__("parsed")
+        self.config = config
+
+
 class LPTCLI(LightningCLI):
+    """LightningCLI with the project's parser settings, checked ``ckpt_path`` (safe loading, phase
+    and class count; an export for ``predict``), run-directory guards and clean interruptions.
+
+    ``parse_only=True`` stops after parsing and validation (see `parse_config`).
+    """
+
+    def __init__(self, *args: Any, parse_only: bool = False, **kwargs: Any) -> None:
+        self.parse_only = parse_only
+        super().__init__(*args, **kwargs)
+
     @staticmethod
     def defaults() -> dict[str, Any]:
         import lpt_lightning.phases  # noqa: F401  (registers the phase classes for class_path look-up)
@@ -74,14 +89,38 @@ class LPTCLI(LightningCLI):
                                  "start afresh, replacing its config.yaml (without it such a directory is refused "
                                  "unless --ckpt_path resumes that run)")
 
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        if self.parse_only:
+            raise _Parsed(self.config)
+
     # ------------------------------------------------------------ ckpt_path, checked before Lightning reads it
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the file here, before anything is built: the safe loader comes first.
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path and Path(path).suffix == ".safetensors":
+            self._use_export(subcommand, path)
+            return
         if path and path not in (*LIGHTNING_CKPT_NAMES, "last"):
             self._ckpt_meta = (path, self._check_ckpt_path(path, self._model_phase(self.config[subcommand])))
         super()._parse_ckpt_path()
+
+    def _use_export(self, subcommand: str, path: str) -> None:
+        """``lpt predict --ckpt_path EXPORT``: the model is rebuilt from the export alone (its tensors
+        and metadata; the frozen backbones from their hub name or file), chosen by the phase in its
+        metadata, instead of from the config's model section, whose upstream checkpoints may be gone.
+        The config still gives the data and the trainer; its model class must be of the export's phase."""
+        if subcommand != "predict":
+            raise CheckpointError(f"ckpt_path={path}: an export holds no trainer state; give the .ckpt it was "
+                                  f"exported from to `lpt {subcommand}` (`lpt predict` takes an export, and an "
+                                  "export can start phase 2 or 3 as model.init_args.*_checkpoint)")
+        config = self.config[subcommand]
+        meta = read_phase_metadata(load_checkpoint_file(path), path)
+        check_phase_metadata(meta, path, "ckpt_path", self._model_phase(config))
+        model = export_model_config(path, meta)
+        config.model = Namespace(class_path=model["class_path"], init_args=Namespace(**model["init_args"]))
+        config.ckpt_path = None  # the model is built holding the trained tensors: nothing for Lightning to load
 
     @staticmethod
     def _model_phase(config) -> str | None:
@@ -96,11 +135,6 @@ class LPTCLI(LightningCLI):
     @staticmethod
     def _check_ckpt_path(path: str, phase: str | None) -> dict[str, Any]:
         """The checkpoint's metadata, after the checks of `lpt export` and model.phase1_checkpoint."""
-        from lpt_lightning.checkpoints import check_phase_metadata, load_checkpoint_file, read_phase_metadata
-
-        if Path(path).suffix == ".safetensors":
-            raise CheckpointError(f"ckpt_path={path}: an export holds no trainer state; give the .ckpt it was "
-                                  "exported from (an export can start phase 2 or 3 as model.init_args.*_checkpoint)")
         meta = read_phase_metadata(load_checkpoint_file(path), path)
         check_phase_metadata(meta, path, "ckpt_path", phase)
         return meta
@@ -123,8 +157,6 @@ class LPTCLI(LightningCLI):
             path = self._last_checkpoint()
             config["ckpt_path"] = path
         if path and path not in LIGHTNING_CKPT_NAMES:
-            from lpt_lightning.checkpoints import check_phase_metadata
-
             checked, meta = getattr(self, "_ckpt_meta", (None, None))
             meta = meta if checked == path else self._check_ckpt_path(path, phase)
             check_phase_metadata(meta, path, "ckpt_path", num_classes=num_classes)
@@ -164,7 +196,7 @@ class LPTCLI(LightningCLI):
     def fit(self, model, **kwargs: Any) -> None:
         """``trainer.fit``, with Ctrl-C / SIGTERM turned into `RunInterrupted` (Lightning ends the
         former with ``sys.exit(1)``, the latter with ``SIGTERMException``)."""
-        with _signal_handler(signal.SIGTERM, signal.SIG_DFL):  # Lightning's own handler stops at a batch end
+        with signal_handler(signal.SIGTERM, signal.SIG_DFL):  # Lightning's own handler stops at a batch end
             try:
                 self.trainer.fit(model, **kwargs)
             except SystemExit as exc:
@@ -216,142 +248,32 @@ class LPTCLI(LightningCLI):
     after_fit = after_validate = after_test = _print_results
 
 
-def validate_config(config_path: str, subcommand: str = "fit") -> None:
-    """Parse a LightningCLI config without building anything; ConfigError with the parser's message."""
-    out, err = io.StringIO(), io.StringIO()
+def parse_config(args: list[str]) -> Namespace:
+    """``lpt SUBCOMMAND ARGS`` parsed and validated by the command's own parser (types, class
+    paths, unknown keys); nothing is seeded, built or run. A ConfigError carries the parser's message."""
+    # Parse errors are raised, not printed with the usage and turned into an exit.
+    raising = {"exit_on_error": False, **{name: {"exit_on_error": False} for name in LPTCLI.subcommands()}}
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            LPTCLI(args=[subcommand, "--config", config_path, "--print_config"], **LPTCLI.defaults())
-    except SystemExit as exc:
-        if exc.code not in (0, None):
-            lines = [ln for ln in err.getvalue().strip().splitlines() if ln and not ln.startswith("usage:")]
-            raise ConfigError(f"{config_path}: " + ("\n".join(lines[-12:]) or "invalid configuration")) from None
+        LPTCLI(args=args, parse_only=True, parser_kwargs=raising, **LPTCLI.defaults())
+    except _Parsed as parsed:
+        return parsed.config
+    except ArgumentError as exc:
+        raise ConfigError(str(exc)) from None
 
 
-# Sections of `lpt pipeline` that stay plain dicts: each phase's own LightningCLI parses them.
-PIPELINE_DICT_SECTIONS = ("data", "trainer", "phase1", "phase2", "phase3")
-
-
-def split_nested_overrides(args: list[str]) -> tuple[list[str], dict[str, Any]]:
-    """Take ``--data.source.init_args.root=DIR`` (or ``... DIR``) out of ``args`` as
-    ``{"data": {"source": {"init_args": {"root": "DIR"}}}}``. jsonargparse sets a dotted key of a
-    dict-typed argument one level deep only (``source`` would become ``{"init_args.root": DIR}``,
-    dropping its class_path); these are merged into the sections as ``lpt fit`` merges them."""
-    import yaml
-
-    rest, nested = [], {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        key = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
-        if key.split(".", 1)[0] in PIPELINE_DICT_SECTIONS and "." in key:
-            if "=" in arg:
-                value = arg.split("=", 1)[1]
-            elif i + 1 < len(args):
-                i += 1
-                value = args[i]
-            else:
-                raise ConfigError(f"lpt pipeline: {arg} needs a value")
-            node = nested
-            *parents, leaf = key.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = yaml.safe_load(value) if value else value
-        else:
-            rest.append(arg)
-        i += 1
-    return rest, nested
-
-
-def pipeline_main(args: list[str]) -> None:
-    from jsonargparse import ActionConfigFile, ArgumentParser
-
-    from lpt_lightning.pipeline import merge, run_pipeline
-
-    parser = ArgumentParser(prog="lpt pipeline", description=run_pipeline.__doc__.splitlines()[0], allow_abbrev=False)
-    parser.add_argument("--config", action=ActionConfigFile, help="pipeline YAML (configs/*_pipeline.yaml)")
-    parser.add_function_arguments(run_pipeline, as_positional=False)
-    args, overrides = split_nested_overrides(args)
-    cfg = parser.parse_args(args).as_dict()
-    cfg.pop("config", None)
-    for section, override in overrides.items():
-        cfg[section] = merge(cfg.get(section) or {}, override)
-    if cfg.get("wandb") is not None:
-        from lpt_lightning.pipeline import WandbSpec
-
-        cfg["wandb"] = WandbSpec(**cfg["wandb"])
-    run_pipeline(**cfg)
-
-
-def export_main(args: list[str]) -> None:
-    import argparse
-
-    from lpt_lightning.checkpoints import export_safetensors
-
-    parser = argparse.ArgumentParser(prog="lpt export", allow_abbrev=False, description="Write the trained tensors and metadata of a "
-                                     "phase checkpoint to a .safetensors file (loadable wherever a checkpoint is).")
-    parser.add_argument("checkpoint")
-    parser.add_argument("output")
-    ns = parser.parse_args(args)
-    path = export_safetensors(ns.checkpoint, ns.output)
-    print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
-
-
-def convert_main(args: list[str]) -> None:
-    import argparse
-
-    from lpt_lightning.convert import OFFICIAL_LAYER_NORM_EPS, convert_lpt_official
-    from lpt_lightning.data.sources import _parse_class_names
-    from lpt_lightning.models.backbones import REFERENCE_BACKBONES, BackboneSpec
-
-    parser = argparse.ArgumentParser(prog="lpt convert", allow_abbrev=False, description="Convert a checkpoint of another code base "
-                                     "into phase checkpoints of this project.")
-    formats = parser.add_subparsers(dest="format", required=True)
-    official = formats.add_parser("lpt-official", help="the released LPT checkpoint of GitHub DongSky/LPT: "
-                                  "writes a phase-2 checkpoint and, beside it, the phase-1 one it names")
-    official.add_argument("source", help="official .pth file")
-    official.add_argument("output", help="phase-2 checkpoint to write (.ckpt)")
-    official.add_argument("--num-classes", type=int, required=True)
-    official.add_argument("--class-names", help="file with one class per line ('name' or 'name index')")
-    official.add_argument("--backbone", default=REFERENCE_BACKBONES["timm"], help="timm name of the frozen ViT")
-    official.add_argument("--backbone-checkpoint", help="local weights of that ViT (recorded in the checkpoint and "
-                          "compared with the backbone in the release); default: hub weights when the model is built")
-    official.add_argument("--top-k", type=int, default=2, help="group prompts averaged per image")
-    official.add_argument("--layer-norm-eps", type=float, default=OFFICIAL_LAYER_NORM_EPS)
-    official.add_argument("--phase1-output", help="phase-1 checkpoint to write (default: OUTPUT with .phase1.ckpt)")
-    ns = parser.parse_args(args)
-    class_names = _parse_class_names(Path(ns.class_names)) if ns.class_names else None
-    backbone = BackboneSpec(name=ns.backbone, checkpoint_path=ns.backbone_checkpoint)
-    phase2, phase1 = convert_lpt_official(ns.source, ns.output, ns.num_classes, class_names, backbone, ns.top_k,
-                                          ns.layer_norm_eps, ns.phase1_output)
-    print(f"wrote {phase2} (phase 2) and {phase1} (phase 1)")
-
-
-def project_error(exc: BaseException) -> BaseException | None:
-    """The project's own error behind ``exc`` (jsonargparse raises ``Does not validate against
-    any of the Union subtypes`` *from* an error raised while building a class), or None."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, (LPTError, MisconfigurationException)):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__
-    return None
-
-
-def headline(exc: BaseException) -> str:
-    """The message of ``exc``; a DataLoader worker re-raises it with the worker's traceback
-    folded into the text, of which the last line is the message."""
-    text = str(exc)
-    if "\nOriginal Traceback" in text:
-        last = text.rstrip().splitlines()[-1]
-        text = last.split(": ", 1)[1] if ": " in last else last
-    return text
+def validate_config(config_path: str, subcommand: str = "fit") -> None:
+    """Check a phase config as ``lpt SUBCOMMAND --config CONFIG_PATH`` would; ConfigError naming the file."""
+    try:
+        parse_config([subcommand, "--config", config_path])
+    except ConfigError as exc:
+        raise ConfigError(f"{config_path}: {exc}") from None
 
 
 @contextlib.contextmanager
-def _signal_handler(signum: int, handler):
-    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+def signal_handler(signum: int, handler):
+    """``handler`` for ``signum`` within the block (outside the main thread, where Python has no
+    signal handlers, the block runs unchanged)."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = signal.signal(signum, handler)
@@ -359,44 +281,3 @@ def _signal_handler(signum: int, handler):
         yield
     finally:
         signal.signal(signum, previous)
-
-
-def _terminated(signum, frame) -> None:
-    raise RunInterrupted("terminated (SIGTERM)", SIGTERM_EXIT)
-
-
-def dispatch(argv: list[str]) -> None:
-    if argv and argv[0] == "pipeline":
-        return pipeline_main(argv[1:])
-    if argv and argv[0] == "export":
-        return export_main(argv[1:])
-    if argv and argv[0] == "convert":
-        return convert_main(argv[1:])
-    LPTCLI(args=argv, **LPTCLI.defaults())
-
-
-def main(args: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if args is None else args)
-    debug = "--debug" in argv or os.environ.get("LPT_DEBUG", "") not in ("", "0")
-    argv = [a for a in argv if a != "--debug"]
-    command = f"lpt {argv[0]}" if argv and not argv[0].startswith("-") else "lpt"
-    try:
-        with _signal_handler(signal.SIGTERM, _terminated):  # SIGTERM outside training: one line too
-            dispatch(argv)
-    except (RunInterrupted, KeyboardInterrupt) as exc:
-        if debug:
-            raise
-        message = str(exc) if isinstance(exc, RunInterrupted) else "interrupted (Ctrl-C)"
-        print(f"{command}: {message}", file=sys.stderr)
-        sys.exit(getattr(exc, "exit_code", SIGINT_EXIT))
-    except Exception as exc:
-        error = project_error(exc)
-        if error is None or debug:
-            raise
-        print(f"{command}: error: {headline(error)}\n(run with --debug or LPT_DEBUG=1 for the traceback)",
-              file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()
