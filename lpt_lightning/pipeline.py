@@ -12,7 +12,7 @@ import copy
 import hashlib
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lpt_lightning.checkpoints import atomic_save, load_checkpoint_file, read_phase_metadata
 from lpt_lightning.errors import CheckpointError, ConfigError, RunInterrupted
+from lpt_lightning.lightning_cli import LPTCLI, validate_config
 from lpt_lightning.reports import plot_per_class_accuracy, read_metrics, split_table, write_metrics
 
 PHASE_CLASSES = {
@@ -28,7 +29,42 @@ PHASE_CLASSES = {
     "phase2": "lpt_lightning.phases.GroupPromptPhase",
     "phase3": "lpt_lightning.phases.MoEScorerPhase",
 }
-PHASE_KEYS = {"trainer", "data", "model", "visual", "vl"}
+
+
+# The sections below are typed, so the pipeline's parser names an unknown key. Their
+# trainer/data/model values stay dicts: they are merged into a phase's LightningCLI config, whose
+# own parser validates them (Trainer arguments, LongTailDataModule, the phase class's init args)
+# when every phase config is checked before anything trains.
+@dataclass(frozen=True)
+class PhaseSection:
+    """Overrides of one phase, merged over the shared sections.
+
+    Attributes:
+        trainer: merged over the shared ``trainer`` section.
+        data: merged over the shared ``data`` section.
+        model: init args of the phase's LightningModule.
+    """
+
+    trainer: dict[str, Any] | None = None
+    data: dict[str, Any] | None = None
+    model: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ExpertPhaseSection(PhaseSection):
+    """Overrides of a phase run once per expert (phases 1 and 2).
+
+    Attributes:
+        visual: init args for the visual expert's run only, merged over ``model``.
+        vl: the same for the vision-language expert.
+    """
+
+    visual: dict[str, Any] | None = None
+    vl: dict[str, Any] | None = None
+
+
+PHASE_SECTIONS: dict[str, type[PhaseSection]] = {"phase1": ExpertPhaseSection, "phase2": ExpertPhaseSection,
+                                                 "phase3": PhaseSection}
 
 
 @dataclass
@@ -81,32 +117,38 @@ def merge(base: dict[str, Any], override: dict[str, Any] | None) -> dict[str, An
     return out
 
 
-def _section(name: str, section: dict[str, Any] | None) -> dict[str, Any]:
-    section = section or {}
-    unknown = set(section) - PHASE_KEYS
+def phase_section(name: str, section: PhaseSection | dict[str, Any] | None) -> PhaseSection:
+    """The typed section of phase ``name``; a dict (from Python callers) is checked for unknown
+    keys as the pipeline's parser checks a config file."""
+    kind = PHASE_SECTIONS[name]
+    if isinstance(section, kind):
+        return section
+    section = dict(section or {})
+    allowed = sorted(f.name for f in fields(kind))
+    unknown = set(section) - set(allowed)
     if unknown:
-        raise ConfigError(f"pipeline {name}: unknown keys {sorted(unknown)}; allowed: {sorted(PHASE_KEYS)}")
-    return section
+        raise ConfigError(f"pipeline {name}: unknown keys {sorted(unknown)}; allowed: {allowed}")
+    return kind(**section)
 
 
 def plan(run_dir: str, data: dict[str, Any], trainer: dict[str, Any] | None, experts: list[str],
-         phase1: dict[str, Any] | None, phase2: dict[str, Any] | None, phase3: dict[str, Any] | None,
-         mixture: bool, seed_everything: int, wandb: WandbSpec | None = None,
-         checkpoint_every_n_steps: int | None = None) -> list[PhaseRun]:
+         phase1: ExpertPhaseSection | dict[str, Any] | None, phase2: ExpertPhaseSection | dict[str, Any] | None,
+         phase3: PhaseSection | dict[str, Any] | None, mixture: bool, seed_everything: int,
+         wandb: WandbSpec | None = None, checkpoint_every_n_steps: int | None = None) -> list[PhaseRun]:
     """The phase runs and their composed LightningCLI configs, in execution order."""
     if not experts or len(set(experts)) != len(experts) or not set(experts) <= {"visual", "vl"}:
         raise ConfigError(f"pipeline experts={experts}: choose 'visual', 'vl' or both, each once")
     if mixture and set(experts) != {"visual", "vl"}:
         raise ConfigError("pipeline mixture=true (phase 3) needs both experts; set mixture: false for LPT mode")
     root = Path(run_dir)
-    sections = {"phase1": _section("phase1", phase1), "phase2": _section("phase2", phase2),
-                "phase3": _section("phase3", phase3)}
+    sections = {"phase1": phase_section("phase1", phase1), "phase2": phase_section("phase2", phase2),
+                "phase3": phase_section("phase3", phase3)}
     runs: list[PhaseRun] = []
 
     def add(phase: str, name: str, model_args: dict[str, Any], expert: str | None) -> None:
         section = sections[phase]
         directory = root / name
-        phase_trainer = merge(trainer or {}, section.get("trainer"))
+        phase_trainer = merge(trainer or {}, section.trainer)
         callbacks = list(phase_trainer.get("callbacks") or [])
         callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                           "init_args": {"dirpath": str(directory / "checkpoints"), "save_last": "link",
@@ -125,12 +167,12 @@ def plan(run_dir: str, data: dict[str, Any], trainer: dict[str, Any] | None, exp
                                     "entity": wandb.entity, "resume": "allow"},
                 })
             phase_trainer["logger"] = loggers
-        init_args = merge(merge(section.get("model") or {}, section.get(expert) if expert else None), model_args)
+        init_args = merge(merge(section.model or {}, getattr(section, expert) if expert else None), model_args)
         config = {
             "seed_everything": seed_everything,
             "trainer": phase_trainer,
             "model": {"class_path": PHASE_CLASSES[phase], "init_args": init_args},
-            "data": merge(data, section.get("data")),
+            "data": merge(data, section.data),
         }
         runs.append(PhaseRun(name, phase, directory, config))
 
@@ -158,8 +200,6 @@ def finished(run: PhaseRun) -> bool:
 
 def _validate_configs(runs: list[PhaseRun]) -> None:
     """Parse every phase's config before anything trains: a typo fails now, not hours later."""
-    from lpt_lightning.cli import validate_config
-
     for run in runs:
         run.directory.mkdir(parents=True, exist_ok=True)
         path = run.directory / "config.yaml"
@@ -209,8 +249,6 @@ def finish_wandb_run(exit_code: int) -> None:
 
 
 def _fit_and_report(run: PhaseRun, test: bool, log_model: bool) -> None:
-    from lpt_lightning.cli import LPTCLI
-
     args = ["--config", str(run.directory / "config.yaml")]
     resume = resume_checkpoint(run)
     if resume is not None:
@@ -278,9 +316,9 @@ def run_pipeline(
     data: dict[str, Any],
     trainer: dict[str, Any] | None = None,
     experts: list[Literal["visual", "vl"]] | None = None,
-    phase1: dict[str, Any] | None = None,
-    phase2: dict[str, Any] | None = None,
-    phase3: dict[str, Any] | None = None,
+    phase1: ExpertPhaseSection = ExpertPhaseSection(),
+    phase2: ExpertPhaseSection = ExpertPhaseSection(),
+    phase3: PhaseSection = PhaseSection(),
     mixture: bool = True,
     test: bool | Literal["final"] = True,
     seed_everything: int = 0,
@@ -291,6 +329,8 @@ def run_pipeline(
     checkpoint_every_n_steps: int | None = None,
 ) -> list[PhaseRun]:
     """Run LPT++ end to end.
+
+    From Python, a phase section may also be given as a dict with the keys of its dataclass.
 
     Args:
         run_dir: directory of the whole run; each phase writes to ``<run_dir>/<phase>``.

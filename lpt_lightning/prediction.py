@@ -1,4 +1,5 @@
-"""``lpt predict`` output: top-k classes with names and confidences, as CSV or JSON."""
+"""``lpt predict``: top-k classes with names and confidences as CSV or JSON, and the models that
+predict from an export (a ``.safetensors`` file of `lpt export`) alone."""
 from __future__ import annotations
 
 import csv
@@ -6,9 +7,18 @@ import json
 from pathlib import Path
 from typing import Any
 
+import lightning as L
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from lpt_lightning.checkpoints import atomic_save
+from lpt_lightning.checkpoints import (
+    atomic_save,
+    check_phase_metadata,
+    expert_from_checkpoint,
+    load_checkpoint_file,
+    read_phase_metadata,
+)
+from lpt_lightning.errors import CheckpointError
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -63,3 +73,54 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], top_k: int) -> None:
             for c, n, p in zip(r["classes"], r["names"], r["confidences"]):
                 line += [c, n, f"{p:.6f}"]
             writer.writerow(line)
+
+
+class ExportedExpert(L.LightningModule):
+    """A phase-1 or phase-2 expert rebuilt from its export for ``lpt predict``: the trained tensors
+    and specs come from the file, the frozen backbone from the hub name or local file its spec
+    records, so no upstream checkpoint or run directory is needed. Predicts as the phase module
+    does: softmax of the logit scale times the cosine logits.
+
+    Args:
+        export: the ``.safetensors`` file.
+        num_classes: linked from ``data.num_classes``; must match the export's.
+        class_names: linked from the data; the export's own names take precedence.
+    """
+
+    def __init__(self, export: str, num_classes: int = 0, class_names: list[str] | None = None):
+        super().__init__()
+        checkpoint = load_checkpoint_file(export)
+        meta = read_phase_metadata(checkpoint, export)
+        check_phase_metadata(meta, export, "ckpt_path", num_classes=num_classes or None)
+        self.phase_name = meta["phase"]
+        self.num_classes = meta["num_classes"]
+        self.class_names = meta.get("class_names") or class_names
+        self.logit_scale = float(meta["logit_scale"])
+        self.expert = expert_from_checkpoint(checkpoint, export)
+
+    @property
+    def img_size(self) -> int:
+        return self.expert.img_size
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        logits = self.expert(batch["image"]).logits
+        return {"index": batch["index"], "probs": torch.softmax(self.logit_scale * logits.float(), dim=-1)}
+
+
+# The LightningModule that predicts from an export, by the phase its metadata records, and the
+# argument taking the export's path (num_classes and class_names are linked from the data).
+EXPORT_PREDICTORS: dict[str, tuple[str, str]] = {
+    "adapt": ("lpt_lightning.prediction.ExportedExpert", "export"),
+    "group_prompt": ("lpt_lightning.prediction.ExportedExpert", "export"),
+    "moe_scorer": ("lpt_lightning.phases.MoEScorerPhase", "weights"),  # both experts + the scorer
+}
+
+
+def export_model_config(path: str, meta: dict[str, Any]) -> dict[str, Any]:
+    """The ``model`` section (class_path, init_args) that predicts from the export at ``path``."""
+    predictor = EXPORT_PREDICTORS.get(meta["phase"])
+    if predictor is None:
+        raise CheckpointError(f"ckpt_path={path}: `lpt predict` does not take exports of phase '{meta['phase']}'; "
+                              "give the .ckpt it was exported from")
+    class_path, argument = predictor
+    return {"class_path": class_path, "init_args": {argument: str(path)}}

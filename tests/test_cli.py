@@ -8,8 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import yaml
 
 from lpt_lightning.cli import main
 from datasets_available import needs_fmnist
@@ -160,10 +162,218 @@ def test_vl_phase1_phase2(lpt, capsys, caplog):
 
 
 def test_pipeline_dotted_overrides_merge_into_nested_sections():
-    from lpt_lightning.cli import split_nested_overrides
+    from lpt_lightning.pipeline_cli import split_nested_overrides
 
     rest, nested = split_nested_overrides(["--config", "p.yaml", "--data.source.init_args.root=/d",
                                            "--phase1.trainer.max_epochs", "3", "--run_dir=r", "--data.batch_size=8"])
     assert rest == ["--config", "p.yaml", "--run_dir=r"]
     assert nested == {"data": {"source": {"init_args": {"root": "/d"}}, "batch_size": 8},
                       "phase1": {"trainer": {"max_epochs": 3}}}
+
+
+# ------------------------------------------------------------------ commands
+def test_help_lists_every_subcommand(capsys, monkeypatch):
+    from lpt_lightning.cli import LIGHTNING_SUBCOMMANDS, SUBCOMMANDS
+
+    monkeypatch.setattr(sys, "argv", ["lpt"])
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    names = [*LIGHTNING_SUBCOMMANDS, *SUBCOMMANDS]
+    assert {"fit", "validate", "test", "predict", "pipeline", "export", "convert"} <= set(names)
+    for name in names:
+        assert f"    {name} " in out, name
+    with pytest.raises(SystemExit) as exc:
+        main(["fitt"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'fitt'" in capsys.readouterr().err
+
+
+def subcommand_names() -> list[str]:
+    from lpt_lightning.cli import LIGHTNING_SUBCOMMANDS, SUBCOMMANDS
+
+    return [*LIGHTNING_SUBCOMMANDS, *SUBCOMMANDS]
+
+
+@pytest.mark.parametrize("name", subcommand_names())
+def test_every_subcommand_has_its_own_help(name, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["lpt"])
+    with pytest.raises(SystemExit) as exc:
+        main([name, "--help"])
+    assert exc.value.code in (0, None)
+    usage = capsys.readouterr().out.splitlines()[0]
+    assert usage.startswith("usage: lpt ") and f" {name}" in usage, usage  # LightningCLI's: lpt [options] NAME
+
+
+# ------------------------------------------------------------------ lpt pipeline: parsing
+def test_repeated_config_merges_nested_sections(tmp_path):
+    from lpt_lightning.pipeline import ExpertPhaseSection, PhaseSection, plan
+    from lpt_lightning.pipeline_cli import parse
+
+    base = CPU_CONFIGS / "fmnist_lt_pipeline.yaml"
+    piece = tmp_path / "piece.yaml"
+    piece.write_text(yaml.safe_dump({
+        "data": {"batch_size": 8, "source": {"init_args": {"seed": 3}}},
+        "phase1": {"trainer": {"max_epochs": 4}, "model": {"optim": {"momentum": 0.5}}},
+        "phase3": {"model": {"scorer": {"hidden_dim": 8}}},
+    }))
+    settings = parse(["--config", str(base), "--config", str(piece), "--phase2.model.group_prompts.pool_size=3",
+                      "--run_dir", str(tmp_path / "run")])
+    original = yaml.safe_load(base.read_text())
+    data = settings["data"]
+    assert data["source"]["class_path"] == "lpt_lightning.data.FashionMNISTSource"
+    assert data["source"]["init_args"]["seed"] == 3 and data["source"]["init_args"]["imbalance_ratio"] == 100
+    assert data["batch_size"] == 8 and data["eval_batch_size"] == 500 and data["augment"] is False
+    assert isinstance(settings["phase1"], ExpertPhaseSection) and isinstance(settings["phase3"], PhaseSection)
+    assert settings["phase1"].trainer == {"max_epochs": 4}
+    assert settings["phase1"].model == {"optim": {"base_lr": 0.5, "warmup_epochs": 0, "momentum": 0.5}}
+    assert settings["phase1"].visual == original["phase1"]["visual"]
+    assert settings["phase2"].model["group_prompts"] == {"pool_size": 3, "top_k": 2, "start_block": 3, "length": 4}
+    assert settings["phase3"].model == {"scorer": {"hidden_dim": 8, "lr": 0.003}}
+    assert settings["phase3"].data == {"sampling": "class_aware"}
+    runs = {r.name: r.config for r in plan(settings["run_dir"], settings["data"], settings["trainer"],
+                                           settings["experts"], settings["phase1"], settings["phase2"],
+                                           settings["phase3"], settings["mixture"], settings["seed_everything"])}
+    assert runs["phase1_vl"]["model"]["init_args"]["optim"]["momentum"] == 0.5
+    assert runs["phase1_vl"]["trainer"]["max_epochs"] == 4 and runs["phase1_vl"]["trainer"]["limit_train_batches"] == 30
+    assert runs["phase2_visual"]["data"]["batch_size"] == 8
+
+
+def test_pipeline_print_config_shows_the_nested_overrides(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["lpt"])
+    with pytest.raises(SystemExit) as exc:
+        main(["pipeline", "--config", str(CPU_CONFIGS / "fmnist_lt_pipeline.yaml"), "--print_config",
+              "--phase1.trainer.max_epochs=7", "--data.source.init_args.seed=5"])
+    assert exc.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["phase1"]["trainer"] == {"max_epochs": 7} and printed["phase1"]["visual"]["expert"]["kind"] == "visual"
+    assert printed["data"]["source"]["class_path"] == "lpt_lightning.data.FashionMNISTSource"
+    assert printed["data"]["source"]["init_args"]["seed"] == 5 and printed["data"]["batch_size"] == 32
+
+
+@pytest.mark.parametrize("piece, message", [
+    ({"phase2": {"modle": {"pool_size": 3}}}, "Group 'phase2' does not accept option 'modle.pool_size'"),
+    ({"phase3": {"visual": {"expert": {"kind": "visual"}}}}, "Group 'phase3' does not accept option 'visual.expert.kind'"),
+    ({"mixtrue": False}, "'mixtrue' is not accepted"),
+])
+def test_pipeline_config_with_an_unknown_key_is_refused(piece, message, tmp_path, capsys):
+    from lpt_lightning.pipeline_cli import parse
+
+    path = tmp_path / "piece.yaml"
+    path.write_text(yaml.safe_dump(piece))
+    with pytest.raises(SystemExit) as exc:
+        parse(["--config", str(CPU_CONFIGS / "fmnist_lt_pipeline.yaml"), "--config", str(path)])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ lpt predict on an export
+def tiny_phase_files(root: Path) -> dict[str, Path]:
+    """Images in three class folders, a tiny ViT's weights file, trained-looking phase-1 and
+    phase-2 checkpoints (every trained tensor random, so only loading them reproduces the
+    predictions) and a config per phase."""
+    from dataclasses import asdict
+
+    import lightning as L
+    from PIL import Image
+    from safetensors.torch import save_file
+    from tiny_models import tiny_backbone
+
+    from lpt_lightning.checkpoints import is_saved_key
+    from lpt_lightning.models.backbones import build_backbone
+    from lpt_lightning.models.expert import ExpertSpec, GroupPromptSpec
+    from lpt_lightning.phases import AdaptPhase, GroupPromptPhase
+
+    rng = np.random.default_rng(0)
+    lines = []
+    for label in range(3):
+        for i in range(3):
+            path = root / "data" / f"c{label}" / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(path)
+            lines.append(f"c{label}/{i}.png {label}")
+    (root / "data" / "train.txt").write_text("\n".join(lines) + "\n")
+    (root / "data" / "classes.txt").write_text("shirt\nshoe\nbag\n")
+    torch.manual_seed(0)
+    backbone = tiny_backbone("visual")
+    weights = root / "weights" / "vit_tiny.safetensors"
+    weights.parent.mkdir()
+    save_file({k: v.contiguous() for k, v in build_backbone("visual", backbone).model.state_dict().items()},
+              str(weights))
+    backbone.checkpoint_path = str(weights)
+    expert = ExpertSpec(kind="visual", backbone=backbone, prompt_length=2)
+    group = GroupPromptSpec(pool_size=4, top_k=2, start_block=2, length=2)
+    run = root / "run"
+
+    def save(phase, name: str) -> Path:
+        with torch.no_grad():
+            for key, value in phase.state_dict().items():
+                if is_saved_key(key) and value.is_floating_point():
+                    value.copy_(torch.randn_like(value))
+        path = run / name / "final.ckpt"
+        path.parent.mkdir(parents=True)
+        torch.save({"state_dict": {k: v for k, v in phase.state_dict().items() if is_saved_key(k)},
+                    "lpt": phase.metadata(), "pytorch-lightning_version": L.__version__}, path)
+        return path
+
+    names = ["shirt", "shoe", "bag"]
+    phase1 = save(AdaptPhase(expert=expert, num_classes=3, class_names=names), "phase1")
+    phase2 = save(GroupPromptPhase(phase1_checkpoint=str(phase1), group_prompts=group, num_classes=3,
+                                   class_names=names), "phase2")
+
+    def config(name: str, model: dict) -> Path:
+        path = root / "configs" / f"{name}.yaml"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(yaml.safe_dump({
+            "trainer": {"accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False,
+                        "default_root_dir": str(run / name)},
+            "model": model,
+            "data": {"source": {"class_path": "lpt_lightning.data.AnnotationListSource",
+                                "init_args": {"root": str(root / "data"), "train_list": "train.txt",
+                                              "val_list": "train.txt", "class_names_file": "classes.txt"}},
+                     "batch_size": 4, "num_workers": 0, "predict_paths": str(root / "data")},
+        }))
+        return path
+
+    return {
+        "phase1.ckpt": phase1, "phase2.ckpt": phase2, "run": run,
+        "phase1.yaml": config("phase1", {"class_path": "lpt_lightning.phases.AdaptPhase",
+                                         "init_args": {"expert": asdict(expert)}}),
+        "phase2.yaml": config("phase2", {"class_path": "lpt_lightning.phases.GroupPromptPhase",
+                                         "init_args": {"phase1_checkpoint": str(phase1),
+                                                       "group_prompts": asdict(group)}}),
+    }
+
+
+def test_predict_on_exports_needs_no_run_directory(lpt, tmp_path, capsys):
+    import shutil
+
+    files = tiny_phase_files(tmp_path)
+    out = tmp_path / "out"
+    for phase in ("phase1", "phase2"):
+        lpt("predict", "--config", str(files[f"{phase}.yaml"]), "--ckpt_path", str(files[f"{phase}.ckpt"]),
+            "--prediction.output", str(out / f"{phase}_ckpt.csv"), "--prediction.top_k", "3")
+        lpt("export", str(files[f"{phase}.ckpt"]), str(out / f"{phase}.safetensors"))
+    shutil.rmtree(files["run"])  # every checkpoint, phase 2's phase1_checkpoint included
+    for phase in ("phase1", "phase2"):
+        lpt("predict", "--config", str(files[f"{phase}.yaml"]), "--ckpt_path", str(out / f"{phase}.safetensors"),
+            "--prediction.output", str(out / f"{phase}_export.csv"), "--prediction.top_k", "3")
+        expected = (out / f"{phase}_ckpt.csv").read_text()
+        assert (out / f"{phase}_export.csv").read_text() == expected
+        rows = list(csv.DictReader(expected.splitlines()))
+        assert len(rows) == 9 and {r["top1_name"] for r in rows} <= {"shirt", "shoe", "bag"}
+    # The two phases predict differently: each export's own tensors are used.
+    assert (out / "phase1_export.csv").read_text() != (out / "phase2_export.csv").read_text()
+    capsys.readouterr()
+
+    def error(*args: str) -> str:
+        with pytest.raises(SystemExit) as exc:
+            lpt(*args)
+        assert exc.value.code == 2
+        return capsys.readouterr().err
+
+    message = error("predict", "--config", str(files["phase1.yaml"]), "--ckpt_path", str(out / "phase2.safetensors"))
+    assert "phase2.safetensors: written by phase 'group_prompt', expected a checkpoint of phase 'adapt'" in message
+    message = error("test", "--config", str(files["phase2.yaml"]), "--ckpt_path", str(out / "phase2.safetensors"))
+    assert "phase2.safetensors: an export holds no trainer state" in message and "`lpt predict` takes" in message
