@@ -123,4 +123,6 @@ def export_model_config(path: str, meta: dict[str, Any]) -> dict[str, Any]:
         raise CheckpointError(f"ckpt_path={path}: `lpt predict` does not take exports of phase '{meta['phase']}'; "
                               "give the .ckpt it was exported from")
     class_path, argument = predictor
-    return {"class_path": class_path, "init_args": {argument: str(path)}}
+    # Classes are the export's: `lpt predict` on unlabelled images has no other source for them.
+    return {"class_path": class_path, "init_args": {argument: str(path), "num_classes": int(meta["num_classes"]),
+                                                    "class_names": meta.get("class_names")}}

@@ -257,11 +257,13 @@ def test_phase3_checkpoint_and_export_test_and_predict_alike_without_the_phase2_
                                        equal_nan=True)
     outputs = {}
     for name, source in (("ckpt", ["--ckpt_path", str(fitted.ckpt)]),
-                         ("export", [f"--model.init_args.weights={fitted.export}"])):
+                         ("export", [f"--model.init_args.weights={fitted.export}"]),
+                         ("export_as_ckpt_path", ["--ckpt_path", str(fitted.export)])):
         outputs[name] = tmp_path / f"{name}.csv"
         main(["predict", *config, *source, "--prediction.output", str(outputs[name])])
     text = outputs["ckpt"].read_text()
-    assert text == outputs["export"].read_text() and len(text.splitlines()) == 1 + 2 * len(COUNTS)
+    assert len(text.splitlines()) == 1 + 2 * len(COUNTS)
+    assert text == outputs["export"].read_text() == outputs["export_as_ckpt_path"].read_text()
 
 
 def test_load_from_checkpoint_rebuilds_the_whole_model_without_the_cli(fitted):
