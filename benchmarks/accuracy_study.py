@@ -255,7 +255,7 @@ def frozen_inputs(dataset: str, s: dict[str, Any], cache: Path) -> dict[str, Any
     for split in ("train", "val", "test"):
         pixels, features, labels = [], [], []
         for batch in dm.split_dataloader(split):
-            pixels.append(batch["image"].flatten(1))
+            pixels.append(batch["image"].float().div(255).flatten(1))  # uint8 from the loader
             features.append(vit(batch["image"]).features)
             labels.append(batch["label"])
         out[split] = {"pixels": torch.cat(pixels), "features": torch.cat(features), "label": torch.cat(labels)}

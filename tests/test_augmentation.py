@@ -37,9 +37,11 @@ def _dm(folder, **kw) -> LongTailDataModule:
     return dm
 
 
-def _epoch(loader, epoch=0) -> list[dict]:
+def _epoch(dm, stream, epoch=0) -> list[dict]:
+    """One stream's batches of an epoch of the training loader."""
+    loader = dm.train_dataloader()
     loader.sampler.set_epoch(epoch)
-    return list(loader)
+    return [step[stream] for step in loader]
 
 
 def _views(batches) -> dict[int, list[torch.Tensor]]:
@@ -52,8 +54,8 @@ def _views(batches) -> dict[int, list[torch.Tensor]]:
 
 
 def test_repeated_draws_in_one_epoch_get_different_views(folder):
-    loaders = _dm(folder).train_dataloader()
-    cb, ib = _views(_epoch(loaders["cb"])), _views(_epoch(loaders["ib"]))
+    dm = _dm(folder)
+    cb, ib = _views(_epoch(dm, "cb")), _views(_epoch(dm, "ib"))
     repeated = {i: v for i, v in cb.items() if len(v) > 1}
     assert repeated  # tail images are drawn several times by the class-aware stream
     for views in repeated.values():
@@ -66,32 +68,41 @@ def test_repeated_draws_in_one_epoch_get_different_views(folder):
 
 
 def test_a_draw_is_reproducible_and_changes_with_the_epoch(folder):
-    first, again = (_epoch(_dm(folder).train_dataloader()["cb"]) for _ in range(2))
+    first, again = (_epoch(_dm(folder), "cb") for _ in range(2))
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(first, again))
-    workers = _epoch(_dm(folder, num_workers=1).train_dataloader()["cb"])
+    workers = _epoch(_dm(folder, num_workers=1), "cb")
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(first, workers))
-    second_epoch = _epoch(_dm(folder).train_dataloader()["cb"], epoch=1)
+    second_epoch = _epoch(_dm(folder), "cb", epoch=1)
     assert not torch.equal(torch.cat([b["image"] for b in first]), torch.cat([b["image"] for b in second_epoch]))
 
 
 def test_a_restarted_epoch_repeats_the_views_of_its_remaining_draws(folder):
-    loader = _dm(folder).train_dataloader()["cb"]
-    full = _epoch(loader)
-    loader.sampler.start = 2 * loader.batch_size  # what ResumableDataLoader sets after two batches
-    resumed = _epoch(loader)
+    dm = _dm(folder)
+    full = _epoch(dm, "cb")
+    loader = dm.train_dataloader()
+    loader.load_state_dict(_state_after(dm, batches=2))  # what Lightning restores from a checkpoint
+    resumed = [step["cb"] for step in loader]
     assert len(resumed) == 2
     for a, b in zip(full[2:], resumed):
         assert torch.equal(a["index"], b["index"]) and torch.equal(a["image"], b["image"])
 
 
+def _state_after(dm, batches: int) -> dict:
+    loader = dm.train_dataloader()
+    steps = iter(loader)
+    for _ in range(batches):
+        next(steps)
+    return loader.state_dict()
+
+
 def test_views_do_not_depend_on_the_rank_count(folder):
     """2 ranks x batch 2 see the draws (and views) of 1 rank x batch 4, as DDP equivalence needs."""
-    one = _epoch(_dm(folder).train_dataloader()["cb"])
+    one = _epoch(_dm(folder), "cb")
     ranks = []
     for rank in range(2):
         dm = _dm(folder, batch_size=2)
         dm.trainer = SimpleNamespace(world_size=2, global_rank=rank, lightning_module=None)
-        ranks.append(_epoch(dm.train_dataloader()["cb"]))
+        ranks.append(_epoch(dm, "cb"))
     for step, batch in enumerate(one):
         parts = [ranks[rank][step] for rank in range(2)]
         for slot in range(4):  # global position 4*step + slot is rank slot % 2's item slot // 2

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lpt_lightning.data import (
     AnnotationListSource,
@@ -21,6 +22,8 @@ from lpt_lightning.data import (
     LongTailImageDataset,
     ShardedEvalSampler,
     Split,
+    StreamBatchSampler,
+    UndecodedImages,
     build_eval_transform,
     build_train_transform,
     collate_skipping,
@@ -60,10 +63,10 @@ def _fake_trainer(world_size=1, rank=0, img_size=None):
 def test_transforms_sizes_and_range():
     img = Image.new("RGB", (50, 30), (255, 128, 0))
     x = build_train_transform(16)(img)
-    assert x.shape == (3, 16, 16) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    assert x.shape == (3, 16, 16) and x.dtype == torch.uint8 and type(x) is torch.Tensor
     y = build_eval_transform(16)(img)
-    assert y.shape == (3, 16, 16)
-    assert torch.allclose(y[:, 0, 0], torch.tensor([1.0, 128 / 255, 0.0]), atol=1e-6)  # no normalisation
+    assert y.shape == (3, 16, 16) and y.dtype == torch.uint8
+    assert y[:, 0, 0].tolist() == [255, 128, 0]  # no normalisation, no float conversion
     assert eval_resize_size(224) == 256 and eval_resize_size(32) == 37
     with pytest.raises(ConfigError):
         build_eval_transform(0)
@@ -76,10 +79,10 @@ def test_dataset_files_and_arrays(tmp_path):
     item = ds[0]
     assert item["image"].shape == (3, 4, 4) and item["label"].dtype == torch.int64 and item["label"] == 3
     assert item["index"] == 0
-    assert torch.allclose(item["image"], torch.full((3, 4, 4), 77 / 255))  # L -> 3 equal RGB channels
+    assert torch.equal(item["image"], torch.full((3, 4, 4), 77, dtype=torch.uint8))  # L -> 3 equal RGB channels
     images = np.stack([np.full((6, 6), 10, np.uint8), np.full((6, 6), 200, np.uint8)])
     ds2 = LongTailImageDataset(Split([1, 0], np.array([0, 1])), build_eval_transform(4), images=images)
-    assert torch.allclose(ds2[0]["image"], torch.full((3, 4, 4), 200 / 255))
+    assert torch.equal(ds2[0]["image"], torch.full((3, 4, 4), 200, dtype=torch.uint8))
     assert ds2[1]["index"] == 1
     with pytest.raises(DataFormatError, match="need the in-memory images array"):
         LongTailImageDataset(Split([0], np.array([0])), None)
@@ -152,21 +155,26 @@ def test_metadata_available_right_after_init(folder):
     )
 
 
+def _stream(loader, name):
+    """One stream's batches of the one training loader, in step order."""
+    return [batch[name] for batch in loader]
+
+
 def test_dual_sampling_batches(folder):
     dm = _dm(folder)
     dm.setup("fit")
-    loaders = dm.train_dataloader()
-    assert set(loaders) == {"cb", "ib"}
-    assert isinstance(loaders["cb"].sampler, ClassAwareSampler)
-    assert isinstance(loaders["ib"].sampler, InstanceSampler)
-    assert len(loaders["cb"]) == len(loaders["ib"]) == 4  # 16 samples / batch 4, drop_last
-    cb_batches, ib_batches = list(loaders["cb"]), list(loaders["ib"])
-    assert len(cb_batches) == len(ib_batches) == 4
+    loader = dm.train_dataloader()
+    assert isinstance(loader, StatefulDataLoader) and isinstance(loader.sampler, StreamBatchSampler)
+    assert isinstance(loader.sampler.streams["cb"], ClassAwareSampler)
+    assert isinstance(loader.sampler.streams["ib"], InstanceSampler)
+    assert len(loader) == 4  # 16 samples / batch 4, drop_last
+    steps = list(loader)
+    assert len(steps) == 4 and all(set(step) == {"cb", "ib"} for step in steps)
+    cb_batches, ib_batches = [s["cb"] for s in steps], [s["ib"] for s in steps]
     for cb, ib in zip(cb_batches, ib_batches):
         for batch in (cb, ib):
             assert set(batch) == {"image", "label", "index"}
-            assert batch["image"].shape == (4, 3, 8, 8) and batch["image"].dtype == torch.float32
-            assert 0.0 <= batch["image"].min() and batch["image"].max() <= 1.0
+            assert batch["image"].shape == (4, 3, 8, 8) and batch["image"].dtype == torch.uint8
             assert batch["label"].dtype == torch.int64 and batch["index"].dtype == torch.int64
             train = dm.splits.train
             assert batch["label"].tolist() == train.labels[batch["index"].numpy()].tolist()
@@ -177,14 +185,36 @@ def test_dual_sampling_batches(folder):
     assert sorted(torch.cat([b["index"] for b in ib_batches]).tolist()) == list(range(16))
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_one_loader_yields_the_draws_of_each_streams_sampler(folder, num_workers):
+    """Step k holds batch k of every stream's own sampler: the draws (and augmentations) the two
+    loaders of one stream each used to give."""
+    dm = _dm(folder, num_workers=num_workers)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(2)
+    steps = list(loader)
+    dataset = dm._datasets["train:train"]
+    labels = dm.splits.train.labels
+    for kind, make in (("cb", lambda: ClassAwareSampler(labels, images_per_class=4, seed=0, draw_keys=True)),
+                       ("ib", lambda: InstanceSampler(labels, seed=0 + 1_000_003, draw_keys=True))):
+        sampler = make()
+        sampler.set_epoch(2)
+        draws = list(sampler)
+        for step, batch in enumerate(steps):
+            expected = [dataset[draw] for draw in draws[4 * step:4 * step + 4]]
+            assert batch[kind]["index"].tolist() == [e["index"] for e in expected]
+            assert torch.equal(batch[kind]["image"], torch.stack([e["image"] for e in expected]))
+
+
 @pytest.mark.parametrize("sampling, keys", [("instance", {"ib"}), ("class_aware", {"cb"}), ("square_root", {"sqrt"})])
 def test_single_stream_sampling(folder, sampling, keys):
     dm = _dm(folder, sampling=sampling)
     dm.setup("fit")
-    loaders = dm.train_dataloader()
-    assert set(loaders) == keys
-    batch = next(iter(loaders[next(iter(keys))]))
-    assert batch["image"].shape == (4, 3, 8, 8)
+    loader = dm.train_dataloader()
+    assert set(loader.sampler.streams) == keys
+    batch = next(iter(loader))
+    assert set(batch) == keys and batch[next(iter(keys))]["image"].shape == (4, 3, 8, 8)
 
 
 def test_samplers_take_ranks_from_trainer(folder):
@@ -192,9 +222,10 @@ def test_samplers_take_ranks_from_trainer(folder):
     for rank in range(2):
         dm = _dm(folder)
         dm.trainer = _fake_trainer(world_size=2, rank=rank)
-        loaders = dm.train_dataloader()
-        sampler = loaders["cb"].sampler
+        loader = dm.train_dataloader()
+        sampler = loader.sampler.streams["cb"]
         assert (sampler.num_replicas, sampler.rank) == (2, rank) and len(sampler) == 8
+        assert (loader.sampler.num_replicas, loader.sampler.rank, len(loader)) == (2, rank, 2)
         shards.append([draw.index for draw in sampler])
     reference = ClassAwareSampler(_dm(folder).splits.train.labels, images_per_class=4, seed=0)
     assert [shards[i % 2][i // 2] for i in range(16)] == reference.global_sequence().tolist()
@@ -223,7 +254,7 @@ def test_img_size_from_model_or_error(folder):
         dm.setup("fit")
     dm.trainer = _fake_trainer(img_size=12)
     dm.setup("fit")
-    assert next(iter(dm.train_dataloader()["cb"]))["image"].shape == (4, 3, 12, 12)
+    assert next(iter(dm.train_dataloader()))["cb"]["image"].shape == (4, 3, 12, 12)
 
 
 def test_batch_size_larger_than_data(folder):
@@ -253,7 +284,7 @@ def test_verify_images_before_training(tmp_path):
     skip = LongTailDataModule(src, batch_size=2, num_workers=0, img_size=4, pin_memory=False, skip_unreadable=True)
     with pytest.warns(UserWarning, match="will be skipped"):
         skip.setup("fit")
-    batch = next(iter(skip.train_dataloader()["ib"]))
+    batch = next(iter(skip.train_dataloader()))["ib"]
     assert batch["num_skipped"].item() == 1 and batch["index"].tolist() == [0]
     unchecked = LongTailDataModule(src, batch_size=1, num_workers=0, img_size=4, verify_images="off")
     unchecked.setup("fit")  # no up-front check; the missing file would fail when loaded
@@ -273,7 +304,7 @@ def test_in_memory_fashion_mnist_source(tmp_path):
     dm = LongTailDataModule(FashionMNISTSource(root=str(root), val_per_class=1), batch_size=5,
                             num_workers=0, img_size=4, pin_memory=False)
     dm.setup("fit")
-    batch = next(iter(dm.train_dataloader()["ib"]))
+    batch = next(iter(dm.train_dataloader()))["ib"]
     assert batch["image"].shape == (5, 3, 4, 4)
     assert all(torch.equal(im[0], im[1]) and torch.equal(im[1], im[2]) for im in batch["image"])  # gray -> RGB
     assert len(dm.val_dataloader().dataset) == 10 and len(dm.test_dataloader().dataset) == 20
@@ -307,11 +338,12 @@ def test_lightning_trainer_keeps_samplers_and_sets_epoch(folder):
 
         def training_step(self, batch, batch_idx):
             assert set(batch) == {"cb", "ib"} and batch["cb"]["image"].shape == batch["ib"]["image"].shape
-            loaders = self.trainer.train_dataloader
-            samplers = {k: v.sampler for k, v in loaders.items()}
-            assert isinstance(samplers["cb"], ClassAwareSampler) and isinstance(samplers["ib"], InstanceSampler)
-            self.seen.append((self.current_epoch, samplers["cb"].epoch, samplers["ib"].epoch))
-            return self.layer(batch["cb"]["image"].mean(dim=(2, 3))).sum()
+            sampler = self.trainer.train_dataloader.sampler
+            assert isinstance(sampler, StreamBatchSampler)  # Lightning kept it
+            streams = sampler.streams
+            assert isinstance(streams["cb"], ClassAwareSampler) and isinstance(streams["ib"], InstanceSampler)
+            self.seen.append((self.current_epoch, sampler.epoch, streams["cb"].epoch, streams["ib"].epoch))
+            return self.layer(batch["cb"]["image"].float().mean(dim=(2, 3))).sum()
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -322,4 +354,147 @@ def test_lightning_trainer_keeps_samplers_and_sets_epoch(folder):
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
     trainer.fit(model, datamodule=dm)
-    assert model.seen == [(0, 0, 0), (0, 0, 0), (1, 1, 1), (1, 1, 1)]
+    assert model.seen == [(0, 0, 0, 0), (0, 0, 0, 0), (1, 1, 1, 1), (1, 1, 1, 1)]
+
+
+# ------------------------------------------------------------------------------ one loader, uint8, device decoding
+
+
+def test_transforms_match_torchvision_v1_to_tensor_bit_for_bit():
+    """uint8 out of the workers, float on the device: x.float().div(255) is exactly what the former
+    ToTensor pipeline gave, for the same random draws."""
+    from torchvision import transforms as T
+
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        h, w = (int(v) for v in rng.integers(20, 90, 2))
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        size = int(rng.integers(8, 40))
+        r = eval_resize_size(size)
+        v1_train = T.Compose([T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor()])
+        v1_eval = T.Compose([T.Resize((r, r)), T.CenterCrop(size), T.ToTensor()])
+        for v1, ours in ((v1_train, build_train_transform(size)), (v1_eval, build_eval_transform(size))):
+            torch.manual_seed(trial)
+            expected = v1(img)
+            torch.manual_seed(trial)
+            assert torch.equal(ours(img).float().div(255), expected)
+
+
+def test_training_uses_one_worker_pool(folder):
+    """Dual sampling: num_workers processes in all, not one pool per stream."""
+    import multiprocessing
+
+    dm = _dm(folder, num_workers=2)
+    dm.setup("fit")
+    before = set(multiprocessing.active_children())
+    steps = iter(dm.train_dataloader())
+    batch = next(steps)
+    assert len(set(multiprocessing.active_children()) - before) == 2
+    assert batch["cb"]["image"].dtype == batch["ib"]["image"].dtype == torch.uint8
+    del steps
+
+
+@pytest.fixture()
+def jpeg_folder(tmp_path) -> Path:
+    """Photo-like JPEGs of several sizes (blurred noise), one PNG, for the device-decoding path."""
+    rng = np.random.default_rng(1)
+    root = tmp_path / "jpegs"
+    for name, n in COUNTS.items():
+        (root / name).mkdir(parents=True)
+        for i in range(n + 1):
+            h, w = (int(v) for v in rng.integers(30, 70, 2))
+            small = Image.fromarray(rng.integers(0, 256, (h // 4 + 1, w // 4 + 1, 3), dtype=np.uint8))
+            img = small.resize((w, h), Image.BILINEAR)
+            img.save(root / name / f"{i}.png") if (name, i) == ("a", 3) else img.save(root / name / f"{i}.jpg")
+    return root
+
+
+def _jpeg_dm(root, **kw) -> LongTailDataModule:
+    src = ImageFolderSource(root=str(root), val_per_class=1, seed=0, name="jpegs")
+    args = {"batch_size": 4, "num_workers": 0, "img_size": 16, "pin_memory": False}
+    args.update(kw)
+    dm = LongTailDataModule(source=src, **args)
+    dm.setup("fit")
+    return dm
+
+
+def test_decoding_on_the_device_matches_the_worker_path(jpeg_folder):
+    """On the CPU: the same images, crop boxes and flips as the worker path; pixels differ by at most
+    one level (tensor vs PIL bilinear resize; libjpeg decodes alike). On CUDA nvjpeg may differ by
+    a few levels more."""
+    workers = _jpeg_dm(jpeg_folder)
+    with pytest.warns(UserWarning, match="without CUDA"):
+        device = _jpeg_dm(jpeg_folder, decode_jpeg_on_device=True)
+    device.trainer = SimpleNamespace(world_size=1, global_rank=0, training=True, lightning_module=None)
+    undecoded = next(iter(device.train_dataloader()))["cb"]
+    assert isinstance(undecoded["image_data"], UndecodedImages) and "image" not in undecoded
+    assert undecoded["image_data"].data[0].dim() in (1, 3)
+    [png] = [i for i, path in enumerate(device.splits.train.items) if path.endswith(".png")]
+    seen_png = False
+    for expected, step in zip(workers.train_dataloader(), device.train_dataloader()):
+        step = device.on_after_batch_transfer(step, 0)
+        for stream in ("cb", "ib"):
+            got, want = step[stream], expected[stream]
+            assert torch.equal(got["index"], want["index"]) and torch.equal(got["label"], want["label"])
+            assert got["image"].dtype == torch.uint8 and got["image"].shape == want["image"].shape
+            assert (got["image"].int() - want["image"].int()).abs().max() <= 1
+            seen_png |= png in got["index"].tolist()  # decoded by the worker, transformed on the device
+    assert seen_png
+    device.trainer.training = False  # evaluation: the eval transform
+    for want, got in zip(workers.val_dataloader(), device.val_dataloader()):
+        got = device.on_after_batch_transfer(got, 0)
+        assert (got["image"].int() - want["image"].int()).abs().max() <= 1
+
+
+def test_undecodable_jpeg_named_or_skipped_on_the_device(jpeg_folder):
+    bad = jpeg_folder / "b" / "0.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated
+    for skip in (False, True):
+        with pytest.warns(UserWarning, match="without CUDA"):
+            dm = _jpeg_dm(jpeg_folder, decode_jpeg_on_device=True, skip_unreadable=skip, sampling="instance",
+                          batch_size=16, verify_images="off")  # what the device meets without the check
+        dm.trainer = SimpleNamespace(world_size=1, global_rank=0, training=True, lightning_module=None)
+        step = next(iter(dm.train_dataloader()))
+        if not skip:
+            with pytest.raises(DataFormatError, match=r"cannot decode JPEG .*b/0\.jpg.*data\.skip_unreadable"):
+                dm.on_after_batch_transfer(step, 0)
+            continue
+        batch = dm.on_after_batch_transfer(step, 0)["ib"]
+        assert batch["num_skipped"].item() == 1 and batch["image"].shape == (15, 3, 16, 16)
+        assert batch["index"].numel() == batch["label"].numel() == 15
+
+
+def test_lightning_decodes_on_the_device_through_the_datamodule_hook(jpeg_folder):
+    import lightning as L
+
+    class Probe(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(3, 4)
+            self.shapes = []
+
+        def training_step(self, batch, batch_idx):
+            self.shapes.append({k: (tuple(v["image"].shape), v["image"].dtype) for k, v in batch.items()})
+            return self.layer(batch["cb"]["image"].float().mean(dim=(2, 3))).sum()
+
+        def validation_step(self, batch, batch_idx):
+            self.shapes.append(("val", tuple(batch["image"].shape)))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    with pytest.warns(UserWarning, match="without CUDA"):
+        dm = _jpeg_dm(jpeg_folder, decode_jpeg_on_device=True)
+    model = Probe()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=2, num_sanity_val_steps=0,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(model, datamodule=dm)
+    uint8 = ((4, 3, 16, 16), torch.uint8)
+    assert model.shapes == [{"cb": uint8, "ib": uint8}] * 2 + [("val", (4, 3, 16, 16))]
+
+
+def test_decoding_on_the_device_needs_image_files(tmp_path):
+    with pytest.raises(DataFormatError, match="only image files can be decoded on the device"):
+        LongTailImageDataset(Split([0], np.array([0])), None, images=np.zeros((1, 4, 4), np.uint8),
+                             defer_decoding=True)

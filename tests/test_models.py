@@ -41,6 +41,20 @@ def test_backbone_matches_library_forward(kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_uint8_images_are_converted_on_the_device_as_to_tensor_did(kind):
+    """The loaders deliver uint8; the backbone's x.float().div(255) gives the floats ToTensor gave,
+    so logits are bit-identical to those of float input."""
+    from torchvision.transforms import ToTensor
+
+    expert = make_expert(kind)
+    pixels = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    as_floats = torch.stack([ToTensor()(p.numpy()) for p in pixels])
+    as_uint8 = pixels.permute(0, 3, 1, 2).contiguous()
+    assert torch.equal(expert.backbone.normalise(as_uint8), expert.backbone.normalise(as_floats))
+    assert torch.equal(expert(as_uint8).logits, expert(as_floats).logits)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_fresh_adapters_and_zero_prompts_equal_frozen_backbone(kind):
     expert = make_expert(kind, group=None, prompt_length=0)
     images = torch.rand(2, 3, 32, 32)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from lpt_lightning.data import FashionMNISTSource, LongTailDataModule
+from lpt_lightning.errors import ConfigError
 from lpt_lightning.models.expert import ExpertSpec, GroupPromptSpec
 from lpt_lightning.phases import AdaptPhase, GroupPromptPhase, OptimSpec
 from tiny_models import tiny_backbone
@@ -100,6 +101,71 @@ def test_each_micro_batch_of_an_accumulation_window_draws_its_own_noise(tmp_path
     states = module.rng_states
     assert len(states) == 4
     assert all(not torch.equal(states[a], states[b]) for a in range(4) for b in range(a))
+
+
+class DrawRecorder(L.LightningModule):
+    """Records what each training step receives: per stream the image indices and a pixel checksum."""
+
+    img_size = 8
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(3, 1)
+        self.steps = []
+
+    def training_step(self, batch, batch_idx):
+        self.steps.append((self.current_epoch, batch_idx, {
+            stream: (b["index"].tolist(), b["image"].dtype, int(b["image"].sum())) for stream, b in batch.items()}))
+        return self.layer(batch["cb"]["image"].float().mean(dim=(2, 3))).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+class KillAtEpochEnd(L.Callback):
+    """Saves a checkpoint at the end of a given epoch (as ModelCheckpoint's last.ckpt is), then dies."""
+
+    def __init__(self, path, epoch):
+        self.path, self.epoch = path, epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            trainer.save_checkpoint(self.path)
+            raise RuntimeError("killed")
+
+
+@pytest.mark.parametrize("kill, num_workers", [("mid-epoch", 2), ("last batch", 0), ("epoch end", 0),
+                                                ("epoch end", 2)])
+def test_resumed_loader_continues_with_the_next_step_of_every_stream(tmp_path, kill, num_workers):
+    """One stateful loader: a run resumed mid-epoch, after an epoch's last batch or from an epoch-end
+    checkpoint sees exactly the batches (both streams, their augmentations) an uninterrupted run
+    sees next. With workers, the epoch-end case needs the DataModule's epoch record: Lightning creates
+    the first iterator, whose workers prefetch, before it calls set_epoch."""
+    limits = {"limit_val_batches": 0, "num_sanity_val_steps": 0}
+    reference = DrawRecorder()
+    fit(reference, tmp_path, 3, num_workers=num_workers, **limits)
+    per_epoch = len(reference.steps) // 3
+    assert per_epoch == 9 and all(dtype == torch.uint8 for *_, streams in reference.steps
+                                   for _, dtype, _ in streams.values())
+
+    ckpt = tmp_path / "killed.ckpt"
+    killer = {"mid-epoch": KillAfter(ckpt, epoch=1, batch=5), "last batch": KillAfter(ckpt, epoch=1, batch=8),
+              "epoch end": KillAtEpochEnd(ckpt, epoch=1)}[kill]
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(DrawRecorder(), tmp_path, 3, [killer], num_workers=num_workers, **limits)
+    resumed = DrawRecorder()
+    fit(resumed, tmp_path, 3, ckpt_path=ckpt, num_workers=num_workers, **limits)
+    done = per_epoch + 6 if kill == "mid-epoch" else 2 * per_epoch
+    assert resumed.steps == reference.steps[done:]
+
+
+def test_resuming_mid_epoch_with_another_worker_count_is_refused(tmp_path):
+    ckpt = tmp_path / "killed.ckpt"
+    limits = {"limit_val_batches": 0, "num_sanity_val_steps": 0}
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(DrawRecorder(), tmp_path, 2, [KillAfter(ckpt, epoch=0, batch=3)], num_workers=0, **limits)
+    with pytest.raises(ConfigError, match=r"mid-epoch with data.num_workers=0; resume with that worker count"):
+        fit(DrawRecorder(), tmp_path, 2, ckpt_path=ckpt, num_workers=1, **limits)
 
 
 def test_phase2_killed_mid_epoch_resumes_exactly(tmp_path):

@@ -9,7 +9,14 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from lpt_lightning.data.samplers import ClassAwareSampler, InstanceSampler, PowerSampler, ShardedEvalSampler
+from lpt_lightning.data.samplers import (
+    ClassAwareSampler,
+    Draw,
+    InstanceSampler,
+    PowerSampler,
+    ShardedEvalSampler,
+    StreamBatchSampler,
+)
 from lpt_lightning.errors import ConfigError
 
 LABELS = np.repeat(np.arange(4), [50, 20, 5, 1])  # N = 76, a long tail
@@ -167,3 +174,69 @@ def test_two_process_gloo_shards_match_global(tmp_path):
     assert len(shards[0]) == len(shards[1]) == 11  # N = 22 -> 11 per rank, no padding needed
     assert [shards[i % 2][i // 2] for i in range(22)] == global_seq
     assert all(labels[global_seq[i]] == labels[global_seq[i + 1]] for i in range(0, 22, 2))
+
+
+@pytest.mark.parametrize("num_replicas", [1, 3])
+def test_instance_sampler_indices_are_torch_distributed_samplers(num_replicas):
+    """The library sampler gives the same indices; ours is kept for its Draw keys (per-draw seeds)."""
+    for rank in range(num_replicas):
+        for epoch in (0, 4):
+            ours = InstanceSampler(LABELS, seed=9, num_replicas=num_replicas, rank=rank, draw_keys=True)
+            torchs = DistributedSampler(range(76), num_replicas=num_replicas, rank=rank, shuffle=True, seed=9)
+            ours.set_epoch(epoch), torchs.set_epoch(epoch)
+            draws, indices = list(ours), list(torchs)
+            assert [d.index for d in draws] == indices
+            assert all(isinstance(d, Draw) for d in draws) and not any(isinstance(i, Draw) for i in indices)
+
+
+def test_eval_sampler_shards_as_lightning_unrepeated_sampler_but_allows_empty_ranks():
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+    for n, replicas in ((10, 3), (7, 2), (4, 4)):
+        for rank in range(replicas):
+            library = UnrepeatedDistributedSampler(range(n), num_replicas=replicas, rank=rank, shuffle=False)
+            ours = ShardedEvalSampler(n, num_replicas=replicas, rank=rank)
+            assert list(ours) == list(library) and len(ours) == len(library)
+    # one image to predict on two ranks: ours gives rank 1 nothing, the library one refuses
+    assert list(ShardedEvalSampler(1, num_replicas=2, rank=1)) == []
+    with pytest.raises(AssertionError):
+        UnrepeatedDistributedSampler(range(1), num_replicas=2, rank=1, shuffle=False)
+
+
+def _streams(num_replicas=1, rank=0):
+    common = {"num_replicas": num_replicas, "rank": rank, "draw_keys": True}
+    return {"cb": ClassAwareSampler(LABELS, seed=2, **common), "ib": InstanceSampler(LABELS, seed=3, **common)}
+
+
+def test_stream_batch_sampler_steps_are_the_streams_batches():
+    sampler = StreamBatchSampler(_streams(num_replicas=2, rank=1), batch_size=5)
+    assert len(sampler) == 38 // 5 == 7  # 76 / 2 ranks = 38 per rank, drop_last
+    assert isinstance(sampler, DistributedSampler) and (sampler.num_replicas, sampler.rank) == (2, 1)
+    sampler.set_epoch(3)
+    steps = list(sampler)
+    for name, stream in _streams(num_replicas=2, rank=1).items():
+        stream.set_epoch(3)
+        draws = list(stream)
+        assert [step[name] for step in steps] == [draws[5 * k:5 * k + 5] for k in range(7)]
+    with pytest.raises(ConfigError, match="sharded differently"):
+        StreamBatchSampler({"cb": ClassAwareSampler(LABELS), "ib": InstanceSampler(LABELS, num_replicas=2)}, 4)
+
+
+def test_stream_batch_sampler_state_resumes_mid_epoch_and_after_an_epoch():
+    sampler = StreamBatchSampler(_streams(), batch_size=8)
+    sampler.set_epoch(2)
+    steps = iter(sampler)
+    first = [next(steps) for _ in range(3)]
+    assert sampler.state_dict() == {"epoch": 2, "steps_done": 3}
+    rest = list(steps)
+    assert sampler.state_dict() == {"epoch": 2, "steps_done": 9}
+
+    resumed = StreamBatchSampler(_streams(), batch_size=8)  # a fresh process: epoch 0 until restored
+    resumed.load_state_dict({"epoch": 2, "steps_done": 3})
+    assert list(resumed) == rest and resumed.epoch == 2
+    assert list(resumed) == first + rest  # the resume position is used once
+
+    after = StreamBatchSampler(_streams(), batch_size=8)
+    after.load_state_dict({"epoch": 2, "steps_done": 9})  # the end of epoch 2: epoch 3 from its start
+    sampler.set_epoch(3)
+    assert after.epoch == 3 and list(after) == list(sampler)

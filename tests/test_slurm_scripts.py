@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts" / "slurm"
 FAKE_SLURM = Path(__file__).parent / "fake_slurm"
 VENV = Path(sys.executable).parent.parent
-CPU_JOB = ["--gpus-per-node=0", "--ntasks-per-node=1", "--cpus-per-task=3"]  # 2 loaders x 1 worker + 1 thread
+CPU_JOB = ["--gpus-per-node=0", "--ntasks-per-node=1", "--cpus-per-task=2"]  # 1 loader worker + 1 thread
 
 
 @pytest.fixture
@@ -71,6 +71,24 @@ def test_job_without_lpt_fails_with_a_message_in_its_log(cluster):
     assert "lpt not found" in log and "LPT_VENV" in log
 
 
+@pytest.mark.parametrize("cpus, workers", [(1, 0), (2, 1), (8, 7)])
+@pytest.mark.parametrize("script, option", [("phase.sbatch", "--data.num_workers="),
+                                            ("pipeline.sbatch", "--num_workers ")])
+def test_jobs_give_all_but_one_core_to_the_one_training_loader(cluster, tmp_path, cpus, workers, script, option):
+    """One training loader per rank (every sampling stream shares it): workers = cores - 1, and
+    the training process keeps one torch thread; the cores are not oversubscribed."""
+    venv = tmp_path / "fake-venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "activate").write_text(f'PATH="{venv / "bin"}:$PATH"\n')
+    (venv / "bin" / "lpt").write_text("#!/bin/sh\nexit 0\n")
+    (venv / "bin" / "lpt").chmod(0o755)
+    cluster("sbatch", "--gpus-per-node=0", "--ntasks-per-node=1", f"--cpus-per-task={cpus}",
+            f"scripts/slurm/{script}", "configs/cpu/fmnist_lt_phase1.yaml", LPT_VENV=str(venv))
+    [call] = cluster.sruns()
+    assert option + str(workers) in " ".join(call["argv"]) and call["omp_threads"] == "1"
+    assert workers + int(call["omp_threads"]) == max(cpus, 1)
+
+
 @needs_fmnist
 @pytest.mark.slow
 def test_phase_job_requeued_on_sigusr1_resumes_from_its_checkpoint(cluster):
@@ -81,7 +99,7 @@ def test_phase_job_requeued_on_sigusr1_resumes_from_its_checkpoint(cluster):
     assert job["state"] == "COMPLETED" and job["runs"] == 2  # signalled, requeued, finished
     first, second = cluster.sruns()
     assert (first["restart"], second["restart"]) == (None, "1")
-    for call in (first, second):  # 3 cores: 2 training loaders x 1 worker + 1 thread
+    for call in (first, second):  # 2 cores: 1 worker of the one training loader + 1 thread
         assert "--data.num_workers=1" in call["argv"] and call["omp_threads"] == "1"
     log = (cluster.work / f"slurm-lpt-phase-{job['id']}.out").read_text()  # both runs, appended
     assert log.count("Requeued SLURM job") == 1 and "Restoring states from the checkpoint path at" in log

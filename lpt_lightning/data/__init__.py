@@ -1,6 +1,14 @@
 """Data layer: dataset sources, long-tail subsampling, rank-aware samplers and the DataModule."""
 from lpt_lightning.data.datamodule import LongTailDataModule
-from lpt_lightning.data.datasets import LongTailImageDataset, collate_skipping, verify_images
+from lpt_lightning.data.datasets import (
+    LongTailImageDataset,
+    StreamBatches,
+    UndecodedImages,
+    collate_images,
+    collate_skipping,
+    decode_on_device,
+    verify_images,
+)
 from lpt_lightning.data.long_tail import (
     balanced_holdout,
     cap_per_class,
@@ -9,7 +17,13 @@ from lpt_lightning.data.long_tail import (
     make_long_tailed,
 )
 from lpt_lightning.data.prepared import PreparedSource
-from lpt_lightning.data.samplers import ClassAwareSampler, InstanceSampler, PowerSampler, ShardedEvalSampler
+from lpt_lightning.data.samplers import (
+    ClassAwareSampler,
+    InstanceSampler,
+    PowerSampler,
+    ShardedEvalSampler,
+    StreamBatchSampler,
+)
 from lpt_lightning.data.sources import (
     FASHION_MNIST_CLASSES,
     AnnotationListSource,
@@ -39,11 +53,16 @@ __all__ = [
     "PreparedSource",
     "ShardedEvalSampler",
     "Split",
+    "StreamBatchSampler",
+    "StreamBatches",
+    "UndecodedImages",
     "balanced_holdout",
     "build_eval_transform",
     "build_train_transform",
     "cap_per_class",
+    "collate_images",
     "collate_skipping",
+    "decode_on_device",
     "eval_resize_size",
     "holdout_slices",
     "long_tail_counts",

@@ -21,7 +21,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lpt_lightning.data.datamodule import ResumableDataLoader
+from lpt_lightning.data.datamodule import STREAMS, Sampling, StreamTrainingData
+from lpt_lightning.data.datasets import StreamBatches
 from lpt_lightning.data.samplers import ClassAwareSampler, InstanceSampler, PowerSampler, ShardedEvalSampler
 from lpt_lightning.errors import CheckpointError, ConfigError
 
@@ -121,11 +122,9 @@ def _batch(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return rows  # __getitems__ already returns a batch
 
 
-Sampling = Literal["dual", "instance", "class_aware", "square_root"]
-STREAMS = {"dual": ("cb", "ib"), "instance": ("ib",), "class_aware": ("cb",), "square_root": ("sqrt",)}
 
 
-class CachedOutputsDataModule(LightningDataModule):
+class CachedOutputsDataModule(StreamTrainingData, LightningDataModule):
     """The scorer's data: its fitting split and the held-out split, as cached expert outputs.
 
     Args:
@@ -195,24 +194,11 @@ class CachedOutputsDataModule(LightningDataModule):
             return InstanceSampler(labels, seed=self.seed + 1_000_003, **common)
         return PowerSampler(labels, power=0.5, seed=self.seed, **common)
 
-    def train_dataloader(self) -> dict[str, DataLoader]:
-        dataset = CachedOutputsDataset(self.splits[self.fit_split])
-        loaders = {}
-        for kind in STREAMS[self.sampling]:
-            sampler = self.train_sampler(kind)
-            if len(sampler) < self.batch_size:
-                raise ConfigError(f"data.batch_size={self.batch_size} exceeds the {len(sampler)} samples per device "
-                                  f"of the {self.fit_split} split the scorer is fitted on; lower data.batch_size")
-            kwargs = dict(batch_size=self.batch_size, sampler=sampler, drop_last=True, collate_fn=_batch)
-            if getattr(self.trainer, "fit_loop", None) is not None:
-                loaders[kind] = ResumableDataLoader(dataset, trainer_position=self._trainer_position, **kwargs)
-            else:
-                loaders[kind] = DataLoader(dataset, **kwargs)
-        return loaders
-
-    def _trainer_position(self) -> tuple[int, int]:
-        loop = self.trainer.fit_loop
-        return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.processed
+    def train_dataloader(self) -> DataLoader:
+        streams = {kind: self.train_sampler(kind) for kind in STREAMS[self.sampling]}
+        dataset = StreamBatches(CachedOutputsDataset(self.splits[self.fit_split]), _batch)
+        return self.stream_loader(dataset, streams, self.batch_size, f"samples of the {self.fit_split} split the "
+                                  "scorer is fitted on")
 
     def _eval_loader(self, name: str) -> DataLoader:
         num_replicas, rank = self._replicas()

@@ -2,59 +2,103 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from lpt_lightning.data.long_tail import holdout_upto
-from lpt_lightning.data.datasets import LongTailImageDataset, VerifyMode, collate_skipping, verify_images
-from lpt_lightning.data.samplers import ClassAwareSampler, InstanceSampler, PowerSampler, ShardedEvalSampler
+from lpt_lightning.data.datasets import (
+    LongTailImageDataset,
+    StreamBatches,
+    VerifyMode,
+    collate_images,
+    collate_skipping,
+    decode_on_device,
+    verify_images,
+)
+from lpt_lightning.data.samplers import (
+    ClassAwareSampler,
+    InstanceSampler,
+    PowerSampler,
+    ShardedEvalSampler,
+    StreamBatchSampler,
+)
 from lpt_lightning.data.sources import IMAGE_EXTENSIONS, DatasetSplits, DataSource, Split, read_lines as _read_lines
 from lpt_lightning.data.transforms import build_eval_transform, build_train_transform
 from lpt_lightning.errors import ConfigError, DataFormatError
 
 Sampling = Literal["dual", "instance", "class_aware", "square_root"]
+STREAMS = {"dual": ("cb", "ib"), "instance": ("ib",), "class_aware": ("cb",), "square_root": ("sqrt",)}
 
 
-class ResumableDataLoader(DataLoader):
-    """A training loader that resumes mid-epoch exactly.
+class TrainingDataLoader(StatefulDataLoader):
+    """torchdata's stateful loader, with a clear error for a state it cannot restore.
 
-    Lightning stores ``state_dict()`` in every checkpoint (this is a ``_Stateful`` loader): the
-    number of batches the current epoch has processed. After a restore, the next ``__iter__``
-    starts the sampler's deterministic epoch sequence that many batches in. The epoch is taken
-    from the trainer when the iterator is created, because on resume Lightning creates the first
-    iterator before it calls ``set_epoch`` (workers would otherwise prefetch a stale epoch).
+    Lightning saves ``state_dict()`` in every checkpoint and restores it when it resumes mid-epoch:
+    the state of the `StreamBatchSampler` at the last batch handed out, so the epoch continues
+    with the next one whatever the loader prefetched. torchdata ties a mid-epoch state to the
+    worker count it was taken with.
     """
 
-    def __init__(self, *args, trainer_position: Callable[[], tuple[int, int]], **kwargs):
-        super().__init__(*args, **kwargs)
-        self._position = trainer_position  # -> (epoch, batches processed in that epoch)
-        self._resume_batches = 0
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, deprecated in torch 2.14
+            warnings.filterwarnings("ignore", message=".*set_vital.*")
+            super().__init__(*args, **kwargs)
 
-    def state_dict(self) -> dict[str, int]:
-        _, processed = self._position()
-        # A checkpoint taken at the end of an epoch resumes at the start of the next one.
-        return {"batches_completed": processed if processed < len(self) else 0}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self._resume_batches = int(state.get("batches_completed", 0))
-
-    def __iter__(self):
-        epoch, _ = self._position()
-        self.sampler.set_epoch(epoch)
-        if self._resume_batches:
-            self.sampler.start = self._resume_batches * self.batch_size
-            self._resume_batches = 0
-        return super().__iter__()
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        snapshot = state_dict.get("_snapshot")  # only states of multi-process iterators have one
+        saved = snapshot["_main_snapshot"]["_num_workers"] if snapshot else 0
+        if state_dict and saved != self.num_workers:
+            raise ConfigError(
+                f"the checkpoint stopped mid-epoch with data.num_workers={saved}; resume with that worker count "
+                f"(this run has {self.num_workers}), or from a checkpoint written at the end of an epoch")
+        super().load_state_dict(state_dict)
 
 
-class LongTailDataModule(LightningDataModule):
+class StreamTrainingData:
+    """What a DataModule needs for training with `StreamBatchSampler`: one `TrainingDataLoader` for
+    all streams, and the epoch record that makes a resume from an epoch's end exact.
+
+    Lightning restores the training loader's own state (the exact step) only when it resumes
+    mid-epoch. From a checkpoint written at the end of an epoch it resumes with the next one but
+    creates the loader's first iterator, whose workers prefetch, before it calls ``set_epoch``; the
+    sampler then starts from the DataModule's record instead: the epoch after the saved one. (A
+    mid-epoch restore of the loader overrides it.)
+    """
+
+    _train_sampler: StreamBatchSampler | None = None
+    _resume_after_epoch: int | None = None  # from a checkpoint: the epoch under way when it was written
+
+    def stream_loader(self, dataset: Dataset, streams: dict[str, Sampler], batch_size: int, what: str,
+                      **options: Any) -> TrainingDataLoader:
+        per_device = min(len(sampler) for sampler in streams.values())
+        if per_device < batch_size:
+            raise ConfigError(f"data.batch_size={batch_size} exceeds the {per_device} {what} per device "
+                              "(drop_last would leave no batch); lower data.batch_size")
+        sampler = StreamBatchSampler(streams, batch_size)
+        if self._resume_after_epoch is not None:
+            sampler.load_state_dict({"epoch": self._resume_after_epoch, "steps_done": len(sampler)})
+            self._resume_after_epoch = None
+        self._train_sampler = sampler
+        return TrainingDataLoader(dataset, sampler=sampler, batch_size=None, **options)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint: the training epoch under way."""
+        return {"train_epoch": self._train_sampler.epoch} if self._train_sampler is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume_after_epoch = state_dict.get("train_epoch")
+
+
+class LongTailDataModule(StreamTrainingData, LightningDataModule):
     """Data for LPT / LPT++ training and evaluation.
 
     Args:
@@ -65,14 +109,16 @@ class LongTailDataModule(LightningDataModule):
         eval_batch_size: per-device batch size of val/test/predict (default: batch_size).
         sampling: "dual" (cb + ib), "instance", "class_aware" or "square_root".
         images_per_class: consecutive images drawn per class visit by the class-aware sampler.
-        num_workers: DataLoader worker processes per device.
+        num_workers: DataLoader worker processes per device. Training has one loader for every
+            stream (one worker builds a whole step: the batches of all streams).
         img_size: crop size; None takes ``trainer.lightning_module.img_size`` in setup().
         seed: seed of the samplers (the epoch is added each epoch) and of training augmentation.
         skip_unreadable: drop undecodable images from batches instead of failing.
         verify_images: check every listed image before training, in ``max(num_workers, 1)``
             processes: "header" (default: the file exists and its header parses), "full" (every
             pixel decodes: also finds truncated files, several times slower) or "off".
-        pin_memory: pin host memory (only when CUDA is available).
+        pin_memory: pin host memory (only when CUDA is available). Batches hold uint8 images
+            (converted to float on the device), a quarter of the bytes of float32.
         persistent_workers: keep workers alive between epochs (only with num_workers > 0).
         augment: random-resized-crop and flip for training (False: the eval transform, e.g. for
             exactness checks).
@@ -89,6 +135,11 @@ class LongTailDataModule(LightningDataModule):
         val_from_test: explicit opt-in for a dataset without a validation split: report the test
             split as ``val`` during training, for monitoring only. Selection and fitting on it
             (ModelCheckpoint / EarlyStopping on ``val/...``, phase 3) are then refused.
+        decode_jpeg_on_device: image files are read but not decoded by the workers: JPEGs are
+            decoded on the device the batch is moved to (nvjpeg on CUDA) and cropped there with
+            the same random draws (`on_after_batch_transfer`); other formats are decoded by the
+            workers and only transformed on the device. For image-file sources only (in-memory
+            arrays are decoded already).
 
     The test split is never used as validation otherwise: a dataset without a validation split
     needs ``holdout_per_class`` (or the explicit ``val_from_test``).
@@ -114,6 +165,7 @@ class LongTailDataModule(LightningDataModule):
         holdout_max_fraction: float = 0.2,
         holdout_seed: int = 0,
         val_from_test: bool = False,
+        decode_jpeg_on_device: bool = False,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -157,6 +209,7 @@ class LongTailDataModule(LightningDataModule):
         self.holdout_max_fraction = holdout_max_fraction
         self.holdout_seed = holdout_seed
         self.val_from_test = val_from_test
+        self.decode_jpeg_on_device = decode_jpeg_on_device
         self.holdout_summary: str | None = None
         self._source_train_counts: np.ndarray | None = None
         self._data_record: dict | None = None
@@ -165,6 +218,7 @@ class LongTailDataModule(LightningDataModule):
         self._verified: set[str] = set()
         self._warned_val_from_test = False
         self._warned_test_from_val = False
+        self._device_transforms: dict[bool, Callable] = {}
 
     # ---------------------------------------------------------------- metadata (lazy, cached)
     @property
@@ -330,11 +384,23 @@ class LongTailDataModule(LightningDataModule):
             transform = build_train_transform(size) if train and self.augment else build_eval_transform(size)
             self._check_files(name, split)
             self._datasets[key] = LongTailImageDataset(
-                split, transform, images=self.splits.images, skip_unreadable=self.skip_unreadable
+                split, transform, images=self.splits.images, skip_unreadable=self.skip_unreadable,
+                defer_decoding=self._decodes_on_device(split),
             )
         return self._datasets[key]
 
+    def _decodes_on_device(self, split: Split) -> bool:
+        """Whether the workers leave this split's JPEGs undecoded (``decode_jpeg_on_device``)."""
+        files = bool(split.items) and isinstance(split.items[0], str)
+        if self.decode_jpeg_on_device and not files:
+            rank_zero_info(f"data.decode_jpeg_on_device: {split.origin} holds no image files; its images are "
+                           "converted in the loader workers")
+        return self.decode_jpeg_on_device and files
+
     def setup(self, stage: str | None = None) -> None:
+        if self.decode_jpeg_on_device and not torch.cuda.is_available():
+            rank_zero_warn("data.decode_jpeg_on_device without CUDA: JPEGs are decoded on the CPU by the main "
+                           "process, slower than by the loader workers")
         # Build (and verify) up front so that a bad dataset fails before any training step.
         if stage in (None, "fit"):
             self.check_selection()
@@ -353,21 +419,17 @@ class LongTailDataModule(LightningDataModule):
             return 1, 0
         return int(getattr(trainer, "world_size", 1)), int(getattr(trainer, "global_rank", 0))
 
-    def _loader(self, dataset: LongTailImageDataset, sampler: Sampler, batch_size: int, drop_last: bool,
-                resumable: bool = False) -> DataLoader:
+    def _loader_options(self) -> dict[str, Any]:
         workers = self.num_workers
-        kwargs = dict(
-            batch_size=batch_size,
-            sampler=sampler,
-            drop_last=drop_last,
-            num_workers=workers,
-            collate_fn=collate_skipping if self.skip_unreadable else None,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.persistent_workers and workers > 0,
-        )
-        if resumable and getattr(self.trainer, "fit_loop", None) is not None:
-            return ResumableDataLoader(dataset, trainer_position=self._trainer_position, **kwargs)
-        return DataLoader(dataset, **kwargs)
+        return dict(num_workers=workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
+                    persistent_workers=self.persistent_workers and workers > 0)
+
+    def _collate(self) -> Callable[[list], dict]:
+        return collate_skipping if self.skip_unreadable else collate_images
+
+    def _loader(self, dataset: LongTailImageDataset, sampler: Sampler, batch_size: int, drop_last: bool) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                          collate_fn=self._collate(), **self._loader_options())
 
     def train_sampler(self, kind: str) -> Sampler:
         """A fresh sampler of one stream: "cb" class-aware, "ib" instance, "sqrt" square-root.
@@ -385,28 +447,27 @@ class LongTailDataModule(LightningDataModule):
             return PowerSampler(labels, power=0.5, seed=self.seed, **common)
         raise ConfigError(f"unknown sampler kind {kind!r}")
 
-    def train_dataloader(self) -> dict[str, DataLoader]:
-        """Dict of loaders; Lightning iterates them together (CombinedLoader, max_size_cycle).
-
-        Both dual streams sample N indices per epoch with the same batch size and drop_last,
-        so they have the same length and neither is cycled.
-        """
+    def train_dataloader(self) -> TrainingDataLoader:
+        """One loader for all streams of the sampling: a batch is ``{stream: {"image", "label",
+        "index"}}`` ("cb" and "ib" for dual sampling, each of ``batch_size`` images), built by one
+        worker from a `StreamBatchSampler` step. Both dual streams sample N indices per epoch, so
+        an epoch has N // batch_size steps per device."""
         dataset = self._dataset("train", self.splits.train, train=True)
-        kinds = {"dual": ("cb", "ib"), "instance": ("ib",), "class_aware": ("cb",), "square_root": ("sqrt",)}
-        loaders = {}
-        for kind in kinds[self.sampling]:
-            sampler = self.train_sampler(kind)
-            if len(sampler) < self.batch_size:
-                raise ConfigError(
-                    f"data.batch_size={self.batch_size} exceeds the {len(sampler)} training samples per device "
-                    "(drop_last would leave no batch); lower data.batch_size"
-                )
-            loaders[kind] = self._loader(dataset, sampler, self.batch_size, drop_last=True, resumable=True)
-        return loaders
+        streams = {kind: self.train_sampler(kind) for kind in STREAMS[self.sampling]}
+        return self.stream_loader(StreamBatches(dataset, self._collate()), streams, self.batch_size,
+                                  "training samples", **self._loader_options())
 
-    def _trainer_position(self) -> tuple[int, int]:
-        loop = self.trainer.fit_loop
-        return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.processed
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """With ``decode_jpeg_on_device``: decode and transform the batch's images where it now is
+        (training batches with the training transform and each draw's seed)."""
+        if not self.decode_jpeg_on_device:
+            return batch
+        training = self.trainer is not None and bool(self.trainer.training)
+        if training not in self._device_transforms:
+            size = self._resolve_img_size()
+            self._device_transforms[training] = (build_train_transform(size) if training and self.augment
+                                                 else build_eval_transform(size))
+        return _decode_streams(batch, self._device_transforms[training], self.skip_unreadable)
 
     def _eval_loader(self, wanted: str) -> DataLoader:
         name, split = self.eval_split(wanted)
@@ -443,7 +504,8 @@ class LongTailDataModule(LightningDataModule):
             split = image_paths_split(self.predict_paths)
             self._check_files("predict", split)
             self._datasets["predict"] = LongTailImageDataset(
-                split, build_eval_transform(self._resolve_img_size()), skip_unreadable=self.skip_unreadable
+                split, build_eval_transform(self._resolve_img_size()), skip_unreadable=self.skip_unreadable,
+                defer_decoding=self._decodes_on_device(split),
             )
         return self._sharded_loader(self._datasets["predict"])
 
@@ -452,6 +514,15 @@ class LongTailDataModule(LightningDataModule):
         if self.predict_paths is not None:
             return list(self._datasets["predict"].split.items)
         return list(self.eval_split("test")[1].items)
+
+
+def _decode_streams(batch: Any, transform: Callable, skip_unreadable: bool) -> Any:
+    """`decode_on_device` on a batch, or on each stream of a training batch."""
+    if not isinstance(batch, dict):
+        return batch
+    if "image_data" in batch:
+        return decode_on_device(batch, transform, skip_unreadable)
+    return {k: _decode_streams(v, transform, skip_unreadable) for k, v in batch.items()}
 
 
 def image_paths_split(path: str) -> Split:

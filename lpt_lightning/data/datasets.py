@@ -1,4 +1,5 @@
-"""Map-style dataset over a `Split`, plus the image check run before training."""
+"""Map-style dataset over a `Split`, the one-loader view of a training step, batching, the
+decoding of JPEGs on the device, and the image check run before training."""
 from __future__ import annotations
 
 import contextlib
@@ -6,13 +7,16 @@ import io
 import itertools
 import logging
 import os
+import warnings
 from concurrent.futures import ProcessPoolExecutor
-from typing import Callable, Literal
+from typing import Callable, Literal, Mapping, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.v2.functional import pil_to_tensor
 from tqdm import tqdm
 
 from lpt_lightning.data.samplers import Draw
@@ -23,6 +27,24 @@ log = logging.getLogger(__name__)
 
 # What PIL raises on missing, truncated or garbage files.
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+class UndecodedImages:
+    """A batch's images as the workers read them for ``data.decode_jpeg_on_device``.
+
+    Per image: ``data`` is the file's bytes for a JPEG (uint8 1-D) or, for another format, its
+    pixels decoded by the worker (uint8 [3,H,W]); ``seeds`` the `Draw` seeds of the random
+    transform (None for an index key); ``sources`` the files, for error messages. A plain object,
+    not a sequence, so pin_memory and Lightning's device transfer leave it on the host: nvjpeg
+    reads its input from host memory.
+    """
+
+    def __init__(self, data: list[torch.Tensor], seeds: list[int | None], sources: list[str]) -> None:
+        self.data, self.seeds, self.sources = data, seeds, sources
+
+    def __len__(self) -> int:
+        return len(self.data)
 
 
 class LongTailImageDataset(Dataset):
@@ -36,6 +58,11 @@ class LongTailImageDataset(Dataset):
     A key is a dataset index or, from the training samplers, a `Draw`: its seed fixes the random
     augmentation of that one draw, so repeated draws of an image differ yet each is reproducible
     (whatever the worker count). ``index`` is always the dataset index.
+
+    With ``defer_decoding`` (file items only) a sample carries ``image_data`` instead of
+    ``image``: (the file's bytes (JPEG) or its decoded pixels (other formats), the draw's seed, the
+    file), gathered by `collate_images` into `UndecodedImages`; `decode_on_device` decodes and
+    transforms them after the batch reached the device.
     """
 
     def __init__(
@@ -44,6 +71,7 @@ class LongTailImageDataset(Dataset):
         transform: Callable | None,
         images: np.ndarray | None = None,
         skip_unreadable: bool = False,
+        defer_decoding: bool = False,
     ) -> None:
         self.split = split
         self.transform = transform
@@ -51,6 +79,9 @@ class LongTailImageDataset(Dataset):
         self.skip_unreadable = skip_unreadable
         if images is None and len(split) and not isinstance(split.items[0], str):
             raise DataFormatError(f"split from {split.origin}: integer items need the in-memory images array")
+        if defer_decoding and len(split) and not isinstance(split.items[0], str):
+            raise DataFormatError(f"split from {split.origin}: only image files can be decoded on the device")
+        self.defer_decoding = defer_decoding
 
     def __len__(self) -> int:
         return len(self.split)
@@ -77,23 +108,52 @@ class LongTailImageDataset(Dataset):
     def __getitem__(self, key: int | Draw) -> dict | None:
         i, seed = (key.index, key.seed) if isinstance(key, Draw) else (key, None)
         try:
-            img = self.load_image(i)
+            if self.defer_decoding:
+                image = self.read_undecoded(i)
+            else:
+                image = _transform_seeded(self.transform, self.load_image(i), seed)
         except DataFormatError as exc:
             if not self.skip_unreadable:
                 raise
             log.warning("skipping unreadable image: %s", exc)
             return None
-        image = self._apply_transform(img, seed)
-        return {"image": image, "label": torch.tensor(int(self.split.labels[i]), dtype=torch.int64), "index": i}
+        label = torch.tensor(int(self.split.labels[i]), dtype=torch.int64)
+        if self.defer_decoding:
+            return {"image_data": (image, seed, self.split.items[i]), "label": label, "index": i}
+        return {"image": image, "label": label, "index": i}
 
-    def _apply_transform(self, img, seed: int | None):
-        if self.transform is None:
-            return img
-        if seed is None:
-            return self.transform(img)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.transform(img)
+    def read_undecoded(self, i: int) -> torch.Tensor:
+        """A JPEG file's bytes, or the decoded pixels of a file in another format."""
+        path = self.split.items[i]
+        try:
+            data = np.fromfile(path, dtype=np.uint8)
+        except OSError as exc:
+            raise DataFormatError(f"cannot read image {path} (listed in {self.split.origin}): {exc}") from None
+        if data[:3].tobytes() == _JPEG_MAGIC:
+            return torch.from_numpy(data)
+        return pil_to_tensor(self.load_image(i))
+
+
+
+def _transform_seeded(transform: Callable | None, image, seed: int | None):
+    """``transform(image)``, its random draws from the CPU generator seeded with the draw's seed
+    (and restored after): the same crop in a worker and on the device, and no other generator
+    (the training process's CUDA ones) touched."""
+    if transform is None or seed is None:
+        return image if transform is None else transform(image)
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        return transform(image)
+
+
+def collate_images(samples: list[dict]) -> dict:
+    """``default_collate``, except that undecoded images are gathered into one `UndecodedImages`."""
+    if not samples or "image_data" not in samples[0]:
+        return default_collate(samples)
+    out = default_collate([{k: v for k, v in s.items() if k != "image_data"} for s in samples])
+    data, seeds, sources = zip(*(s["image_data"] for s in samples))
+    out["image_data"] = UndecodedImages(list(data), list(seeds), list(sources))
+    return out
 
 
 def collate_skipping(batch: list[dict | None]) -> dict:
@@ -102,14 +162,82 @@ def collate_skipping(batch: list[dict | None]) -> dict:
     skipped = torch.tensor(len(batch) - len(kept), dtype=torch.int64)
     if not kept:  # every image unreadable: an empty batch the model can recognise and skip
         return {
-            "image": torch.empty(0),
+            "image": torch.empty(0, dtype=torch.uint8),
             "label": torch.empty(0, dtype=torch.int64),
             "index": torch.empty(0, dtype=torch.int64),
             "num_skipped": skipped,
         }
-    out = default_collate(kept)
+    out = collate_images(kept)
     out["num_skipped"] = skipped
     return out
+
+
+class StreamBatches(Dataset):
+    """A dataset seen through `StreamBatchSampler` keys: one key is a whole training step,
+    ``{stream: [keys]}``, and the item is ``{stream: collated batch}``. The DataLoader then runs with
+    ``batch_size=None``, and one worker builds all streams' batches of a step."""
+
+    def __init__(self, dataset: Dataset, collate: Callable[[list], dict]) -> None:
+        self.dataset = dataset
+        self.collate = collate
+
+    def __getitem__(self, step: Mapping[str, Sequence]) -> dict[str, dict]:
+        # A dataset that reads whole batches at once (cached expert outputs) gets the keys together.
+        fetch = getattr(self.dataset, "__getitems__", None) or (lambda keys: [self.dataset[k] for k in keys])
+        return {stream: self.collate(fetch(list(keys))) for stream, keys in step.items()}
+
+
+def decode_on_device(batch: dict, transform: Callable, skip_unreadable: bool = False) -> dict:
+    """Replace a batch's `UndecodedImages` by ``image``: uint8 [B,3,S,S] on the batch's device.
+
+    JPEGs are decoded together by ``torchvision.io.decode_jpeg`` on that device (nvjpeg on CUDA,
+    libjpeg on CPU); each image is then transformed there under its draw's seed, so the crop
+    boxes and flips are those the worker path draws. A JPEG that does not decode fails the run
+    naming its file, or with ``skip_unreadable`` is dropped and counted in ``num_skipped``.
+    """
+    images: UndecodedImages = batch.pop("image_data")
+    device = batch["label"].device
+    decoded = _decode_jpegs(images, device)
+    kept = [i for i, image in enumerate(decoded) if image is not None]
+    if len(kept) < len(decoded):
+        bad = [images.sources[i] for i, image in enumerate(decoded) if image is None]
+        if not skip_unreadable:
+            raise DataFormatError(f"cannot decode JPEG {bad[0]}" + (f" and {len(bad) - 1} more" if len(bad) > 1 else "")
+                                  + "; set data.skip_unreadable=true to train without such images")
+        log.warning("skipping %d undecodable JPEGs, e.g. %s", len(bad), bad[0])
+        keep = torch.tensor(kept, dtype=torch.int64, device=device)
+        for key in ("label", "index"):
+            batch[key] = batch[key][keep]
+        batch["num_skipped"] = batch["num_skipped"] + len(bad)
+    out = [_transform_seeded(transform, decoded[i], images.seeds[i]) for i in kept]
+    batch["image"] = torch.stack(out) if out else torch.empty(0, dtype=torch.uint8, device=device)
+    return batch
+
+
+def _decode_jpegs(images: UndecodedImages, device: torch.device) -> list[torch.Tensor | None]:
+    """Every image as uint8 [3,H,W] on ``device``: JPEGs decoded in one call (one by one after a
+    failure, to find the bad files: None), other formats already decoded by the worker."""
+    jpegs = [i for i, data in enumerate(images.data) if data.dim() == 1]
+    out: list[torch.Tensor | None] = [data.to(device) if data.dim() == 3 else None for data in images.data]
+    if not jpegs:
+        return out
+    with warnings.catch_warnings():
+        # torchvision >= 0.29 deprecates its decoders in favour of TorchCodec; they still work.
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision.io")
+        try:
+            decoded = decode_jpeg([images.data[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            decoded = [_decode_one(images.data[i], device) for i in jpegs]
+    for i, image in zip(jpegs, decoded):
+        out[i] = image
+    return out
+
+
+def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        return None
 
 
 VerifyMode = Literal["header", "full", "off"]

@@ -13,11 +13,16 @@ number of ranks or workers and wherever a resumed epoch restarts.
 
 ``DistributedSampler.__init__`` is deliberately not called: it needs an initialised process
 group, and ranks are passed in explicitly (the DataModule reads them from the Trainer).
+
+`StreamBatchSampler` combines the streams of one training run (class-balanced "cb" and
+instance-balanced "ib" for dual sampling) into one sampler whose elements are whole training
+steps, so that one DataLoader (one worker pool, one prefetch queue) serves every stream. It is
+stateful (epoch and steps done), for torchdata's ``StatefulDataLoader`` to resume exactly.
 """
 from __future__ import annotations
 
 import math
-from typing import Iterator, NamedTuple, Sequence
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -67,7 +72,6 @@ class _GlobalSequenceSampler(DistributedSampler):
         # DistributedSampler semantics: num_samples is the PER-RANK count.
         self.num_samples = math.ceil(self.global_num_samples / num_replicas)
         self.total_size = self.num_samples * num_replicas
-        self.start = 0  # rank-local position to resume from, used by the next __iter__ only
         self.draw_keys = draw_keys
 
     def _build(self, generator: torch.Generator) -> torch.Tensor:
@@ -84,23 +88,31 @@ class _GlobalSequenceSampler(DistributedSampler):
             seq = torch.cat([seq, seq.repeat(math.ceil(pad / seq.numel()))[:pad]])
         return seq
 
-    def __iter__(self) -> Iterator[int] | Iterator[Draw]:
-        start, self.start = self.start, 0
+    def shard(self, start: int = 0) -> list[int] | list[Draw]:
+        """This rank's items of the current epoch from rank-local position ``start`` on."""
         shard = self.global_sequence()[self.rank :: self.num_replicas][start:].tolist()
         if not self.draw_keys:
-            return iter(shard)
+            return shard
         # Seeds follow the GLOBAL position, which does not depend on the rank count.
         positions = range(self.rank + start * self.num_replicas, self.total_size, self.num_replicas)
         # SeedSequence mixes (seed, epoch) into one well-spread 64-bit base (it takes no negative words).
         base = int(np.random.SeedSequence([self.seed % 2**64, self.epoch]).generate_state(1, np.uint64)[0])
-        return (Draw(index, (base + position) % 2**64) for index, position in zip(shard, positions))
+        return [Draw(index, (base + position) % 2**64) for index, position in zip(shard, positions)]
+
+    def __iter__(self) -> Iterator[int] | Iterator[Draw]:
+        return iter(self.shard())
 
     def __len__(self) -> int:
         return self.num_samples
 
 
 class InstanceSampler(_GlobalSequenceSampler):
-    """Instance-balanced: a fresh permutation of all N samples each epoch."""
+    """Instance-balanced: a fresh permutation of all N samples each epoch.
+
+    Its indices are exactly those of torch's ``DistributedSampler(shuffle=True, seed=seed)`` (same
+    permutation, padding and stride; tests/test_samplers.py checks it). Kept because that one yields
+    bare indices: no `Draw` keys, i.e. no per-draw augmentation seed that follows the global position.
+    """
 
     def __init__(
         self,
@@ -208,7 +220,11 @@ class PowerSampler(_GlobalSequenceSampler):
 
 class ShardedEvalSampler(DistributedSampler):
     """Evaluation shard ``range(rank, N, num_replicas)``: NO padding, so under DDP every eval
-    sample is counted exactly once (ranks may differ in length by one sample)."""
+    sample is counted exactly once (ranks may differ in length by one sample).
+
+    Lightning's ``UnrepeatedDistributedSampler`` shards the same way but asserts that every rank
+    gets a sample, so it fails when N < world size (a one-image prediction list on two GPUs);
+    tests/test_samplers.py shows it."""
 
     def __init__(self, num_items: int, num_replicas: int = 1, rank: int = 0) -> None:
         _check_replicas(num_replicas, rank)
@@ -225,6 +241,74 @@ class ShardedEvalSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[int]:
         return iter(range(self.rank, self.num_items, self.num_replicas))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class StreamBatchSampler(DistributedSampler):
+    """One element per training step: ``{stream: [batch_size keys]}``, the next batch of every stream.
+
+    Each stream keeps its own sampler (global sequence, rank shard, `Draw` keys); an epoch has as
+    many steps as the shortest stream has full batches (drop_last). A DataLoader over it
+    (``batch_size=None``) builds a step's batches of all streams in one worker. It is a
+    `DistributedSampler` so that Lightning neither replaces it under DDP nor forgets ``set_epoch``
+    (a DataLoader given ``batch_sampler=`` would have it rebuilt around a replaced sampler).
+
+    Stateful: ``state_dict()`` is the epoch and the steps handed out; after ``load_state_dict`` the
+    next iteration resumes there, and a state taken at the end of an epoch resumes at the start of
+    the next one. The epoch is part of the state because on resume Lightning creates the first
+    iterator (whose workers prefetch) before it calls ``set_epoch``.
+    """
+
+    def __init__(self, streams: Mapping[str, _GlobalSequenceSampler], batch_size: int) -> None:
+        if not streams:
+            raise ConfigError("StreamBatchSampler needs at least one stream")
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        ranks = {(s.num_replicas, s.rank) for s in streams.values()}
+        if len(ranks) != 1:
+            raise ConfigError(f"the streams are sharded differently: {sorted(ranks)}")
+        self.streams = dict(streams)
+        self.batch_size = batch_size
+        self.dataset = None
+        (self.num_replicas, self.rank), = ranks
+        self.epoch = 0
+        self.seed = 0
+        self.shuffle = True
+        self.drop_last = True
+        self.num_samples = min(len(s) for s in self.streams.values()) // batch_size  # steps per epoch
+        self.total_size = self.num_samples * self.num_replicas
+        self.steps_done = 0  # steps the current iteration has handed out
+        self._resume_step = 0  # where the next iteration starts (set by load_state_dict)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "steps_done": self.steps_done}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        epoch, done = int(state["epoch"]), int(state["steps_done"])
+        if done >= self.num_samples:  # the saved epoch had ended: resume at the start of the next one
+            epoch, done = epoch + 1, 0
+        self.epoch, self._resume_step = epoch, done
+
+    def __iter__(self) -> Iterator[dict[str, list]]:
+        start, self._resume_step = self._resume_step, 0
+        self.steps_done = start
+        return self._steps(start)
+
+    def _steps(self, start: int) -> Iterator[dict[str, list]]:
+        size = self.batch_size
+        keys = {}
+        for name, stream in self.streams.items():
+            stream.set_epoch(self.epoch)
+            keys[name] = stream.shard(start * size)
+        for step in range(start, self.num_samples):
+            self.steps_done = step + 1  # before the yield: the loader records the state on receipt
+            offset = (step - start) * size
+            yield {name: k[offset:offset + size] for name, k in keys.items()}
 
     def __len__(self) -> int:
         return self.num_samples

@@ -97,6 +97,10 @@ class FrozenViT(nn.Module):
                 param.data = param.data.to(dtype)
 
     def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] or uint8 in [0, 255] (what the data loaders deliver) -> normalised with
+        this backbone's mean/std."""
+        if images.dtype == torch.uint8:
+            images = images.float().div(255)  # what ToTensor computes: bit-identical floats
         return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
 
     @property
@@ -104,7 +108,7 @@ class FrozenViT(nn.Module):
         raise NotImplementedError
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """[B,3,H,W] images in [0,1] -> [B, N, embed_dim] tokens ([cls; patches])."""
+        """[B,3,H,W] images, uint8 or float in [0,1] -> [B, N, embed_dim] tokens ([cls; patches])."""
         raise NotImplementedError
 
     def attention_branch(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
