@@ -188,15 +188,17 @@ def test_cached_batches_are_the_rows_the_image_data_samplers_draw(experts, folde
     old = {"cb": ClassAwareSampler(labels, images_per_class=2, seed=5, draw_keys=True),
            "ib": InstanceSampler(labels, seed=5 + 1_000_003, draw_keys=True)}
     split = CachedSplit(outputs["val"])
+    loader = cached.train_dataloader()  # one loader: a batch is {stream: rows}
+    streams = ("cb", "ib") if sampling == "dual" else ("cb",)
     for epoch in (0, 1):
-        for stream, loader in cached.train_dataloader().items():
-            loader.sampler.set_epoch(epoch)
+        loader.sampler.set_epoch(epoch)
+        batches = list(loader)
+        for stream in streams:
             old[stream].set_epoch(epoch)
             drawn = [d.index for d in old[stream]]
             expected = [drawn[i:i + 4] for i in range(0, len(drawn) - 3, 4)]
-            batches = list(loader)
-            assert [b["index"].tolist() for b in batches] == expected
-            for batch in batches:
+            assert [b[stream]["index"].tolist() for b in batches] == expected
+            for batch in (b[stream] for b in batches):
                 rows = split.rows(batch["index"].numpy())
                 assert all(torch.equal(batch[k], rows[k]) for k in rows)
                 assert batch["label"].tolist() == labels[batch["index"].numpy()].tolist()
