@@ -3,6 +3,7 @@
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.cli import instantiate_module
 
 from lpt_lightning.callbacks import default_callbacks
 from lpt_lightning.data import FashionMNISTSource, LongTailDataModule
@@ -141,3 +142,11 @@ def test_phase2_killed_mid_epoch_resumes_exactly(tmp_path):
     fit(resumed, tmp_path, 2, ckpt_path=ckpt)
     for key, value in trained(reference).items():
         assert torch.equal(value, trained(resumed)[key]), key
+    # As `lpt fit --ckpt_path` rebuilds it, from the checkpoint's hyperparameters: phase 1 unread.
+    p1.unlink()
+    hparams = torch.load(ckpt, weights_only=True)["hyper_parameters"]
+    L.seed_everything(1)  # another initialisation: every tensor must come from the checkpoint
+    rebuilt = instantiate_module(GroupPromptPhase, {k: v for k, v in hparams.items() if k != "_instantiator"})
+    fit(rebuilt, tmp_path, 2, ckpt_path=ckpt)
+    for key, value in trained(reference).items():
+        assert torch.equal(value, trained(rebuilt)[key]), key
