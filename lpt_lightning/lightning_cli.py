@@ -148,6 +148,10 @@ class LPTCLI(LightningCLI):
         return found + sorted(Path(self.trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"))
 
     def after_instantiate_classes(self) -> None:
+        from lpt_lightning.data_facts import connect
+
+        # The composition root: the model's image size to the data, the data's facts to the model.
+        connect(self.model, self.datamodule)
         if self.subcommand is None:
             return
         config = self.config_init[self.subcommand]
@@ -227,7 +231,13 @@ class LPTCLI(LightningCLI):
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
         if plain_output() and trainer.get("enable_progress_bar") is not False and not any(
                 isinstance(c, ProgressBar) for c in callbacks):
-            kwargs["callbacks"] = [*callbacks, LogLines()]
+            callbacks = [*callbacks, LogLines()]
+        # Seeding, the non-finite-loss policy and the class-mean head init, unless configured
+        # (e.g. NonFiniteLossPolicy with on_nonfinite: skip in trainer.callbacks).
+        from lpt_lightning.callbacks import default_callbacks
+
+        callbacks = [*callbacks, *(d for d in default_callbacks() if not any(type(c) is type(d) for c in callbacks))]
+        kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:

@@ -52,9 +52,8 @@ def _dm(folder, **kw) -> LongTailDataModule:
     return LongTailDataModule(source=src, **args)
 
 
-def _fake_trainer(world_size=1, rank=0, img_size=None):
-    return SimpleNamespace(world_size=world_size, global_rank=rank,
-                           lightning_module=SimpleNamespace(img_size=img_size))
+def _fake_trainer(world_size=1, rank=0):
+    return SimpleNamespace(world_size=world_size, global_rank=rank)
 
 
 # ------------------------------------------------------------------------------ transforms / dataset
@@ -249,10 +248,13 @@ def test_eval_loaders_cover_each_sample_once_across_ranks(folder):
 
 
 def test_img_size_from_model_or_error(folder):
+    from lpt_lightning.data_facts import connect
+
     dm = _dm(folder, img_size=None)
+    dm.trainer = _fake_trainer()
     with pytest.raises(ConfigError, match="set data.img_size"):
         dm.setup("fit")
-    dm.trainer = _fake_trainer(img_size=12)
+    connect(SimpleNamespace(img_size=12), dm)  # what lpt does with the model it built
     dm.setup("fit")
     assert next(iter(dm.train_dataloader()))["cb"]["image"].shape == (4, 3, 12, 12)
 
@@ -349,7 +351,7 @@ def test_lightning_trainer_keeps_samplers_and_sets_epoch(folder):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     model = Probe()
-    dm = _dm(folder, img_size=None)
+    dm = _dm(folder, img_size=8)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=2, limit_train_batches=2, limit_val_batches=0,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)

@@ -1,11 +1,18 @@
 """Phase 1 -> phase 2 on tiny random experts and real Fashion-MNIST-LT images."""
+import csv
+import logging
+import sys
+from dataclasses import asdict
 
 import lightning as L
 import pytest
 import torch
 
+from lpt_lightning.callbacks import ClassMeanHeadInit, default_callbacks
 from lpt_lightning.checkpoints import load_checkpoint_file
+from lpt_lightning.cli import main
 from lpt_lightning.data import FashionMNISTSource, LongTailDataModule
+from lpt_lightning.data_facts import DataFacts, connect
 from lpt_lightning.errors import CheckpointError, ConfigError
 from lpt_lightning.metrics import SplitAccuracy
 from lpt_lightning.models.expert import ExpertSpec, GroupPromptSpec
@@ -13,6 +20,7 @@ from lpt_lightning.phases import AdaptPhase, GroupPromptPhase, OptimSpec
 from lpt_lightning.phases.base import instance_weight
 from tiny_models import TIMM_TINY, tiny_backbone
 from datasets_available import needs_fmnist
+from test_cli import REPO, console_output
 
 GROUP = GroupPromptSpec(pool_size=6, top_k=2, start_block=2, length=3)
 OPTIM = OptimSpec(base_lr=1.0, warmup_epochs=0)
@@ -38,7 +46,7 @@ class LossRecorder(L.Callback):
 def trainer(root, epochs, callbacks=()):
     return L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, precision="32-true", logger=False,
                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                     num_sanity_val_steps=0, default_root_dir=root, callbacks=list(callbacks))
+                     num_sanity_val_steps=0, default_root_dir=root, callbacks=[*callbacks, *default_callbacks()])
 
 
 def snapshot(module):
@@ -64,6 +72,7 @@ def test_phase1_then_phase2(tmp_path, kind):
     dm = datamodule()
     spec = ExpertSpec(kind=kind, backbone=tiny_backbone(kind), prompt_length=3)
     phase1 = AdaptPhase(expert=spec, num_classes=dm.num_classes, class_names=dm.class_names, optim=OPTIM)
+    connect(phase1, dm)
     before = snapshot(phase1)
     recorder = LossRecorder()
     t1 = trainer(tmp_path, 4, [recorder])
@@ -84,6 +93,7 @@ def test_phase1_then_phase2(tmp_path, kind):
     # Hand-over: before any step, phase 2's phase-1 path reproduces phase 1 exactly.
     phase2 = GroupPromptPhase(phase1_checkpoint=str(ckpt1), group_prompts=GROUP, num_classes=dm.num_classes,
                               optim=OPTIM)
+    connect(phase2, dm)
     val_loader = dm.val_dataloader()
     reference = eval_logits(phase1.expert, val_loader)
     assert torch.equal(eval_logits(phase2.expert, val_loader, use_group_prompts=False), reference)
@@ -163,9 +173,10 @@ def test_learning_rate_scales_with_global_batch_and_warms_up():
                        optim=OptimSpec(base_lr=0.02, warmup_epochs=1, warmup_lr=1e-6))
 
     class FakeTrainer:
-        datamodule = type("DM", (), {"batch_size": 64})()
         world_size, accumulate_grad_batches, max_epochs = 2, 1, 10
 
+    phase.attach_data(DataFacts(group_class_counts=torch.ones(5), train_class_counts=torch.ones(5), record={},
+                                batch_size=64))
     phase._trainer = FakeTrainer()
     config = phase.configure_optimizers()
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
@@ -180,8 +191,10 @@ def test_class_mean_head_init(tmp_path):
     dm = datamodule()
     spec = ExpertSpec(kind="visual", backbone=tiny_backbone("visual"), prompt_length=3, head_init="class_mean")
     phase = AdaptPhase(expert=spec, num_classes=dm.num_classes, optim=OPTIM)
+    connect(phase, dm)
     t = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=0, logger=False, enable_progress_bar=False,
-                  enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0)
+                  enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
+                  callbacks=[ClassMeanHeadInit()])
     t.fit(phase, datamodule=dm)  # no training step: the head is exactly the class means
     expert = phase.expert.eval()
     sums, counts = torch.zeros(10, expert.backbone.feature_dim), torch.zeros(10)
@@ -190,3 +203,92 @@ def test_class_mean_head_init(tmp_path):
             sums.index_add_(0, batch["label"], expert(batch["image"]).features)
             counts.index_add_(0, batch["label"], torch.ones(len(batch["label"])))
     torch.testing.assert_close(expert.head.weight, torch.nn.functional.normalize(sums / counts[:, None], dim=-1))
+
+
+# ----------------------------------------------------------------------------- artefacts that stand alone
+@pytest.fixture(scope="module")
+def trained_pair(tmp_path_factory):
+    """Phase 1 then phase 2 (a few batches each) on Fashion-MNIST-LT, with the model of the CPU configs."""
+    root = tmp_path_factory.mktemp("pair")
+    dm = LongTailDataModule(FashionMNISTSource(imbalance_ratio=100, max_per_class=300, val_per_class=20,
+                                               max_test_per_class=100, seed=0), batch_size=32, num_workers=0, seed=0)
+    L.seed_everything(0)
+    phase1 = AdaptPhase(expert=CPU_EXPERT, num_classes=10, class_names=dm.class_names, optim=OPTIM)
+    connect(phase1, dm)
+    t1 = trainer(root, 1)
+    t1.limit_train_batches = 3
+    t1.fit(phase1, datamodule=dm)
+    t1.save_checkpoint(root / "phase1.ckpt")
+    L.seed_everything(0)
+    phase2 = GroupPromptPhase(phase1_checkpoint=str(root / "phase1.ckpt"), group_prompts=CPU_GROUP, num_classes=10,
+                              class_names=dm.class_names, optim=OPTIM)
+    connect(phase2, dm)
+    t2 = trainer(root, 1)
+    t2.limit_train_batches = 3
+    t2.fit(phase2, datamodule=dm)
+    t2.save_checkpoint(root / "phase2.ckpt")
+    return root, dm, phase1, phase2
+
+
+CPU_EXPERT = ExpertSpec(kind="visual", backbone=tiny_backbone("visual"), prompt_length=4, adapter_bottleneck=8)
+CPU_GROUP = GroupPromptSpec(pool_size=10, top_k=2, start_block=2, length=4)
+
+
+@needs_fmnist
+def test_phase_checkpoints_load_in_a_notebook_without_phase1(trained_pair, tmp_path):
+    root, dm, phase1, phase2 = trained_pair
+    images = next(iter(dm.test_dataloader()))["image"]
+    loaded1 = AdaptPhase.load_from_checkpoint(root / "phase1.ckpt", weights_only=True)
+    # The phase-2 checkpoint alone: its phase-1 file is gone.
+    alone = tmp_path / "phase2.ckpt"
+    alone.write_bytes((root / "phase2.ckpt").read_bytes())
+    renamed = root / "phase1.moved"
+    (root / "phase1.ckpt").rename(renamed)
+    try:
+        loaded2 = GroupPromptPhase.load_from_checkpoint(alone, weights_only=True)
+    finally:
+        renamed.rename(root / "phase1.ckpt")
+    for original, loaded in ((phase1, loaded1), (phase2, loaded2)):
+        assert type(loaded) is type(original) and loaded.num_classes == 10
+        assert loaded.class_names == dm.class_names and loaded.hparams["expert"] == asdict(CPU_EXPERT)
+        with torch.no_grad():
+            assert torch.equal(loaded.expert.eval()(images).logits, original.expert.eval()(images).logits)
+    assert loaded2.group_spec == CPU_GROUP and torch.equal(loaded2.class_counts, phase2.class_counts)
+
+
+@needs_fmnist
+def test_phase2_rebuilt_from_its_spec_needs_its_checkpoint(trained_pair, tmp_path):
+    root, dm, _, phase2 = trained_pair
+    assert phase2.hparams["phase1_checkpoint"] is None  # a rebuild never reads phase 1
+    assert load_checkpoint_file(root / "phase2.ckpt")["lpt"]["phase1_checkpoint"] == str(root / "phase1.ckpt")
+    rebuilt = GroupPromptPhase(expert=CPU_EXPERT, group_prompts=CPU_GROUP, num_classes=10)
+    connect(rebuilt, dm)
+    with pytest.raises(ConfigError, match="no trained tensors: give a phase-2 checkpoint"):
+        trainer(tmp_path, 1).test(rebuilt, datamodule=dm, verbose=False)
+    t = trainer(tmp_path, 1)
+    t.test(rebuilt, datamodule=dm, verbose=False, ckpt_path=root / "phase2.ckpt")
+    t.test(phase2, datamodule=dm, verbose=False)
+    assert rebuilt.results["test"]["acc"] == phase2.results["test"]["acc"]
+
+
+@needs_fmnist
+def test_lpt_test_and_predict_a_phase2_checkpoint_whose_phase1_is_gone(trained_pair, tmp_path, monkeypatch, capsys,
+                                                                       caplog):
+    root, dm, _, phase2 = trained_pair
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lpt"])  # LightningCLI warns when it sees pytest's command line
+    caplog.set_level(logging.INFO)
+    config = str(REPO / "configs" / "cpu" / "fmnist_lt_phase2.yaml")  # names runs/.../phase1_visual: absent here
+    assert not (tmp_path / "runs").exists()
+    main(["test", "--config", config, "--ckpt_path", str(root / "phase2.ckpt"), "--trainer.enable_progress_bar=false"])
+    text = console_output(capsys, caplog)
+    row = next(line for line in text[text.index("Split accuracy"):].splitlines() if line.startswith("test "))
+    t = trainer(tmp_path, 1)
+    t.test(phase2, datamodule=dm, verbose=False)
+    assert float(row.split()[1]) == pytest.approx(phase2.results["test"]["acc"], abs=0.01)
+    out = tmp_path / "preds.csv"
+    main(["predict", "--config", config, "--ckpt_path", str(root / "phase2.ckpt"),
+          "--trainer.enable_progress_bar=false", f"--prediction.output={out}"])
+    rows = list(csv.DictReader(out.read_text().splitlines()))
+    probs = torch.cat([phase2.predict_step(b, 0)["probs"] for b in dm.test_dataloader()])
+    assert len(rows) == len(probs) and [int(r["top1_class"]) for r in rows] == probs.argmax(-1).tolist()

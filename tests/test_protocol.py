@@ -14,6 +14,7 @@ from PIL import Image
 from lpt_lightning.checkpoints import load_checkpoint_file
 from lpt_lightning.data import ImageFolderSource, LongTailDataModule
 from lpt_lightning.data.long_tail import holdout_upto
+from lpt_lightning.data_facts import connect
 from lpt_lightning.errors import CheckpointError, ConfigError
 from lpt_lightning.expert_outputs import scorer_fit_data
 from lpt_lightning.metrics import shot_groups
@@ -45,7 +46,7 @@ def dm(folder, **kw) -> LongTailDataModule:
 
 
 def fake_trainer(callbacks=()):
-    return SimpleNamespace(world_size=1, global_rank=0, callbacks=list(callbacks), lightning_module=None)
+    return SimpleNamespace(world_size=1, global_rank=0, callbacks=list(callbacks))
 
 
 # ----------------------------------------------------------------------------- the held-out carving
@@ -123,6 +124,7 @@ def fit(module, data, root, epochs=1):
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, precision="32-true", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, default_root_dir=str(root))
+    connect(module, data)
     trainer.fit(module, datamodule=data)
     return trainer
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -13,12 +14,14 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from lpt_lightning.callbacks import NonFiniteLossPolicy, StepSeeding
 from lpt_lightning.checkpoints import AtomicCheckpointIO, load_checkpoint_file
 from lpt_lightning.data import FashionMNISTSource, LongTailDataModule
+from lpt_lightning.data_facts import connect
 from lpt_lightning.errors import ConfigError
 from lpt_lightning.expert_outputs import ensure_disk_space
 from lpt_lightning.models.expert import ExpertSpec
-from lpt_lightning.phases import AdaptPhase, LossSpec, OptimSpec
+from lpt_lightning.phases import AdaptPhase, OptimSpec
 from lpt_lightning.pipeline import run_pipeline
 from test_pipeline import TINY
 from tiny_models import tiny_backbone
@@ -40,20 +43,21 @@ class NaNAt(AdaptPhase):
         return terms
 
 
-def nan_phase(steps, **loss):
+def nan_phase(steps):
     L.seed_everything(0)
     phase = NaNAt(expert=ExpertSpec(kind="visual", backbone=tiny_backbone("visual"), prompt_length=2),
-                  num_classes=10, loss=LossSpec(**loss), optim=OptimSpec(base_lr=0.5, warmup_epochs=0))
+                  num_classes=10, optim=OptimSpec(base_lr=0.5, warmup_epochs=0))
     phase.nan_steps = steps
     return phase
 
 
-def fit(phase, root, callbacks=(), epochs=1):
+def fit(phase, root, callbacks=(), epochs=1, policy=None):
     dm = LongTailDataModule(FashionMNISTSource(imbalance_ratio=10, max_per_class=40, val_per_class=5,
                                                max_test_per_class=5), batch_size=16, num_workers=0)
+    connect(phase, dm)
     trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_progress_bar=False,
-                        default_root_dir=root, callbacks=list(callbacks), enable_checkpointing=bool(callbacks),
-                        plugins=[AtomicCheckpointIO()])
+                        default_root_dir=root, callbacks=[*callbacks, policy or NonFiniteLossPolicy(), StepSeeding()],
+                        enable_checkpointing=bool(callbacks), plugins=[AtomicCheckpointIO()])
     trainer.fit(phase, datamodule=dm)
     return trainer
 
@@ -74,13 +78,37 @@ def test_nan_loss_stops_naming_step_and_images_and_keeps_the_last_checkpoint(tmp
 
 @needs_fmnist
 def test_isolated_nan_batches_can_be_skipped_and_counted(tmp_path):
-    phase = nan_phase((2, 4), on_nonfinite="skip", max_nonfinite_batches=3)
-    trainer = fit(phase, tmp_path)
-    assert phase.nonfinite_batches == 2
+    phase = nan_phase((2, 4))
+    policy = NonFiniteLossPolicy(on_nonfinite="skip", max_nonfinite_batches=3)
+    trainer = fit(phase, tmp_path, policy=policy)
+    assert policy.skipped_batches == 2
     assert trainer.global_step == trainer.num_training_batches  # the epoch went on past both
     assert all(torch.isfinite(p).all() for p in phase.parameters())
     with pytest.raises(FloatingPointError, match="global step 3"):
-        fit(nan_phase((1, 2, 3), on_nonfinite="skip", max_nonfinite_batches=2), tmp_path)
+        fit(nan_phase((1, 2, 3)), tmp_path, policy=NonFiniteLossPolicy(on_nonfinite="skip", max_nonfinite_batches=2))
+
+
+def test_the_old_loss_option_names_its_new_place():
+    from lpt_lightning.phases import LossSpec
+
+    with pytest.raises(ConfigError, match=r"loss.on_nonfinite moved.*NonFiniteLossPolicy, init_args: \{on_nonfinite: skip"):
+        LossSpec(on_nonfinite="skip")
+
+
+def test_a_skipped_micro_batch_leaves_the_gradients_of_its_window_as_they_were():
+    policy = NonFiniteLossPolicy(on_nonfinite="skip")
+    module = L.LightningModule()
+    module.weight = torch.nn.Parameter(torch.ones(3))
+    trainer = SimpleNamespace(world_size=1, global_step=7, current_epoch=0)
+    policy.on_train_batch_start(trainer, module, {"ib": {"index": torch.arange(2)}}, 3)
+    (2 * module.weight).sum().backward()  # the first micro-batch of an accumulation window
+    bad = (module.weight * float("nan")).sum()
+    policy.on_before_backward(trainer, module, bad)
+    bad.backward()
+    assert torch.isnan(module.weight.grad).all()
+    policy.on_after_backward(trainer, module)
+    assert module.weight.grad.tolist() == [2.0, 2.0, 2.0] and policy.skipped_batches == 1
+    assert policy.state_dict() == {"skipped_batches": 1}  # checkpointed: a resumed run keeps counting
 
 
 def test_atomic_checkpoint_write_never_leaves_a_torn_file(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from lpt_lightning.data import FashionMNISTSource, LongTailDataModule
+from lpt_lightning.data_facts import connect
 from lpt_lightning.models.expert import ExpertSpec
 from lpt_lightning.phases import AdaptPhase
 from lpt_lightning.reports import LoggedSaveConfig, SplitReport, per_class_rows
@@ -43,6 +44,7 @@ def test_test_run_writes_local_reports_and_sends_tables_to_wandb(tmp_path, monke
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=2, enable_progress_bar=False,
                         logger=[CSVLogger(str(tmp_path), name="csv"), wandb], callbacks=[SplitReport()],
                         default_root_dir=tmp_path, enable_checkpointing=False)
+    connect(model, dm)
     trainer.fit(model, datamodule=dm)
     trainer.test(model, datamodule=dm, verbose=False)
 

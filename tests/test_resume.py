@@ -3,9 +3,12 @@
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.cli import instantiate_module
 
+from lpt_lightning.callbacks import default_callbacks
 from lpt_lightning.data import FashionMNISTSource, LongTailDataModule
 from lpt_lightning.errors import ConfigError
+from lpt_lightning.data_facts import connect
 from lpt_lightning.models.expert import ExpertSpec, GroupPromptSpec
 from lpt_lightning.phases import AdaptPhase, GroupPromptPhase, OptimSpec
 from tiny_models import tiny_backbone
@@ -36,8 +39,10 @@ def fit(module, root, epochs, callbacks=(), ckpt_path=None, num_workers=0, **tra
     L.seed_everything(7)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
-                        callbacks=list(callbacks), **trainer_args)
-    trainer.fit(module, datamodule=datamodule(num_workers), ckpt_path=ckpt_path)
+                        callbacks=[*callbacks, *default_callbacks()], **trainer_args)
+    data = datamodule(num_workers)
+    connect(module, data)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return trainer
 
 
@@ -45,9 +50,9 @@ def trained(module):
     return {k: v for k, v in module.state_dict().items() if "backbone" not in k}
 
 
-def phase1():
+def phase1(head_init="auto"):
     L.seed_everything(0)  # as `lpt fit` does before building the model: same initial prompts
-    spec = ExpertSpec(kind="visual", backbone=tiny_backbone("visual"), prompt_length=3)
+    spec = ExpertSpec(kind="visual", backbone=tiny_backbone("visual"), prompt_length=3, head_init=head_init)
     return AdaptPhase(expert=spec, num_classes=10, optim=OptimSpec(base_lr=0.5, warmup_epochs=1))
 
 
@@ -77,6 +82,20 @@ def test_phase1_with_gradient_accumulation_resumes_exactly(tmp_path):
         fit(phase1(), tmp_path, 2, [KillAfter(ckpt, epoch=1, batch=1)], accumulate_grad_batches=2)
     resumed = phase1()
     fit(resumed, tmp_path, 2, ckpt_path=ckpt, accumulate_grad_batches=2)
+    for key, value in trained(reference).items():
+        assert torch.equal(value, trained(resumed)[key]), key
+
+
+def test_phase1_with_a_class_mean_head_resumes_exactly(tmp_path):
+    """The class means initialise the head of a fresh run only: a resumed run keeps the restored head
+    (Lightning restores the step count after on_fit_start, so the step cannot tell them apart)."""
+    reference = phase1("class_mean")
+    fit(reference, tmp_path, 2)
+    ckpt = tmp_path / "killed.ckpt"
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(phase1("class_mean"), tmp_path, 2, [KillAfter(ckpt, epoch=1, batch=1)])
+    resumed = phase1("class_mean")
+    fit(resumed, tmp_path, 2, ckpt_path=ckpt)
     for key, value in trained(reference).items():
         assert torch.equal(value, trained(resumed)[key]), key
 
@@ -189,3 +208,11 @@ def test_phase2_killed_mid_epoch_resumes_exactly(tmp_path):
     fit(resumed, tmp_path, 2, ckpt_path=ckpt)
     for key, value in trained(reference).items():
         assert torch.equal(value, trained(resumed)[key]), key
+    # As `lpt fit --ckpt_path` rebuilds it, from the checkpoint's hyperparameters: phase 1 unread.
+    p1.unlink()
+    hparams = torch.load(ckpt, weights_only=True)["hyper_parameters"]
+    L.seed_everything(1)  # another initialisation: every tensor must come from the checkpoint
+    rebuilt = instantiate_module(GroupPromptPhase, {k: v for k, v in hparams.items() if k != "_instantiator"})
+    fit(rebuilt, tmp_path, 2, ckpt_path=ckpt)
+    for key, value in trained(reference).items():
+        assert torch.equal(value, trained(rebuilt)[key]), key

@@ -18,6 +18,7 @@ import torch
 import yaml
 from PIL import Image
 
+from lpt_lightning.callbacks import default_callbacks
 from lpt_lightning.data import (
     FASHION_MNIST_CLASSES,
     ClassAwareSampler,
@@ -28,6 +29,7 @@ from lpt_lightning.data import (
     build_eval_transform,
     holdout_slices,
 )
+from lpt_lightning.data_facts import connect
 from lpt_lightning.losses import AGCLLoss, LogitAdjustedCE
 from lpt_lightning.metrics import SplitAccuracy
 from lpt_lightning.models.backbones import BackboneSpec, read_state_dict
@@ -193,7 +195,8 @@ def test_phase1_on_standin_learns(tmp_path):
                        optim=OptimSpec(base_lr=0.5, warmup_epochs=0))
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=2, precision="32-true", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, default_root_dir=tmp_path)
+                        limit_val_batches=0, default_root_dir=tmp_path, callbacks=default_callbacks())
+    connect(phase, dm)
     trainer.fit(phase, datamodule=dm)
     trainer.test(phase, datamodule=dm, verbose=False)
     assert phase.results["test"]["acc"] > 40  # percent; measured 63, chance 10

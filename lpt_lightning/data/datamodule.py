@@ -111,7 +111,7 @@ class LongTailDataModule(StreamTrainingData, LightningDataModule):
         images_per_class: consecutive images drawn per class visit by the class-aware sampler.
         num_workers: DataLoader worker processes per device. Training has one loader for every
             stream (one worker builds a whole step: the batches of all streams).
-        img_size: crop size; None takes ``trainer.lightning_module.img_size`` in setup().
+        img_size: crop size; None = the model's, set by `lpt` (`lpt_lightning.data_facts.connect`).
         seed: seed of the samplers (the epoch is added each epoch) and of training augmentation.
         skip_unreadable: drop undecodable images from batches instead of failing.
         verify_images: check every listed image before training, in ``max(num_workers, 1)``
@@ -314,15 +314,10 @@ class LongTailDataModule(StreamTrainingData, LightningDataModule):
 
     # ---------------------------------------------------------------- setup
     def _resolve_img_size(self) -> int:
-        if self.img_size is not None:
-            return self.img_size
-        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
-        size = getattr(module, "img_size", None)
-        if isinstance(size, int) and size > 0:
-            return size
-        raise ConfigError(
-            "image size unknown: set data.img_size (the model attached to the trainer exposes no int img_size)"
-        )
+        if self.img_size is None:
+            raise ConfigError("image size unknown: set data.img_size (lpt sets it from the model; in Python pass "
+                              "img_size= or call lpt_lightning.data_facts.connect(model, datamodule))")
+        return self.img_size
 
     def eval_split(self, wanted: str) -> tuple[str, Split]:
         """The split serving ``val`` / ``test``. Test stands in for val only under the explicit

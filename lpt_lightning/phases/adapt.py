@@ -1,6 +1,8 @@
 """Phase 1 (AdaptPhase): train the shared prompt, the adapters and the head; backbone frozen."""
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable
 from dataclasses import asdict
 from typing import Any, Literal
 
@@ -31,6 +33,8 @@ class AdaptPhase(ExpertPhase):
                  split_convention: Literal["lpt", "oltr"] = "lpt"):
         super().__init__(num_classes, class_names, loss or LossSpec(), optim or OptimSpec(), split_convention)
         expert = expert or ExpertSpec()
+        self.save_init_arguments(expert=expert, num_classes=num_classes, class_names=self.class_names,
+                                 loss=self.loss_spec, optim=self.optim_spec, split_convention=split_convention)
         self.expert = LongTailExpert(expert, num_classes)
         head_init = expert.head_init if expert.head_init != "auto" else ("text" if expert.kind == "vl" else "random")
         if head_init == "text":
@@ -42,34 +46,47 @@ class AdaptPhase(ExpertPhase):
             self.expert.init_head_from_text(class_names)
             rank_zero_info(f"head initialised from CLIP text embeddings of {num_classes} class names")
         self.head_init = head_init
+        self.head_ready = head_init != "class_mean"  # class_mean: set by init_head_from_class_means or a restore
         release = getattr(self.expert.backbone, "release_text_tower", None)
         if release is not None:
             release()  # the text tower is only needed for the head's initialisation
 
+    @property
+    def wants_class_mean_head(self) -> bool:
+        """True until the class-mean head is initialised (the ClassMeanHeadInit callback feeds it)."""
+        return not self.head_ready
+
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        if self.head_init == "class_mean" and self.global_step == 0:  # not again on resume
-            self.init_head_from_class_means()
+        if self.wants_class_mean_head:
+            raise ConfigError("expert.head_init=class_mean: the head was not initialised; add "
+                              "lpt_lightning.callbacks.ClassMeanHeadInit to the trainer's callbacks (lpt adds it)")
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.head_ready = True  # the head comes from the checkpoint
 
     @torch.no_grad()
-    def init_head_from_class_means(self) -> None:
-        """Head = mean training feature of each class (one eval pass over the training split,
-        summed over ranks)."""
-        loader = self.trainer.datamodule.split_dataloader("train")
+    def init_head_from_class_means(self, batches: Iterable[dict[str, torch.Tensor]]) -> None:
+        """Head = mean feature of each class over ``batches`` (this rank's shard of the training
+        split, eval transform), summed over ranks when a trainer is attached."""
         sums = torch.zeros(self.num_classes, self.expert.backbone.feature_dim, device=self.device)
         counts = torch.zeros(self.num_classes, device=self.device)
         self.expert.eval()
-        for batch in loader:
+        trainer = self._trainer
+        autocast = trainer.precision_plugin.forward_context if trainer is not None else contextlib.nullcontext
+        for batch in batches:
             labels = batch["label"].to(self.device)
-            with self.trainer.precision_plugin.forward_context():
+            with autocast():
                 features = self.expert(batch["image"].to(self.device)).features.float()
             sums.index_add_(0, labels, features)
             counts.index_add_(0, labels, torch.ones_like(labels, dtype=counts.dtype))
         self.expert.train(self.training)
-        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
-        counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+        if trainer is not None:
+            sums = trainer.strategy.reduce(sums, reduce_op="sum")
+            counts = trainer.strategy.reduce(counts, reduce_op="sum")
         self.expert.head.init_from(sums / counts.clamp_min(1)[:, None])
-        rank_zero_info("head initialised from the class-mean training features")
+        self.head_ready = True
 
     def metadata(self) -> dict[str, Any]:
         return super().metadata() | {"phase": self.phase_name, "expert": asdict(self.expert.spec),

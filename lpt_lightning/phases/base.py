@@ -2,18 +2,17 @@
 small checkpoints."""
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any, Literal
 
 import lightning as L
-import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lpt_lightning import __version__
 from lpt_lightning.checkpoints import META_KEY, is_saved_key
+from lpt_lightning.data_facts import DataFacts
 from lpt_lightning.errors import CheckpointError, ConfigError
 from lpt_lightning.losses import AGCLLoss, LogitAdjustedCE, matching_loss
 from lpt_lightning.metrics import SPLIT_KEYS, SplitAccuracy
@@ -37,9 +36,8 @@ class LossSpec:
             when it is paired with a class-balanced batch.
         match_weight: weight of the prompt-key matching loss (phase 2).
         tau: logit-adjustment strength (``logit_adjusted`` only).
-        on_nonfinite: a NaN/Inf loss ``stop``s training (naming the step and the batch's images;
-            the last checkpoint is kept) or is ``skip``ped (no update) and counted.
-        max_nonfinite_batches: with ``skip``, stop once this many batches were skipped.
+        on_nonfinite, max_nonfinite_batches: moved to the `NonFiniteLossPolicy` callback; setting
+            them here is an error that says so.
     """
 
     kind: Literal["agcl", "logit_adjusted"] = "agcl"
@@ -52,8 +50,17 @@ class LossSpec:
     instance_weight: float = 0.5
     match_weight: float = 0.5
     tau: float = 1.0
-    on_nonfinite: Literal["stop", "skip"] = "stop"
-    max_nonfinite_batches: int = 10
+    on_nonfinite: Literal["stop", "skip"] | None = None
+    max_nonfinite_batches: int | None = None
+
+    def __post_init__(self) -> None:
+        moved = {"on_nonfinite": self.on_nonfinite, "max_nonfinite_batches": self.max_nonfinite_batches}
+        moved = {k: v for k, v in moved.items() if v is not None}
+        if moved:
+            args = ", ".join(f"{k}: {v}" for k, v in moved.items())
+            raise ConfigError(
+                f"model.init_args.loss.{next(iter(moved))} moved to a callback: remove it from the loss and add to "
+                f"trainer.callbacks: {{class_path: lpt_lightning.callbacks.NonFiniteLossPolicy, init_args: {{{args}}}}}")
 
 
 @dataclass
@@ -90,7 +97,7 @@ class ExpertPhase(L.LightningModule):
         self.register_buffer("class_counts", torch.ones(num_classes, dtype=torch.long))
         self.stream_losses = nn.ModuleDict()
         self.results: dict[str, dict[str, Any]] = {}
-        self.nonfinite_batches = 0
+        self.data_facts: DataFacts | None = None  # attach_data
         self.data_record: dict[str, Any] | None = None  # digests of the data it trains on (set in setup)
         # Frozen backbone weights are not in our checkpoints: they come from the hub/local file.
         self.strict_loading = False
@@ -122,19 +129,39 @@ class ExpertPhase(L.LightningModule):
         return (f"{self.phase_name} [{self.expert.spec.kind} expert]: {trainable:,} trainable parameters "
                 f"({100.0 * trainable / max(backbone, 1):.2f}% of the {backbone:,}-parameter frozen backbone; {detail})")
 
+    def save_init_arguments(self, **arguments: Any) -> None:
+        """Record the constructor arguments as plain data (weights_only-loadable), so that
+        ``Phase.load_from_checkpoint(path)`` rebuilds the phase; Lightning's jsonargparse
+        instantiator turns the dicts back into specs."""
+        plain = {k: asdict(v) if is_dataclass(v) else v for k, v in arguments.items()}
+        self.save_hyperparameters({"_instantiator": "lightning.pytorch.cli.instantiate_module",
+                                   "_class_path": f"{type(self).__module__}.{type(self).__qualname__}", **plain},
+                                  logger=False)
+
+    # ----------------------------------------------------------------- data
+    def attach_data(self, facts: DataFacts) -> None:
+        """The data this phase trains or is evaluated on (`lpt` attaches the DataModule's facts;
+        in Python: `lpt_lightning.data_facts.connect(model, datamodule)`). Its class counts are
+        used from the next ``setup`` on, also over the counts of a restored checkpoint."""
+        if facts.group_class_counts.numel() != self.num_classes:
+            raise ConfigError(f"data has {facts.group_class_counts.numel()} classes but "
+                              f"model.num_classes={self.num_classes}")
+        self.data_facts = facts
+
     # ----------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        facts = self.data_facts
         loss_counts = None
-        if dm is not None and hasattr(dm, "train_class_counts"):
-            counts = torch.as_tensor(dm.group_class_counts, dtype=torch.long)
-            if counts.numel() != self.num_classes:
-                raise ConfigError(f"data has {counts.numel()} classes but model.num_classes={self.num_classes}")
-            self.class_counts.copy_(counts)
-            loss_counts = torch.as_tensor(dm.train_class_counts, dtype=torch.long)
-            self.data_record = dm.data_record()
+        if facts is not None:
+            self.class_counts.copy_(facts.group_class_counts)
+            loss_counts = facts.train_class_counts
+            self.data_record = facts.record
             if stage == "fit":
                 self.check_upstream_data()
+        elif stage == "fit":
+            raise ConfigError(f"{type(self).__name__}: no data attached (class counts for the losses, batch size for "
+                              "the learning rate): call lpt_lightning.data_facts.connect(model, datamodule) before "
+                              "trainer.fit (lpt does it)")
         self.val_accuracy = SplitAccuracy(self.class_counts.cpu(), convention=self.split_convention)
         self.test_accuracy = SplitAccuracy(self.class_counts.cpu(), convention=self.split_convention)
         if stage == "fit":
@@ -168,9 +195,6 @@ class ExpertPhase(L.LightningModule):
             terms["match"] = matching_loss(out.query, self.expert.group_prompts.keys, out.match.indices)
         return terms
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        seed_training_step(self.current_epoch, batch_idx, self.global_rank)
-
     def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
         streams = list(batch)
         sizes = [batch[s]["label"].shape[0] for s in streams]
@@ -186,40 +210,9 @@ class ExpertPhase(L.LightningModule):
             total = total + self.stream_weight(stream, streams) * term
             for name, value in terms.items():
                 self.log(f"train/{name}_{stream}", value.detach(), batch_size=size)
-        if self._nonfinite(total, batch, batch_idx):
-            return None  # skipped: Lightning makes no optimiser step for this batch
+        # A non-finite loss is the NonFiniteLossPolicy callback's to handle (stop or skip).
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=sum(sizes))
         return total
-
-    def _nonfinite(self, loss: torch.Tensor, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> bool:
-        """Stop with a message naming the step and the batch's images, or skip and count."""
-        bad = not bool(torch.isfinite(loss))
-        skip = self.loss_spec.on_nonfinite == "skip"
-        if skip and self.trainer.world_size > 1:  # every rank must skip the same step (DDP)
-            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
-        if not bad:
-            return False
-        where = f"global step {self.global_step} (epoch {self.current_epoch}, batch {batch_idx})"
-        if skip:
-            self.nonfinite_batches += 1
-            self.log("train/skipped_batches", float(self.nonfinite_batches))
-            if self.nonfinite_batches <= self.loss_spec.max_nonfinite_batches:
-                rank_zero_warn(f"non-finite loss at {where}: batch skipped ({self.nonfinite_batches} so far)")
-                return True
-        raise FloatingPointError(
-            f"non-finite training loss ({float(loss)}) at {where}; images of the batch: {self._batch_sources(batch)}. "
-            "The last checkpoint is untouched; check these images, lower the learning rate, or set "
-            "model.init_args.loss.on_nonfinite=skip to skip isolated bad batches"
-        )
-
-    def _batch_sources(self, batch: dict[str, dict[str, torch.Tensor]], show: int = 8) -> str:
-        dm = getattr(self.trainer, "datamodule", None)
-        items = dm.splits.train.items if dm is not None and hasattr(dm, "splits") else None
-        indices = [int(i) for b in batch.values() for i in b["index"]]
-        names = [str(items[i]) if items is not None and isinstance(items[i], str) else f"train item {i}"
-                 for i in indices[:show]]
-        more = f" and {len(indices) - show} more" if len(indices) > show else ""
-        return ", ".join(names) + more
 
     # ----------------------------------------------------------------- evaluation
     def _eval_step(self, batch: dict[str, torch.Tensor], metric: SplitAccuracy) -> None:
@@ -252,8 +245,10 @@ class ExpertPhase(L.LightningModule):
         from timm.scheduler import CosineLRScheduler
 
         spec = self.optim_spec
-        dm = self.trainer.datamodule
-        global_batch = dm.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
+        if self.data_facts is None:
+            raise ConfigError("the learning rate scales with the batch size of the data: attach it first "
+                              "(lpt_lightning.data_facts.connect(model, datamodule))")
+        global_batch = self.data_facts.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
         lr = spec.base_lr * global_batch / 256
         optimizer = torch.optim.SGD(self.trainable_parameters(), lr=lr, momentum=spec.momentum,
                                     weight_decay=spec.weight_decay)
@@ -278,11 +273,15 @@ class ExpertPhase(L.LightningModule):
                 f"checkpoint lacks {len(missing)} trained tensors of this {self.phase_name} model "
                 f"(e.g. {missing[0]}): it was written by another phase or model configuration"
             )
+        # The frozen backbone is rebuilt, not saved: its own tensors complete the state, so the
+        # load is exact without a warning listing every backbone key.
+        for key, value in self.state_dict().items():
+            if not is_saved_key(key):
+                checkpoint["state_dict"].setdefault(key, value)
         # Class counts describe the attached data (setup copied them before the restore): keep them,
         # so reports agree with the split metrics, also for checkpoints without real counts
         # (`lpt convert`).
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is not None and hasattr(dm, "train_class_counts"):
+        if self.data_facts is not None:
             checkpoint["state_dict"]["class_counts"] = self.class_counts.clone()
 
     def train(self, mode: bool = True) -> "ExpertPhase":
@@ -295,19 +294,6 @@ class ExpertPhase(L.LightningModule):
 
     def frozen_modules(self) -> list[nn.Module]:
         return [self.expert.backbone]
-
-
-def seed_training_step(epoch: int, batch_idx: int, rank: int) -> None:
-    """Seed the global generators from (run seed, epoch, batch, rank) before each training batch.
-
-    GCL noise and dropout then depend only on the batch, not on how many data-loader iterators
-    or validation runs came before: a resumed run draws exactly what an uninterrupted one does.
-    Seeding by batch rather than by optimiser step gives each micro-batch of a gradient
-    accumulation window (and the batch after a skipped one) draws of its own.
-    """
-    base = int(os.environ.get("PL_GLOBAL_SEED", 0))
-    words = [base % 2**64, epoch, batch_idx, rank]  # SeedSequence takes no negative words
-    torch.manual_seed(int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0]))
 
 
 def instance_weight(epoch: int, max_epochs: int | None, eta_max: float) -> float:

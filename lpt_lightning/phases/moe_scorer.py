@@ -36,7 +36,6 @@ from lpt_lightning.errors import CheckpointError, ConfigError
 from lpt_lightning.metrics import SPLIT_KEYS, SplitAccuracy
 from lpt_lightning.models.expert import GroupPromptSpec, LongTailExpert
 from lpt_lightning.models.scorer import BaseWeightSearch, MoEScorer, fuse
-from lpt_lightning.phases.base import seed_training_step
 
 # Rows of every phase-3 evaluation: the gain of each part stays visible.
 ROWS = {"visual": "visual expert", "vl": "vision-language expert", "base": "W_base fusion", "fused": "LPT++ (scorer)"}
@@ -241,9 +240,6 @@ class MoEScorerPhase(L.LightningModule):
         return rows
 
     # ----------------------------------------------------------------- training
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        seed_training_step(self.current_epoch, batch_idx, self.global_rank)
-
     def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
         streams = list(batch.values())
         if "image" in streams[0]:
