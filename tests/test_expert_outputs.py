@@ -12,11 +12,13 @@ import torch
 import yaml
 from PIL import Image
 
+from lpt_lightning.callbacks import default_callbacks
 from lpt_lightning.checkpoints import load_checkpoint_file
 from lpt_lightning.cli import LPTCLI, main
 from lpt_lightning.data import ClassAwareSampler, ImageFolderSource, InstanceSampler, LongTailDataModule
 from lpt_lightning.data.cached_outputs import CachedOutputsDataModule, CachedSplit
 from lpt_lightning.data.samplers import ShardedEvalSampler
+from lpt_lightning.data_facts import connect
 from lpt_lightning.errors import CheckpointError
 from lpt_lightning.expert_outputs import ExpertOutputs, ExpertOutputsWriter, OutputsTarget, write_expert_outputs
 from lpt_lightning.models.expert import ExpertSpec
@@ -65,7 +67,8 @@ def experts(folder, tmp_path_factory):
         data = images(folder)
         spec = ExpertSpec(kind=kind, backbone=tiny_backbone(kind), prompt_length=2)
         module = AdaptPhase(expert=spec, num_classes=data.num_classes, class_names=data.class_names)
-        trainer = quiet_trainer(root, max_epochs=1)
+        connect(module, data)
+        trainer = quiet_trainer(root, max_epochs=1, callbacks=default_callbacks())
         trainer.fit(module, datamodule=data)
         paths[kind] = root / f"{kind}.ckpt"
         trainer.save_checkpoint(paths[kind])
