@@ -270,7 +270,9 @@ def _write_parts(root: Path, plan: dict, present: dict, workers: int, progress: 
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="lpt prepare", allow_abbrev=False, description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="lpt prepare", allow_abbrev=False, description="Write a resized copy of a dataset "
+                                     "(LitData shards or an image tree) for fast loading; read it with "
+                                     "data.source: lpt_lightning.data.PreparedSource.")
     parser.add_argument("--config", required=True, help="the YAML of `lpt fit` or `lpt pipeline`: its data.source "
                         "(annotation lists, iNat json, image folder) is prepared, every split it has")
     parser.add_argument("--output", required=True, help="directory to write (rerun to resume an interrupted run)")
