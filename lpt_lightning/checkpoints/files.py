@@ -1,9 +1,5 @@
-"""Checkpoint contents, safe loading and safetensors export.
-
-Phase checkpoints hold only what was trained plus what is needed to rebuild the model: the
-frozen backbones are rebuilt from their hub name or local file (recorded in the ``lpt``
-metadata), so a checkpoint is a few MB instead of hundreds.
-"""
+"""Checkpoint files read and written: safe loading (``weights_only``, errors naming the file),
+atomic writes, the safetensors export and the trainer's CheckpointIO built on them."""
 from __future__ import annotations
 
 import json
@@ -15,16 +11,12 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from lpt_lightning.errors import CheckpointError, ConfigError
-from lpt_lightning.models.backbones import BackboneSpec
-from lpt_lightning.models.expert import ExpertSpec, GroupPromptSpec, LongTailExpert
-
-META_KEY = "lpt"
-
-
-def is_saved_key(key: str) -> bool:
-    """Everything but frozen backbones (and loss helpers, which are rebuilt from class counts)."""
-    return "backbone." not in key and not key.startswith("stream_losses.")
+from lpt_lightning.checkpoints.metadata import (
+    META_KEY,
+    is_saved_key,
+    read_phase_metadata,
+)
+from lpt_lightning.errors import CheckpointError
 
 
 def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
@@ -59,91 +51,6 @@ def _load_failure(path: Path, exc: Exception) -> str:
     return f"{type(exc).__name__}: {first}; the file is truncated, corrupt or not a checkpoint"
 
 
-def read_phase_metadata(checkpoint: dict[str, Any], path: str | Path) -> dict[str, Any]:
-    """The ``lpt`` metadata, after checking the checkpoint has the shape every phase relies on."""
-    meta = checkpoint.get(META_KEY) if isinstance(checkpoint, dict) else None
-    if not isinstance(meta, dict) or "phase" not in meta:
-        raise CheckpointError(f"{path}: not an lpt_lightning phase checkpoint (no '{META_KEY}' metadata)")
-    state = checkpoint.get("state_dict")
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: its state_dict is missing or holds something other than tensors")
-    if not isinstance(meta.get("num_classes"), int) or meta["num_classes"] < 1:
-        raise CheckpointError(f"{path}: metadata lacks a valid num_classes")
-    if meta["phase"] in ("adapt", "group_prompt") and not isinstance(meta.get("expert"), dict):
-        raise CheckpointError(f"{path}: metadata of a '{meta['phase']}' checkpoint lacks its expert spec")
-    return meta
-
-
-PHASE_NUMBERS = {"adapt": "phase 1", "group_prompt": "phase 2", "moe_scorer": "phase 3"}
-
-
-def check_phase_metadata(meta: dict[str, Any], path: str | Path, option: str, phase: str | None = None,
-                         num_classes: int | None = None) -> None:
-    """Refuse a checkpoint of another phase than ``phase`` or for another class count (None: not
-    checked). ``option`` is the setting that named the file, quoted in the message."""
-    if phase is not None and meta["phase"] != phase:
-        raise CheckpointError(f"{option}={path}: written by phase '{meta['phase']}', expected a checkpoint of "
-                              f"phase '{phase}' ({PHASE_NUMBERS.get(phase, phase)})")
-    if num_classes is not None and meta["num_classes"] != num_classes:
-        raise ConfigError(f"{option}={path}: trained for {meta['num_classes']} classes, but the data has {num_classes}")
-
-
-def check_same_data(recorded: dict[str, Any] | None, current: dict[str, Any] | None, what: str) -> None:
-    """Refuse an upstream checkpoint trained on other data than this phase's: another training
-    split, or another held-out split (whose images may then have been trained on)."""
-    if current is None:
-        return
-    if not isinstance(recorded, dict) or "train" not in recorded:
-        raise CheckpointError(
-            f"{what}: the checkpoint records no training data, so nothing shows that this phase's held-out images "
-            "were kept out of its training set; retrain it with this version of lpt_lightning")
-    if recorded["train"] != current["train"]:
-        raise CheckpointError(
-            f"{what}: trained on another training split (digest {recorded['train']}, {recorded.get('num_train')} "
-            f"images) than this phase's data (digest {current['train']}, {current.get('num_train')} images): "
-            "use the same data section (source, long-tail settings, data.holdout_*) in every phase")
-    if recorded.get("val") != current.get("val") or recorded.get("holdout") != current.get("holdout"):
-        raise CheckpointError(
-            f"{what}: trained with another held-out split ({recorded.get('holdout') or 'the dataset val split'}, "
-            f"digest {recorded.get('val')}) than this phase's ({current.get('holdout') or 'the dataset val split'}, "
-            f"digest {current.get('val')}): use the same data.holdout_* settings in every phase")
-
-
-def expert_spec_from_dict(data: dict[str, Any], path: str | Path = "checkpoint") -> ExpertSpec:
-    try:
-        data = dict(data)
-        data["backbone"] = BackboneSpec(**data["backbone"])
-        return ExpertSpec(**data)
-    except (TypeError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{path}: malformed expert spec in the metadata ({exc})") from None
-
-
-def expert_from_checkpoint(checkpoint: dict[str, Any], path: str | Path, prefix: str = "expert.") -> LongTailExpert:
-    """Rebuild a trained expert (frozen backbone from its spec, the rest from the checkpoint)."""
-    meta = read_phase_metadata(checkpoint, path)
-    if "expert" not in meta:
-        raise CheckpointError(f"{path}: a '{meta['phase']}' checkpoint holds no single expert")
-    try:
-        group = GroupPromptSpec(**meta["group_prompts"]) if meta.get("group_prompts") else None
-    except TypeError as exc:
-        raise CheckpointError(f"{path}: malformed group prompt spec in the metadata ({exc})") from None
-    expert = LongTailExpert(expert_spec_from_dict(meta["expert"], path), meta["num_classes"], group=group)
-    release = getattr(expert.backbone, "release_text_tower", None)
-    if release is not None:
-        release()  # the head comes from the checkpoint
-    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    own = {k: v for k, v in expert.state_dict().items() if is_saved_key(k)}
-    missing = sorted(set(own) - set(state))
-    if missing:
-        raise CheckpointError(f"{path}: lacks {len(missing)} trained tensors (e.g. {prefix}{missing[0]})")
-    bad = [k for k in own if state[k].shape != own[k].shape]
-    if bad:
-        raise CheckpointError(f"{path}: {prefix}{bad[0]} has shape {tuple(state[bad[0]].shape)}, "
-                              f"the model expects {tuple(own[bad[0]].shape)}")
-    expert.load_state_dict({k: state[k] for k in own}, strict=False)
-    return expert
-
-
 def atomic_save(save: Any, path: str | Path) -> None:
     """Write through ``save(tmp_path)`` then rename, so a crash never leaves a half-written file."""
     path = Path(path)
@@ -169,6 +76,10 @@ def export_safetensors(checkpoint_path: str | Path, out_path: str | Path) -> Pat
     return out_path
 
 
+# Kept over Lightning's own atomic save (TorchCheckpointIO -> fsspec transaction): that one writes its temporary
+# file in $TMPDIR and shutil.move()s it into place, a copy over the checkpoint when $TMPDIR is on another filesystem
+# (/dev/shm, a node-local /tmp), so a save killed mid-copy tears last.ckpt; ours renames within the checkpoint's
+# folder (tests/test_reliability.py shows both).
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoint I/O that never leaves a half-written file (temporary file + rename)
     and reads checkpoints with ``weights_only=True``."""
