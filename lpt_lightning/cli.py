@@ -82,7 +82,7 @@ def dispatch(argv: list[str]) -> None:
 
 
 def export_main(args: list[str]) -> None:
-    from lpt_lightning.checkpoints import export_safetensors
+    from lpt_lightning.checkpoints.files import export_safetensors
 
     parser = argparse.ArgumentParser(prog="lpt export", allow_abbrev=False, description="Write the trained tensors and metadata of a "
                                      "phase checkpoint to a .safetensors file (loadable wherever a checkpoint is).")

@@ -36,7 +36,8 @@ import lightning
 import torch
 
 from lpt_lightning import __version__
-from lpt_lightning.checkpoints import META_KEY, atomic_save, is_saved_key
+from lpt_lightning.checkpoints.files import atomic_save
+from lpt_lightning.checkpoints.metadata import META_KEY, is_saved_key
 from lpt_lightning.errors import CheckpointError, ConfigError
 from lpt_lightning.models.backbones import REFERENCE_BACKBONES, BackboneSpec
 from lpt_lightning.models.expert import ExpertSpec, GroupPromptSpec, LongTailExpert

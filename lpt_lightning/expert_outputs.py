@@ -33,7 +33,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lpt_lightning.checkpoints import atomic_save, check_same_data, is_saved_key
+from lpt_lightning.checkpoints.files import atomic_save
+from lpt_lightning.checkpoints.metadata import check_same_data, is_saved_key
 from lpt_lightning.data.cached_outputs import (
     MANIFEST,
     OUTPUTS_FORMAT,

@@ -22,7 +22,8 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lpt_lightning.checkpoints import check_phase_metadata, load_checkpoint_file, read_phase_metadata
+from lpt_lightning.checkpoints.files import load_checkpoint_file
+from lpt_lightning.checkpoints.metadata import check_phase_metadata, read_phase_metadata
 from lpt_lightning.console import LogLines, plain_output, silence_noise
 from lpt_lightning.data import LongTailDataModule
 from lpt_lightning.errors import CheckpointError, ConfigError, RunInterrupted
@@ -36,7 +37,8 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 warnings.filterwarnings("ignore", message=r".*args parameter is intended to run from within Python.*")
 silence_noise()
 
-# ckpt_path values Lightning resolves itself ("last" is resolved here, so that it is checked too).
+# ckpt_path values Lightning resolves itself ("last" is resolved here, so that it is checked too and the model is
+# rebuilt from that checkpoint's hyperparameters, as for an explicit path).
 LIGHTNING_CKPT_NAMES = ("best", "hpc")
 SIGTERM_EXIT, SIGINT_EXIT = 128 + signal.SIGTERM, 128 + signal.SIGINT
 
@@ -99,10 +101,12 @@ class LPTCLI(LightningCLI):
         # LightningCLI reads the file here, before anything is built: the safe loader comes first.
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path == "last":  # the concrete file, so that Lightning reads its hyperparameters: no upstream file is needed
+            path = self.config[subcommand].ckpt_path = self._last_checkpoint()
         if path and Path(path).suffix == ".safetensors":
             self._use_export(subcommand, path)
             return
-        if path and path not in (*LIGHTNING_CKPT_NAMES, "last"):
+        if path and path not in LIGHTNING_CKPT_NAMES:
             self._ckpt_meta = (path, self._check_ckpt_path(path, self._model_phase(self.config[subcommand])))
         super()._parse_ckpt_path()
 
@@ -125,12 +129,7 @@ class LPTCLI(LightningCLI):
     @staticmethod
     def _model_phase(config) -> str | None:
         """The phase name of the configured model class (None for classes that are not phases)."""
-        class_path = (config.get("model") or {}).get("class_path") or ""
-        module, _, name = class_path.rpartition(".")
-        try:
-            return getattr(getattr(importlib.import_module(module), name), "phase_name", None) or None
-        except (ImportError, AttributeError, ValueError):
-            return None  # the parser has named a bad class_path already
+        return getattr(_configured_class(config.get("model")), "phase_name", None) or None
 
     @staticmethod
     def _check_ckpt_path(path: str, phase: str | None) -> dict[str, Any]:
@@ -139,13 +138,31 @@ class LPTCLI(LightningCLI):
         check_phase_metadata(meta, path, "ckpt_path", phase)
         return meta
 
+    def _trainer_config(self) -> Namespace:
+        subcommand = self.config.get("subcommand")
+        return (self.config[subcommand] if subcommand else self.config).trainer
+
     def _checkpoint_dirs(self) -> list[Path]:
-        return [Path(cb.dirpath) for cb in self.trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+        """The configured ModelCheckpoints' directories, read from the config: known before anything is built."""
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        callbacks = self._trainer_config().get("callbacks") or []
+        dirs = []
+        for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+            cls = _configured_class(callback)
+            is_checkpoint = isinstance(cls, type) and issubclass(cls, ModelCheckpoint)
+            dirpath = (callback.get("init_args") or {}).get("dirpath") if is_checkpoint else None
+            if dirpath:
+                dirs.append(Path(os.path.realpath(os.path.expanduser(dirpath))))  # as ModelCheckpoint resolves it
+        return dirs
+
+    def _root_dir(self) -> Path:
+        return Path(self._trainer_config().get("default_root_dir") or os.getcwd())
 
     def _earlier_checkpoints(self) -> list[Path]:
         """Checkpoints in this run's directories: ModelCheckpoint's and SLURM's ``hpc_ckpt_N.ckpt``."""
         found = [p for d in self._checkpoint_dirs() for p in sorted(d.glob("*.ckpt"))]
-        return found + sorted(Path(self.trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"))
+        return found + sorted(self._root_dir().glob("hpc_ckpt_*.ckpt"))
 
     def after_instantiate_classes(self) -> None:
         from lpt_lightning.data_facts import connect
@@ -157,9 +174,6 @@ class LPTCLI(LightningCLI):
         config = self.config_init[self.subcommand]
         path = config.get("ckpt_path")
         phase, num_classes = getattr(self.model, "phase_name", None) or None, getattr(self.model, "num_classes", None)
-        if path == "last":
-            path = self._last_checkpoint()
-            config["ckpt_path"] = path
         if path and path not in LIGHTNING_CKPT_NAMES:
             checked, meta = getattr(self, "_ckpt_meta", (None, None))
             meta = meta if checked == path else self._check_ckpt_path(path, phase)
@@ -171,7 +185,7 @@ class LPTCLI(LightningCLI):
         """``--ckpt_path=last``: the newest checkpoint of this run (as Lightning's "last", plus SLURM's)."""
         candidates = [p for p in self._earlier_checkpoints() if p.name.startswith(("last", "hpc_ckpt_"))]
         if not candidates:
-            where = ", ".join(str(d) for d in self._checkpoint_dirs()) or self.trainer.default_root_dir
+            where = ", ".join(str(d) for d in self._checkpoint_dirs()) or str(self._root_dir())
             raise ConfigError(f"ckpt_path=last: no checkpoint to resume in {where}; drop --ckpt_path to start afresh")
         return str(max(candidates, key=lambda p: p.stat().st_mtime))
 
@@ -219,7 +233,7 @@ class LPTCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any):
         # Checkpoints are written atomically and read without unpickling code, unless the config
         # brings its own CheckpointIO.
-        from lpt_lightning.checkpoints import AtomicCheckpointIO
+        from lpt_lightning.checkpoints.files import AtomicCheckpointIO
 
         plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
@@ -281,6 +295,16 @@ def validate_config(config_path: str, subcommand: str = "fit") -> None:
         parse_config([subcommand, "--config", config_path])
     except ConfigError as exc:
         raise ConfigError(f"{config_path}: {exc}") from None
+
+
+def _configured_class(config) -> type | None:
+    """The class a ``class_path`` config section names (None if it names none: the parser has said so already)."""
+    class_path = (config or {}).get("class_path") or ""
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
 
 
 @contextlib.contextmanager

@@ -19,7 +19,8 @@ from typing import Any, Literal
 import yaml
 from lightning.pytorch.utilities import rank_zero_info
 
-from lpt_lightning.checkpoints import atomic_save, load_checkpoint_file, read_phase_metadata
+from lpt_lightning.checkpoints.files import atomic_save, load_checkpoint_file
+from lpt_lightning.checkpoints.metadata import read_phase_metadata
 from lpt_lightning.errors import CheckpointError, ConfigError, RunInterrupted
 from lpt_lightning.lightning_cli import LPTCLI, validate_config
 from lpt_lightning.reports import plot_per_class_accuracy, read_metrics, split_table, write_metrics

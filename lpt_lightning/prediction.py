@@ -11,13 +11,9 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from lpt_lightning.checkpoints import (
-    atomic_save,
-    check_phase_metadata,
-    expert_from_checkpoint,
-    load_checkpoint_file,
-    read_phase_metadata,
-)
+from lpt_lightning.checkpoints.experts import expert_from_checkpoint
+from lpt_lightning.checkpoints.files import atomic_save, load_checkpoint_file
+from lpt_lightning.checkpoints.metadata import check_phase_metadata, read_phase_metadata
 from lpt_lightning.errors import CheckpointError
 
 

@@ -14,7 +14,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from lpt_lightning.checkpoints import atomic_save
+from lpt_lightning.checkpoints.files import atomic_save
 from lpt_lightning.errors import ConfigError
 from lpt_lightning.metrics import SPLIT_KEYS, format_split_table, shot_groups
 

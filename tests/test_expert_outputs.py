@@ -271,6 +271,20 @@ def test_phase3_checkpoint_and_export_test_and_predict_alike_without_the_phase2_
     assert text == outputs["export"].read_text() == outputs["export_as_ckpt_path"].read_text()
 
 
+
+def test_phase3_ckpt_path_last_tests_alike_without_the_phase2_files(fitted):
+    """``--ckpt_path=last`` is the run's last.ckpt, read before the model is built: the same results as
+    the explicit path, with the phase-2 files deleted."""
+    config = ["--config", str(fitted.config)]
+    from_last = run(["test", *config, "--ckpt_path=last"])
+    from_ckpt = run(["test", *config, "--ckpt_path", str(fitted.ckpt)])
+    assert from_last.keys() == from_ckpt.keys() and len(from_ckpt) == 4
+    for row, values in from_ckpt.items():
+        assert values.keys() == from_last[row].keys()
+        for key, value in values.items():
+            torch.testing.assert_close(torch.as_tensor(from_last[row][key]), torch.as_tensor(value), rtol=0, atol=0,
+                                       equal_nan=True)
+
 def test_load_from_checkpoint_rebuilds_the_whole_model_without_the_cli(fitted):
     model = MoEScorerPhase.load_from_checkpoint(fitted.ckpt).eval()
     with torch.no_grad():

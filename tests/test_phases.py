@@ -290,5 +290,60 @@ def test_lpt_test_and_predict_a_phase2_checkpoint_whose_phase1_is_gone(trained_p
     main(["predict", "--config", config, "--ckpt_path", str(root / "phase2.ckpt"),
           "--trainer.enable_progress_bar=false", f"--prediction.output={out}"])
     rows = list(csv.DictReader(out.read_text().splitlines()))
-    probs = torch.cat([phase2.predict_step(b, 0)["probs"] for b in dm.test_dataloader()])
+    phase2.eval()  # as `lpt predict` runs it (the trainer.test above leaves it in training mode)
+    with torch.no_grad():
+        probs = torch.cat([phase2.predict_step(b, 0)["probs"] for b in dm.test_dataloader()])
     assert len(rows) == len(probs) and [int(r["top1_class"]) for r in rows] == probs.argmax(-1).tolist()
+
+
+def cli_test_row(args, capsys, caplog) -> str:
+    """``lpt test ARGS``: the printed ``test`` row of the split-accuracy table."""
+    caplog.clear()
+    main(["test", *args, "--trainer.enable_progress_bar=false"])
+    text = console_output(capsys, caplog)
+    return next(line for line in text[text.index("Split accuracy"):].splitlines() if line.startswith("test "))
+
+
+@needs_fmnist
+def test_lpt_test_ckpt_path_last_of_a_phase2_run_whose_phase1_run_is_deleted(trained_pair, tmp_path, monkeypatch,
+                                                                            capsys, caplog):
+    """``--ckpt_path=last`` is resolved to the run's file before the model is built, so the model
+    comes from that checkpoint's hyperparameters as for an explicit path: no phase-1 file is read
+    (the config names the deleted phase-1 run's last.ckpt; the one phase 2 started from is moved away)."""
+    root, dm, _, phase2 = trained_pair
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lpt"])
+    caplog.set_level(logging.INFO)
+    run = tmp_path / "runs" / "fmnist_lt" / "phase2_visual" / "checkpoints"  # where the config's phase 2 writes
+    run.mkdir(parents=True)
+    (run / "last.ckpt").write_bytes((root / "phase2.ckpt").read_bytes())
+    assert not (tmp_path / "runs" / "fmnist_lt" / "phase1_visual").exists()
+    config = ["--config", str(REPO / "configs" / "cpu" / "fmnist_lt_phase2.yaml")]
+    moved = root / "phase1.moved"
+    (root / "phase1.ckpt").rename(moved)
+    try:
+        last = cli_test_row([*config, "--ckpt_path=last"], capsys, caplog)
+        explicit = cli_test_row([*config, "--ckpt_path", str(run / "last.ckpt")], capsys, caplog)
+    finally:
+        moved.rename(root / "phase1.ckpt")
+    assert last == explicit
+    t = trainer(tmp_path, 1)
+    t.test(phase2, datamodule=dm, verbose=False)
+    assert float(last.split()[1]) == pytest.approx(phase2.results["test"]["acc"], abs=0.01)
+
+
+@needs_fmnist
+def test_lpt_fit_ckpt_path_last_resumes_the_run(tmp_path, monkeypatch):
+    """``lpt fit --ckpt_path=last`` resumes the run in the config's checkpoint directory: a 2-epoch
+    run stopped after its first epoch trains the second one from its step, and last.ckpt is the resumed run's."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["lpt"])
+    fit = ["fit", "--config", str(REPO / "configs" / "cpu" / "fmnist_lt_phase1.yaml"), "--trainer.limit_train_batches=3",
+           "--trainer.limit_val_batches=1", "--trainer.max_epochs=2", "--trainer.enable_progress_bar=false"]
+    main([*fit, "--trainer.max_steps=3"])  # as if stopped after the first epoch
+    run = tmp_path / "runs" / "fmnist_lt" / "phase1_visual" / "checkpoints"
+    first = load_checkpoint_file(run / "last.ckpt")
+    main([*fit, "--ckpt_path=last"])
+    resumed = load_checkpoint_file(run / "last.ckpt")
+    assert (first["global_step"], resumed["global_step"]) == (3, 6)  # only the second epoch ran
+    assert changed(first["state_dict"], resumed["state_dict"], "expert.shared_prompt.")

@@ -1,9 +1,12 @@
 """Faults: NaN losses, SIGKILL, a dying rank, full disks, unwritable directories, torn writes."""
 import copy
+import errno
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,13 +15,14 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lpt_lightning.callbacks import NonFiniteLossPolicy, StepSeeding
 from lpt_lightning.checkpoints import AtomicCheckpointIO, load_checkpoint_file
 from lpt_lightning.data import FashionMNISTSource, LongTailDataModule
 from lpt_lightning.data_facts import connect
-from lpt_lightning.errors import ConfigError
+from lpt_lightning.errors import CheckpointError, ConfigError
 from lpt_lightning.expert_outputs import ensure_disk_space
 from lpt_lightning.models.expert import ExpertSpec
 from lpt_lightning.phases import AdaptPhase, OptimSpec
@@ -125,6 +129,47 @@ def test_atomic_checkpoint_write_never_leaves_a_torn_file(tmp_path, monkeypatch)
     with pytest.raises(OSError, match="No space"):
         io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+@pytest.fixture
+def tmpdir_on_another_filesystem(tmp_path, monkeypatch):
+    """$TMPDIR on a tmpfs (/dev/shm), as on nodes whose /tmp is memory or node-local disk."""
+    shm = Path("/dev/shm")
+    if sys.platform != "linux" or not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another filesystem than the test's tmp_path (Linux)")
+    directory = tempfile.mkdtemp(dir=shm)
+    monkeypatch.setattr(tempfile, "tempdir", directory)
+    yield Path(directory)
+    shutil.rmtree(directory)
+
+
+def test_lightning_own_atomic_save_tears_the_checkpoint_when_tmpdir_is_another_filesystem(
+        tmp_path, monkeypatch, tmpdir_on_another_filesystem):
+    """Why AtomicCheckpointIO is kept: Lightning's save writes its temporary file in $TMPDIR and
+    shutil.move()s it into place, which across filesystems copies over the checkpoint, so the disk
+    filling up mid-copy leaves half a last.ckpt. Ours renames within the checkpoint's folder."""
+    old, new = {"state_dict": {"w": torch.ones(50_000)}}, {"state_dict": {"w": torch.zeros(50_000)}}
+    ios = {"lightning": TorchCheckpointIO(), "ours": AtomicCheckpointIO()}
+    paths = {name: tmp_path / name / "last.ckpt" for name in ios}
+    for name, io in ios.items():
+        io.save_checkpoint(old, paths[name])
+    before = paths["ours"].read_bytes()
+    assert paths["lightning"].read_bytes() == before
+    sendfile = os.sendfile
+
+    def disk_fills_up(out_fd, in_fd, offset, count):  # the copy stops half-way through the file
+        if offset:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return sendfile(out_fd, in_fd, offset, os.fstat(in_fd).st_size // 2)
+
+    monkeypatch.setattr(os, "sendfile", disk_fills_up)
+    for name, io in ios.items():
+        with pytest.raises(OSError, match="No space"):
+            io.save_checkpoint(new, paths[name])
+    assert 0 < paths["lightning"].stat().st_size < len(before)
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint_file(paths["lightning"])
+    assert paths["ours"].read_bytes() == before and [p.name for p in paths["ours"].parent.iterdir()] == ["last.ckpt"]
 
 
 def test_too_little_disk_for_the_cache_is_refused_up_front(tmp_path):

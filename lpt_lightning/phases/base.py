@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lpt_lightning import __version__
-from lpt_lightning.checkpoints import META_KEY, is_saved_key
+from lpt_lightning.checkpoints.metadata import META_KEY, is_saved_key
 from lpt_lightning.data_facts import DataFacts
 from lpt_lightning.errors import CheckpointError, ConfigError
 from lpt_lightning.losses import AGCLLoss, LogitAdjustedCE, matching_loss

@@ -14,15 +14,9 @@ from typing import Any, Literal
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lpt_lightning.checkpoints import (
-    META_KEY,
-    check_phase_metadata,
-    check_same_data,
-    expert_from_checkpoint,
-    expert_spec_from_dict,
-    load_checkpoint_file,
-    read_phase_metadata,
-)
+from lpt_lightning.checkpoints.experts import expert_from_checkpoint, expert_spec_from_dict
+from lpt_lightning.checkpoints.files import load_checkpoint_file
+from lpt_lightning.checkpoints.metadata import META_KEY, check_phase_metadata, check_same_data, read_phase_metadata
 from lpt_lightning.errors import ConfigError
 from lpt_lightning.models.expert import ExpertSpec, GroupPromptSpec, LongTailExpert
 from lpt_lightning.phases.base import ExpertPhase, LossSpec, OptimSpec

@@ -24,12 +24,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lpt_lightning import __version__
-from lpt_lightning.checkpoints import (
-    META_KEY,
+from lpt_lightning.checkpoints.experts import (
     expert_from_checkpoint,
     expert_spec_from_dict,
+)
+from lpt_lightning.checkpoints.files import load_checkpoint_file
+from lpt_lightning.checkpoints.metadata import (
+    META_KEY,
     is_saved_key,
-    load_checkpoint_file,
     read_phase_metadata,
 )
 from lpt_lightning.errors import CheckpointError, ConfigError
