@@ -12,7 +12,7 @@ import copy
 import hashlib
 import os
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +23,7 @@ from lpt_lightning.checkpoints.files import atomic_save, load_checkpoint_file
 from lpt_lightning.checkpoints.metadata import read_phase_metadata
 from lpt_lightning.errors import CheckpointError, ConfigError, RunInterrupted
 from lpt_lightning.lightning_cli import LPTCLI, validate_config
+from lpt_lightning.models.expert import ExpertSpec
 from lpt_lightning.reports import plot_per_class_accuracy, read_metrics, split_table, write_metrics
 
 PHASE_CLASSES = {
@@ -35,7 +36,28 @@ PHASE_CLASSES = {
 # The sections below are typed, so the pipeline's parser names an unknown key. Their
 # trainer/data/model values stay dicts: they are merged into a phase's LightningCLI config, whose
 # own parser validates them (Trainer arguments, LongTailDataModule, the phase class's init args)
-# when every phase config is checked before anything trains.
+# when every phase config is checked before anything trains. An expert is typed, so that a config
+# can name a piece file for it.
+@dataclass(frozen=True)
+class ExpertRunArgs:
+    """Init args of one expert's run of a phase, merged over the phase's ``model``.
+
+    Attributes:
+        expert: the expert (``model.init_args.expert``): a piece file (``expert/visual.yaml``,
+            relative to the config naming it) or its fields. Parsed from a config, it has every
+            field (the ones it leaves out take ExpertSpec's defaults), so it replaces a
+            ``model.expert`` as a whole.
+        loss: merged over ``model.loss`` for this expert.
+        optim: merged over ``model.optim`` for this expert.
+        group_prompts: merged over ``model.group_prompts`` for this expert (phase 2).
+    """
+
+    expert: ExpertSpec | None = None
+    loss: dict[str, Any] | None = None
+    optim: dict[str, Any] | None = None
+    group_prompts: dict[str, Any] | None = None
+
+
 @dataclass(frozen=True)
 class PhaseSection:
     """Overrides of one phase, merged over the shared sections.
@@ -60,8 +82,8 @@ class ExpertPhaseSection(PhaseSection):
         vl: the same for the vision-language expert.
     """
 
-    visual: dict[str, Any] | None = None
-    vl: dict[str, Any] | None = None
+    visual: ExpertRunArgs = ExpertRunArgs()
+    vl: ExpertRunArgs = ExpertRunArgs()
 
 
 PHASE_SECTIONS: dict[str, type[PhaseSection]] = {"phase1": ExpertPhaseSection, "phase2": ExpertPhaseSection,
@@ -108,10 +130,12 @@ class PhaseRun:
 
 
 def merge(base: dict[str, Any], override: dict[str, Any] | None) -> dict[str, Any]:
-    """Recursive dict merge; lists and scalars in ``override`` replace those in ``base``."""
+    """Recursive dict merge; lists and scalars in ``override`` replace those in ``base``, and so does
+    a dict naming another ``class_path`` (its init args are another class's)."""
     out = copy.deepcopy(base)
     for key, value in (override or {}).items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if (isinstance(value, dict) and isinstance(out.get(key), dict)
+                and value.get("class_path", out[key].get("class_path")) == out[key].get("class_path")):
             out[key] = merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
@@ -119,17 +143,32 @@ def merge(base: dict[str, Any], override: dict[str, Any] | None) -> dict[str, An
 
 
 def phase_section(name: str, section: PhaseSection | dict[str, Any] | None) -> PhaseSection:
-    """The typed section of phase ``name``; a dict (from Python callers) is checked for unknown
-    keys as the pipeline's parser checks a config file."""
+    """The typed section of phase ``name``; a dict (from Python callers, or the parser's plain
+    values) is checked for unknown keys as the pipeline's parser checks a config file."""
     kind = PHASE_SECTIONS[name]
-    if isinstance(section, kind):
-        return section
-    section = dict(section or {})
-    allowed = sorted(f.name for f in fields(kind))
-    unknown = set(section) - set(allowed)
-    if unknown:
-        raise ConfigError(f"pipeline {name}: unknown keys {sorted(unknown)}; allowed: {allowed}")
+    if isinstance(section, PhaseSection):
+        section = {f.name: getattr(section, f.name) for f in fields(section)}
+    section = _known_keys(f"pipeline {name}", dict(section or {}), kind)
+    for expert in ("visual", "vl"):
+        if isinstance(section.get(expert), dict):
+            section[expert] = ExpertRunArgs(**_known_keys(f"pipeline {name}.{expert}", section[expert], ExpertRunArgs))
     return kind(**section)
+
+
+def _known_keys(where: str, values: dict[str, Any], kind: type) -> dict[str, Any]:
+    allowed = sorted(f.name for f in fields(kind))
+    unknown = set(values) - set(allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; allowed: {allowed}")
+    return values
+
+
+def expert_run_args(args: ExpertRunArgs | None) -> dict[str, Any]:
+    """What an expert's block hands to its run: plain data (a phase's config.yaml), unset fields left out."""
+    if args is None:
+        return {}
+    return {f.name: asdict(value) if is_dataclass(value) else value
+            for f in fields(args) if (value := getattr(args, f.name)) is not None}
 
 
 def plan(run_dir: str, data: dict[str, Any], trainer: dict[str, Any] | None, experts: list[str],
@@ -156,7 +195,7 @@ def plan(run_dir: str, data: dict[str, Any], trainer: dict[str, Any] | None, exp
                                         "save_top_k": 1, "every_n_train_steps": checkpoint_every_n_steps}})
         phase_trainer["callbacks"] = callbacks
         phase_trainer["default_root_dir"] = str(directory)
-        if "logger" not in phase_trainer:
+        if phase_trainer.get("logger") is None:  # unset (the parser gives every Trainer argument)
             loggers = [{"class_path": "lightning.pytorch.loggers.CSVLogger",
                         "init_args": {"save_dir": str(directory), "name": "logs"}}]
             if wandb is not None:
@@ -168,7 +207,8 @@ def plan(run_dir: str, data: dict[str, Any], trainer: dict[str, Any] | None, exp
                                     "entity": wandb.entity, "resume": "allow"},
                 })
             phase_trainer["logger"] = loggers
-        init_args = merge(merge(section.model or {}, getattr(section, expert) if expert else None), model_args)
+        init_args = merge(merge(section.model or {}, expert_run_args(getattr(section, expert)) if expert else None),
+                          model_args)
         config = {
             "seed_everything": seed_everything,
             "trainer": phase_trainer,

@@ -58,6 +58,11 @@ def source_from_config(config: str) -> tuple[DataSource, dict]:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{config}: invalid YAML ({exc})") from None
     data = cfg.get("data") if isinstance(cfg, dict) else None
+    if isinstance(data, str):  # a piece (data: data/inat18.yaml), relative to the config naming it
+        piece = path.parent / data
+        if not piece.is_file():
+            raise ConfigError(f"{config}: data: {data}: no such file ({piece})")
+        data = yaml.safe_load(piece.read_text(encoding="utf-8"))
     if isinstance(data, dict) and "init_args" in data:  # data given with its class_path
         data = data["init_args"]
     spec = data.get("source") if isinstance(data, dict) else None

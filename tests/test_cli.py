@@ -228,7 +228,8 @@ def test_repeated_config_merges_nested_sections(tmp_path):
     assert isinstance(settings["phase1"], ExpertPhaseSection) and isinstance(settings["phase3"], PhaseSection)
     assert settings["phase1"].trainer == {"max_epochs": 4}
     assert settings["phase1"].model == {"optim": {"base_lr": 0.5, "warmup_epochs": 0, "momentum": 0.5}}
-    assert settings["phase1"].visual == original["phase1"]["visual"]
+    # The expert piece the base names, relative to the base, with ExpertSpec's defaults filled in.
+    assert settings["phase1"].visual.expert == full_expert(CPU_CONFIGS / original["phase1"]["visual"]["expert"])
     assert settings["phase2"].model["group_prompts"] == {"pool_size": 3, "top_k": 2, "start_block": 3, "length": 4}
     assert settings["phase3"].model == {"scorer": {"hidden_dim": 8, "lr": 0.003}}
     assert settings["phase3"].data == {"sampling": "class_aware"}
@@ -238,6 +239,68 @@ def test_repeated_config_merges_nested_sections(tmp_path):
     assert runs["phase1_vl"]["model"]["init_args"]["optim"]["momentum"] == 0.5
     assert runs["phase1_vl"]["trainer"]["max_epochs"] == 4 and runs["phase1_vl"]["trainer"]["limit_train_batches"] == 30
     assert runs["phase2_visual"]["data"]["batch_size"] == 8
+
+
+def full_expert(piece: Path) -> dict:
+    """An expert piece's values over ExpertSpec's defaults, as plain data."""
+    from dataclasses import asdict
+
+    from lpt_lightning.models.backbones import BackboneSpec
+    from lpt_lightning.models.expert import ExpertSpec
+
+    values = yaml.safe_load(piece.read_text())
+    return asdict(ExpertSpec(**values | {"backbone": BackboneSpec(**values["backbone"])}))
+
+
+def test_pipeline_pieces_load_relative_to_their_file_and_merge_key_by_key(tmp_path, monkeypatch):
+    from lpt_lightning.pipeline import plan
+    from lpt_lightning.pipeline_cli import parse
+
+    monkeypatch.chdir(tmp_path)  # piece paths in files are relative to the file, not the working directory
+    base = CPU_CONFIGS / "fmnist_lt_pipeline.yaml"
+    (tmp_path / "pieces").mkdir()
+    (tmp_path / "pieces" / "data.yaml").write_text(yaml.safe_dump({"batch_size": 8, "num_workers": 0}))
+    (tmp_path / "pieces" / "vl.yaml").write_text(yaml.safe_dump({"prompt_length": 6}))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "over.yaml").write_text(yaml.safe_dump({
+        "data": "../pieces/data.yaml", "phase1": {"vl": {"expert": "../pieces/vl.yaml", "optim": {"base_lr": 0.1}}}}))
+    settings = parse(["--config", str(base), "--config", "mine/over.yaml",
+                      "--phase1.visual.expert.backbone.checkpoint_path=/w/vit.safetensors", "--data.source.init_args.seed=3",
+                      "--trainer", str(REPO / "configs" / "trainer" / "cpu.yaml")])
+    demo_data = yaml.safe_load((REPO / "configs" / "data" / "fmnist_lt_demo.yaml").read_text())
+    data = settings["data"]
+    assert data["source"]["init_args"] == demo_data["source"]["init_args"] | {"seed": 3, "root": None}
+    assert (data["batch_size"], data["num_workers"], data["eval_batch_size"], data["augment"]) == (8, 0, 500, False)
+    assert "__path__" not in data and "__path__" not in settings["phase1"].vl.expert
+    # A later expert piece sets what it names; the rest stays the earlier piece's.
+    assert settings["phase1"].vl.expert == full_expert(REPO / "configs" / "expert" / "standin_vl.yaml") | {"prompt_length": 6}
+    visual = full_expert(REPO / "configs" / "expert" / "standin_visual_class_mean.yaml")
+    visual["backbone"]["checkpoint_path"] = "/w/vit.safetensors"
+    assert settings["phase1"].visual.expert == visual
+    # --trainer PIECE merges into the file's trainer: the piece's values, the file's others.
+    trainer = settings["trainer"]
+    assert (trainer["log_every_n_steps"], trainer["num_nodes"], trainer["limit_train_batches"]) == (5, 1, 30)
+    runs = {r.name: r.config for r in plan(str(tmp_path / "run"), settings["data"], settings["trainer"],
+                                           settings["experts"], settings["phase1"], settings["phase2"],
+                                           settings["phase3"], settings["mixture"], settings["seed_everything"])}
+    vl = runs["phase1_vl"]["model"]["init_args"]
+    assert vl["expert"]["prompt_length"] == 6 and vl["optim"] == {"base_lr": 0.1, "warmup_epochs": 0}
+    assert runs["phase1_visual"]["model"]["init_args"]["optim"] == {"base_lr": 0.5, "warmup_epochs": 0}
+    assert runs["phase1_visual"]["model"]["init_args"]["expert"] == visual
+    assert [c["class_path"].rsplit(".", 1)[1] for c in runs["phase1_vl"]["trainer"]["logger"]] == ["CSVLogger"]
+
+
+def test_a_later_expert_piece_brings_its_whole_architecture():
+    """Dicts inside an expert (backbone.model_kwargs) are replaced, not merged, as in ``lpt fit``:
+    the tiny expert over the stand-in keeps none of the stand-in's architecture."""
+    from lpt_lightning.pipeline_cli import parse
+
+    tiny = REPO / "configs" / "expert" / "tiny_visual.yaml"
+    for args in (["--phase1.visual.expert", str(tiny)], ["--config", yaml.safe_dump({"phase1": {"visual": {"expert": str(tiny)}}})]):
+        settings = parse(["--config", str(CPU_CONFIGS / "fmnist_lt_pipeline.yaml"), *args])
+        expert = settings["phase1"].visual.expert
+        assert expert["backbone"]["model_kwargs"] == yaml.safe_load(tiny.read_text())["backbone"]["model_kwargs"]
+        assert expert["head_init"] == "class_mean"  # not set by the tiny piece: the earlier piece's
 
 
 def test_pipeline_print_config_shows_the_nested_overrides(capsys, monkeypatch):

@@ -194,14 +194,14 @@ def test_piece_paths_are_relative_to_the_config_that_names_them(tmp_path, monkey
     assert yaml.safe_load(out) == parse_config(path)
 
 
-def readme_commands() -> list[list[str]]:
-    """The ``lpt fit`` commands of the README's "Config layout" section, without ``lpt fit``."""
+def readme_commands(subcommand: str = "fit") -> list[list[str]]:
+    """The ``lpt SUBCOMMAND`` commands of the README's "Config layout" section, without ``lpt SUBCOMMAND``."""
     section = (REPO / "README.md").read_text().split("\n## Config layout\n", 1)[1].split("\n## ", 1)[0]
     commands = []
     for block in re.findall(r"```bash\n(.*?)```", section, re.DOTALL):
         for line in block.replace("\\\n", " ").splitlines():
             words = shlex.split(line, comments=True)
-            if words[:2] == ["lpt", "fit"]:
+            if words[:2] == ["lpt", subcommand]:
                 commands.append(words[2:])
     return commands
 
@@ -230,10 +230,12 @@ def test_readme_combination_validates(args, monkeypatch):
 
 
 def test_every_piece_is_checked():
-    """Each piece is carried by an entry point (checked above) or shown in a README command."""
+    """Each piece is carried by an entry point, named by a pipeline entry point or shown in a README
+    command (each checked in this file)."""
     carried = {piece for path in ALL_CONFIGS for piece in pieces_of(path).values()}
-    shown = {REPO / arg for args in README_COMMANDS for arg in args if arg.startswith("configs/")}
-    assert set(PIECES) - carried - shown == set()
+    named = {piece for path in PIPELINE_CONFIGS for piece in pieces_named(path).values()}
+    shown = {REPO / arg for args in README_COMMANDS + README_PIPELINE_COMMANDS for arg in args if arg.startswith("configs/")}
+    assert set(PIECES) - carried - named - shown == set()
 
 
 # ------------------------------------------------------------------ reference constants (SPEC 2-4)
@@ -307,29 +309,72 @@ def test_inat18_phase2_builds_reference_shapes(tmp_path):
     assert n_trainable == 20 * 6 * 10 * 768 + 20 * 768 + num_classes * 768
 
 
+# ------------------------------------------------------------------ pipeline entry points
 PIPELINE_CONFIGS = sorted(p for p in CONFIG_DIR.rglob("*_pipeline.yaml"))
 
 
-def pipeline_runs(config: dict, run_dir: Path):
-    """The phase runs ``lpt pipeline`` composes from a pipeline config."""
+@functools.cache
+def parse_pipeline(path: Path) -> dict:
+    """``lpt pipeline --config PATH``: the keyword arguments of `run_pipeline`, its pieces read."""
+    from lpt_lightning.pipeline_cli import parse
+
+    return parse(["--config", str(path)])
+
+
+def pipeline_runs(settings: dict, run_dir: Path):
+    """The phase runs ``lpt pipeline`` composes from its settings (parsed, or a pipeline file's plain values)."""
     from lpt_lightning.pipeline import plan
 
-    return plan(str(run_dir), config["data"], config.get("trainer"), config.get("experts") or ["visual", "vl"],
-                config.get("phase1"), config.get("phase2"), config.get("phase3"), config.get("mixture", True),
-                config.get("seed_everything", 0))
+    return plan(str(run_dir), settings["data"], settings.get("trainer"), settings.get("experts") or ["visual", "vl"],
+                settings.get("phase1"), settings.get("phase2"), settings.get("phase3"), settings.get("mixture", True),
+                settings.get("seed_everything", 0))
+
+
+def pieces_named(path: Path) -> dict[str, Path]:
+    """The pieces a pipeline file names, by the dotted key they fill (``data``, ``phase1.vl.expert``)."""
+    raw = yaml.safe_load(path.read_text())
+    named = {key: raw.get(key) for key in ("data", "trainer")}
+    for phase, expert in itertools.product(("phase1", "phase2"), ("visual", "vl")):
+        named[f"{phase}.{expert}.expert"] = ((raw.get(phase) or {}).get(expert) or {}).get("expert")
+    return {key: (path.parent / value).resolve() for key, value in named.items() if isinstance(value, str)}
+
+
+def with_pieces_pasted_in(path: Path) -> dict:
+    """A pipeline file's values with each piece it names pasted in: how the files were written
+    before ``lpt pipeline`` read pieces."""
+    raw = yaml.safe_load(path.read_text())
+    for key, piece in pieces_named(path).items():
+        *parents, leaf = key.split(".")
+        functools.reduce(dict.__getitem__, parents, raw)[leaf] = yaml.safe_load(piece.read_text())
+    return raw
+
+
+def parsed_phase(run, path: Path) -> dict:
+    """A composed phase config as ``lpt fit --config`` parses and validates it (``path``: where to write it)."""
+    from lpt_lightning.lightning_cli import parse_config as lpt_parse_config
+
+    path.write_text(yaml.safe_dump(run.config, sort_keys=False))
+    cfg = lpt_parse_config(["fit", "--config", str(path)]).fit.clone(with_meta=False).as_dict()
+    del cfg["config"]  # the path given
+    return cfg
 
 
 @pytest.mark.parametrize("path", PIPELINE_CONFIGS, ids=lambda p: str(p.relative_to(CONFIG_DIR)))
-def test_every_pipeline_config_composes_valid_phase_configs(path, tmp_path):
-    from lpt_lightning.pipeline import _validate_configs
-
-    config = yaml.safe_load(path.read_text())
-    assert config["run_dir"].startswith("runs/")
-    runs = pipeline_runs(config, tmp_path)
-    expected = ["phase1_visual", "phase2_visual"] + (["phase1_vl", "phase2_vl"] if "vl" in config["experts"] else [])
+def test_pipeline_config_composes_the_phases_of_its_pieces(path, tmp_path):
+    """Every pipeline entry point names its data and experts as pieces, and each phase it runs is
+    valid and, as ``lpt fit`` parses it, the phase the same file composes with those pieces pasted in."""
+    named = pieces_named(path)
+    assert "data" in named and {"phase1.visual.expert"} <= set(named), f"{path} names no data or expert piece"
+    settings = parse_pipeline(path)
+    assert settings["run_dir"].startswith("runs/")
+    runs = pipeline_runs(settings, tmp_path / "run")
+    expected = ["phase1_visual", "phase2_visual"] + (["phase1_vl", "phase2_vl"] if "vl" in settings["experts"] else [])
     assert [r.name for r in runs if r.phase != "phase3"] == expected
-    assert any(r.phase == "phase3" for r in runs) == config["mixture"]
-    _validate_configs(runs)  # every phase parses with the real CLI parser
+    assert any(r.phase == "phase3" for r in runs) == settings["mixture"]
+    pasted = pipeline_runs(with_pieces_pasted_in(path), tmp_path / "run")
+    assert [r.name for r in pasted] == [r.name for r in runs]
+    for run, same in zip(runs, pasted):
+        assert parsed_phase(run, tmp_path / f"{run.name}.yaml") == parsed_phase(same, tmp_path / f"{run.name}.pasted.yaml"), run.name
 
 
 ENTRY_POINT_OF_PHASE = {"phase1_visual": "phase1", "phase1_vl": "phase1_vl", "phase2_visual": "phase2",
@@ -347,14 +392,69 @@ def without_run_paths(cfg: dict) -> dict:
     return cfg
 
 
-@pytest.mark.parametrize("dataset", DATASETS)
-def test_pipeline_phases_equal_the_single_phase_configs(dataset, tmp_path):
-    """A pipeline config cannot name pieces: each phase it runs must equal the single-phase entry
-    point made of them, but for the run's paths."""
-    runs = pipeline_runs(yaml.safe_load((CONFIG_DIR / f"{dataset}_pipeline.yaml").read_text()), tmp_path)
-    assert [run.name for run in runs] == ["phase1_visual", "phase2_visual", "phase1_vl", "phase2_vl", "phase3_moe"]
+def phase_configs_of(runs, tmp_path: Path) -> dict[str, dict]:
+    """Each run's config as ``lpt fit --config`` prints it, by run name."""
+    configs = {}
     for run in runs:
         path = tmp_path / f"{run.name}.yaml"
         path.write_text(yaml.safe_dump(run.config, sort_keys=False))
-        entry_point = CONFIG_DIR / f"{dataset}_{ENTRY_POINT_OF_PHASE[run.name]}.yaml"
-        assert without_run_paths(parse_config(path)) == without_run_paths(parse_config(entry_point)), run.name
+        configs[run.name] = parse_config(path)
+    return configs
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_pipeline_phases_equal_the_single_phase_configs(dataset, tmp_path):
+    """Each phase a pipeline runs equals the single-phase entry point of the same pieces, but for
+    the run's paths: the pipeline and the entry points carry the same trainer and phase values."""
+    runs = pipeline_runs(parse_pipeline(CONFIG_DIR / f"{dataset}_pipeline.yaml"), tmp_path)
+    assert [run.name for run in runs] == ["phase1_visual", "phase2_visual", "phase1_vl", "phase2_vl", "phase3_moe"]
+    for name, cfg in phase_configs_of(runs, tmp_path).items():
+        entry_point = CONFIG_DIR / f"{dataset}_{ENTRY_POINT_OF_PHASE[name]}.yaml"
+        assert without_run_paths(cfg) == without_run_paths(parse_config(entry_point)), name
+
+
+def test_lpt_mode_pipeline_phases_equal_the_single_phase_configs(tmp_path):
+    """LPT mode: Places-LT's phase 1 with the expert without adapters (expert/visual_lpt.yaml), then its phase 2."""
+    runs = pipeline_runs(parse_pipeline(CONFIG_DIR / "places_lt_lpt_pipeline.yaml"), tmp_path)
+    code, out, err = run_print_config(CONFIG_DIR / "places_lt_phase1.yaml", "--model.init_args.expert",
+                                      str(CONFIG_DIR / "expert" / "visual_lpt.yaml"))
+    assert code == 0, err[-3000:]
+    expected = {"phase1_visual": yaml.safe_load(out), "phase2_visual": parse_config(CONFIG_DIR / "places_lt_phase2.yaml")}
+    configs = phase_configs_of(runs, tmp_path)
+    assert list(configs) == list(expected)
+    for name, cfg in configs.items():
+        assert without_run_paths(cfg) == without_run_paths(expected[name]), name
+    assert configs["phase1_visual"]["model"]["init_args"]["expert"]["adapters"] is False
+
+
+README_PIPELINE_COMMANDS = readme_commands("pipeline")
+# Where the piece given with an option lands in the parsed pipeline settings.
+PIPELINE_OPTION_SECTION = {"--data": lambda settings: settings["data"], "--trainer": lambda settings: settings["trainer"]}
+for _phase, _expert in itertools.product(("phase1", "phase2"), ("visual", "vl")):
+    PIPELINE_OPTION_SECTION[f"--{_phase}.{_expert}.expert"] = (
+        lambda settings, phase=_phase, expert=_expert: getattr(settings[phase], expert).expert)
+
+
+@pytest.mark.parametrize("args", README_PIPELINE_COMMANDS,
+                         ids=lambda args: "+".join(Path(a).stem for a in args if a.startswith("configs/")))
+def test_readme_pipeline_combination_validates(args, monkeypatch, tmp_path):
+    from lpt_lightning.pipeline import _validate_configs
+    from lpt_lightning.pipeline_cli import parse
+
+    monkeypatch.chdir(REPO)  # the README's commands run from the repository root
+    settings = parse(args)
+    given = [(option, Path(value)) for option, value in itertools.pairwise(args) if option in PIPELINE_OPTION_SECTION]
+    assert given, "the command combines no pieces"
+    for option, piece in given:
+        overridden = {a.split("=", 1)[0].removeprefix(option + ".") for a in args if a.startswith(option + ".")}
+        expected = {k: v for k, v in yaml.safe_load(piece.read_text()).items() if k not in overridden}
+        assert not mismatches(PIPELINE_OPTION_SECTION[option](settings), expected, option), piece
+    _validate_configs(pipeline_runs(settings, tmp_path))  # every phase parses with the real CLI parser
+
+
+@pytest.mark.parametrize("path", PIPELINE_CONFIGS, ids=lambda p: str(p.relative_to(CONFIG_DIR)))
+def test_lpt_prepare_reads_the_data_piece_a_pipeline_names(path):
+    from lpt_lightning.prepare import source_from_config
+
+    _, spec = source_from_config(str(path))
+    assert spec == yaml.safe_load(pieces_named(path)["data"].read_text())["source"]

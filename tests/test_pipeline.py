@@ -164,6 +164,32 @@ def test_plan_hands_each_final_checkpoint_to_the_next_phase(tmp_path):
     assert by_name["phase1_visual"]["trainer"]["default_root_dir"] == str(tmp_path / "phase1_visual")
 
 
+def test_expert_blocks_and_phase_overrides_compose_each_phase(tmp_path):
+    """An expert's block merges over the phase's model (its expert over model.expert, its optim over
+    model.optim); a phase's data naming another source class replaces the shared source (the init
+    args are the other class's); a trainer whose logger is None, as the pipeline's parser gives every
+    trainer argument, gets the pipeline's loggers."""
+    phase1 = copy.deepcopy(TINY["phase1"])
+    phase1["model"]["expert"] = {"head_dropout": 0.0}
+    phase1["vl"]["optim"] = {"base_lr": 0.1}
+    phase3 = copy.deepcopy(TINY["phase3"])
+    lists = {"class_path": "lpt_lightning.data.AnnotationListSource", "init_args": {"root": "/lists", "train_list": "t.txt"}}
+    phase3["data"]["source"] = lists
+    runs = {r.name: r.config for r in plan(str(tmp_path), TINY["data"], TINY["trainer"] | {"logger": None},
+                                           ["visual", "vl"], phase1, TINY["phase2"], phase3, True, 0)}
+    vl, visual = runs["phase1_vl"]["model"]["init_args"], runs["phase1_visual"]["model"]["init_args"]
+    assert vl["expert"] == TINY["phase1"]["vl"]["expert"] | {"head_dropout": 0.0}
+    assert vl["optim"] == {"base_lr": 0.1, "warmup_epochs": 0} and visual["optim"] == {"base_lr": 0.5, "warmup_epochs": 0}
+    assert runs["phase3_moe"]["data"]["source"] == lists
+    assert runs["phase2_vl"]["data"]["source"] == TINY["data"]["source"]
+    loggers = runs["phase2_vl"]["trainer"]["logger"]
+    assert [(c["class_path"], c["init_args"]["save_dir"]) for c in loggers] == [
+        ("lightning.pytorch.loggers.CSVLogger", str(tmp_path / "phase2_vl"))]
+    with pytest.raises(ConfigError, match=r"pipeline phase2.vl: unknown keys \['expret'\]"):
+        plan(str(tmp_path), TINY["data"], TINY["trainer"], ["visual", "vl"], TINY["phase1"], {"vl": {"expret": {}}},
+             TINY["phase3"], True, 0)
+
+
 def test_pipeline_rejects_bad_configuration_before_training(tmp_path):
     with pytest.raises(ConfigError, match="mixture=true .* needs both experts"):
         run_pipeline(run_dir=str(tmp_path), data=TINY["data"], experts=["visual"])
