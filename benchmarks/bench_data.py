@@ -1,7 +1,7 @@
 """Data loading through the library's own loader, on iNaturalist-sized photos.
 
 Photo-like 800x600 JPEGs are prepared with `lpt prepare` (LitData shards and a resized tree, 1 and 2
-processes: seconds per 10,000 images; shards also at a shorter side of 224). Each copy (raw files,
+processes, best of 3 fresh runs: seconds per 10,000 images; shards also at a shorter side of 224). Each copy (raw files,
 tree, shards) is then read the way training reads it, through `LongTailDataModule`:
 
 - per worker, in this process with 1 torch thread (what a DataLoader worker runs with): the work a

@@ -432,7 +432,7 @@ def data_section(run: dict[str, Any]) -> list[str]:
     lines = [
         "### Data loading",
         "",
-        "**The training loader.** `LongTailDataModule.train_dataloader()` returns one loader for all sampling "
+        ("**The training loader.** `LongTailDataModule.train_dataloader()` returns one loader for all sampling "
         "streams: a `TrainingDataLoader` (torchdata's `StatefulDataLoader`, whose state Lightning saves for exact "
         "mid-epoch resumes) over `StreamBatches`, driven by a `StreamBatchSampler` whose every key is a whole step. "
         "One worker builds a whole step, both dual-sampling streams' batches (2 x `data.batch_size` images), so "
@@ -443,25 +443,25 @@ def data_section(run: dict[str, Any]) -> list[str]:
         "the workers only read the files' bytes; the JPEGs are decoded on the GPU (nvjpeg, "
         "`torchvision.io.decode_jpeg`) and cropped there with the same per-draw seeds "
         "(`on_after_batch_transfer`). It applies to image files (the originals or the resized tree), not to the "
-        "LitData shards; without CUDA the main process decodes after the transfer, slower than the workers.",
+        "LitData shards; without CUDA the main process decodes after the transfer, slower than the workers."),
         "",
         _measured_line(record)
         + f" {n} photo-like 800x600 JPEGs (iNaturalist-sized originals: natural images upscaled plus sensor-like "
         f"noise, quality 90, {data['kib_raw']:.1f} KiB on average), all in the page cache.",
         "",
-        "**No GPU was lent for this run**: the loader benchmark on a GPU host and a short bf16 phase-2 run are "
+        ("**No GPU was lent for this run**: the loader benchmark on a GPU host and a short bf16 phase-2 run are "
         "not measured, and the GPU figures below are estimates from counted FLOPs. On a GPU host, "
         "`python benchmarks/run_all.py --device cuda` measures the phase-2 steps in bf16 and this loader on that "
-        "host's cores.",
+        "host's cores."),
         "",
         "#### `lpt prepare`: cost per 10,000 images",
         "",
-        f"`lpt prepare` of the {n} originals (JPEG quality 90, parts of 64 images), best and median of "
+        (f"`lpt prepare` of the {n} originals (JPEG quality 90, parts of 64 images), best and median of "
         f"{data['cost'][0]['rounds']} fresh runs each. Seconds per 10,000 images are **extrapolated** linearly "
-        f"from the best run over these {n} (process-pool start-up included, so they lean high).",
+        f"from the best run over these {n} (process-pool start-up included, so they lean high)."),
         "",
-        "| format | processes | shorter side | seconds for the set, best (median) | seconds per 10,000 images | "
-        "KiB per stored image |",
+        ("| format | processes | shorter side | seconds for the set, best (median) | seconds per 10,000 images | "
+        "KiB per stored image |"),
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in data["cost"]:
@@ -471,7 +471,7 @@ def data_section(run: dict[str, Any]) -> list[str]:
         "",
         "#### Images/s per worker",
         "",
-        "What one DataLoader worker does, run in this process with 1 torch thread (what a worker runs with): "
+        ("What one DataLoader worker does, run in this process with 1 torch thread (what a worker runs with): "
         f"*train* = `train_dataloader()` items, i.e. `StreamBatches` over the `StreamBatchSampler`'s steps (both "
         f"dual streams, {data['batch_per_stream']} images each: decode, RandomResizedCrop(224) + flip under each "
         "draw's seed, uint8, collation); *eval* = batches of `split_dataloader()` (the phase-3 outputs pass; "
@@ -480,7 +480,7 @@ def data_section(run: dict[str, Any]) -> list[str]:
         "`data.decode_jpeg_on_device: true` (the files' bytes; decoding and cropping then run on the GPU, not "
         f"measured). {data['worker_images_per_round']} images per pipeline and round, {rounds} rounds interleaved "
         "across pipelines. The cores are shared with other developers' jobs: the **best** round is the least "
-        "disturbed and is what the projection below uses; the median shows the spread.",
+        "disturbed and is what the projection below uses; the median shows the spread."),
         "",
         "| copy | pipeline | images/s per worker, best | median | ms per image, best |",
         "| --- | --- | ---: | ---: | ---: |",
@@ -494,14 +494,14 @@ def data_section(run: dict[str, Any]) -> list[str]:
         "",
         "#### The real loaders with 1 and 2 workers",
         "",
-        f"`LongTailDataModule(sampling=\"dual\", batch_size={data['batch_per_stream']}, num_workers=1 or 2)`: "
+        (f"`LongTailDataModule(sampling=\"dual\", batch_size={data['batch_per_stream']}, num_workers=1 or 2)`: "
         "*train* iterates `train_dataloader()` (images/s over both streams; one epoch of "
         f"{n // data['batch_per_stream']} steps), *eval* iterates `split_dataloader(\"train\")` (batch "
         f"{data['eval_batch']}). Fresh workers every round, timed from the moment each worker delivered its first "
         f"batch; best and median of {loader_rounds} rounds interleaved across configurations. This machine has "
         f"{record.get('machine', {}).get('cpu_cores_visible')} cores shared with other jobs, and the main process "
-        "(receiving and unpickling batches) runs on them too: 2 workers come near twice the 1-worker rate only in "
-        "the least disturbed rounds.",
+        "(receiving and unpickling batches) runs on them too, so 2 workers cannot quite double the 1-worker rate "
+        "here."),
         "",
         "| copy | loader | workers | images/s, best | median |",
         "| --- | --- | ---: | ---: | ---: |",
@@ -521,14 +521,14 @@ def projection_section(data: dict[str, Any], model: dict[str, Any]) -> list[str]
     lines = [
         f"#### Projection: a {NODE_CORES}-core node against one {PROJECTION_GPU.split(' (')[0]}",
         "",
-        f"**Estimate, not a measurement.** GPU demand = images/s one {PROJECTION_GPU} consumes at "
+        (f"**Estimate, not a measurement.** GPU demand = images/s one {PROJECTION_GPU} consumes at "
         f"{ASSUMED_GPU_MFU:.0%} MFU in bf16, from the FLOPs per image counted above (training steps: forward + "
         "backward at the largest measured batch; phase 3's outputs pass: the `MoEScorerPhase.forward` row of the "
         f"inference table, both experts with prefix reuse, the scorer's FLOPs negligible). Supply = {NODE_WORKERS} "
         f"workers (one of the {NODE_CORES} cores for the training process) x the **best-of-rounds** per-worker rate "
         "measured here (train transform for phases 1-2, eval transform for phase 3): this assumes a node core as "
         "fast as the least disturbed round on this shared 2-core machine and linear scaling over the workers, "
-        "neither of which was measured.",
+        "neither of which was measured."),
         "",
         "| phase | model | GFLOP per image | GPU demand (images/s) | "
         + " | ".join(f"supply: {c}" for c in copies) + " | workers needed (best prepared copy) | met from prepared data |",
@@ -544,6 +544,12 @@ def projection_section(data: dict[str, Any], model: dict[str, Any]) -> list[str]
     goal = proj["goal"]
     if goal:
         lines += ["", _goal_text(goal, data, proj)]
+        raw = next((c for c in copies if c.startswith("raw")), None)
+        phase2 = next(r for r in proj["rows"] if r["phase"] == PHASE_NAMES["phase2"])
+        if raw and raw in phase2["supply"]:
+            lines[-1] += (f" From the raw originals the same node supplies {phase2['supply'][raw]:,.0f} images/s "
+                          f"({100 * phase2['supply'][raw] / goal['demand']:.0f}% of the demand)"
+                          + (": preparing the data is what meets the goal." if goal["met"] else "."))
     return lines + [""]
 
 
@@ -612,9 +618,9 @@ images, originals around 800x600):
    images. Decoding gets several times cheaper (the per-worker table above) and the copy is several
    times smaller. The test transform, Resize(256, 256) + CenterCrop(224), sees practically the same
    image; RandomResizedCrop(224) sees the same crops, small ones upsampled from fewer source pixels.
-2. **Storage**: the LitData shards are a few hundred 64 MB files read by memory map, which a shared
-   or network file system serves well; one file per image (raw or tree) wants local disk (NVMe or a
-   RAM disk): thousands of images per second are tens of MB/s of small random reads. On network
+2. **Storage**: the LitData shards are a few hundred files of up to 64 MB read by memory map, which
+   suits a shared file system far better than one file per image; a raw or tree copy wants local disk
+   (NVMe or a RAM disk): thousands of images per second are tens of MB/s of small random reads. On network
    storage also set `data.verify_images: off` (the pre-flight check opens every one of the 437,513
    files; about 2 minutes of CPU from the page cache, see the README).
 3. **Workers**: one training loader serves every sampling stream and one worker builds a whole step,
@@ -697,16 +703,16 @@ def findings(run: dict[str, Any]) -> list[str]:
         lines.append("")
     # 2. data hand-off (fixed)
     lines += [
-        "**2. Float32 images left the workers: fixed** (commit 55177d3, \"One training loader for all sampling "
+        ("**2. Float32 images left the workers: fixed** (commit 55177d3, \"One training loader for all sampling "
         "streams\"). The transforms ended in `T.ToTensor()`, so each 224x224 image was converted and divided in "
         "the worker and crossed process boundaries and pinned memory as 588 KiB of float32 instead of 147 KiB of "
         "uint8. Measured before the change (run of 2026-11-29, 256-px JPEGs, train transform): 533 images/s per "
         "worker with `ToTensor` versus 606 with `PILToTensor` (x1.14), and through a 2-worker DataLoader 440 "
         "versus 757 images/s (x1.72, one short run each). The transforms now end in `v2.PILToTensor()` and the "
-        "backbone converts and normalises on the device (see Data loading).", ""]
+        "backbone converts and normalises on the device (see Data loading)."), ""]
     # 3. phase-3 expert outputs at scale (addressed)
     lines += [
-        "**3. Phase-3 expert outputs grow with classes x held-out images: addressed.** They used to be fp32 "
+        ("**3. Phase-3 expert outputs grow with classes x held-out images: addressed.** They used to be fp32 "
         "tensors loaded into RAM on every rank. Now the predict loop writes them as float16 memory-mapped `.npy` "
         "shards (`lpt_lightning/expert_outputs.py`, `ExpertOutputsWriter`) and the scorer's "
         "`CachedOutputsDataModule` (`lpt_lightning/data/cached_outputs.py`) maps them read-only, so the ranks of a "
@@ -715,7 +721,7 @@ def findings(run: dict[str, Any]) -> list[str]:
         "under `scorer.fit_on: train`) the true label's probability (4 B). The scorer is fitted on the held-out "
         "split by default (`scorer.fit_on: heldout`), and a dataset without a validation split carves one out of "
         "train before phase 1 (`data.holdout_per_class: 5`, at most 20 % of a class), never the test split. "
-        "Sizes on disk and in the page cache, one copy per node (computed from the formulas, not measured):",
+        "Sizes on disk and in the page cache, one copy per node (computed from the formulas, not measured):"),
         "",
         "| dataset | classes | held-out (val) | test | total | `fit_on: train` adds |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
