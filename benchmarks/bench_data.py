@@ -1,14 +1,26 @@
-"""Data loading: decoded and augmented images/s per worker with the library's own dataset and
-transforms, on 256-px JPEGs (pre-resized, the fast path) and on 800x600 JPEGs (iNaturalist-sized
-originals); DataLoader throughput with 1-2 workers; and the uint8 hand-off (proposed fix) side by side.
-Then `lpt prepare` on iNaturalist-sized originals: its cost per image with 1 and 2 processes, and the
-read rates of the originals, the resized tree and the LitData shards it writes.
+"""Data loading through the library's own loader, on iNaturalist-sized photos.
+
+Photo-like 800x600 JPEGs are prepared with `lpt prepare` (LitData shards and a resized tree, 1 and 2
+processes, best of 3 fresh runs: seconds per 10,000 images; shards also at a shorter side of 224). Each copy (raw files,
+tree, shards) is then read the way training reads it, through `LongTailDataModule`:
+
+- per worker, in this process with 1 torch thread (what a DataLoader worker runs with): the work a
+  worker does for one item of `train_dataloader()` (a `StreamBatchSampler` step through
+  `StreamBatches`: both dual streams' images decoded, RandomResizedCrop + flip to uint8, collated)
+  and for a batch of `split_dataloader()` (eval transform, the phase-3 outputs pass); plus decoding
+  alone and the worker side of ``data.decode_jpeg_on_device`` (file bytes only). Interleaved rounds;
+  the best round is the least disturbed by other jobs;
+- the real loaders with 1 and 2 worker processes: images/s over both dual streams (training) and
+  of the eval loader, fresh workers each round, the first batch of each worker not counted.
 """
 from __future__ import annotations
 
 import io
+import itertools
+import shutil
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +31,10 @@ from PIL import Image
 from benchmarks import common as C
 
 CIFAR_ARCHIVE = C.REPO.parent / "shared" / "data" / "cifar10-train-jpeg.tar.gz"
+BATCH = 16  # per stream: a training step has 2 x BATCH images
+CLASSES = 8
+RAW, TREE, SHARDS, SHARDS_224 = ("raw 800x600 JPEG files", "resized tree (lpt prepare --format tree)",
+                                 "LitData shards (lpt prepare)", "LitData shards, --short_side 224")
 
 
 def _source_images(n: int, seed: int = 0) -> list[np.ndarray]:
@@ -52,159 +68,155 @@ def make_jpegs(root: Path, n: int, size: tuple[int, int], quality: int = 90, see
     return paths
 
 
-def _uint8_train_transform(img_size: int):
-    """Proposed hand-off: same augmentation, uint8 CHW tensor (4x fewer bytes through worker IPC);
-    the /255 moves to the device, where the backbone normalises anyway."""
-    from torchvision import transforms as T
+def _files_source(paths: list[str]):
+    """A DataSource of the given image files (CLASSES classes, no val/test): what `lpt prepare` reads."""
+    from lpt_lightning.data import DatasetSplits, DataSource, Split
 
-    return T.Compose([T.RandomResizedCrop(img_size), T.RandomHorizontalFlip(), T.PILToTensor()])
+    class BenchFiles(DataSource):
+        name = "bench"
 
+        def load(self) -> DatasetSplits:
+            labels = np.arange(len(paths)) % CLASSES
+            return DatasetSplits("bench", Split(list(paths), labels, origin="benchmark JPEGs"), None, None,
+                                 [f"class {c}" for c in range(CLASSES)])
 
-def _per_worker(datasets: dict[str, Any], n: int, rounds: int, env: C.Env) -> dict[str, dict[str, float]]:
-    def run(ds):
-        return lambda: [ds[i] for i in range(n)]
-
-    fns = {name: run(ds) for name, ds in datasets.items()}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # what a DataLoader worker runs with
-    try:
-        times = C.time_interleaved(fns, rounds, 1, env)
-    finally:
-        torch.set_num_threads(threads)
-    return {name: {"images_per_s": n / C.median(ts), "ms_per_image": 1000 * C.median(ts) / n,
-                   "images_per_s_best": n / min(ts)} for name, ts in times.items()}
+    return BenchFiles()
 
 
-class _DecodeOnly:
-    def __init__(self, ds):
-        self.ds = ds
+def _datamodule(source, workers: int, decode_on_device: bool = False):
+    from lpt_lightning.data import LongTailDataModule
 
-    def __getitem__(self, i):
-        return self.ds.load_image(i)
+    return LongTailDataModule(source, batch_size=BATCH, eval_batch_size=2 * BATCH, sampling="dual",
+                              num_workers=workers, img_size=224, verify_images="off", pin_memory=False,
+                              decode_jpeg_on_device=decode_on_device)
 
 
-def _loader_rate(dataset, workers: int, batch: int, batches: int) -> float:
-    from torch.utils.data import DataLoader, RandomSampler
+def _train_work(dm, steps: int) -> tuple[Callable[[], Any], int]:
+    """What a worker of ``dm.train_dataloader()`` does for ``steps`` steps, and their image count."""
+    loader = dm.train_dataloader()
+    keys = list(itertools.islice(iter(loader.sampler), steps))
+    batches = loader.dataset  # StreamBatches
+    return (lambda: [batches[step] for step in keys]), sum(len(k) for step in keys for k in step.values())
 
-    sampler = RandomSampler(dataset, replacement=True, num_samples=batch * (batches + 2),
-                            generator=torch.Generator().manual_seed(0))
-    loader = DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers, persistent_workers=False,
-                        prefetch_factor=2 if workers else None)
+
+def _eval_work(dm, images: int) -> tuple[Callable[[], Any], int]:
+    """What a worker of ``dm.split_dataloader("train")`` (the phase-3 outputs pass) does for ``images``."""
+    loader = dm.split_dataloader("train")
+    dataset, collate, size = loader.dataset, loader.collate_fn, loader.batch_size
+    index = list(loader.sampler)[:images]
+    chunks = [index[i:i + size] for i in range(0, len(index), size)]
+    return (lambda: [collate([dataset[i] for i in chunk]) for chunk in chunks]), len(index)
+
+
+def _decode_work(dm, images: int) -> tuple[Callable[[], Any], int]:
+    dataset = dm.split_dataloader("train").dataset
+    return (lambda: [dataset.load_image(i) for i in range(images)]), images
+
+
+def _batch_images(batch: dict) -> int:
+    """Images in a batch, summed over the streams of a training batch."""
+    if "image" in batch:
+        return batch["image"].shape[0]
+    return sum(_batch_images(b) for b in batch.values())
+
+
+def _loader_rate(loader, workers: int) -> float:
+    """Images/s of one pass over ``loader``, from the moment every worker delivered its first batch
+    (start-up is not throughput)."""
     it = iter(loader)
-    next(it)  # worker start-up and the first batch are not throughput
+    for _ in range(max(workers, 1)):
+        next(it)
     t0 = time.perf_counter()
-    seen = 0
-    for b in it:
-        seen += b["image"].shape[0]
+    seen = sum(_batch_images(batch) for batch in it)
     return seen / (time.perf_counter() - t0)
 
 
-class _Files:
-    """A DataSource of the given image files (one class): what `lpt prepare` reads."""
-
-    name = "bench"
-
-    def __init__(self, paths: list[str]) -> None:
-        self.paths = paths
-
-    def load(self):
-        from lpt_lightning.data import DatasetSplits, Split
-
-        return DatasetSplits("bench", Split(self.paths, np.zeros(len(self.paths), dtype=np.int64)), None, None, ["x"])
+def _rates(times: dict[str, list[float]], images: dict[str, int]) -> dict[str, dict[str, float]]:
+    return {name: {"images_per_s_best": images[name] / min(ts), "images_per_s": images[name] / C.median(ts),
+                   "ms_per_image_best": 1000 * min(ts) / images[name], "rounds": len(ts)}
+            for name, ts in times.items()}
 
 
-def _prepared(root: Path, n: int, env: C.Env, log) -> dict[str, Any]:
-    """`lpt prepare` (short side 256, quality 90) of n 800x600 JPEGs with 1 and 2 processes, then the
-    read rates of the three copies, train and eval transforms, per worker and with 1-2 DataLoader workers."""
-    import shutil
-
-    from lpt_lightning.data import LongTailImageDataset, PreparedSource, build_eval_transform, build_train_transform
+def _prepare_cost(originals: list[str], root: Path, rounds: int, log) -> tuple[list[dict[str, Any]], dict[str, Path]]:
+    """`lpt prepare` of the originals per format, process count and short side: best of ``rounds``
+    fresh runs (interleaved), and the copies it wrote."""
     from lpt_lightning.prepare import prepare
 
-    originals = make_jpegs(root / "originals", n, (800, 600), seed=2)
-    cost = []
-    for fmt, workers in (("litdata", 1), ("litdata", 2), ("tree", 2)):
-        out = root / f"prepared_{fmt}_{workers}"
-        shutil.rmtree(out, ignore_errors=True)
-        t0 = time.perf_counter()
-        manifest = prepare(_Files(originals), out, fmt=fmt, workers=workers, part_size=64, progress=False)
-        seconds = time.perf_counter() - t0
-        cost.append({"format": fmt, "processes": workers, "images": n, "seconds": seconds,
-                     "seconds_per_10k": seconds / n * 10_000, "kib_per_image": manifest["image_bytes"] / n / 1024})
-        log(f"  lpt prepare --format {fmt} --workers {workers}: {n} images in {seconds:.1f} s "
-            f"= {cost[-1]['seconds_per_10k']:.0f} s per 10,000 images ({cost[-1]['kib_per_image']:.1f} KiB/image)")
-    kib_raw = np.mean([Path(p).stat().st_size for p in originals]) / 1024
-    copies = {"raw 800x600 JPEG files": (_Files(originals).load(), None),
-              "resized tree (lpt prepare --format tree)": PreparedSource(str(root / "prepared_tree_2")).load(),
-              "LitData shards (lpt prepare)": PreparedSource(str(root / "prepared_litdata_2")).load()}
-    copies = {name: (c if isinstance(c, tuple) else (c, c.images)) for name, c in copies.items()}
-    transforms = {"train": build_train_transform(224), "eval": build_eval_transform(224)}
-    sets = {f"{name}, {t}": LongTailImageDataset(splits.train, transform, images=images)
-            for name, (splits, images) in copies.items() for t, transform in transforms.items()}
-    for d in sets.values():  # warm the page cache
-        for i in range(n):
-            d[i]
-    per_worker = _per_worker(sets, n, 3, env)
-    loaders = []
-    for name, ds in sets.items():
-        if name.endswith("train"):
-            for workers in (1, 2):
-                rate = _loader_rate(ds, workers, 16, 6)
-                loaders.append({"copy": name.rsplit(",", 1)[0], "workers": workers, "images_per_s": rate})
-    for name, r in per_worker.items():
-        log(f"  {name}: {r['images_per_s']:.0f} img/s per worker")
-    for r in loaders:
-        log(f"  DataLoader {r['workers']} workers, {r['copy']}, train: {r['images_per_s']:.0f} img/s")
-    machine = {"cpu": C.machine_info(env)["cpu"], "date": time.strftime("%Y-%m-%d %H:%M"),
-               "load_average": C.load_average()}  # `--only data` keeps the model section's machine line
-    return {"n_images": n, "kib_raw": kib_raw, "cost": cost, "per_worker": per_worker, "loaders": loaders,
-            "machine": machine}
+    configs = (("litdata", 1, 256), ("litdata", 2, 256), ("tree", 1, 256), ("tree", 2, 256), ("litdata", 2, 224))
+    seconds: dict[tuple, list[float]] = {c: [] for c in configs}
+    copies, stored = {}, {}
+    for _ in range(rounds):
+        for fmt, workers, short_side in configs:
+            out = root / f"prepared_{fmt}_{workers}_{short_side}"
+            shutil.rmtree(out, ignore_errors=True)
+            t0 = time.perf_counter()
+            manifest = prepare(_files_source(originals), out, fmt=fmt, short_side=short_side, workers=workers,
+                               part_size=64, progress=False)
+            seconds[(fmt, workers, short_side)].append(time.perf_counter() - t0)
+            copies[(fmt, short_side)], stored[(fmt, workers, short_side)] = out, manifest["image_bytes"]
+    n, cost = len(originals), []
+    for (fmt, workers, short_side), ts in seconds.items():
+        cost.append({"format": fmt, "processes": workers, "short_side": short_side, "images": n, "seconds": min(ts),
+                     "seconds_median": C.median(ts), "rounds": len(ts), "seconds_per_10k": min(ts) / n * 10_000,
+                     "kib_per_image": stored[(fmt, workers, short_side)] / n / 1024})
+        log(f"  lpt prepare --format {fmt} --workers {workers} --short_side {short_side}: {n} images in "
+            f"{min(ts):.1f} s (best of {len(ts)}) = {cost[-1]['seconds_per_10k']:.0f} s per 10,000 "
+            f"({cost[-1]['kib_per_image']:.1f} KiB/image)")
+    return cost, copies
 
 
 def run(env: C.Env, quick: bool, log=print) -> dict[str, Any]:
-    from lpt_lightning.data import LongTailImageDataset, Split, build_eval_transform, build_train_transform
+    from lpt_lightning.data import PreparedSource
 
-    n_small, n_big = (48, 16) if quick else (96, 32)
-    rounds = 3 if quick else 5
+    n = 64 if quick else 384
+    rounds, loader_rounds = (3, 1) if quick else (15, 9)
+    worker_images = 32 if quick else 128  # per round and pipeline
     root = C.scratch_dir()
-    t0 = time.perf_counter()
-    small = make_jpegs(root / "256", n_small, (256, 256))
-    big = make_jpegs(root / "800", n_big, (800, 600), seed=1)
-    kb = {"256x256": np.mean([Path(p).stat().st_size for p in small]) / 1024,
-          "800x600": np.mean([Path(p).stat().st_size for p in big]) / 1024}
-    log(f"  JPEGs: {n_small} at 256x256 ({kb['256x256']:.1f} KiB avg), {n_big} at 800x600 ({kb['800x600']:.1f} KiB avg)")
+    originals = make_jpegs(root / "originals", n, (800, 600), seed=2)
+    kib_raw = float(np.mean([Path(p).stat().st_size for p in originals]) / 1024)
+    log(f"  {n} JPEGs at 800x600, {kib_raw:.1f} KiB on average")
+    cost, prepared = _prepare_cost(originals, root, 1 if quick else 3, log)
+    sources = {RAW: _files_source(originals), TREE: PreparedSource(str(prepared[("tree", 256)])),
+               SHARDS: PreparedSource(str(prepared[("litdata", 256)])),
+               SHARDS_224: PreparedSource(str(prepared[("litdata", 224)]))}
 
-    def ds(paths, transform):
-        return LongTailImageDataset(Split(paths, np.zeros(len(paths), dtype=np.int64)), transform)
+    # Per worker: every pipeline of every copy, interleaved round-robin.
+    work, images = {}, {}
+    steps = worker_images // (2 * BATCH)
+    for copy, source in sources.items():
+        dm = _datamodule(source, 0)
+        for transform, (fn, count) in (("decode only", _decode_work(dm, worker_images)),
+                                       ("train", _train_work(dm, steps)), ("eval", _eval_work(dm, worker_images))):
+            if copy == SHARDS_224 and transform == "decode only":
+                continue
+            work[f"{copy} | {transform}"], images[f"{copy} | {transform}"] = fn, count
+        if copy in (RAW, TREE):  # image files only: the shards' items are not files
+            fn, count = _train_work(_datamodule(source, 0, decode_on_device=True), steps)
+            work[f"{copy} | train, data.decode_jpeg_on_device (worker side)"] = fn
+            images[f"{copy} | train, data.decode_jpeg_on_device (worker side)"] = count
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what a DataLoader worker runs with
+    try:
+        per_worker = _rates(C.time_interleaved(work, rounds, 1, env), images)
+    finally:
+        torch.set_num_threads(threads)
+    for name, r in per_worker.items():
+        log(f"  per worker, {name}: best {r['images_per_s_best']:.0f}, median {r['images_per_s']:.0f} images/s")
 
-    train_t, eval_t, u8_t = build_train_transform(224), build_eval_transform(224), _uint8_train_transform(224)
-    small_sets = {
-        "decode only (PIL open + RGB)": _DecodeOnly(ds(small, None)),
-        "train: decode + RandomResizedCrop + flip + ToTensor (ours)": ds(small, train_t),
-        "train, uint8 hand-off: ... + PILToTensor (proposed)": ds(small, u8_t),
-        "eval: decode + Resize(256,256) + CenterCrop + ToTensor (ours)": ds(small, eval_t),
-    }
-    big_sets = {
-        "decode only (PIL open + RGB)": _DecodeOnly(ds(big, None)),
-        "train: decode + RandomResizedCrop + flip + ToTensor (ours)": ds(big, train_t),
-    }
-    for d in list(small_sets.values()) + list(big_sets.values()):  # warm the page cache
-        for i in range(len(small) if d in small_sets.values() else len(big)):
-            d[i]
-    per_worker = {"256x256": _per_worker(small_sets, n_small, rounds, env),
-                  "800x600": _per_worker(big_sets, n_big, rounds, env)}
-    for size, rows in per_worker.items():
-        for name, r in rows.items():
-            log(f"  {size} {name}: {r['images_per_s']:.0f} img/s per worker ({r['ms_per_image']:.2f} ms/img)")
-    loaders = []
-    batch, batches = 16, (4 if quick else 8)
-    for workers, name, dataset in ((0, "ours, in the main process", small_sets["train: decode + RandomResizedCrop + flip + ToTensor (ours)"]),
-                                   (1, "ours", small_sets["train: decode + RandomResizedCrop + flip + ToTensor (ours)"]),
-                                   (2, "ours", small_sets["train: decode + RandomResizedCrop + flip + ToTensor (ours)"]),
-                                   (2, "uint8 hand-off (proposed)", small_sets["train, uint8 hand-off: ... + PILToTensor (proposed)"])):
-        rate = _loader_rate(dataset, workers, batch, batches)
-        loaders.append({"workers": workers, "variant": name, "images_per_s": rate, "batch": batch})
-        log(f"  DataLoader {workers} workers, {name}: {rate:.0f} img/s")
-    prepared = _prepared(root / "prepare", 48 if quick else 192, env, log)
-    return {"jpeg_kib": kb, "per_worker": per_worker, "loaders": loaders, "seconds": time.perf_counter() - t0,
-            "n_images": {"256x256": n_small, "800x600": n_big}, "prepared": prepared}
+    # The real loaders, 1 and 2 worker processes, rounds interleaved across configurations.
+    configs = [(copy, kind, workers) for copy in (RAW, TREE, SHARDS) for kind in ("train", "eval") for workers in (1, 2)]
+    loader_times: dict[tuple, list[float]] = {c: [] for c in configs}
+    for r in range(loader_rounds):
+        for copy, kind, workers in configs[r % len(configs):] + configs[:r % len(configs)]:
+            dm = _datamodule(sources[copy], workers)
+            loader = dm.train_dataloader() if kind == "train" else dm.split_dataloader("train")
+            loader_times[(copy, kind, workers)].append(_loader_rate(loader, workers))
+    loaders = [{"copy": copy, "loader": kind, "workers": workers, "images_per_s_best": max(rates),
+                "images_per_s": C.median(rates), "rounds": len(rates)}
+               for (copy, kind, workers), rates in loader_times.items()]
+    for r in loaders:
+        log(f"  {r['loader']} loader, {r['workers']} workers, {r['copy']}: best {r['images_per_s_best']:.0f}, "
+            f"median {r['images_per_s']:.0f} images/s")
+    shutil.rmtree(root, ignore_errors=True)
+    return {"n_images": n, "kib_raw": kib_raw, "batch_per_stream": BATCH, "eval_batch": 2 * BATCH,
+            "worker_images_per_round": worker_images, "cost": cost, "per_worker": per_worker, "loaders": loaders}

@@ -10,6 +10,10 @@ from typing import Any
 # consume images; a --device cuda run replaces them with measurements.
 GPU_PEAKS = {"A100 (312 TFLOP/s bf16)": 312e12, "H100 SXM (989 TFLOP/s bf16)": 989e12}
 ASSUMED_GPU_MFU = 0.40
+# The data-loading projection: can one node's CPU cores feed one GPU?
+PROJECTION_GPU = "H100 SXM (989 TFLOP/s bf16)"
+NODE_CORES = 16
+NODE_WORKERS = NODE_CORES - 1  # one core for the training process (scripts/slurm: workers = cores - 1 per rank)
 PHASE_NAMES = {"phase1": "phase 1", "phase2": "phase 2", "phase3": "phase 3"}
 EXPERT_NAMES = {"visual": "visual (timm ViT-B/16)", "vl": "VL (CLIP ViT-B/16)", "scorer": "MoE scorer"}
 
@@ -112,6 +116,13 @@ def summary(run: dict[str, Any]) -> list[str]:
             for gpu, value in per_gpu.items():
                 lines.append(f"| same, **estimate** for {gpu} at {ASSUMED_GPU_MFU:.0%} MFU, scorer batch {batch} "
                              f"(see phase 3) | - | < 2% | ~{100 * value:.1f}% | {_ok(value, 0.02)} |")
+    proj = projection(run.get("data") or {}, model)
+    goal = proj and proj["goal"]
+    if goal:
+        lines.append(f"| phase 2: images/s a {NODE_CORES}-core node supplies from prepared data, **projection** "
+                     f"({NODE_WORKERS} workers x best per-worker rate here, {goal['copy']}) | - | >= {goal['demand']:,.0f} "
+                     f"(one H100, **estimate**, see Data loading) | {goal['supply']:,.0f} | "
+                     f"{'yes' if goal['met'] else '**no**'} |")
     return lines + [""]
 
 
@@ -343,86 +354,238 @@ def phase3_section(model: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _measured_line(record: dict[str, Any]) -> str:
+    """Command, date, duration, CPU and load of one run record (a part rerun with `--only` has its own)."""
+    m = record.get("machine", {})
+    return (f"Command `{record.get('command')}`, {record.get('date')}, {record.get('seconds', float('nan')) / 60:.1f} min, "
+            f"on {m.get('cpu')} ({m.get('cpu_cores_visible')} cores, shared with other jobs; load average "
+            f"{_f(record.get('load_average_start'), 1)} at the start, {_f(record.get('load_average_end'), 1)} at the end).")
+
+
+def _copies(data: dict[str, Any]) -> list[str]:
+    """The copies of the data set measured, in order (per-worker keys are "copy | pipeline")."""
+    return list(dict.fromkeys(name.split(" | ")[0] for name in data.get("per_worker", {})))
+
+
+def _best_rate(data: dict[str, Any], copy: str, pipeline: str) -> float | None:
+    r = data.get("per_worker", {}).get(f"{copy} | {pipeline}")
+    return r["images_per_s_best"] if r else None
+
+
+def _is_prepared_default(copy: str) -> bool:
+    """A copy `lpt prepare` writes with its defaults (short side 256): the goal's "prepared data"."""
+    return copy.startswith(("resized tree", "LitData shards (")) and "224" not in copy
+
+
+def gpu_demand(model: dict[str, Any]) -> list[dict[str, Any]]:
+    """Images/s one PROJECTION_GPU consumes at ASSUMED_GPU_MFU, per phase and expert, from the FLOPs
+    counted in the model benchmarks (training steps: forward + backward; phase 3's outputs pass: both
+    experts' inference forward, one pass over each image)."""
+    peak, rows = GPU_PEAKS[PROJECTION_GPU] * ASSUMED_GPU_MFU, []
+    for phase in ("phase1", "phase2"):
+        for expert in ("visual", "vl"):
+            r = _largest(model, phase, expert)
+            if r:
+                flops = r["flops_per_step"] / r["images_per_step"]
+                rows.append({"phase": PHASE_NAMES[phase], "what": f"{EXPERT_NAMES[expert]}, training step",
+                             "transform": "train", "flops_per_image": flops, "images_per_s": peak / flops})
+    both = _inference(model, "LPT++ mixture, prefix reuse")
+    if both:
+        flops = both["gflops_per_image"] * 1e9
+        rows.append({"phase": "phase 3, outputs pass", "what": "both experts' forward (one pass computes both)",
+                     "transform": "eval", "flops_per_image": flops, "images_per_s": peak / flops})
+    return rows
+
+
+def projection(data: dict[str, Any], model: dict[str, Any]) -> dict[str, Any] | None:
+    """Supply of a NODE_CORES-core node (NODE_WORKERS workers x best per-worker rate) against the
+    GPU demand of each phase, and the phase-2 goal."""
+    demand, copies = gpu_demand(model), _copies(data)
+    if not demand or not copies:
+        return None
+    rows = []
+    for d in demand:
+        rates = {c: _best_rate(data, c, d["transform"]) for c in copies}
+        supply = {c: NODE_WORKERS * r for c, r in rates.items() if r}
+        prepared = max((v for c, v in supply.items() if _is_prepared_default(c)), default=None)
+        rows.append(d | {"supply": supply, "rates": rates, "prepared_supply": prepared})
+    phase2 = [r for r in rows if r["phase"] == PHASE_NAMES["phase2"]]
+    goal = None
+    if phase2 and phase2[0]["prepared_supply"]:
+        need = max(r["images_per_s"] for r in phase2)
+        best_copy = max((c for c in copies if _is_prepared_default(c)),
+                        key=lambda c: phase2[0]["supply"].get(c, 0.0))
+        supply = phase2[0]["supply"][best_copy]
+        median = data["per_worker"][f"{best_copy} | train"]["images_per_s"]
+        goal = {"demand": need, "supply": supply, "copy": best_copy, "met": supply >= need,
+                "supply_median": NODE_WORKERS * median, "per_worker_needed": need / NODE_WORKERS,
+                "workers_needed": need / phase2[0]["rates"][best_copy]}
+    return {"rows": rows, "copies": copies, "goal": goal}
+
+
 def data_section(run: dict[str, Any]) -> list[str]:
     data, model = run.get("data"), run.get("model") or {}
-    if not data:
+    if not data or "cost" not in data:
         return []
-    kb = data["jpeg_kib"]
+    record = data.get("run") or run
+    n, rounds = data["n_images"], next(iter(data["per_worker"].values()))["rounds"]
     lines = [
         "### Data loading",
         "",
-        f"Photo-like JPEGs (natural images upscaled plus sensor-like noise, quality 90): "
-        f"{data['n_images']['256x256']} at 256x256 (pre-resized; {kb['256x256']:.1f} KiB on average) and "
-        f"{data['n_images']['800x600']} at 800x600 (iNaturalist-sized originals; {kb['800x600']:.1f} KiB), "
-        "in the page cache. Per-worker rates run `LongTailImageDataset` with the library's transforms in "
-        "one process with 1 torch thread (what a DataLoader worker uses).",
+        ("**The training loader.** `LongTailDataModule.train_dataloader()` returns one loader for all sampling "
+        "streams: a `TrainingDataLoader` (torchdata's `StatefulDataLoader`, whose state Lightning saves for exact "
+        "mid-epoch resumes) over `StreamBatches`, driven by a `StreamBatchSampler` whose every key is a whole step. "
+        "One worker builds a whole step, both dual-sampling streams' batches (2 x `data.batch_size` images), so "
+        "`data.num_workers` counts worker processes per device (per training process), not per stream. Workers "
+        "return uint8 CHW tensors (torchvision transforms v2 ending in `PILToTensor`); each expert's backbone "
+        "converts to float and normalises on the device, so worker IPC, pinned memory and host-to-device copies "
+        "move 147 KiB per 224x224 image instead of 588 KiB of float32. With `data.decode_jpeg_on_device: true` "
+        "the workers only read the files' bytes; the JPEGs are decoded on the GPU (nvjpeg, "
+        "`torchvision.io.decode_jpeg`) and cropped there with the same per-draw seeds "
+        "(`on_after_batch_transfer`). It applies to image files (the originals or the resized tree), not to the "
+        "LitData shards; without CUDA the main process decodes after the transfer, slower than the workers."),
         "",
-        "| images | pipeline | images/s per worker | ms per image |",
-        "| --- | --- | ---: | ---: |",
+        _measured_line(record)
+        + f" {n} photo-like 800x600 JPEGs (iNaturalist-sized originals: natural images upscaled plus sensor-like "
+        f"noise, quality 90, {data['kib_raw']:.1f} KiB on average), all in the page cache.",
+        "",
+        ("**No GPU was lent for this run**: the loader benchmark on a GPU host and a short bf16 phase-2 run are "
+        "not measured, and the GPU figures below are estimates from counted FLOPs. On a GPU host, "
+        "`python benchmarks/run_all.py --device cuda` measures the phase-2 steps in bf16 and this loader on that "
+        "host's cores."),
+        "",
+        "#### `lpt prepare`: cost per 10,000 images",
+        "",
+        (f"`lpt prepare` of the {n} originals (JPEG quality 90, parts of 64 images), best and median of "
+        f"{data['cost'][0]['rounds']} fresh runs each. Seconds per 10,000 images are **extrapolated** linearly "
+        f"from the best run over these {n} (process-pool start-up included, so they lean high)."),
+        "",
+        ("| format | processes | shorter side | seconds for the set, best (median) | seconds per 10,000 images | "
+        "KiB per stored image |"),
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for size, rows in data["per_worker"].items():
-        for name, r in rows.items():
-            lines.append(f"| {size} | {name} | {r['images_per_s']:.0f} | {r['ms_per_image']:.2f} |")
-    lines += ["", "DataLoader throughput (batch "
-              f"{data['loaders'][0]['batch']}, 256x256 JPEGs, train transform; this machine has "
-              f"{run['machine'].get('cpu_cores_visible')} cores):", "",
-              "| workers | variant | images/s |", "| ---: | --- | ---: |"]
+    for r in data["cost"]:
+        lines.append(f"| {r['format']} | {r['processes']} | {r['short_side']} | {r['seconds']:.1f} "
+                     f"({r['seconds_median']:.1f}) | {r['seconds_per_10k']:,.0f} | {r['kib_per_image']:.1f} |")
+    lines += [
+        "",
+        "#### Images/s per worker",
+        "",
+        ("What one DataLoader worker does, run in this process with 1 torch thread (what a worker runs with): "
+        f"*train* = `train_dataloader()` items, i.e. `StreamBatches` over the `StreamBatchSampler`'s steps (both "
+        f"dual streams, {data['batch_per_stream']} images each: decode, RandomResizedCrop(224) + flip under each "
+        "draw's seed, uint8, collation); *eval* = batches of `split_dataloader()` (the phase-3 outputs pass; "
+        f"decode, Resize(256, 256) + CenterCrop(224), uint8, collation, batch {data['eval_batch']}); *decode only* "
+        "= PIL decode + RGB; *decode_jpeg_on_device (worker side)* = the training items with "
+        "`data.decode_jpeg_on_device: true` (the files' bytes; decoding and cropping then run on the GPU, not "
+        f"measured). {data['worker_images_per_round']} images per pipeline and round, {rounds} rounds interleaved "
+        "across pipelines. The cores are shared with other developers' jobs: the **best** round is the least "
+        "disturbed and is what the projection below uses; the median shows the spread."),
+        "",
+        "| copy | pipeline | images/s per worker, best | median | ms per image, best |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for name, r in data["per_worker"].items():
+        copy, pipeline = name.split(" | ")
+        lines.append(f"| {copy} | {pipeline} | {r['images_per_s_best']:,.0f} | {r['images_per_s']:,.0f} | "
+                     f"{r['ms_per_image_best']:.2f} |")
+    loader_rounds = data["loaders"][0]["rounds"] if data["loaders"] else 0
+    lines += [
+        "",
+        "#### The real loaders with 1 and 2 workers",
+        "",
+        (f"`LongTailDataModule(sampling=\"dual\", batch_size={data['batch_per_stream']}, num_workers=1 or 2)`: "
+        "*train* iterates `train_dataloader()` (images/s over both streams; one epoch of "
+        f"{n // data['batch_per_stream']} steps), *eval* iterates `split_dataloader(\"train\")` (batch "
+        f"{data['eval_batch']}). Fresh workers every round, timed from the moment each worker delivered its first "
+        f"batch; best and median of {loader_rounds} rounds interleaved across configurations. This machine has "
+        f"{record.get('machine', {}).get('cpu_cores_visible')} cores shared with other jobs, and the main process "
+        "(receiving and unpickling batches) runs on them too, so 2 workers cannot quite double the 1-worker rate "
+        "here."),
+        "",
+        "| copy | loader | workers | images/s, best | median |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
     for r in data["loaders"]:
-        lines.append(f"| {r['workers']} | {r['variant']} | {r['images_per_s']:.0f} |")
-    per_worker = _data_rate(data, "256x256", "train: decode")
-    if per_worker and model.get("train"):
-        lines += ["", "**Workers one training step needs** = images consumed per second / images per second per "
-                  f"worker ({per_worker:.0f} here, 256-px JPEGs, train transform). With dual sampling the two "
-                  "streams have one DataLoader each, so `data.num_workers` is per stream and the process count "
-                  "is 2 x num_workers (+ the main process).", "",
-                  "| step | where | images/s consumed | workers needed (total) | `data.num_workers` (per stream) |",
-                  "| --- | --- | ---: | ---: | ---: |"]
-        device = "this " + ("GPU" if run["machine"]["device"].startswith("cuda") else "CPU") + " (measured)"
-        for phase in ("phase1", "phase2"):
-            for expert in ("visual", "vl"):
-                r = _largest(model, phase, expert)
-                if not r:
-                    continue
-                need = r["images_per_s"] / per_worker
-                lines.append(f"| {PHASE_NAMES[phase]} {EXPERT_NAMES[expert]} B={r['batch_per_stream']} | {device} | "
-                             f"{r['images_per_s']:,.1f} | {need:.2f} | {max(1, math.ceil(need / 2))} |")
-        if not run["machine"]["device"].startswith("cuda"):
-            for phase in ("phase1", "phase2"):
-                r = _largest(model, phase, "visual")
-                if not r:
-                    continue
-                flops_per_image = r["flops_per_step"] / r["images_per_step"]
-                for gpu, peak in GPU_PEAKS.items():
-                    rate = peak * ASSUMED_GPU_MFU / flops_per_image
-                    need = rate / per_worker
-                    lines.append(f"| {PHASE_NAMES[phase]} visual | **estimate**: {gpu} at {ASSUMED_GPU_MFU:.0%} MFU | "
-                                 f"{rate:,.0f} | {need:.0f} | {math.ceil(need / 2)} |")
-    return lines + [""] + prepared_section(data.get("prepared"), run["machine"].get("cpu_cores_visible"))
+        lines.append(f"| {r['copy']} | {r['loader']} | {r['workers']} | {r['images_per_s_best']:,.0f} | "
+                     f"{r['images_per_s']:,.0f} |")
+    lines += [""] + projection_section(data, model) + [PREPARED_FORMAT, ""]
+    return lines
 
 
-def prepared_section(prep: dict[str, Any] | None, cores: int | None) -> list[str]:
-    if not prep:
+def projection_section(data: dict[str, Any], model: dict[str, Any]) -> list[str]:
+    proj = projection(data, model)
+    if not proj:
         return []
-    n, m = prep["n_images"], prep["machine"]
-    lines = ["#### `lpt prepare`: resized copies of iNaturalist-sized originals", "",
-             f"{n} photo-like 800x600 JPEGs ({prep['kib_raw']:.1f} KiB on average) prepared with the defaults (shorter "
-             f"side 256, JPEG quality 90) on {m['cpu']}, {cores} shared cores, {m['date']}, load average "
-             f"{m['load_average']:.1f}: the other jobs on these cores made every rate here several times lower "
-             "than on an idle core (compare the 256x256 rows above), ratios hold. Seconds per 10,000 images are "
-             f"**extrapolated** linearly from these {n} (pool start-up included, so they lean high).", "",
-             "| format | processes | seconds for the set | seconds per 10,000 images | KiB per stored image |",
-             "| --- | ---: | ---: | ---: | ---: |"]
-    for r in prep["cost"]:
-        lines.append(f"| {r['format']} | {r['processes']} | {r['seconds']:.1f} | {r['seconds_per_10k']:,.0f} | "
-                     f"{r['kib_per_image']:.1f} |")
-    lines += ["", "Reading them back (`LongTailImageDataset`, the library's transforms, 1 torch thread):", "",
-              "| copy, transform | images/s per worker | ms per image |", "| --- | ---: | ---: |"]
-    for name, r in prep["per_worker"].items():
-        lines.append(f"| {name} | {r['images_per_s']:.0f} | {r['ms_per_image']:.2f} |")
-    lines += ["", "| copy (train transform, batch 16) | DataLoader workers | images/s |", "| --- | ---: | ---: |"]
-    for r in prep["loaders"]:
-        lines.append(f"| {r['copy']} | {r['workers']} | {r['images_per_s']:.0f} |")
-    return lines + ["", PREPARED_FORMAT, ""]
+    copies = proj["copies"]
+    lines = [
+        f"#### Projection: a {NODE_CORES}-core node against one {PROJECTION_GPU.split(' (')[0]}",
+        "",
+        (f"**Estimate, not a measurement.** GPU demand = images/s one {PROJECTION_GPU} consumes at "
+        f"{ASSUMED_GPU_MFU:.0%} MFU in bf16, from the FLOPs per image counted above (training steps: forward + "
+        "backward at the largest measured batch; phase 3's outputs pass: the `MoEScorerPhase.forward` row of the "
+        f"inference table, both experts with prefix reuse, the scorer's FLOPs negligible). Supply = {NODE_WORKERS} "
+        f"workers (one of the {NODE_CORES} cores for the training process) x the **best-of-rounds** per-worker rate "
+        "measured here (train transform for phases 1-2, eval transform for phase 3): this assumes a node core as "
+        "fast as the least disturbed round on this shared 2-core machine and linear scaling over the workers, "
+        "neither of which was measured."),
+        "",
+        "| phase | model | GFLOP per image | GPU demand (images/s) | "
+        + " | ".join(f"supply: {c}" for c in copies) + " | workers needed (best prepared copy) | met from prepared data |",
+        "| --- | --- | ---: | ---: | " + " | ".join("---:" for _ in copies) + " | ---: | --- |",
+    ]
+    for r in proj["rows"]:
+        prepared = [c for c in copies if _is_prepared_default(c) and r["rates"].get(c)]
+        best = max(prepared, key=lambda c: r["rates"][c]) if prepared else None
+        need = f"{r['images_per_s'] / r['rates'][best]:.0f}" if best else "n/a"
+        met = ("yes" if r["prepared_supply"] >= r["images_per_s"] else "**no**") if r["prepared_supply"] else "n/a"
+        lines.append(f"| {r['phase']} | {r['what']} | {r['flops_per_image'] / 1e9:.1f} | {r['images_per_s']:,.0f} | "
+                     + " | ".join(_f(r["supply"].get(c), 0) for c in copies) + f" | {need} | {met} |")
+    goal = proj["goal"]
+    if goal:
+        lines += ["", _goal_text(goal, data, proj)]
+        raw = next((c for c in copies if c.startswith("raw")), None)
+        phase2 = next(r for r in proj["rows"] if r["phase"] == PHASE_NAMES["phase2"])
+        if raw and raw in phase2["supply"]:
+            lines[-1] += (f" From the raw originals the same node supplies {phase2['supply'][raw]:,.0f} images/s "
+                          f"({100 * phase2['supply'][raw] / goal['demand']:.0f}% of the demand)"
+                          + (": preparing the data is what meets the goal." if goal["met"] else "."))
+    return lines + [""]
+
+
+def _goal_text(goal: dict[str, Any], data: dict[str, Any], proj: dict[str, Any]) -> str:
+    head = (f"**Goal: a {NODE_CORES}-core node feeds one H100 in phase 2 (about 6,000 images/s) from prepared "
+            f"data.** Projected: {goal['supply']:,.0f} images/s ({goal['copy']}, {NODE_WORKERS} x "
+            f"{goal['supply'] / NODE_WORKERS:,.0f}) against a demand of {goal['demand']:,.0f}")
+    if goal["met"]:
+        return head + (f": **met** on this projection (x{goal['supply'] / goal['demand']:.2f}; with the median "
+                       f"rounds instead of the best, {goal['supply_median']:,.0f}, "
+                       f"x{goal['supply_median'] / goal['demand']:.2f}). Caveats: the images are photo-like stand-ins "
+                       "(natural images upscaled plus noise), not iNaturalist photos, whose prepared files may be "
+                       "larger and slower to decode; a slower or busier node core shrinks the margin; none of it was "
+                       "measured on a GPU node.")
+    text = (head + f": **not met**: {goal['demand'] - goal['supply']:,.0f} images/s short (supply "
+            f"{100 * goal['supply'] / goal['demand']:.0f}% of demand). At this per-worker rate it needs "
+            f"{goal['workers_needed']:.0f} workers ({math.ceil(goal['workers_needed']) + 1} cores per GPU), or "
+            f"{goal['per_worker_needed']:,.0f} images/s per worker on {NODE_WORKERS}. What would close the gap:")
+    options = []
+    tree = next((c for c in proj["copies"] if c.startswith("resized tree")), None)
+    device_side = _best_rate(data, tree, "train, data.decode_jpeg_on_device (worker side)") if tree else None
+    if device_side:
+        options.append(f"`data.decode_jpeg_on_device: true` with the resized tree: a worker then only reads bytes "
+                       f"({device_side:,.0f} images/s measured, {NODE_WORKERS} x = {NODE_WORKERS * device_side:,.0f}), "
+                       "and decoding + cropping move to nvjpeg on the GPU, whose throughput and share of the GPU's "
+                       "time were not measured (no GPU lent)")
+    small = next((c for c in proj["copies"] if "224" in c), None)
+    small_rate = _best_rate(data, small, "train") if small else None
+    if small_rate:
+        options.append(f"a lower `lpt prepare --short_side` (224: {small_rate:,.0f} images/s per worker, "
+                       f"{NODE_WORKERS} x = {NODE_WORKERS * small_rate:,.0f}; RandomResizedCrop and the eval "
+                       "Resize(256, 256) then upsample from fewer pixels, accuracy effect not measured)")
+    options.append("NVIDIA DALI (GPU decode and augmentation in one pipeline; not measured, not a dependency of "
+                   "lpt_lightning)")
+    options.append("more or faster cores per GPU (not measured)")
+    return text + " " + "; ".join(options) + "."
 
 
 PREPARED_FORMAT = """**Why LitData shards.** Class-aware sampling draws images of a class wherever they lie, so the
@@ -443,34 +606,43 @@ FAST_PATH = """### Fast path for iNaturalist-scale data
 
 A phase-1 or phase-2 step trains only prompts, adapters, group prompts and heads, so a GPU consumes
 images several times faster than in full fine-tuning, and decoding plus augmentation, not the model,
-sets the pace (tables above: one worker decodes and augments a few hundred pre-resized 256-px JPEGs
-per second on a fast core; an H100 would consume thousands per second). For iNaturalist 2018
-(437,513 training images, originals around 800x600):
+sets the pace (Data loading above: one worker turns a few hundred prepared images per second into
+training crops; an H100 consumes thousands per second). For iNaturalist 2018 (437,513 training
+images, originals around 800x600):
 
-1. **Pre-resize once** with `lpt prepare --config CONFIG --output DIR` (shorter side 256 px, aspect
-   kept, JPEG quality 90; `scripts/slurm/prepare.sbatch` on a CPU node), then train with
-   `data.source: {class_path: lpt_lightning.data.PreparedSource, init_args: {root: DIR}}`. Decoding
-   gets several times cheaper (the `lpt prepare` tables above) and files several times smaller. The
-   test transform, Resize(256, 256) + CenterCrop(224), sees practically the same image;
-   RandomResizedCrop(224) sees the same crops, small ones upsampled from fewer source pixels.
-2. **Keep the images on local disk** (NVMe or a RAM disk), or use the LitData shards: thousands of
-   images per second are tens of MB/s of small random reads, which a network file system serves
-   badly as one file per image; the shards are a few hundred 64 MB files read by memory map. On network storage also set
-   `data.verify_files: false` (the pre-flight check stats every one of the 437,513 files).
-3. **Workers**: `data.num_workers` is per stream, and dual sampling has two streams, so a GPU uses
-   2 x num_workers worker processes. Size it as images/s the GPU consumes / images/s per worker / 2
-   (measure both with `python benchmarks/run_all.py --device cuda`), within the CPU cores per GPU
-   (leave one for the main process).
-4. **`data.persistent_workers: true`** so the 2 x num_workers workers (plus the validation loader's)
-   are not re-forked every epoch; `pin_memory` is on by default when CUDA is available.
-5. Check that the GPU is the bottleneck: if images/s in training is far below the step rate of
-   `benchmarks/run_all.py --device cuda`, add workers or CPU cores before anything else.
+1. **Prepare once**: `lpt prepare --config CONFIG --output DIR` (`lpt_lightning/prepare.py`; shorter
+   side 256 px, aspect kept, JPEG quality 90; LitData shards by default, `--format tree` for a resized
+   file tree; `scripts/slurm/prepare.sbatch` on a CPU node; an interrupted run resumes). Then train
+   with `data.source: {class_path: lpt_lightning.data.PreparedSource, init_args: {root: DIR}}`: the
+   same splits, item order and labels as the source, so sampling and held-out carving pick the same
+   images. Decoding gets several times cheaper (the per-worker table above) and the copy is several
+   times smaller. The test transform, Resize(256, 256) + CenterCrop(224), sees practically the same
+   image; RandomResizedCrop(224) sees the same crops, small ones upsampled from fewer source pixels.
+2. **Storage**: the LitData shards are a few hundred files of up to 64 MB read by memory map, which
+   suits a shared file system far better than one file per image; a raw or tree copy wants local disk
+   (NVMe or a RAM disk): thousands of images per second are tens of MB/s of small random reads. On network
+   storage also set `data.verify_images: off` (the pre-flight check opens every one of the 437,513
+   files; about 2 minutes of CPU from the page cache, see the README).
+3. **Workers**: one training loader serves every sampling stream and one worker builds a whole step,
+   so `data.num_workers` is the number of worker processes per GPU (per training process). Size it
+   as images/s the GPU consumes / images/s per worker (the projection above; measure both on the
+   node with `python benchmarks/run_all.py --device cuda`), within the CPU cores per GPU minus one
+   for the training process (the SLURM scripts use cores - 1 per rank).
+4. **If the cores fall short**, `data.decode_jpeg_on_device: true` moves JPEG decoding and the
+   crops to the GPU (nvjpeg): the workers only read bytes. It needs image files, so prepare with
+   `--format tree` (or train on the originals). A lower `--short_side` makes CPU decoding cheaper
+   still, at some cost in resolution for small crops.
+5. **`data.persistent_workers: true`** so the workers (plus the validation loader's) are not
+   re-forked every epoch; `pin_memory` is on by default when CUDA is available, and the batches it
+   pins hold uint8 images, a quarter of the float32 bytes.
+6. Check that the GPU is the bottleneck: if images/s in training is far below the step rate of
+   `benchmarks/run_all.py --device cuda`, add workers, cores or device decoding before anything else.
 """
 
 
 def findings(run: dict[str, Any]) -> list[str]:
     """Bottlenecks in lpt_lightning that the figures above expose, with before/after numbers."""
-    model, data = run.get("model") or {}, run.get("data") or {}
+    model = run.get("model") or {}
     lines = ["### Bottlenecks found in our code, with before/after figures", ""]
     # 1. compute on discarded tokens (fixed during this issue)
     if model.get("inference"):
@@ -529,39 +701,29 @@ def findings(run: dict[str, Any]) -> list[str]:
                       "no token is dropped (`keep` equal to the sequence length, i.e. an expert without prompts, such "
                       "as the head-only baseline); routing it through `attention_for_queries` too would remove it."]
         lines.append("")
-    # 2. data hand-off
-    pw = data.get("per_worker", {}).get("256x256", {})
-    ours = next((r for n, r in pw.items() if n.startswith("train: decode")), None)
-    u8 = next((r for n, r in pw.items() if n.startswith("train, uint8")), None)
-    loaders = {(r["workers"], r["variant"]): r["images_per_s"] for r in data.get("loaders", [])}
-    if ours and u8:
-        l_ours, l_u8 = loaders.get((2, "ours")), loaders.get((2, "uint8 hand-off (proposed)"))
-        lines += [
-            "**2. Float32 images leave the workers** (`lpt_lightning/data/transforms.py`, "
-            "`build_train_transform` / `build_eval_transform` end in `T.ToTensor()`). Each 224x224 image is "
-            "converted and divided in the worker and crosses process boundaries and pinned memory as 602 KB "
-            "of float32 instead of 151 KB of uint8. Per worker: "
-            f"{ours['images_per_s']:.0f} images/s with `ToTensor` versus {u8['images_per_s']:.0f} with "
-            f"`PILToTensor` (x{u8['images_per_s'] / ours['images_per_s']:.2f})"
-            + (f" (interleaved, median); through a 2-worker DataLoader {l_ours:.0f} versus {l_u8:.0f} images/s "
-               f"(x{l_u8 / l_ours:.2f}; one short run each on 2 shared cores, indicative only)"
-               if l_ours and l_u8 else "")
-            + ". Proposed fix: end the transforms with `T.PILToTensor()` and divide by 255 on the device (in "
-            "`FrozenViT.normalise`, which already runs there, or in `on_after_batch_transfer`); uint8 batches "
-            "also make pinned-memory copies 4x smaller.", ""]
-    # 3. phase-3 caches at scale
+    # 2. data hand-off (fixed)
     lines += [
-        "**3. Phase-3 caches grow with classes x held-out images and are held in RAM on every rank** "
-        "(`lpt_lightning/phases/moe_scorer.py`, `MoEScorerPhase.outputs`; `lpt_lightning/expert_cache.py`, "
-        "`load_cache`). For val/test the cache keeps both experts' full fp32 probability vectors "
-        "(N x C x 4 B x 2) and query features (N x (768 + 512) x 4 B). Since the evaluation protocol fix "
-        "(issue 10), the scorer is fitted on the held-out split by default (`scorer.fit_on: heldout`): phase 3 "
-        "runs no inference over the training set at all, and a dataset without a validation split carves one "
-        "out of train before phase 1 (`data.holdout_per_class: 5`, at most 20 % of a class), never the test "
-        "split. Sizes (computed from the formulas, not measured; the `fit_on: train` ablation adds the training "
-        "images' queries):",
+        ("**2. Float32 images left the workers: fixed** (commit 55177d3, \"One training loader for all sampling "
+        "streams\"). The transforms ended in `T.ToTensor()`, so each 224x224 image was converted and divided in "
+        "the worker and crossed process boundaries and pinned memory as 588 KiB of float32 instead of 147 KiB of "
+        "uint8. Measured before the change (run of 2026-11-29, 256-px JPEGs, train transform): 533 images/s per "
+        "worker with `ToTensor` versus 606 with `PILToTensor` (x1.14), and through a 2-worker DataLoader 440 "
+        "versus 757 images/s (x1.72, one short run each). The transforms now end in `v2.PILToTensor()` and the "
+        "backbone converts and normalises on the device (see Data loading)."), ""]
+    # 3. phase-3 expert outputs at scale (addressed)
+    lines += [
+        ("**3. Phase-3 expert outputs grow with classes x held-out images: addressed.** They used to be fp32 "
+        "tensors loaded into RAM on every rank. Now the predict loop writes them as float16 memory-mapped `.npy` "
+        "shards (`lpt_lightning/expert_outputs.py`, `ExpertOutputsWriter`) and the scorer's "
+        "`CachedOutputsDataModule` (`lpt_lightning/data/cached_outputs.py`) maps them read-only, so the ranks of a "
+        "node share one copy through the page cache. Per image: index and label (16 B) and per expert the query "
+        "feature (768 or 512 x 2 B) and the logits (C x 2 B), or for a label-only split (the training images "
+        "under `scorer.fit_on: train`) the true label's probability (4 B). The scorer is fitted on the held-out "
+        "split by default (`scorer.fit_on: heldout`), and a dataset without a validation split carves one out of "
+        "train before phase 1 (`data.holdout_per_class: 5`, at most 20 % of a class), never the test split. "
+        "Sizes on disk and in the page cache, one copy per node (computed from the formulas, not measured):"),
         "",
-        "| dataset | classes | held-out (val) | test | total in RAM per rank | `fit_on: train` adds |",
+        "| dataset | classes | held-out (val) | test | total | `fit_on: train` adds |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     gib = 2.0 ** 30
@@ -569,18 +731,13 @@ def findings(run: dict[str, Any]) -> list[str]:
             ("Places-LT", 365, 62_500, 7_300, False, 36_500),
             ("ImageNet-LT", 1_000, 115_846, 20_000, False, 50_000),
             ("iNaturalist 2018", 8_142, 437_513, 8_142 * 5, True, 24_426)):
-        train = n_train * (768 + 512) * 4 / gib
-        val = n_val * (classes * 2 + 1280) * 4 / gib
-        test = n_test * (classes * 2 + 1280) * 4 / gib
+        full_row = 16 + (768 + 512) * 2 + 2 * classes * 2
+        train = n_train * (16 + (768 + 512) * 2 + 2 * 4) / gib
+        val, test = n_val * full_row / gib, n_test * full_row / gib
         held = f"{'<= ' if carved else ''}{val:.2f} GiB{' (carved, 5/class)' if carved else ''}"
         lines.append(f"| {name} | {classes:,} | {held} | {test:.2f} GiB | {'<= ' if carved else ''}{val + test:.2f} GiB "
                      f"| {train:.2f} GiB |")
-    lines += ["",
-              "Proposed next steps: (a) store cosine logits (in [-1, 1]) and queries as float16 and apply "
-              "softmax(s * z) per batch: half the bytes, and W_base search and the scorer see the same argmax up to "
-              "rounding; (b) load caches with `torch.load(..., mmap=True)` in `load_cache` so the DDP ranks of a "
-              "node share one copy through the page cache (8 ranks x 4.3 GiB is 34 GiB of host RAM for "
-              "iNaturalist today).", ""]
+    lines.append("")
     # 4. phase-3 per-sample overhead
     epoch = model.get("phase3_epoch")
     steps = model.get("phase3_steps") or []
@@ -606,8 +763,8 @@ def findings(run: dict[str, Any]) -> list[str]:
         "metrics. The same effect made the small-tensor sections above swing 10-50x before they were pinned to "
         "1 thread. Proposed: `OMP_NUM_THREADS=1` (or `torch.set_num_threads(1)`) in the `demo`/`test` targets "
         "and a line in the README's CPU notes; `benchmarks/accuracy_study.py` does this (`--threads`).", "",
-        "**Not measured here (GPU only):** every training step calls `ExpertPhase._nonfinite` "
-        "(`lpt_lightning/phases/base.py`: `bool(torch.isfinite(loss))`), a device-to-host synchronisation that "
+        "**Not measured here (GPU only):** every training step calls `NonFiniteLossPolicy.on_before_backward` "
+        "(`lpt_lightning/callbacks.py`: `bool(torch.isfinite(loss))`), a device-to-host synchronisation that "
         "keeps the CPU from queueing the backward while the forward still runs; with `on_nonfinite: skip` under "
         "DDP it adds a `reduce_boolean_decision` all-reduce per step. Free on the CPU; on a GPU check it with "
         "`--device cuda` or the PyTorch profiler. If it shows: in `stop` mode, check a detached copy every N "
@@ -653,6 +810,8 @@ def render(results: Path) -> str:
                   f"timm {m.get('timm')}, open_clip {m.get('open_clip')}.", ""]
         model = run.get("model")
         lines += ["### Summary", ""] + summary(run)
+        if model and model.get("run"):  # rerun on its own (`--only model`)
+            lines += [f"Model figures: {_measured_line(model['run'])}", ""]
         if model:
             lines += training_section(model, m["precision"]) + prefix_section(model) + inference_section(model)
             lines += mfu_section(model, m) + cost_section(model) + phase3_section(model)

@@ -59,10 +59,13 @@ def main(argv: list[str] | None = None) -> None:
         tag = env.device.type + ("_quick" if args.quick else "")
         out_path = RESULTS / f"bench_{tag}.json"
         previous = json.loads(out_path.read_text()) if out_path.is_file() and args.only else {}
-        result = previous | {"machine": C.machine_info(env), "quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M"),
-                             "load_average_start": C.load_average(),
-                             "command": "python benchmarks/run_all.py" + "".join(
-                                 f" {a}" for a in (argv if argv is not None else sys.argv[1:]))}
+        this_run = {"machine": C.machine_info(env), "quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M"),
+                    "load_average_start": C.load_average(),
+                    "command": "python benchmarks/run_all.py" + "".join(
+                        f" {a}" for a in (argv if argv is not None else sys.argv[1:]))}
+        # `--only` replaces its parts in the saved results; the run record (machine, date, command) stays
+        # that of the parts not rerun, and each rerun part carries its own ("run").
+        result = previous or dict(this_run)
         t0 = time.perf_counter()
 
         def log(msg: str) -> None:
@@ -78,8 +81,12 @@ def main(argv: list[str] | None = None) -> None:
 
             log("== data loading ==")
             result["data"] = bench_data.run(env, args.quick, log)
-        result["seconds"] = time.perf_counter() - t0 + previous.get("seconds", 0.0) * bool(args.only)
-        result["load_average_end"] = C.load_average()
+        finished = {"seconds": time.perf_counter() - t0, "load_average_end": C.load_average()}
+        if previous:
+            for part in parts:
+                result[part]["run"] = this_run | finished
+        else:
+            result |= finished
         RESULTS.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(result, indent=1, default=str))
         log(f"wrote {out_path}")
