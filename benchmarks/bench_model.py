@@ -1,17 +1,26 @@
 """Model-side benchmarks with the real ViT-B/16 shapes (timm ViT-B/16 and open_clip CLIP ViT-B/16,
 random weights): training steps of phases 1-3, prefix reuse versus the plain two-pass computation,
 inference cost as multiples of one plain ViT-B/16 forward, MFU, head + loss cost growth and the
-phase-3 scorer epoch with cached expert outputs.
+phase-3 scorer (its step and its epochs through Lightning on memory-mapped expert outputs).
+
+Sections (``run(..., sections=...)``, ``run_all.py --only model --sections ...``): ``experts``
+(matmul peak, phases 1-2, prefix reuse, inference, attention paths), ``phase3`` (scorer) and
+``cost_growth`` (head + loss); ``phase3`` alone still builds the phase-1/2 checkpoints it starts from.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
+import shutil
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from benchmarks import common as C
 
@@ -26,8 +35,8 @@ class ModelConfig:
     infer_batch: int
     infer_rounds: int
     phase3_batches: list[int]
-    phase3_samples: int  # N of the cached training set (Places-LT: 62,500)
-    phase3_epoch_samples: int  # samples run through Lightning's loop to time a scorer epoch
+    phase3_epoch_samples: int  # rows of the cached held-out split the scorer is fitted on
+    phase3_epochs: int = 3  # scorer epochs through Lightning's loop; the best one is reported
     cost_classes: list[int] = field(default_factory=lambda: [365, 1000, 8142])
     cost_batch: int = 128  # 2 streams x 64 (the configs' per-device batch)
     cost_rounds: int = 7
@@ -39,15 +48,15 @@ def config_for(env: C.Env, quick: bool) -> ModelConfig:
     if env.is_cuda:
         return ModelConfig(train_batches=[16, 32, 64] if quick else [16, 32, 64, 128], rounds=10, warmup=3,
                            ratio_batch=64, ratio_rounds=10, infer_batch=64, infer_rounds=10,
-                           phase3_batches=[64, 256, 1024], phase3_samples=62_500, phase3_epoch_samples=62_500,
+                           phase3_batches=[64, 256, 1024], phase3_epoch_samples=62_500,
                            fast_batch=64)
     if quick:
         return ModelConfig(train_batches=[1, 2], rounds=2, warmup=1, ratio_batch=1, ratio_rounds=3,
-                           infer_batch=2, infer_rounds=3, phase3_batches=[64, 256], phase3_samples=62_500,
-                           phase3_epoch_samples=8_192, cost_rounds=5)
+                           infer_batch=2, infer_rounds=3, phase3_batches=[64, 256],
+                           phase3_epoch_samples=8_192, phase3_epochs=2, cost_rounds=5)
     return ModelConfig(train_batches=[1, 2, 4], rounds=3, warmup=1, ratio_batch=1, ratio_rounds=6,
-                       infer_batch=2, infer_rounds=6, phase3_batches=[64, 256, 1024], phase3_samples=62_500,
-                       phase3_epoch_samples=20_000)
+                       infer_batch=2, infer_rounds=6, phase3_batches=[64, 256, 1024],
+                       phase3_epoch_samples=20_000, phase3_epochs=5)
 
 
 def _free() -> None:
@@ -273,99 +282,174 @@ def _bench_attention_paths(phase3, env: C.Env, cfg: ModelConfig, log) -> dict[st
     return {"batch": 2 * cfg.ratio_batch, "tokens": 207, "rows": rows, "max_abs_diff": diff}
 
 
-def _fake_cache(n: int, num_classes: int, visual_dim: int, vl_dim: int, full: bool, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, num_classes, (n,), generator=g)
-    data = {"index": torch.arange(n), "label": labels,
-            "visual.query": torch.randn(n, visual_dim, generator=g), "vl.query": torch.randn(n, vl_dim, generator=g)}
-    for name in ("visual", "vl"):
-        if full:
-            data[f"{name}.prob"] = torch.softmax(4 * torch.randn(n, num_classes, generator=g), dim=-1)
-        else:
-            data[f"{name}.prob_label"] = torch.rand(n, generator=g)
-    return data
+class _StandInExpert(nn.Module):
+    """Stands in for a frozen expert in the prediction pass: random query features and logits of
+    the real shapes (speed does not depend on the values), seeded by each batch's first row."""
+
+    def __init__(self, feature_dim: int, num_classes: int, seed: int):
+        super().__init__()
+        self.feature_dim, self.num_classes, self.seed = feature_dim, num_classes, seed
+
+    def forward(self, images: torch.Tensor) -> SimpleNamespace:  # "images": the rows' indices
+        g = torch.Generator().manual_seed(1_000_003 * self.seed + int(images[0]))
+        n = images.shape[0]
+        return SimpleNamespace(query=torch.randn(n, self.feature_dim, generator=g),
+                               logits=torch.rand(n, self.num_classes, generator=g) * 2 - 1)
 
 
-def _bench_phase3_steps(phase3, env: C.Env, cfg: ModelConfig, log) -> list[dict[str, Any]]:
-    """MoEScorerPhase.training_step on cached tensors (its own code: row gather, scorer, fused NLL)."""
-    vd, ld = phase3.visual.backbone.feature_dim, phase3.vl.backbone.feature_dim
-    phase3._outputs["train"] = _fake_cache(cfg.phase3_samples, cfg.num_classes, vd, ld, full=False, seed=0)
+class _RowsToPredict(torch.utils.data.Dataset):
+    """The prediction pass's input rows: index, label and a placeholder image (the index)."""
+
+    def __init__(self, labels: np.ndarray):
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"index": i, "label": int(self.labels[i]), "image": float(i)}
+
+
+def _write_fake_outputs(phase3, directory: Path, labels: np.ndarray, dtype: str = "float16") -> Path:
+    """A held-out split of expert outputs in the real file format: the library's `ExpertOutputs`
+    predict step and `ExpertOutputsWriter` (fp16 memory-mapped .npy shards + manifest) through
+    Lightning's predict loop, with stand-in experts of the ViT-B/16 output shapes."""
+    import lightning as L
+
+    from lpt_lightning.expert_outputs import (
+        ExpertOutputs,
+        ExpertOutputsWriter,
+        OutputsTarget,
+    )
+
+    num_classes = phase3.num_classes
+    experts = {kind: _StandInExpert(expert.backbone.feature_dim, num_classes, seed)
+               for seed, (kind, expert) in enumerate(phase3.experts().items())}
+    facts = {"class_counts": np.bincount(labels, minlength=num_classes).tolist(),
+             "class_names": [f"c{i}" for i in range(num_classes)], "record": {"benchmark": "fake expert outputs"}}
+    manifest = {"key": "benchmark", "split": "val", "label_only": False, "dtype": dtype, "data": facts}
+    writer = ExpertOutputsWriter([OutputsTarget("val", directory, len(labels), manifest)], dtype)
+    predictor = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False, callbacks=[writer],
+                          default_root_dir=str(directory.parent))
+    loader = torch.utils.data.DataLoader(_RowsToPredict(labels), batch_size=1024)
+    predictor.predict(ExpertOutputs(experts, phase3.scales, [False]), loader, return_predictions=False)
+    return directory
+
+
+def _cached_outputs(phase3, cfg: ModelConfig, directory: Path, batch: int):
+    """`CachedOutputsDataModule` over a fake held-out split of ``phase3_epoch_samples`` rows (the
+    scorer's default fitting split, ``scorer.fit_on: heldout``: full logits per expert)."""
+    from lpt_lightning.data.cached_outputs import CachedOutputsDataModule
+
+    if not (directory / "manifest.json").is_file():
+        labels = np.asarray(torch.randint(0, cfg.num_classes, (cfg.phase3_epoch_samples,),
+                                          generator=torch.Generator().manual_seed(1)))
+        labels[: cfg.num_classes] = np.arange(cfg.num_classes)  # every class present
+        _write_fake_outputs(phase3, directory, labels)
+    return CachedOutputsDataModule({"val": directory}, fit_split="val", batch_size=batch, sampling="class_aware")
+
+
+@contextlib.contextmanager
+def _log_replaced(phase3, log):
+    """``phase3.log`` for one section: a no-op (a bare step has no trainer) or, with None, the
+    class's own (`benchmarks.common.build_phase3` stubs it on the instance for the other timings)."""
+    saved = vars(phase3).pop("log", None)
+    if log is not None:
+        phase3.log = log
+    try:
+        yield
+    finally:
+        vars(phase3).pop("log", None)
+        if saved is not None:
+            phase3.log = saved
+
+
+def _bench_phase3_steps(phase3, env: C.Env, cfg: ModelConfig, outputs: Path, log) -> list[dict[str, Any]]:
+    """Per batch size: ``MoEScorerPhase.training_step`` + backward + AdamW on a batch of cached rows
+    (scorer, softmax of both experts' logits, fused NLL; ``self.log`` stubbed), and, timed in the
+    same rounds, the batch read the loader does (`CachedOutputsDataset.__getitems__`: a gather of
+    fp16 rows from the memory-mapped shards, to float32)."""
+    data = _cached_outputs(phase3, cfg, outputs, batch=cfg.phase3_batches[0])
+    dataset = data.train_dataloader().dataset.dataset  # StreamBatches -> CachedOutputsDataset
     phase3.to(env.device).train()
     optimizer = phase3.configure_optimizers()
-    real_log = phase3.log
-    phase3.log = lambda *args, **kwargs: None
     rows = []
-    try:
+    with _log_replaced(phase3, lambda *args, **kwargs: None):
         for b in cfg.phase3_batches:
-            g = torch.Generator().manual_seed(b)
-            index = torch.randint(0, cfg.phase3_samples, (b,), generator=g)
-            batch = {"cb": {"index": index.to(env.device), "label": phase3._outputs["train"]["label"][index].to(env.device)}}
+            index = torch.randint(0, len(dataset), (b,), generator=torch.Generator().manual_seed(b)).tolist()
+            batch = {"cb": {k: v.to(env.device) for k, v in dataset.__getitems__(index).items()}}
 
-            def step():
+            def step(batch=batch):
                 with env.autocast():
                     loss = phase3.training_step(batch, 0)
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
 
-            times = C.time_interleaved({"step": step}, max(cfg.rounds, 5) * 4, cfg.warmup + 2, env)["step"]
-            mem = C.peak_memory(step, env, C.tensors_of(phase3.scorer, optimizer, batch, phase3._outputs["train"]))
-            t = C.median(times)
-            rows.append({"phase": "phase3", "expert": "scorer", "batch": b, "step_s": t, "step_s_min": min(times),
-                         "step_s_max": max(times), "images_per_s": b / t, **mem})
-            log(f"  phase3 scorer B={b}: {1000 * t:.2f} ms/step ({b / t:,.0f} samples/s), "
-                f"{1024 * mem['above_baseline_gib']:.1f} MiB above the cache")
-    finally:
-        phase3.log = real_log
+            times = C.time_interleaved({"step": step, "read": lambda index=index: dataset.__getitems__(index)},
+                                       max(cfg.rounds, 5) * 4, cfg.warmup + 2, env)
+            mem = C.peak_memory(step, env, C.tensors_of(phase3.scorer, optimizer, batch))
+            t, read = C.median(times["step"]), C.median(times["read"])
+            rows.append({"phase": "phase3", "expert": "scorer", "batch": b, "step_s": t, "step_s_min": min(times["step"]),
+                         "step_s_max": max(times["step"]), "images_per_s": b / t, "read_s": read,
+                         "read_s_min": min(times["read"]), "read_s_max": max(times["read"]), **mem})
+            log(f"  phase3 scorer B={b}: {1000 * t:.2f} ms/step ({b / t:,.0f} samples/s, best "
+                f"{1e6 * min(times['step']) / b:.1f} us/sample), batch read {1000 * read:.2f} ms "
+                f"(best {1e6 * min(times['read']) / b:.1f} us/sample), {1024 * mem['above_baseline_gib']:.1f} MiB "
+                "above scorer + batch")
     return rows
 
 
-def _bench_phase3_epoch(phase3, env: C.Env, cfg: ModelConfig, log, batch: int = 64) -> dict[str, Any]:
-    """One scorer epoch through Lightning's real loop (index-only batches, cached-row gather,
-    logging, AdamW), on ``phase3_epoch_samples`` cached samples; per-sample cost reported."""
+def _bench_phase3_epoch(phase3, env: C.Env, cfg: ModelConfig, outputs: Path, log, batch: int = 64) -> dict[str, Any]:
+    """Scorer epochs through Lightning's real loop: `Trainer.fit` of `MoEScorerPhase` on the
+    `CachedOutputsDataModule` (class-aware sampler, `TrainingDataLoader` over `StreamBatches`,
+    whole-batch memory-mapped reads, training_step with its two ``self.log`` calls, AdamW), on
+    ``phase3_epoch_samples`` held-out rows; best of ``phase3_epochs`` epochs. Each epoch is split
+    into time inside the training step (Lightning's ``on_train_batch_start`` to ``_end``: forward,
+    logging, backward, AdamW) and time between steps (fetching the next batch: sampler, row gather,
+    device transfer, loop)."""
     import lightning as L
 
-    from lpt_lightning.data import DatasetSplits, DataSource, LongTailDataModule, Split
-
-    n, nv = cfg.phase3_epoch_samples, 512
-    vd, ld = phase3.visual.backbone.feature_dim, phase3.vl.backbone.feature_dim
-    labels = np.asarray(torch.randint(0, cfg.num_classes, (n,), generator=torch.Generator().manual_seed(1)))
-    labels[: cfg.num_classes] = np.arange(cfg.num_classes)
-    val_labels = np.arange(nv) % cfg.num_classes
-
-    class CachedOnlySource(DataSource):
-        def load(self):
-            return DatasetSplits("cached", train=Split([f"/nonexistent/{i}.jpg" for i in range(n)], labels),
-                                 val=Split([f"/nonexistent/v{i}.jpg" for i in range(nv)], val_labels), test=None,
-                                 class_names=[f"c{i}" for i in range(cfg.num_classes)])
-
-    train = _fake_cache(n, cfg.num_classes, vd, ld, full=False, seed=2)
-    train["label"] = torch.as_tensor(labels)
-    val = _fake_cache(nv, cfg.num_classes, vd, ld, full=True, seed=3)
-    val["label"] = torch.as_tensor(val_labels)
-    phase3._outputs = {"train": train, "val": val, "heldout": val}
+    data = _cached_outputs(phase3, cfg, outputs, batch)
 
     class EpochTimer(L.Callback):
+        def __init__(self):
+            self.epochs: list[tuple[float, float]] = []  # (epoch seconds, seconds inside training steps)
+
         def on_train_epoch_start(self, trainer, pl_module):
             env.sync()
-            self.t0 = time.perf_counter()
+            self.t0, self.in_steps = time.perf_counter(), 0.0
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.s0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            env.sync()
+            self.in_steps += time.perf_counter() - self.s0
 
         def on_train_epoch_end(self, trainer, pl_module):
             env.sync()
-            self.seconds = time.perf_counter() - self.t0
+            self.epochs.append((time.perf_counter() - self.t0, self.in_steps))
 
-    dm = LongTailDataModule(CachedOnlySource(), batch_size=batch, sampling="class_aware", num_workers=4,
-                            verify_files=False)
     timer = EpochTimer()
-    trainer = L.Trainer(accelerator=env.device.type, devices=1, max_epochs=1, limit_val_batches=0, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    trainer = L.Trainer(accelerator=env.device.type, devices=1, max_epochs=cfg.phase3_epochs, limit_val_batches=0,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False,
                         precision="bf16-mixed" if env.precision == "bf16-mixed" else "32-true",
-                        callbacks=[timer], default_root_dir=str(C.scratch_dir()), num_sanity_val_steps=0)
-    trainer.fit(phase3, datamodule=dm)
-    per_sample = timer.seconds / n
-    log(f"  phase3 epoch through Lightning, batch {batch}: {timer.seconds:.2f} s for {n:,} samples "
-        f"({1e6 * per_sample:.1f} us/sample)")
-    return {"samples": n, "batch": batch, "epoch_s": timer.seconds, "s_per_sample": per_sample}
+                        callbacks=[timer], default_root_dir=str(outputs.parent), num_sanity_val_steps=0)
+    with _log_replaced(phase3, None):  # the real self.log inside the loop
+        trainer.fit(phase3, datamodule=data)
+    trained = (cfg.phase3_epoch_samples // batch) * batch  # the loader drops the last partial batch
+    best, in_steps = min(timer.epochs)
+    res = {"samples": cfg.phase3_epoch_samples, "samples_trained": trained, "batch": batch, "epoch_s": best,
+           "epochs_s": [e for e, _ in timer.epochs], "s_per_sample": best / trained,
+           "in_step_s_per_sample": in_steps / trained, "between_steps_s_per_sample": (best - in_steps) / trained}
+    log(f"  phase3 epoch through Lightning, batch {batch}: best of {len(timer.epochs)} epochs {best:.2f} s for "
+        f"{trained:,} samples ({1e6 * res['s_per_sample']:.1f} us/sample: {1e6 * res['in_step_s_per_sample']:.1f} "
+        f"in the step, {1e6 * res['between_steps_s_per_sample']:.1f} between steps); all epochs "
+        + ", ".join(f"{e:.2f}" for e in res["epochs_s"]) + " s")
+    return res
 
 
 def _bench_cost_growth(env: C.Env, cfg: ModelConfig, log) -> list[dict[str, Any]]:
@@ -406,54 +490,69 @@ def _bench_cost_growth(env: C.Env, cfg: ModelConfig, log) -> list[dict[str, Any]
     return rows
 
 
-def run(env: C.Env, quick: bool, log=print, experts: tuple[str, ...] = ("visual", "vl")) -> dict[str, Any]:
+SECTIONS = ("experts", "phase3", "cost_growth")
+
+
+def run(env: C.Env, quick: bool, log=print, experts: tuple[str, ...] = ("visual", "vl"),
+        sections: tuple[str, ...] = SECTIONS) -> dict[str, Any]:
     cfg = config_for(env, quick)
     counts = C.class_counts(cfg.num_classes)
     scratch = C.scratch_dir()
-    res: dict[str, Any] = {"config": cfg.__dict__, "train": [], "prefix_reuse": [], "trainable": {}}
+    measure_experts = "experts" in sections
+    res: dict[str, Any] = {"config": cfg.__dict__}
     t0 = time.perf_counter()
-    log("matmul peak ...")
-    res["matmul_peak"] = C.matmul_peak(env, quick)
-    log(f"  {res['matmul_peak']['flops_per_s'] / 1e9:.1f} GFLOP/s ({res['matmul_peak']})")
-    from benchmarks.prototypes import check_exactness
+    if measure_experts:
+        res |= {"train": [], "prefix_reuse": [], "trainable": {}}
+        log("matmul peak ...")
+        res["matmul_peak"] = C.matmul_peak(env, quick)
+        log(f"  {res['matmul_peak']['flops_per_s'] / 1e9:.1f} GFLOP/s ({res['matmul_peak']})")
+        from benchmarks.prototypes import check_exactness
 
-    res["before_fix_exactness"] = check_exactness()
-    log(f"library vs before the kept-token fix (small experts, logits and gradients): {res['before_fix_exactness']}")
+        res["before_fix_exactness"] = check_exactness()
+        log(f"library vs before the kept-token fix (small experts, logits and gradients): {res['before_fix_exactness']}")
     checkpoints = {}
-    for kind in experts:
+    for kind in experts if measure_experts or "phase3" in sections else ():
         log(f"phase 1, {kind} expert (ViT-B/16 shapes, random weights) ...")
         p1 = C.build_phase1(kind, counts)
-        res["trainable"][f"phase1 {kind}"] = p1.parameter_report()
-        res["train"] += _bench_train(p1, env, cfg, "phase1", kind, log)
-        res.setdefault("before_fix_phase1", []).append(_oom_guard(lambda: _bench_fast_phase1(p1, env, cfg, kind, log)))
+        if measure_experts:
+            res["trainable"][f"phase1 {kind}"] = p1.parameter_report()
+            res["train"] += _bench_train(p1, env, cfg, "phase1", kind, log)
+            res.setdefault("before_fix_phase1", []).append(
+                _oom_guard(lambda: _bench_fast_phase1(p1, env, cfg, kind, log)))
         p1.cpu()
         ckpt1 = C.save_phase_checkpoint(p1, scratch / f"phase1_{kind}.ckpt")
         del p1
         _free()
         log(f"phase 2, {kind} expert ...")
         p2 = C.build_phase2(ckpt1, counts)
-        res["trainable"][f"phase2 {kind}"] = p2.parameter_report()
-        res["train"] += _bench_train(p2, env, cfg, "phase2", kind, log)
-        res["prefix_reuse"].append(_oom_guard(lambda: _bench_prefix_reuse(p2, env, cfg, kind, log)))
+        if measure_experts:
+            res["trainable"][f"phase2 {kind}"] = p2.parameter_report()
+            res["train"] += _bench_train(p2, env, cfg, "phase2", kind, log)
+            res["prefix_reuse"].append(_oom_guard(lambda: _bench_prefix_reuse(p2, env, cfg, kind, log)))
         p2.cpu()
         checkpoints[kind] = C.save_phase_checkpoint(p2, scratch / f"phase2_{kind}.ckpt")
         del p2
         _free()
-    if set(experts) == {"visual", "vl"}:
+    if set(checkpoints) == {"visual", "vl"}:
         log("phase 3 (both experts frozen + MoE scorer) ...")
         p3 = C.build_phase3(checkpoints["visual"], checkpoints["vl"], counts)
         p3.scorer.w_base.fill_(0.5)
-        res["inference"] = _bench_inference(p3, env, cfg, log)
-        res["attention_paths"] = _bench_attention_paths(p3, env, cfg, log)
-        with C.small_op_threads(env):
-            res["phase3_steps"] = _bench_phase3_steps(p3, env, cfg, log)
-            res["phase3_epoch"] = _bench_phase3_epoch(p3, env, cfg, log)  # the configs' batch (64)
-            res["phase3_epoch_large_batch"] = _bench_phase3_epoch(p3, env, cfg, log, batch=1024)
+        if measure_experts:
+            res["inference"] = _bench_inference(p3, env, cfg, log)
+            res["attention_paths"] = _bench_attention_paths(p3, env, cfg, log)
+        if "phase3" in sections:
+            outputs = scratch / "expert_outputs"
+            with C.small_op_threads(env):
+                res["phase3_steps"] = _bench_phase3_steps(p3, env, cfg, outputs, log)
+                res["phase3_epoch"] = _bench_phase3_epoch(p3, env, cfg, outputs, log)  # the configs' batch (64)
+                res["phase3_epoch_large_batch"] = _bench_phase3_epoch(p3, env, cfg, outputs, log, batch=1024)
+            shutil.rmtree(outputs)
         del p3
         _free()
-    log("head + loss cost growth ...")
-    with C.small_op_threads(env):
-        res["cost_growth"] = _bench_cost_growth(env, cfg, log)
+    if "cost_growth" in sections:
+        log("head + loss cost growth ...")
+        with C.small_op_threads(env):
+            res["cost_growth"] = _bench_cost_growth(env, cfg, log)
     res["small_op_threads"] = 1 if not env.is_cuda else None
     res["seconds"] = time.perf_counter() - t0
     return res

@@ -360,7 +360,7 @@ def _bare_step_services(module, counts: torch.Tensor, max_epochs: int = 90) -> N
     from lpt_lightning.phases.base import instance_weight
 
     module.class_counts.copy_(counts)
-    module.stream_losses = nn.ModuleDict({s: module._make_loss(s) for s in ("cb", "ib", "sqrt")})
+    module.stream_losses = nn.ModuleDict({s: module._make_loss(s, counts) for s in ("cb", "ib", "sqrt")})
     module.log = lambda *args, **kwargs: None
     eta = instance_weight(0, max_epochs, module.loss_spec.instance_weight)
     module.stream_weight = lambda stream, streams: eta if stream == "ib" and "cb" in streams else 1.0

@@ -110,7 +110,10 @@ def summary(run: dict[str, Any]) -> list[str]:
                          f"{100 * _mfu(row, peak):.0f}% of the measured fp32 matmul rate | - |")
     share = scorer_share(model)
     if share:
-        lines.append(f"| phase-3 scorer epoch / one phase-2 epoch (visual expert), this machine | - | < 2% | "
+        record = (model.get("section_runs") or {}).get("phase3")
+        where = ("this machine" if not record or record.get("machine", {}).get("cpu") == run["machine"].get("cpu")
+                 else "phase 3 rerun on another CPU, see Phase 3")
+        lines.append(f"| phase-3 scorer epoch / one phase-2 epoch (visual expert), {where} | - | < 2% | "
                      f"{100 * share['this_machine']:.4f}% | {_ok(share['this_machine'], 0.02)} |")
         for batch, per_gpu in share["gpu_estimates"].items():
             for gpu, value in per_gpu.items():
@@ -126,13 +129,18 @@ def summary(run: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _bare_step(model: dict[str, Any], batch: int) -> dict[str, Any] | None:
+    return next((r for r in model.get("phase3_steps", []) if r["batch"] == batch), None)
+
+
 def _loop_overhead(model: dict[str, Any], epoch: dict[str, Any] | None) -> float | None:
-    """Host-side seconds per sample of a scorer epoch beyond the scorer's own step: Lightning loop,
-    sampler, index-only dataset and collation, logging (what a GPU host pays too)."""
+    """Host-side seconds per sample of a scorer epoch beyond the scorer's own step: Lightning's
+    loop and optimizer wrapping, ``self.log``, the sampler and the batch reads (what a GPU host
+    pays too). Best epoch against the best bare step (both best-of-N)."""
     if not epoch:
         return None
-    bare = next((r for r in model.get("phase3_steps", []) if r["batch"] == epoch["batch"]), None)
-    return max(epoch["s_per_sample"] - (bare["step_s"] / bare["batch"] if bare else 0.0), 0.0)
+    bare = _bare_step(model, epoch["batch"])
+    return max(epoch["s_per_sample"] - (bare["step_s_min"] / bare["batch"] if bare else 0.0), 0.0)
 
 
 def scorer_share(model: dict[str, Any]) -> dict[str, Any] | None:
@@ -183,8 +191,12 @@ def training_section(model: dict[str, Any], precision: str) -> list[str]:
             f"| phase 3 | {EXPERT_NAMES['scorer']} (cached outputs) | {r['batch']} | {r['batch']} "
             f"| {_f(1000 * r['step_s'], 2)} ms ({_f(1000 * r['step_s_min'], 2)}-{_f(1000 * r['step_s_max'], 2)}) "
             f"| {_f(r['images_per_s'], 0)} | {_f(r['peak_gib'])} | {_f(r['above_baseline_gib'], 4)} | - | - |")
-    lines += ["", "Phase 3's peak memory includes its cached training tensors (62,500 samples); "
-              "\"above weights\" is what a step adds on top.", "", "Trainable parameters:", ""]
+    lines += ["", "Phase 3: `MoEScorerPhase.training_step` + AdamW on one batch of cached rows already read "
+              "from the memory-mapped expert outputs (the read is timed in the phase-3 section); its peak "
+              "memory counts the scorer, its AdamW state and the batch, and \"above weights\" is what a step "
+              "adds. The outputs themselves are files, not tensors."
+              + (" The phase-3 rows come from a separate run (`--sections phase3`, see Phase 3)."
+                 if (model.get("section_runs") or {}).get("phase3") else ""), "", "Trainable parameters:", ""]
     lines += [f"- {v}" for v in model.get("trainable", {}).values()]
     return lines + [""]
 
@@ -300,33 +312,65 @@ def cost_section(model: dict[str, Any]) -> list[str]:
     return lines
 
 
-def phase3_section(model: dict[str, Any]) -> list[str]:
+def phase3_section(model: dict[str, Any], machine: dict[str, Any]) -> list[str]:
     epoch = model.get("phase3_epoch")
     if not epoch:
         return []
     share = scorer_share(model)
     lpp = _inference(model, "LPT++ mixture, prefix reuse")
+    epochs = [e for e in (epoch, model.get("phase3_epoch_large_batch")) if e]
+    record = (model.get("section_runs") or {}).get("phase3")
     lines = [
         "### Phase 3: scorer epoch on cached outputs versus recomputing them",
         "",
-        f"A scorer epoch measured through Lightning's real loop (`MoEScorerPhase` in `Trainer.fit`, index-only "
-        f"batches of {epoch['batch']} from the class-aware sampler, cached-row gather, fused NLL, AdamW, "
-        f"logging) over {epoch['samples']:,} cached samples: {epoch['epoch_s']:.2f} s, i.e. "
-        f"{1e6 * epoch['s_per_sample']:.1f} us per training sample"
-        + (" (on the CPU the phase-3 and cost-growth sections run with 1 torch thread: with 2 OpenMP threads on 2 shared cores, tiny ops wait for a descheduled sibling thread and their times swing 10-50x)." if model.get("small_op_threads") else "."),
+        "Expert outputs of the real shapes (query features of 768 and 512 values and 365-class logits per "
+        "expert, float16) are written by the library's own prediction path (`ExpertOutputs.predict_step` and "
+        "`ExpertOutputsWriter` in Lightning's predict loop, with stand-in experts returning random values) as "
+        f"a held-out split of {epoch['samples']:,} rows: what the scorer is fitted on by default "
+        "(`scorer.fit_on: heldout`, full logits). Scorer epochs then run through Lightning's real loop: "
+        "`MoEScorerPhase` in `Trainer.fit` on `CachedOutputsDataModule` (the class-aware sampler, the one "
+        "`TrainingDataLoader` over `StreamBatches` in the training process, the DataModule has no workers; per "
+        "step one `__getitems__` gathers the batch's rows from the memory-mapped shards as float32), "
+        "`training_step` (scorer, softmax of both experts' logits, fused NLL, two `self.log` calls), backward "
+        f"and AdamW. Best of {len(epoch.get('epochs_s', [None]))} epochs; Lightning's `on_train_batch_start`/`_end` "
+        "hooks split each epoch into time inside the training step and time between steps (fetching the next "
+        "batch, the loop)."
+        + (" On the CPU the phase-3 and cost-growth sections run with 1 torch thread: with 2 OpenMP threads on 2 "
+           "shared cores, tiny ops wait for a descheduled sibling thread and their times swing 10-50x."
+           if model.get("small_op_threads") else ""),
         "",
-        "| per training sample | seconds | relative to a phase-2 epoch |",
-        "| --- | ---: | ---: |",
     ]
+    if record:
+        lines += [f"Phase-3 figures (rerun on their own, `--sections phase3`): {_measured_line(record)}"
+                  + (" **Another CPU than the other figures** here, so the shares of a phase-2 epoch below compare two "
+                     "machines." if record.get("machine", {}).get("cpu") != machine.get("cpu") else ""), ""]
+    lines += ["| per training sample (us) | " + " | ".join(f"batch {e['batch']}" for e in epochs) + " |",
+              "| --- |" + " ---: |" * len(epochs)]
+    bares = [_bare_step(model, e["batch"]) for e in epochs]
+    rows = [("scorer epoch through `Trainer.fit`, best epoch", lambda e, b: e["s_per_sample"]),
+            ("of which inside the training step (forward, logging, backward, AdamW, Lightning's wrapping)",
+             lambda e, b: e.get("in_step_s_per_sample")),
+            ("of which between steps (sampler, batch read, loop)", lambda e, b: e.get("between_steps_s_per_sample")),
+            ("bare `training_step` + backward + AdamW, `self.log` stubbed: best (median)",
+             lambda e, b: b and (b["step_s_min"] / b["batch"], b["step_s"] / b["batch"])),
+            ("batch read alone, `CachedOutputsDataset.__getitems__`: best (median)",
+             lambda e, b: b and "read_s" in b and (b["read_s_min"] / b["batch"], b["read_s"] / b["batch"]))]
+    for label, value in rows:
+        cells = []
+        for e, b in zip(epochs, bares):
+            v = value(e, b)
+            cells.append(f"{1e6 * v[0]:.1f} ({1e6 * v[1]:.1f})" if isinstance(v, tuple)
+                         else "-" if not v else f"{1e6 * v:.1f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append("")
     if share:
         p2 = share["phase2_s_per_sample"]
-        lines.append(f"| phase-2 epoch, visual expert (one step of 2B images per B samples) | {p2:.3g} | 100% |")
-        lines.append(f"| scorer epoch, cached outputs, batch {epoch['batch']} (the configs') | {epoch['s_per_sample']:.3g} | "
-                     f"{100 * epoch['s_per_sample'] / p2:.4f}% |")
-        big = model.get("phase3_epoch_large_batch")
-        if big:
-            lines.append(f"| scorer epoch, cached outputs, batch {big['batch']} | {big['s_per_sample']:.3g} | "
-                         f"{100 * big['s_per_sample'] / p2:.4f}% |")
+        lines += ["| per training sample | seconds | relative to a phase-2 epoch |", "| --- | ---: | ---: |",
+                  f"| phase-2 epoch, visual expert (one step of 2B images per B samples) | {p2:.3g} | 100% |"]
+        for e in epochs:
+            configs = " (the configs')" if e is epoch else ""
+            lines.append(f"| scorer epoch, cached outputs, batch {e['batch']}{configs} | {e['s_per_sample']:.3g} | "
+                         f"{100 * e['s_per_sample'] / p2:.4f}% |")
         if lpp:
             recompute = lpp["ms_per_image"] / 1000 + epoch["s_per_sample"]
             lines.append(f"| scorer epoch recomputing both experts' outputs (LPT++ forward per image + scorer) | "
@@ -334,16 +378,15 @@ def phase3_section(model: dict[str, Any]) -> list[str]:
         lines += [
             "",
             f"Caching makes a scorer epoch {recompute / epoch['s_per_sample']:,.0f}x cheaper than recomputing the "
-            "experts' outputs (computing the cache once costs one LPT++ inference pass over the training and "
-            "held-out images)." if lpp else "",
+            "experts' outputs (computing the cache once costs one LPT++ inference pass over the held-out images, "
+            "and over the training images under `scorer.fit_on: train`)." if lpp else "",
             "",
             "On this CPU the phase-2 epoch is so slow that the share is tiny. A GPU makes the phase-2 epoch "
-            "hundreds of times faster but not the host-side part of a scorer epoch: per sample, the Lightning "
-            "epoch minus the bare scorer step measured above is "
-            + ", ".join(f"{1e6 * _loop_overhead(model, model.get(k)):.0f} us at batch {model[k]['batch']}"
-                        for k in ("phase3_epoch", "phase3_epoch_large_batch") if model.get(k))
-            + " (loop, sampler, index-only dataset and collation, logging). **Estimate** (not a measurement): "
-            "that overhead against a phase-2 step at "
+            "hundreds of times faster but not the host-side part of a scorer epoch: per sample, the best Lightning "
+            "epoch minus the best bare scorer step is "
+            + ", ".join(f"{1e6 * _loop_overhead(model, e):.0f} us at batch {e['batch']}" for e in epochs)
+            + " (Lightning's loop and optimizer wrapping, `self.log`, sampler, batch reads). **Estimate** (not a "
+            "measurement): that overhead against a phase-2 step at "
             f"{ASSUMED_GPU_MFU:.0%} MFU ({share['phase2_flops_per_sample'] / 1e9:.0f} GFLOP per training sample, "
             "counted above), the GPU's own scorer step (a few kernels) neglected: "
             + "; ".join(f"batch {b}: " + ", ".join(f"{gpu} ~{100 * v:.1f}%" for gpu, v in per_gpu.items())
@@ -742,18 +785,37 @@ def findings(run: dict[str, Any]) -> list[str]:
     epoch = model.get("phase3_epoch")
     steps = model.get("phase3_steps") or []
     if epoch and steps:
-        bare = next((r for r in steps if r["batch"] == epoch["batch"]), steps[0])
+        bare = _bare_step(model, epoch["batch"]) or steps[0]
+        us = {k: 1e6 * epoch[k] for k in ("s_per_sample", "in_step_s_per_sample", "between_steps_s_per_sample")
+              if k in epoch}
+        small, large = steps[0], steps[-1]
+        # Bare step time = fixed per step + per sample (a line through the smallest and largest batch, best times).
+        per_sample = (large["step_s_min"] - small["step_s_min"]) / (large["batch"] - small["batch"])
+        fixed = small["step_s_min"] - per_sample * small["batch"]
+        big = model.get("phase3_epoch_large_batch")
         lines += [
-            "**4. A scorer epoch is per-sample Python overhead, not compute** (`MoEScorerPhase` training loop). "
-            f"The bare `training_step` + AdamW takes {1e6 * bare['step_s'] / bare['batch']:.1f} us per sample at batch "
-            f"{bare['batch']}, the full Lightning epoch {1e6 * epoch['s_per_sample']:.1f} us per sample: the rest "
-            "is the index-only `LongTailImageDataset.__getitem__` (a dict and a tensor per sample), "
-            "`default_collate`, the class-aware sampler, two `self.log` calls and the loop itself, at 64 "
-            "samples per step. It is far below 2% of a phase-2 epoch on this machine; on a fast GPU it is the "
-            "part of phase 3 that does not shrink (estimate in the summary). If it matters: train the scorer "
-            "with a larger batch (`phase3.data.batch_size`, e.g. 1024: the cached rows make that free) or "
-            "iterate index tensors directly (a batch sampler yielding index tensors, no per-sample dataset "
-            "calls).", ""]
+            "**4. A scorer epoch is per-step Python and small-op work, not compute or data** (`MoEScorerPhase` "
+            f"in `Trainer.fit` on `CachedOutputsDataModule`). Per sample at batch {epoch['batch']} (the configs'), "
+            f"best epoch: {us['s_per_sample']:.1f} us, of which {us.get('in_step_s_per_sample', float('nan')):.1f} us "
+            f"inside the training step and {us.get('between_steps_s_per_sample', float('nan')):.1f} us between steps. "
+            f"The bare `training_step` + backward + AdamW takes {1e6 * bare['step_s_min'] / bare['batch']:.1f} us "
+            "(best), so Lightning's wrapping of the step (the automatic-optimisation closure, hooks, the two "
+            f"`self.log` calls) adds about {us.get('in_step_s_per_sample', 0) - 1e6 * bare['step_s_min'] / bare['batch']:.0f} "
+            f"us; the bare step itself is about {1000 * fixed:.1f} ms per step plus {1e6 * per_sample:.0f} us per "
+            "sample (the scorer MLP over both query features and the softmax of both experts' logits, forward and "
+            "backward). Reading the "
+            "batch, one `__getitems__` that gathers the rows from the memory-mapped float16 shards and converts them "
+            f"to float32, takes {1e6 * bare.get('read_s_min', float('nan')) / bare['batch']:.1f} us per sample "
+            "(best); the rest of the time between steps is the class-aware sampler and the loop. The data path is "
+            "no longer the cost: before the rewrite (run of 2026-11-29, on the CPU of the other figures) the loop read index-only "
+            "`LongTailImageDataset` items one by one (a dict and a tensor per sample, then `default_collate`) and "
+            "a cached-row gather in the step, 144 us per sample at batch 64 on label-only training rows with "
+            "`self.log` stubbed (not a like-for-like comparison). Most of what is left is paid per step, so a "
+            "larger batch is the lever: "
+            + (f"at batch {big['batch']} an epoch costs {1e6 * big['s_per_sample']:.1f} us per sample "
+               f"(`phase3.data.batch_size`; the cached rows make a large batch free). " if big else "")
+            + "Far below 2% of a phase-2 epoch on this machine; on a fast GPU it is the part of phase 3 that does "
+            "not shrink (estimate in the summary).", ""]
     lines += [
         "**5. Intra-op threads on small shared CPUs** (not a line of our code, but our CPU path: `make demo`, "
         "`configs/cpu/`, the test suite). With torch's default of one OpenMP thread per core on this 2-core "
@@ -814,7 +876,7 @@ def render(results: Path) -> str:
             lines += [f"Model figures: {_measured_line(model['run'])}", ""]
         if model:
             lines += training_section(model, m["precision"]) + prefix_section(model) + inference_section(model)
-            lines += mfu_section(model, m) + cost_section(model) + phase3_section(model)
+            lines += mfu_section(model, m) + cost_section(model) + phase3_section(model, m)
         lines += data_section(run)
         lines += findings(run)
     lines += [FAST_PATH]

@@ -4,6 +4,7 @@
     python benchmarks/run_all.py --device cuda     # GPU, bf16-mixed autocast, larger batches
     python benchmarks/run_all.py --quick           # smoke version (smaller batches, fewer rounds)
     python benchmarks/run_all.py --render          # only rewrite docs/benchmarks.md from saved results
+    python benchmarks/run_all.py --only model --sections phase3   # rerun the scorer figures (minutes)
 
 Raw results go to ``benchmarks/results/bench_<device>[_quick].json``; the page shows every device
 whose results are present (a GPU run adds its section next to the CPU one).
@@ -37,10 +38,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="default: fp32 on CPU, bf16-mixed on GPU")
     parser.add_argument("--quick", action="store_true", help="smoke version: fewer batch sizes and rounds")
     parser.add_argument("--only", choices=["model", "data"], nargs="*", default=None, help="run only these parts")
+    parser.add_argument("--sections", choices=["experts", "phase3", "cost_growth"], nargs="+", default=None,
+                        help="with --only model: rerun only these sections of the model benchmarks and merge them "
+                             "into the saved model figures (phase3 still builds the phase-1/2 checkpoints it needs)")
     parser.add_argument("--render", action="store_true", help="only rewrite docs/benchmarks.md")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default on CPU: 1, see docs/benchmarks.md; GPU: torch's default)")
     args = parser.parse_args(argv)
+    if args.sections and args.only != ["model"]:
+        parser.error("--sections selects sections of the model benchmarks: use it with --only model")
 
     if not args.render:
         import warnings
@@ -59,6 +65,9 @@ def main(argv: list[str] | None = None) -> None:
         tag = env.device.type + ("_quick" if args.quick else "")
         out_path = RESULTS / f"bench_{tag}.json"
         previous = json.loads(out_path.read_text()) if out_path.is_file() and args.only else {}
+        if args.sections and not previous.get("model"):
+            parser.error(f"--sections merges into the saved model figures, and {out_path} has none: run "
+                         "--only model first")
         this_run = {"machine": C.machine_info(env), "quick": args.quick, "date": time.strftime("%Y-%m-%d %H:%M"),
                     "load_average_start": C.load_average(),
                     "command": "python benchmarks/run_all.py" + "".join(
@@ -75,14 +84,22 @@ def main(argv: list[str] | None = None) -> None:
             from benchmarks import bench_model
 
             log("== model benchmarks (ViT-B/16 shapes) ==")
-            result["model"] = bench_model.run(env, args.quick, log)
+            if args.sections:
+                # Only these sections' figures (and the config) change; the others keep their run record.
+                new = bench_model.run(env, args.quick, log, sections=tuple(args.sections))
+                new.pop("seconds")
+                result["model"] |= new
+            else:
+                result["model"] = bench_model.run(env, args.quick, log)
         if "data" in parts:
             from benchmarks import bench_data
 
             log("== data loading ==")
             result["data"] = bench_data.run(env, args.quick, log)
         finished = {"seconds": time.perf_counter() - t0, "load_average_end": C.load_average()}
-        if previous:
+        if args.sections:
+            result["model"].setdefault("section_runs", {}).update(dict.fromkeys(args.sections, this_run | finished))
+        elif previous:
             for part in parts:
                 result[part]["run"] = this_run | finished
         else:
