@@ -104,12 +104,9 @@ class NonFiniteLossPolicy(L.Callback):
 
 
 def batch_sources(trainer: L.Trainer, batch: Any, show: int = 8) -> str:
-    """The first images of a training batch (dict of streams), by name where the data has names."""
-    dm = trainer.datamodule
-    items = None
-    if dm is not None and hasattr(dm, "splits"):
-        split = getattr(dm, "fit_split", "train")  # the split training batches index
-        items = dm.splits.train.items if split == "train" else dm.eval_split(split)[1].items
+    """The first images of a training batch (dict of streams), by name where the data has names
+    (`LongTailDataModule.training_items`; cached expert outputs have none)."""
+    items = getattr(trainer.datamodule, "training_items", None)
     streams = batch.values() if isinstance(batch, dict) and "index" not in batch else [batch]
     indices = [int(i) for b in streams for i in b["index"]]
     names = [str(items[i]) if items is not None and isinstance(items[i], str) else f"train item {i}"

@@ -18,7 +18,7 @@ import yaml
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lpt_lightning.callbacks import NonFiniteLossPolicy, StepSeeding
+from lpt_lightning.callbacks import NonFiniteLossPolicy, StepSeeding, batch_sources
 from lpt_lightning.checkpoints import AtomicCheckpointIO, load_checkpoint_file
 from lpt_lightning.data import FashionMNISTSource, LongTailDataModule
 from lpt_lightning.data_facts import connect
@@ -245,3 +245,12 @@ def test_pipeline_killed_with_sigkill_resumes_to_the_same_result(tmp_path):
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), (phase, key)
+
+
+def test_a_bad_batch_is_named_by_its_images_where_the_data_has_names():
+    batch = {"cb": {"index": torch.tensor([2, 0])}, "ib": {"index": torch.tensor([1])}}
+    images = SimpleNamespace(training_items=["a.jpg", "b.jpg", "c.jpg"])
+    assert batch_sources(SimpleNamespace(datamodule=images), batch) == "c.jpg, a.jpg, b.jpg"
+    # Cached expert outputs (phase 3) have no image names: the rows are named by index.
+    cached = SimpleNamespace(splits={"val": None}, fit_split="val")
+    assert batch_sources(SimpleNamespace(datamodule=cached), batch, show=2) == "train item 2, train item 0 and 1 more"

@@ -482,6 +482,8 @@ class LongTailDataModule(StreamTrainingData, LightningDataModule):
         else:
             name, split = self.eval_split(name)
         self._check_files(name, split)
+        # A dataset of its own that never defers decoding: these batches are consumed outside the
+        # training loop (the class-mean head init, phase 3's outputs pass), without the transfer hook.
         dataset = LongTailImageDataset(split, build_eval_transform(self._resolve_img_size()),
                                        images=self.splits.images, skip_unreadable=self.skip_unreadable)
         return self._sharded_loader(dataset)
@@ -503,6 +505,11 @@ class LongTailDataModule(StreamTrainingData, LightningDataModule):
                 defer_decoding=self._decodes_on_device(split),
             )
         return self._sharded_loader(self._datasets["predict"])
+
+    @property
+    def training_items(self) -> list:
+        """What training batches' ``index`` values refer to (messages name a bad batch's images)."""
+        return self.splits.train.items
 
     def predict_items(self) -> list:
         """What the predict loader's ``index`` values refer to (image paths or split indices)."""
