@@ -27,6 +27,7 @@ import yaml
 from PIL import Image
 from tqdm import tqdm
 
+from lpt_lightning.checkpoints.files import atomic_save
 from lpt_lightning.data.datasets import _DECODE_ERRORS
 from lpt_lightning.data.prepared import (
     FORMAT_VERSION,
@@ -144,11 +145,7 @@ class _TreePart:
         self.final, self.root = final, root
 
     def add(self, data: bytes, label: int, relative: str) -> None:
-        path = tree_path(self.root, relative)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        atomic_save(lambda tmp: tmp.write_bytes(data), tree_path(self.root, relative))
 
     def commit(self) -> None:
         self.final.touch()

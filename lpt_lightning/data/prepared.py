@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lpt_lightning.checkpoints.files import atomic_save
 from lpt_lightning.data.sources import DatasetSplits, DataSource, Split
 from lpt_lightning.errors import DataFormatError
 
@@ -49,10 +50,8 @@ def read_json(path: Path) -> dict:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    """Write to a temporary name, then rename: a kill never leaves a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    """A JSON file that a kill never leaves half-written."""
+    atomic_save(lambda tmp: tmp.write_text(json.dumps(data, indent=1), encoding="utf-8"), path)
 
 
 class ShardReader:
