@@ -89,21 +89,17 @@ class LongTailImageDataset(Dataset):
     def load_image(self, i: int) -> Image.Image:
         item = self.split.items[i]
         if isinstance(item, str):
-            try:
-                with Image.open(item) as img:
-                    return img.convert("RGB")  # convert() forces the full decode inside the try
-            except _DECODE_ERRORS as exc:
-                raise DataFormatError(
-                    f"cannot read image {item} (listed in {self.split.origin}): {exc}"
-                ) from None
-        stored = self.images[int(item)]
-        if isinstance(stored, bytes):  # an encoded image of a prepared copy (ShardReader)
-            try:
-                with Image.open(io.BytesIO(stored)) as img:
-                    return img.convert("RGB")
-            except _DECODE_ERRORS as exc:
-                raise DataFormatError(f"cannot read image {self.split.where(i)}: {exc}") from None
-        return Image.fromarray(np.asarray(stored)).convert("RGB")
+            source, what = item, f"{item} (listed in {self.split.origin})"
+        else:
+            stored = self.images[int(item)]
+            if not isinstance(stored, bytes):  # pixels of an in-memory array
+                return Image.fromarray(np.asarray(stored)).convert("RGB")
+            source, what = io.BytesIO(stored), self.split.where(i)  # an encoded image of a prepared copy
+        try:
+            with Image.open(source) as img:
+                return img.convert("RGB")  # convert() forces the full decode inside the try
+        except _DECODE_ERRORS as exc:
+            raise DataFormatError(f"cannot read image {what}: {exc}") from None
 
     def __getitem__(self, key: int | Draw) -> dict | None:
         i, seed = (key.index, key.seed) if isinstance(key, Draw) else (key, None)
@@ -132,7 +128,6 @@ class LongTailImageDataset(Dataset):
         if data[:3].tobytes() == _JPEG_MAGIC:
             return torch.from_numpy(data)
         return pil_to_tensor(self.load_image(i))
-
 
 
 def _transform_seeded(transform: Callable | None, image, seed: int | None):
