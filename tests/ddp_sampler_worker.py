@@ -30,6 +30,7 @@ def run(rank: int, world_size: int, init_file: str, out_file: str, epoch: int) -
             with open(out_file, "w") as fh:
                 json.dump({"shards": shards, "global": reference.global_sequence().tolist(),
                            "labels": labels.tolist()}, fh)
+        dist.barrier()  # tear down together: gloo aborts a rank whose peer left mid-teardown
     finally:
         dist.destroy_process_group()
 
