@@ -20,5 +20,6 @@ def run(rank: int, world_size: int, init_method: str, counts, preds, target, out
         metric.update(p[half:], t[half:])
         result = metric.compute()
         torch.save({k: v.clone() for k, v in result.items()}, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # tear down together: gloo aborts a rank whose peer left mid-teardown
     finally:
         dist.destroy_process_group()
