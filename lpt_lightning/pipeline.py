@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 import sys
 from dataclasses import asdict, dataclass, fields, is_dataclass
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from lpt_lightning.checkpoints.files import atomic_save, load_checkpoint_file
 from lpt_lightning.checkpoints.metadata import read_phase_metadata
@@ -267,8 +268,12 @@ def resume_checkpoint(run: PhaseRun) -> Path | None:
     return None
 
 
-def run_phase(run: PhaseRun, test: bool, log_model: bool = False) -> None:
+def run_phase(run: PhaseRun, test: bool, log_model: bool = False, test_start: bool | None = None) -> None:
     """``lpt fit`` on the phase's config, then the hand-over file and the reports of its weights.
+
+    Phase 1 also reports its expert before training (rows ``val: no training``, ``test: no
+    training``; the test row when ``test_start``, default ``test``), so every table shows where
+    the long-tailed training started.
 
     The W&B run of the phase (if any) is finished when the phase ends, also on failure, so the next
     phase starts a run of its own instead of writing into this one.
@@ -277,7 +282,7 @@ def run_phase(run: PhaseRun, test: bool, log_model: bool = False) -> None:
     finish_wandb_run(exit_code=0)
     succeeded = False
     try:
-        _fit_and_report(run, test, log_model)
+        _fit_and_report(run, test, log_model, test if test_start is None else test_start)
         succeeded = True
     finally:
         finish_wandb_run(exit_code=0 if succeeded else 1)
@@ -289,7 +294,7 @@ def finish_wandb_run(exit_code: int) -> None:
         wandb.run.finish(exit_code=exit_code)
 
 
-def _fit_and_report(run: PhaseRun, test: bool, log_model: bool) -> None:
+def _fit_and_report(run: PhaseRun, test: bool, log_model: bool, test_start: bool) -> None:
     args = ["--config", str(run.directory / "config.yaml")]
     resume = resume_checkpoint(run)
     if resume is not None:
@@ -316,8 +321,10 @@ def _fit_and_report(run: PhaseRun, test: bool, log_model: bool) -> None:
     trainer.validate(model, datamodule=datamodule, ckpt_path=final, verbose=False)
     if test and datamodule.splits.test is not None:
         trainer.test(model, datamodule=datamodule, ckpt_path=final, verbose=False)
+    results = dict(model.results)
+    if run.phase == "phase1":
+        results |= _start_rows(run, trainer, model, datamodule, test_start)
     if trainer.is_global_zero:
-        results = dict(model.results)
         write_metrics(run.directory / "metrics.json", results, model.class_counts.cpu(), model.class_names,
                       model.split_convention)
         test_rows = {k: v for k, v in results.items() if k.startswith("test")} or results
@@ -327,6 +334,28 @@ def _fit_and_report(run: PhaseRun, test: bool, log_model: bool) -> None:
         if log_model:
             log_final_checkpoint(trainer, run, results)
     trainer.strategy.barrier("lpt-pipeline-reported")
+
+
+def _start_rows(run: PhaseRun, trainer, model, datamodule, test: bool) -> dict[str, dict[str, Any]]:
+    """The no-training rows of phase 1: its expert as it stood before the first step (the VL head
+    at its class-name text embeddings, the visual head at its initialisation), read back from
+    ``start.ckpt`` like every other reported number."""
+    start = run.directory / "start.ckpt"
+    model.load_start_state()
+    tmp = start.with_name(".start.ckpt.tmp")
+    trainer.save_checkpoint(tmp, weights_only=True)
+    if trainer.is_global_zero:
+        os.replace(tmp, start)
+    trainer.strategy.barrier("lpt-pipeline-start-row")
+    model.results.clear()
+    model.eval_row = "no training"
+    try:
+        trainer.validate(model, datamodule=datamodule, ckpt_path=str(start), verbose=False)
+        if test and datamodule.splits.test is not None:
+            trainer.test(model, datamodule=datamodule, ckpt_path=str(start), verbose=False)
+    finally:
+        model.eval_row = ""
+    return dict(model.results)
 
 
 def remove_preemption_checkpoints(run: PhaseRun) -> None:
@@ -424,11 +453,57 @@ def run_pipeline(
         rank_zero_info(f"=== {run.name} ===")
         try:
             run_phase(run, test is True or (test == "final" and run.phase == tested_phase),
-                      log_model=wandb is not None and wandb.log_model)
+                      log_model=wandb is not None and wandb.log_model, test_start=test is not False)
         except (KeyboardInterrupt, RunInterrupted) as exc:
             raise RunInterrupted(f"interrupted in phase {run.name}; rerun the same command to resume",
                                  getattr(exc, "exit_code", 130)) from None
+    summary = write_summary(Path(run_dir), runs)
+    if summary:
+        rank_zero_info(f"\npipeline summary ({Path(run_dir) / 'metrics.json'})\n{split_table(summary)}\n")
     return runs
+
+
+EXPERT_TITLES = {"visual": "visual expert", "vl": "vision-language expert"}
+
+
+def summary_rows(runs: list[PhaseRun]) -> dict[str, dict[str, Any]]:
+    """Every evaluated row of the pipeline, in the order of training: each expert before training,
+    after phase 1 and after phase 2, then the fusions. Read from the phases' metrics.json files
+    (per-class accuracies included); a phase that was not evaluated on a split has no row there."""
+    phases: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        path = run.directory / "metrics.json"
+        if path.is_file():
+            phases[run.name] = json.loads(path.read_text())
+    rows: dict[str, dict[str, Any]] = {}
+    for split in ("test", "val"):
+        for expert, title in EXPERT_TITLES.items():
+            for name, source, label in ((f"phase1_{expert}", f"{split}: no training", "no training"),
+                                        (f"phase1_{expert}", split, "phase 1"),
+                                        (f"phase2_{expert}", split, "phase 2")):
+                row = phases.get(name, {}).get("results", {}).get(source)
+                if row is None and label == "phase 2":  # phase 3 evaluated the phase-2 experts
+                    row = phases.get("phase3_moe", {}).get("results", {}).get(f"{split}: {title}")
+                if row is not None:
+                    rows[f"{split}: {title}, {label}"] = row
+        for title in ("W_base fusion", "LPT++ (scorer)"):
+            row = phases.get("phase3_moe", {}).get("results", {}).get(f"{split}: {title}")
+            if row is not None:
+                rows[f"{split}: {title}"] = row
+    return rows
+
+
+def write_summary(run_dir: Path, runs: list[PhaseRun]) -> dict[str, dict[str, Any]]:
+    """``<run_dir>/metrics.json``: the pipeline's rows (``summary_rows``), on rank 0."""
+    rows = summary_rows(runs)
+    if not rows or rank_zero_only.rank != 0:
+        return rows
+    first = json.loads(next(r.directory / "metrics.json" for r in runs
+                            if (r.directory / "metrics.json").is_file()).read_text())
+    payload = {k: first[k] for k in ("split_convention", "class_counts", "class_names")} | {
+        "phases": {r.name: str(r.directory.relative_to(run_dir)) for r in runs}, "results": rows}
+    atomic_save(lambda tmp: tmp.write_text(json.dumps(payload, indent=1)), run_dir / "metrics.json")
+    return rows
 
 
 def split_table_from_file(path: Path) -> str:

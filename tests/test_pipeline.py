@@ -70,6 +70,24 @@ def test_pipeline_leaves_every_phase_with_results(finished_run):
     for expert, title in (("visual", "visual expert"), ("vl", "vision-language expert")):
         own = json.loads((run_dir / f"phase2_{expert}" / "metrics.json").read_text())["results"]["test"]
         assert rows[f"test: {title}"] == own
+    # Phase 1 reports its expert before training, read back from start.ckpt: the tensors as they
+    # stood before the first step (the head at its initialisation), which final.ckpt carries too.
+    for expert in ("visual", "vl"):
+        d = run_dir / f"phase1_{expert}"
+        own = json.loads((d / "metrics.json").read_text())["results"]
+        assert {"val", "test", "val: no training", "test: no training"} <= set(own)
+        start = load_checkpoint_file(d / "start.ckpt")["state_dict"]
+        final = load_checkpoint_file(d / "final.ckpt")
+        assert final["lpt_start_state"].keys() == start.keys()
+        assert all(torch.equal(final["lpt_start_state"][k], start[k]) for k in start)
+        assert not torch.equal(start["expert.head.weight"], final["state_dict"]["expert.head.weight"])
+    # The pipeline's own table: every expert before training, after phase 1 and 2, then the fusions.
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    assert list(summary["results"])[:8] == [f"test: {t}, {stage}" for t in ("visual expert", "vision-language expert")
+                                            for stage in ("no training", "phase 1", "phase 2")] + [
+        "test: W_base fusion", "test: LPT++ (scorer)"]
+    assert summary["results"]["test: vision-language expert, no training"] == \
+        json.loads((run_dir / "phase1_vl" / "metrics.json").read_text())["results"]["test: no training"]
     cache = list((run_dir / "phase3_moe" / "expert_cache").iterdir())
     # The scorer is fitted on the held-out split: no inference pass over the training images; the
     # test split is evaluated on its images (both experts and the scorer), once.
@@ -207,7 +225,7 @@ def test_test_final_evaluates_only_the_phases_that_are_the_result(tmp_path, monk
     from lpt_lightning import pipeline
 
     calls = []
-    monkeypatch.setattr(pipeline, "run_phase", lambda run, test, log_model: calls.append((run.name, test)))
+    monkeypatch.setattr(pipeline, "run_phase", lambda run, test, log_model, test_start: calls.append((run.name, test)))
     config = copy.deepcopy(TINY) | {"experts": ["visual", "vl"] if mixture else ["visual"], "mixture": mixture}
     run_pipeline(run_dir=str(tmp_path), test="final", **config)
     assert [name for name, test in calls if test] == tested

@@ -13,6 +13,8 @@ from lpt_lightning.data.long_tail import (
     balanced_holdout,
     cap_per_class,
     holdout_slices,
+    target_slices,
+    class_order,
     long_tail_counts,
     make_long_tailed,
 )
@@ -65,6 +67,8 @@ __all__ = [
     "decode_on_device",
     "eval_resize_size",
     "holdout_slices",
+    "target_slices",
+    "class_order",
     "long_tail_counts",
     "make_long_tailed",
     "read_idx",

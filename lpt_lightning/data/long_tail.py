@@ -48,16 +48,27 @@ def _class_index_lists(labels: np.ndarray) -> list[np.ndarray]:
     return per_class
 
 
+def class_order(num_classes: int, class_order_seed: int | None) -> np.ndarray:
+    """order[i] is the class that receives the i-th largest long-tailed count: class i itself
+    (head first, the CIFAR-LT convention) without a seed, else a seeded permutation, so that
+    which classes form the head and which the tail is a controlled variable of a study."""
+    if class_order_seed is None:
+        return np.arange(num_classes)
+    return np.random.default_rng(class_order_seed).permutation(num_classes)
+
+
 def make_long_tailed(
     labels: np.ndarray,
     imbalance_ratio: float,
     seed: int,
     max_per_class: int | None = None,
+    class_order_seed: int | None = None,
 ) -> np.ndarray:
     """Indices (sorted ascending) of a long-tailed subset of a (roughly) balanced set.
 
     n_max = the smallest class count of the input, capped by max_per_class, so every class
-    can supply its quota. Which samples a class keeps is a seeded random subset.
+    can supply its quota. Which samples a class keeps is a seeded random subset; which class
+    gets which count follows ``class_order(C, class_order_seed)``.
     """
     per_class = _class_index_lists(labels)
     n_max = min(idx.size for idx in per_class)
@@ -65,7 +76,10 @@ def make_long_tailed(
         if max_per_class < 1:
             raise ConfigError(f"max_per_class must be >= 1, got {max_per_class}")
         n_max = min(n_max, max_per_class)
-    counts = long_tail_counts(n_max, len(per_class), imbalance_ratio)
+    ranked = long_tail_counts(n_max, len(per_class), imbalance_ratio)
+    counts = [0] * len(per_class)
+    for rank, cls in enumerate(class_order(len(per_class), class_order_seed)):
+        counts[cls] = ranked[rank]
     if min(counts) < 1:
         raise ConfigError(
             f"imbalance_ratio {imbalance_ratio} with n_max {n_max} leaves a class with 0 images; "
@@ -158,3 +172,20 @@ def holdout_slices(
     val, rest = balanced_holdout(labels, val_per_class, seed)
     held, keep = balanced_holdout(labels[rest], test_per_class, seed + 1)
     return val, rest[held], rest[keep]
+
+
+def target_slices(
+    labels: np.ndarray, val_per_class: int, test_per_class: int, pool_per_class: int | None, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(val, test, pool, unused) sorted indices: ``holdout_slices``, then a balanced pool of
+    ``pool_per_class`` images of every class (``seed + 2``) out of which the long-tailed training
+    set is drawn; ``unused`` is never read by the target task, so a stand-in backbone can be
+    pretrained on it without seeing any image the task trains or tests on. Without a pool, the
+    whole remainder is the pool and nothing is unused."""
+    val, test, rest = holdout_slices(labels, val_per_class, test_per_class, seed)
+    if pool_per_class is None:
+        return val, test, rest, np.empty(0, dtype=np.int64)
+    if pool_per_class < 1:
+        raise ConfigError(f"train_pool_per_class must be >= 1, got {pool_per_class}")
+    pool, unused = balanced_holdout(np.asarray(labels)[rest], pool_per_class, seed + 2)
+    return val, test, rest[pool], rest[unused]

@@ -9,9 +9,13 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from lpt_lightning.checkpoints.metadata import is_saved_key
 from lpt_lightning.errors import ConfigError
 from lpt_lightning.models.expert import ExpertSpec, LongTailExpert
 from lpt_lightning.phases.base import ExpertPhase, LossSpec, OptimSpec
+
+
+START_STATE_KEY = "lpt_start_state"
 
 
 class AdaptPhase(ExpertPhase):
@@ -47,6 +51,10 @@ class AdaptPhase(ExpertPhase):
             rank_zero_info(f"head initialised from CLIP text embeddings of {num_classes} class names")
         self.head_init = head_init
         self.head_ready = head_init != "class_mean"  # class_mean: set by init_head_from_class_means or a restore
+        # The trained tensors as they stood before the first step (the head after its text or
+        # class-mean initialisation): the expert's no-training row. Saved with every checkpoint, so
+        # a resumed run still reports where it started.
+        self.start_state: dict[str, torch.Tensor] | None = None
         release = getattr(self.expert.backbone, "release_text_tower", None)
         if release is not None:
             release()  # the text tower is only needed for the head's initialisation
@@ -62,9 +70,26 @@ class AdaptPhase(ExpertPhase):
             raise ConfigError("expert.head_init=class_mean: the head was not initialised; add "
                               "lpt_lightning.callbacks.ClassMeanHeadInit to the trainer's callbacks (lpt adds it)")
 
+    def on_train_start(self) -> None:
+        if self.start_state is None:  # a resumed run restored it with its checkpoint
+            self.start_state = {k: v.detach().cpu().clone() for k, v in self.state_dict().items() if is_saved_key(k)}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.start_state is not None:
+            checkpoint[START_STATE_KEY] = self.start_state
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         self.head_ready = True  # the head comes from the checkpoint
+        self.start_state = checkpoint.get(START_STATE_KEY, self.start_state)
+
+    def load_start_state(self) -> None:
+        """Put the trained tensors back to where phase 1 started (for its no-training row)."""
+        if self.start_state is None:
+            raise ConfigError("this phase-1 model has no starting state: it was not trained, or its checkpoint "
+                              "predates start states")
+        self.load_state_dict({k: v.to(self.device) for k, v in self.start_state.items()}, strict=False)
 
     @torch.no_grad()
     def init_head_from_class_means(self, batches: Iterable[dict[str, torch.Tensor]]) -> None:

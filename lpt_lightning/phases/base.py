@@ -97,6 +97,7 @@ class ExpertPhase(L.LightningModule):
         self.register_buffer("class_counts", torch.ones(num_classes, dtype=torch.long))
         self.stream_losses = nn.ModuleDict()
         self.results: dict[str, dict[str, Any]] = {}
+        self.eval_row = ""  # label of the evaluated row; "" = the trained model
         self.data_facts: DataFacts | None = None  # attach_data
         self.data_record: dict[str, Any] | None = None  # digests of the data it trains on (set in setup)
         # Frozen backbone weights are not in our checkpoints: they come from the hub/local file.
@@ -231,8 +232,10 @@ class ExpertPhase(L.LightningModule):
     def _log_split_accuracy(self, stage: str, metric: SplitAccuracy) -> None:
         result = metric.compute()  # states already summed over ranks: identical everywhere
         metric.reset()
-        self.results[stage] = {k: float(result[k]) for k in SPLIT_KEYS} | {"per_class": result["per_class"].cpu()}
-        self.log_dict({f"{stage}/{k}": float(result[k]) for k in SPLIT_KEYS}, sync_dist=False)
+        # A labelled row (e.g. phase 1's "no training" row) is kept and logged beside the trained one.
+        row, prefix = (f"{stage}: {self.eval_row}", f"{self.eval_row.replace(' ', '_')}/") if self.eval_row else (stage, "")
+        self.results[row] = {k: float(result[k]) for k in SPLIT_KEYS} | {"per_class": result["per_class"].cpu()}
+        self.log_dict({f"{prefix}{stage}/{k}": float(result[k]) for k in SPLIT_KEYS}, sync_dist=False)
 
     def on_validation_epoch_end(self) -> None:
         self._log_split_accuracy("val", self.val_accuracy)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lpt_lightning.data.long_tail import cap_per_class, holdout_slices, make_long_tailed
+from lpt_lightning.data.long_tail import cap_per_class, make_long_tailed, target_slices
 from lpt_lightning.errors import DataFormatError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -155,11 +155,15 @@ def holdout_and_long_tail(
     imbalance_ratio: float | None,
     max_per_class: int | None,
     seed: int,
+    train_pool_per_class: int | None = None,
+    class_order_seed: int | None = None,
 ) -> tuple[Split, Split | None, Split | None]:
-    """Carve balanced val/test slices first, then long-tail (or cap) what remains."""
+    """Carve balanced val/test slices first (and a training pool, see ``target_slices``), then
+    long-tail (or cap) what remains."""
     val = test = None
     try:
-        val_idx, test_idx, rest = holdout_slices(full.labels, val_per_class, test_per_class, seed)
+        val_idx, test_idx, rest, _ = target_slices(full.labels, val_per_class, test_per_class,
+                                                   train_pool_per_class, seed)
         if val_per_class:
             val = full.subset(val_idx, origin=f"{full.origin} (balanced val slice, {val_per_class}/class)")
         if test_per_class:
@@ -170,7 +174,7 @@ def holdout_and_long_tail(
         ) from None
     try:
         if imbalance_ratio is not None:
-            rest = rest[make_long_tailed(full.labels[rest], imbalance_ratio, seed, max_per_class)]
+            rest = rest[make_long_tailed(full.labels[rest], imbalance_ratio, seed, max_per_class, class_order_seed)]
         elif max_per_class is not None:
             rest = rest[cap_per_class(full.labels[rest], max_per_class, seed)]
     except DataFormatError as exc:

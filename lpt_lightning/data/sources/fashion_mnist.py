@@ -90,6 +90,11 @@ class FashionMNISTSource(DataSource):
         val_per_class: training images per class held out (balanced) for validation.
         max_test_per_class: cap of the official (balanced) t10k test set per class.
         seed: seed of the hold-out and long-tail subsampling.
+        train_pool_per_class: draw the long-tailed training set from a fixed balanced pool of this
+            many images per class (carved after val/test); the rest is never read, so a backbone
+            can be pretrained on it without seeing the task's images (default: the whole remainder).
+        class_order_seed: permute which class gets which long-tailed count (default: class 0 is
+            the head, the last class the tail).
     """
 
     name = "fashion_mnist"
@@ -102,6 +107,8 @@ class FashionMNISTSource(DataSource):
         val_per_class: int = 0,
         max_test_per_class: int | None = None,
         seed: int = 0,
+        train_pool_per_class: int | None = None,
+        class_order_seed: int | None = None,
     ) -> None:
         self.root = root
         self.imbalance_ratio = imbalance_ratio
@@ -109,6 +116,8 @@ class FashionMNISTSource(DataSource):
         self.val_per_class = val_per_class
         self.max_test_per_class = max_test_per_class
         self.seed = seed
+        self.train_pool_per_class = train_pool_per_class
+        self.class_order_seed = class_order_seed
 
     def _root(self) -> Path:
         root = self.root or os.environ.get("LPT_FASHION_MNIST_DIR") or FASHION_MNIST_DEFAULT_DIR
@@ -161,7 +170,8 @@ class FashionMNISTSource(DataSource):
         offset = train_images.shape[0]
         full = Split(list(range(offset)), train_labels, origin=str(root / "train-images-idx3-ubyte"))
         train, val, _ = holdout_and_long_tail(
-            full, self.val_per_class, 0, self.imbalance_ratio, self.max_per_class, self.seed
+            full, self.val_per_class, 0, self.imbalance_ratio, self.max_per_class, self.seed,
+            self.train_pool_per_class, self.class_order_seed,
         )
         check_no_empty_class(train.labels, len(FASHION_MNIST_CLASSES), full.origin, FASHION_MNIST_CLASSES)
         test_idx = np.arange(test_labels.size)

@@ -91,6 +91,11 @@ class ImageFolderSource(DataSource):
         test_root: a separate balanced test folder with the same class sub-directories (e.g. the
             official CIFAR test set), instead of test_per_class.
         seed: seed of the hold-out and long-tail subsampling.
+        train_pool_per_class: draw the long-tailed training set from a fixed balanced pool of this
+            many images per class (carved after val/test); the rest is never read, so a backbone
+            can be pretrained on it without seeing the task's images (default: the whole remainder).
+        class_order_seed: permute which class gets which long-tailed count (default: class 0 is
+            the head, the last class the tail).
         name: dataset name used in summaries and logs.
     """
 
@@ -105,6 +110,8 @@ class ImageFolderSource(DataSource):
         test_root: str | None = None,
         seed: int = 0,
         name: str = "image_folder",
+        train_pool_per_class: int | None = None,
+        class_order_seed: int | None = None,
     ) -> None:
         self.root = root
         self.test_root = test_root
@@ -115,6 +122,8 @@ class ImageFolderSource(DataSource):
         self.test_per_class = test_per_class
         self.seed = seed
         self.name = name
+        self.train_pool_per_class = train_pool_per_class
+        self.class_order_seed = class_order_seed
 
     def load(self) -> DatasetSplits:
         root = Path(os.path.expanduser(self.root))
@@ -129,7 +138,8 @@ class ImageFolderSource(DataSource):
         if self.test_root is not None and self.test_per_class:
             raise DataFormatError("image folder: set either test_root (an official test folder) or test_per_class, not both")
         train, val, test = holdout_and_long_tail(
-            full, self.val_per_class, self.test_per_class, self.imbalance_ratio, self.max_per_class, self.seed
+            full, self.val_per_class, self.test_per_class, self.imbalance_ratio, self.max_per_class, self.seed,
+            self.train_pool_per_class, self.class_order_seed,
         )
         check_no_empty_class(train.labels, len(class_names), full.origin, class_names)
         if self.test_root is not None:
