@@ -12,7 +12,7 @@ help:
 	@echo "make test      fast test suite (what CI runs)"
 	@echo "make test-all  every test, slow end-to-end runs included"
 	@echo "make demo      the three-phase pipeline on Fashion-MNIST-LT with the stand-in experts (CPU, offline, a few minutes)"
-	@echo "make standins  pretrain the stand-in experts into weights/standins (about 30 min, 1 CPU thread)"
+	@echo "make standins  pretrain the stand-in experts into weights/standins (about 15 min, 2 CPU threads)"
 	@echo "make clean     remove run outputs and caches"
 
 $(PY):
@@ -37,9 +37,12 @@ test-ddp:
 demo:
 	HF_HUB_OFFLINE=1 WANDB_MODE=disabled OMP_NUM_THREADS=1 $(VENV)/bin/lpt pipeline --config configs/cpu/fmnist_lt_pipeline.yaml
 
-# Offline stand-ins for the hub backbones; STANDINS_ARGS e.g. "--device cuda --epochs 40 --out runs/standins".
+# Offline stand-ins for the hub backbones, the two side by side (one thread each), then their card;
+# STANDINS_ARGS e.g. "--out runs/standins".
 standins:
-	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) benchmarks/pretrain_standins.py $(STANDINS_ARGS)
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) benchmarks/pretrain_standins.py --only vit $(STANDINS_ARGS) & vit=$$!; \
+	HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 $(PY) benchmarks/pretrain_standins.py --only clip $(STANDINS_ARGS) && wait $$vit
+	$(PY) benchmarks/pretrain_standins.py --card $(STANDINS_ARGS)
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache

@@ -42,6 +42,7 @@ STANDINS = REPO / "weights" / "standins"
 RUNS = REPO / "runs" / "accuracy_study"
 RESULTS = REPO / "benchmarks" / "results"
 NOTES = RESULTS / "accuracy_notes.md"  # hand-written findings, rendered into the page
+NOTES_DIAGNOSIS = RESULTS / "diagnosis_notes.md"  # hand-written reading of the diagnosis
 DOC = REPO / "docs" / "results.md"
 SPLIT_KEYS = ("acc", "acc_many", "acc_medium", "acc_few")
 GROUP = {"pool_size": 10, "top_k": 2, "start_block": 3, "length": 4}
@@ -57,36 +58,54 @@ DATASETS = {
 def settings(quick: bool) -> dict[str, Any]:
     # n_max 500: training counts 500 ... 5, so every group has 3-4 classes. Steps, not epochs, set
     # the budget: each epoch is capped at `steps` batches per stream (trainer.limit_train_batches).
-    # The Fashion-MNIST test set is a balanced 2,000-image slice of t10k (the size of the CIFAR-10
-    # test slice): five test passes per seed over all 10,000 images would double the study's time.
-    common = {"n_max": 500, "batch_size": 32, "base_lr": 0.5, "steps": 20, "fmnist_test_per_class": 200,
-              "probe_epochs": 30}
+    # Each run pairs a training seed with a class order (which classes are head and which tail):
+    # the canonical one (class 0 the head) and two seeded permutations, so that group accuracy is
+    # not one fixed set of easy or hard tail classes. Fashion-MNIST tests on the whole t10k split.
+    common = {"n_max": 500, "batch_size": 32, "base_lr": 0.5, "steps": 20, "fmnist_test_per_class": None,
+              "probe_epochs": 30, "bootstrap": 2000}
     if quick:
-        return common | {"mode": "quick", "seeds": [0], "fmnist_test_per_class": 100,
+        return common | {"mode": "quick", "seeds": [0], "class_orders": [None], "fmnist_test_per_class": 100,
                          "epochs": {"phase1": 1, "phase2": 1, "phase3": 2}}
-    return common | {"mode": "full", "seeds": [0, 1, 2], "epochs": {"phase1": 2, "phase2": 1, "phase3": 5}}
+    return common | {"mode": "full", "seeds": [0, 1, 2], "class_orders": [None, 1, 2],
+                     "epochs": {"phase1": 2, "phase2": 1, "phase3": 5}}
 
 
 # ------------------------------------------------------------------------------------- configs
 
 
 def standin_backbone(kind: str) -> dict[str, Any]:
-    """The stand-in backbone block of configs/expert/standin_<kind>.yaml (one source of truth)."""
+    """The stand-in backbone block of configs/expert/standin_<kind>.yaml (one source of truth), with
+    its weights file taken from the stand-ins folder of this study (``--standins``)."""
     backbone = yaml.safe_load((REPO / "configs" / "expert" / f"standin_{kind}.yaml").read_text())["backbone"]
-    backbone["checkpoint_path"] = str(REPO / backbone["checkpoint_path"])  # runs start from any directory
+    backbone["checkpoint_path"] = str(STANDINS / Path(backbone["checkpoint_path"]).name)
     return backbone
 
 
-def source_config(dataset: str, s: dict[str, Any]) -> dict[str, Any]:
-    """The data source; val/test slices are the stand-ins' held-out ones (100 val, 200 test per class, seed 0)."""
+def heldout() -> dict[str, Any]:
+    path = STANDINS / "heldout_slices.json"
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: the stand-ins (make standins) must exist before the study")
+    return json.loads(path.read_text())
+
+
+def source_config(dataset: str, s: dict[str, Any], class_order_seed: int | None = None) -> dict[str, Any]:
+    """The data source: val/test slices and the long-tail pool are the ones the stand-ins held out of
+    pretraining (their heldout_slices.json), so no image of the task was seen in pretraining."""
+    held = heldout()
     if dataset == "cifar10":
+        info = held["cifar10"]
         return {"class_path": "lpt_lightning.data.ImageFolderSource",
                 "init_args": {"root": str(CIFAR_ROOT), "archive": str(ARCHIVE), "imbalance_ratio": 100,
-                              "max_per_class": s["n_max"], "val_per_class": 100, "test_per_class": 200, "seed": 0,
-                              "name": "cifar10_lt"}}
+                              "max_per_class": s["n_max"], "val_per_class": info["val_per_class"],
+                              "test_per_class": info["test_per_class"],
+                              "train_pool_per_class": info.get("train_pool_per_class"), "seed": held["seed"],
+                              "class_order_seed": class_order_seed, "name": "cifar10_lt"}}
+    info = held["fashion_mnist"]
     return {"class_path": "lpt_lightning.data.FashionMNISTSource",
-            "init_args": {"imbalance_ratio": 100, "max_per_class": s["n_max"], "val_per_class": 100,
-                          "max_test_per_class": s["fmnist_test_per_class"], "seed": 0}}
+            "init_args": {"imbalance_ratio": 100, "max_per_class": s["n_max"], "val_per_class": info["val_per_class"],
+                          "max_test_per_class": s["fmnist_test_per_class"],
+                          "train_pool_per_class": info.get("train_pool_per_class"), "seed": held["seed"],
+                          "class_order_seed": class_order_seed}}
 
 
 def expert(kind: str) -> dict[str, Any]:
@@ -96,7 +115,7 @@ def expert(kind: str) -> dict[str, Any]:
     return {"kind": kind, "backbone": standin_backbone(kind), "prompt_length": 4} | head
 
 
-def lptpp_config(dataset: str, s: dict[str, Any], seed: int) -> dict[str, Any]:
+def lptpp_config(dataset: str, s: dict[str, Any], seed: int, class_order_seed: int | None = None) -> dict[str, Any]:
     """Keyword arguments of ``pipeline.plan`` for the LPT++ run (both experts, phases 1-3)."""
     optim = {"base_lr": s["base_lr"], "warmup_epochs": 0}
 
@@ -112,7 +131,7 @@ def lptpp_config(dataset: str, s: dict[str, Any], seed: int) -> dict[str, Any]:
                     "limit_train_batches": s["steps"]},
         # No random-resized crops: at 32 px they cut away most of the object, and the stand-ins were
         # pretrained on whole images (held-out accuracy of the demo's phase 1: 72% without, 57% with).
-        "data": {"source": source_config(dataset, s), "batch_size": s["batch_size"], "eval_batch_size": 500,
+        "data": {"source": source_config(dataset, s, class_order_seed), "batch_size": s["batch_size"], "eval_batch_size": 500,
                  "num_workers": 1, "persistent_workers": True, "seed": seed, "augment": False},
         "phase1": {"trainer": phase("phase1"), "model": {"optim": optim},
                    "visual": {"expert": expert("visual")}, "vl": {"expert": expert("vl")}},
@@ -166,15 +185,16 @@ def phase_rows(run_dir: Path, name: str) -> dict[str, dict[str, Any]]:
     directory = run_dir / name
     data = json.loads((directory / "metrics.json").read_text())
     seconds = float((directory / "seconds.txt").read_text())
-    return {row: {k: values[k] for k in SPLIT_KEYS} | {"seconds": seconds} for row, values in data["results"].items()}
+    return {row: {k: values[k] for k in (*SPLIT_KEYS, "per_class")} | {"seconds": seconds}
+            for row, values in data["results"].items()}
 
 
-def study_runs(dataset: str, s: dict[str, Any], seed: int, seed_dir: Path) -> list:
-    """The pipeline phases of one seed: LPT++ (both experts, phase 3), phase 3 with the scorer fitted
+def study_runs(dataset: str, s: dict[str, Any], seed: int, class_order_seed: int | None, seed_dir: Path) -> list:
+    """The pipeline phases of one run: LPT++ (both experts, phase 3), phase 3 with the scorer fitted
     on train, and phase 1 of the visual expert under the three other loss/sampling pairs."""
     from lpt_lightning.pipeline import plan
 
-    base = lptpp_config(dataset, s, seed)
+    base = lptpp_config(dataset, s, seed, class_order_seed)
     lptpp = plan(str(seed_dir / "lptpp"), base["data"], base["trainer"], base["experts"], base["phase1"],
                  base["phase2"], base["phase3"], True, seed)
     runs = lptpp + [scorer_on_train(lptpp[-1])]
@@ -190,13 +210,16 @@ def pipeline_rows(seed_dir: Path) -> dict[str, dict[str, Any]]:
     """The rows of one seed's finished phases."""
     main = seed_dir / "lptpp"
     p3 = phase_rows(main, "phase3_moe")
+    starts = {"vis_start": phase_rows(main, "phase1_visual"), "vl_start": phase_rows(main, "phase1_vl")}
     rows = {
+        **starts,
         "phase1": phase_rows(main, "phase1_visual"),
         "phase2": phase_rows(main, "phase2_visual"),
         "vl_phase1": phase_rows(main, "phase1_vl"),
         "vl_phase2": phase_rows(main, "phase2_vl"),
     }
-    rows = {key: {"test": r["test"], "val": r["val"]} for key, r in rows.items()}
+    rows = {key: ({"test": r["test: no training"], "val": r["val: no training"]} if key in starts
+                  else {"test": r["test"], "val": r["val"]}) for key, r in rows.items()}
     for key, title in (("wbase", "W_base fusion"), ("scorer", "LPT++ (scorer)")):
         rows[key] = {"test": p3[f"test: {title}"], "val": p3[f"val: {title}"]}
     fit_train = phase_rows(main, "phase3_moe_fit_train")
@@ -213,30 +236,37 @@ def pipeline_rows(seed_dir: Path) -> dict[str, dict[str, Any]]:
 # ------------------------------------------------------------------------------------- baselines
 
 
-def build_source(dataset: str, s: dict[str, Any]):
-    config = source_config(dataset, s)
+def build_source(dataset: str, s: dict[str, Any], class_order_seed: int | None = None):
+    config = source_config(dataset, s, class_order_seed)
     module, name = config["class_path"].rsplit(".", 1)
     return getattr(importlib.import_module(module), name)(**config["init_args"])
 
 
 def check_heldout(dataset: str, splits) -> None:
-    """The val/test images must be exactly the ones the stand-ins held out in pretraining."""
-    path = STANDINS / "heldout_slices.json"
-    if not path.is_file():
-        raise SystemExit(f"{path} not found: the stand-ins (make standins) must exist before the study")
-    held = json.loads(path.read_text())
+    """The val/test images must be exactly the ones the stand-ins held out in pretraining, and the
+    long-tailed training images must come from the pool they held out too."""
+    held = heldout()
     if dataset == "fmnist":
-        if sorted(int(i) for i in splits.val.items) != held["fashion_mnist"]["val_indices"]:
+        info = held["fashion_mnist"]
+        if sorted(int(i) for i in splits.val.items) != info["val_indices"]:
             raise SystemExit("Fashion-MNIST val slice differs from the stand-ins' held-out slice")
+        if "pool_indices" in info and not {int(i) for i in splits.train.items} <= set(info["pool_indices"]):
+            raise SystemExit("Fashion-MNIST training images outside the stand-ins' held-out pool")
         return
+    info = held["cifar10"]
+
+    def files(split) -> list[str]:
+        return sorted("train/" + str(Path(p).relative_to(CIFAR_ROOT)) for p in split.items)
+
     for split, key in ((splits.val, "val_files"), (splits.test, "test_files")):
-        files = sorted("train/" + str(Path(p).relative_to(CIFAR_ROOT)) for p in split.items)
-        if files != sorted(held["cifar10"][key]):
+        if files(split) != sorted(info[key]):
             raise SystemExit(f"CIFAR-10 {key} differ from the stand-ins' held-out slice")
+    if "pool_files" in info and not set(files(splits.train)) <= set(info["pool_files"]):
+        raise SystemExit("CIFAR-10 training images outside the stand-ins' held-out pool")
 
 
 @torch.no_grad()
-def frozen_inputs(dataset: str, s: dict[str, Any], cache: Path) -> dict[str, Any]:
+def frozen_inputs(dataset: str, s: dict[str, Any], class_order_seed: int | None, cache: Path) -> dict[str, Any]:
     """Raw pixels and frozen stand-in ViT features (the head-only probe's input) of every split,
     through the project's data module (eval transform) and expert classes; cached."""
     if cache.is_file():
@@ -246,7 +276,8 @@ def frozen_inputs(dataset: str, s: dict[str, Any], cache: Path) -> dict[str, Any
     from lpt_lightning.models.expert import ExpertSpec, LongTailExpert
 
     t0 = time.perf_counter()
-    dm = LongTailDataModule(build_source(dataset, s), img_size=32, eval_batch_size=500, num_workers=0)
+    dm = LongTailDataModule(build_source(dataset, s, class_order_seed), img_size=32, eval_batch_size=500,
+                            num_workers=0)
     check_heldout(dataset, dm.splits)
     spec = ExpertSpec(kind="visual", backbone=BackboneSpec(**standin_backbone("visual")), prompt_length=0,
                       adapters=False)
@@ -291,7 +322,9 @@ def linear_head(inputs: dict[str, Any], key: str, tau: float, seed: int, epochs:
         metric = SplitAccuracy(inputs["counts"])
         with torch.no_grad():
             metric.update(head((inputs[split][key] - mean) / std), inputs[split]["label"])
-        result[split] = {k: float(v) for k, v in metric.compute().items() if k in SPLIT_KEYS}
+        computed = metric.compute()
+        result[split] = {k: float(computed[k]) for k in SPLIT_KEYS}
+        result[split]["per_class"] = [float(x) for x in computed["per_class"]]
         result[split]["seconds"] = time.perf_counter() - t0
     return result
 
@@ -310,6 +343,8 @@ MAIN_ROWS = [
     ("pixels", "linear head on raw pixels (logit-adjusted CE)"),
     ("probe_ce", "head-only linear probe on the frozen stand-in, CE + instance sampling"),
     ("probe_la", "head-only linear probe on the frozen stand-in, logit-adjusted CE"),
+    ("vis_start", "visual expert, **no training** (frozen stand-in, class-mean head)"),
+    ("vl_start", "VL expert, **no training** (frozen stand-in, zero-shot text head)"),
     ("phase1", "visual expert, phase 1 (shared prompt + adapters + cosine head; A-GCL, dual sampling)"),
     ("phase2", "visual expert, phase 2 (+ group prompts)"),
     ("vl_phase1", "VL expert, phase 1"),
@@ -327,41 +362,59 @@ SCORER_ROWS = [
     ("scorer", "scorer fitted on the held-out split (default)"),
     ("scorer_train", "scorer fitted on the training split (ablation)"),
 ]
-# Paired differences (same seed): label, a, b; "_best" = the better phase-2 expert of that seed.
+# Paired differences (same run): label, a, b; "_best" = the better phase-2 expert of that run,
+# "_start" = the better no-training row of that run.
 DIFFS = [
-    ("A-GCL + dual minus CE + instance (phase 1)", "agcl_dual", "ce_instance"),
-    ("A-GCL minus CE (dual sampling, phase 1)", "agcl_dual", "ce_dual"),
-    ("dual minus instance sampling (A-GCL, phase 1)", "agcl_dual", "agcl_instance"),
+    ("LPT++ minus the better no-training row", "scorer", "_start"),
+    ("visual expert: phase 1 minus no training", "phase1", "vis_start"),
+    ("VL expert: phase 1 minus no training", "vl_phase1", "vl_start"),
     ("phase 2 minus phase 1 (visual)", "phase2", "phase1"),
-    ("phase 1 minus head-only probe (logit-adjusted)", "phase1", "probe_la"),
-    ("head-only probe (logit-adjusted) minus raw pixels", "probe_la", "pixels"),
-    ("probe: logit-adjusted minus CE + instance", "probe_la", "probe_ce"),
+    ("phase 2 minus phase 1 (VL)", "vl_phase2", "vl_phase1"),
     ("W_base fusion minus the better expert", "wbase", "_best"),
     ("learned scorer minus the better expert", "scorer", "_best"),
     ("learned scorer minus W_base fusion", "scorer", "wbase"),
+    ("A-GCL + dual minus CE + instance (phase 1)", "agcl_dual", "ce_instance"),
+    ("A-GCL minus CE (dual sampling, phase 1)", "agcl_dual", "ce_dual"),
+    ("dual minus instance sampling (A-GCL, phase 1)", "agcl_dual", "agcl_instance"),
+    ("phase 1 minus head-only probe (logit-adjusted)", "phase1", "probe_la"),
+    ("head-only probe (logit-adjusted) minus raw pixels", "probe_la", "pixels"),
     ("scorer fitted on held-out minus on train", "scorer", "scorer_train"),
+]
+# Phase-1 variants of the diagnosis (``--diagnosis``): key, label, overrides of the phase-1 config
+# (``model``: AdaptPhase init args, ``data``, ``expert``: ExpertSpec fields). Each changes one thing
+# of the study's recipe, from the same start.
+VARIANTS = [
+    ("default", "the study's recipe: A-GCL, dual sampling, base_lr 0.5, prompts + adapters + head", {}),
+    ("ce", "loss: plain CE", {"model": {"loss": {"kind": "logit_adjusted", "tau": 0.0}}}),
+    ("la", "loss: logit-adjusted CE (tau 1)", {"model": {"loss": {"kind": "logit_adjusted", "tau": 1.0}}}),
+    ("agcl_no_noise", "loss: A-GCL without its noise (beta 0)", {"model": {"loss": {"beta": 0.0}}}),
+    ("agcl_no_margin", "loss: A-GCL without its margin (m 0)", {"model": {"loss": {"margin": 0.0}}}),
+    ("instance", "sampling: instance only", {"data": {"sampling": "instance"}}),
+    ("class_balanced", "sampling: class-balanced only", {"data": {"sampling": "class_aware"}}),
+    ("lr_x0.1", "lr x0.1 (base_lr 0.05)", {"model": {"optim": {"base_lr": 0.05}}}),
+    ("head_only", "trained: head only (no prompts, no adapters)", {"expert": {"prompt_length": 0, "adapters": False}}),
+    ("head_prompts", "trained: head + prompts (no adapters)", {"expert": {"adapters": False}}),
+    ("scale_10", "head logit scale 10 (20 by default)", {"model": {"loss": {"scale": 10.0}}}),
+    ("head_lr_x0.1", "head lr x0.1 (optim.head_lr_scale 0.1)", {"model": {"optim": {"head_lr_scale": 0.1}}}),
+    ("head_fixed", "head fixed at its start (optim.head_lr_scale 0)", {"model": {"optim": {"head_lr_scale": 0.0}}}),
+    ("head_anchor", "penalty toward the starting head (loss.head_anchor 10)", {"model": {"loss": {"head_anchor": 10.0}}}),
 ]
 
 
-def _row(seed_rows: dict[str, Any], key: str, split: str = "test") -> dict[str, float] | None:
-    if key == "_best":
-        experts = [seed_rows[k][split] for k in ("phase2", "vl_phase2") if k in seed_rows]
-        return max(experts, key=lambda r: r["acc"]) if experts else None
-    return seed_rows.get(key, {}).get(split)
+# ------------------------------------------------------------------------------------- statistics
+
+
+def _row(run_rows: dict[str, Any], key: str, split: str = "test") -> dict[str, Any] | None:
+    if key in ("_best", "_start"):
+        keys = ("phase2", "vl_phase2") if key == "_best" else ("vis_start", "vl_start")
+        rows = [run_rows[k][split] for k in keys if k in run_rows]
+        return max(rows, key=lambda r: r["acc"]) if rows else None
+    return run_rows.get(key, {}).get(split)
 
 
 def _values(payload: dict[str, Any], key: str, metric: str, split: str = "test") -> list[float]:
     vals = [(_row(rows, key, split) or {}).get(metric) for rows in payload["runs"].values()]
     return [v for v in vals if v is not None and not math.isnan(v)]
-
-
-def _diffs(payload: dict[str, Any], a: str, b: str, metric: str) -> list[float]:
-    out = []
-    for rows in payload["runs"].values():
-        ra, rb = _row(rows, a), _row(rows, b)
-        if ra and rb and not (math.isnan(ra[metric]) or math.isnan(rb[metric])):
-            out.append(ra[metric] - rb[metric])
-    return out
 
 
 def _ms(values: list[float], signed: bool = False) -> str:
@@ -372,23 +425,66 @@ def _ms(values: list[float], signed: bool = False) -> str:
     return text + (f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else "")
 
 
-def verdict(values: list[float]) -> str:
-    """Sign of a paired difference against its seed spread."""
-    if len(values) < 2:
-        return "one seed"
-    mean, std = statistics.mean(values), statistics.stdev(values)
-    if mean - std > 0:
-        return "higher"
-    if mean + std < 0:
-        return "lower"
-    return "no clear difference"
+def group_masks(counts: list[int]) -> dict[str, torch.Tensor]:
+    """LPT groups of the training counts (many > 100, medium 21-100, few <= 20)."""
+    c = torch.tensor(counts)
+    return {"acc": torch.ones_like(c, dtype=torch.bool), "acc_many": c > 100,
+            "acc_medium": (c > 20) & (c <= 100), "acc_few": c <= 20}
+
+
+def bootstrap(payload: dict[str, Any], a: str, b: str | None = None, split: str = "test") -> dict[str, tuple]:
+    """Mean and 95 % interval of row ``a`` (or of the paired difference a - b) for each split key,
+    by a bootstrap over runs (seed + class order, resampled) and test images (each class's correct
+    count redrawn from Binomial(n_c, p_c)). For a difference, the two rows' counts are redrawn
+    independently: their errors are positively correlated on the same images, so this overstates
+    the spread and the interval is conservative."""
+    runs = [r for r in payload["runs"].values() if _row(r, a, split) and (b is None or _row(r, b, split))]
+    if not runs:
+        return {}
+    n = torch.tensor(payload["test_per_class"] if split == "test" else payload["val_per_class"], dtype=torch.float64)
+    generator = torch.Generator().manual_seed(0)
+    draws = payload["settings"].get("bootstrap", 2000)
+
+    def per_run(run: dict, key: str) -> torch.Tensor:
+        return torch.tensor(_row(run, key, split)["per_class"], dtype=torch.float64).nan_to_num(0.0) / 100
+
+    stats = {k: [] for k in SPLIT_KEYS}
+    masks = [group_masks(run["_class_counts"]) for run in runs]
+    for _ in range(draws):
+        picks = torch.randint(len(runs), (len(runs),), generator=generator).tolist()
+        sums = {k: 0.0 for k in SPLIT_KEYS}
+        for i in picks:
+            acc = torch.binomial(n, per_run(runs[i], a), generator=generator) / n
+            if b is not None:
+                acc = acc - torch.binomial(n, per_run(runs[i], b), generator=generator) / n
+            for k, mask in masks[i].items():
+                sums[k] += float(acc[mask].mean()) if mask.any() else float("nan")
+        for k in SPLIT_KEYS:
+            stats[k].append(100 * sums[k] / len(picks))
+    out = {}
+    for k in SPLIT_KEYS:
+        values = torch.tensor(stats[k])
+        values = values[~values.isnan()]
+        if len(values):
+            point = statistics.mean(_row(r, a, split)[k] - (_row(r, b, split)[k] if b else 0.0) for r in runs)
+            out[k] = (point, float(values.quantile(0.025)), float(values.quantile(0.975)))
+    return out
+
+
+def _ci(cell: tuple | None, signed: bool = False) -> str:
+    if not cell:
+        return "n/a"
+    point, lo, hi = cell
+    fmt = "{:+.1f}" if signed else "{:.1f}"
+    return f"{fmt.format(point)} [{fmt.format(lo)}, {fmt.format(hi)}]"
 
 
 def _table(payload: dict[str, Any], rows: list[tuple[str, str]], with_time: bool = True) -> list[str]:
-    head = "| configuration | overall | many | medium | few | val overall |" + (" s / seed |" if with_time else "")
+    head = "| configuration | overall | many | medium | few | val overall |" + (" s / run |" if with_time else "")
     lines = [head, "| --- | ---: | ---: | ---: | ---: | ---: |" + (" ---: |" if with_time else "")]
     for key, label in rows:
-        cells = [_ms(_values(payload, key, k)) for k in SPLIT_KEYS] + [_ms(_values(payload, key, "acc", "val"))]
+        ci = bootstrap(payload, key)
+        cells = [_ci(ci.get(k)) for k in SPLIT_KEYS] + [_ms(_values(payload, key, "acc", "val"))]
         if with_time:
             seconds = _values(payload, key, "seconds")
             cells.append(f"{statistics.mean(seconds):.0f}" if seconds else "n/a")
@@ -396,59 +492,87 @@ def _table(payload: dict[str, Any], rows: list[tuple[str, str]], with_time: bool
     return lines
 
 
-def hypotheses(payload: dict[str, Any]) -> list[str]:
-    """The hypotheses of the study, each with the paired differences that test it."""
-    def d(a: str, b: str, metric: str) -> str:
-        vals = _diffs(payload, a, b, metric)
-        return f"{_ms(vals, signed=True)} ({verdict(vals)})"
+def targets(payload: dict[str, Any]) -> list[str]:
+    """The study's goals, each checked against its 95 % interval."""
+    gain = bootstrap(payload, "scorer", "_start")
+    lines = []
+    if gain:
+        overall, few = gain["acc"], gain.get("acc_few")
+        lines.append(f"- LPT++ beats the better no-training row by >= 5 points overall: {_ci(overall, True)} -> "
+                     f"**{'met' if overall[0] >= 5 and overall[1] > 0 else 'missed'}**; and is not below it on "
+                     f"few-shot: {_ci(few, True)} -> **{'met' if few and few[1] > 0 else 'missed' if few and few[2] < 0 else 'not shown (the interval holds 0)'}**.")
+    for label, a, b in (("visual phase 1", "phase1", "vis_start"), ("VL phase 1", "vl_phase1", "vl_start"),
+                        ("visual phase 2 vs phase 1", "phase2", "phase1"), ("VL phase 2 vs phase 1", "vl_phase2", "vl_phase1"),
+                        ("W_base fusion vs the better expert", "wbase", "_best")):
+        d = bootstrap(payload, a, b).get("acc")
+        if d:
+            verdict = "above" if d[1] > 0 else "below" if d[2] < 0 else "no difference shown"
+            lines.append(f"- {label} >= its start: {_ci(d, True)} ({verdict}).")
+    return lines
 
+
+# ------------------------------------------------------------------------------------- report
+
+
+def _data_lines(payload: dict[str, Any]) -> list[str]:
+    s = payload["settings"]
+    ds = DATASETS[payload["dataset"]]
+    orders = "; ".join(f"run {key}: seed {run['_seed']}, class order {run['_class_order'] or 'canonical'} "
+                       f"(counts by class {run['_class_counts']})" for key, run in payload["runs"].items())
     return [
-        f"- *A-GCL + dual sampling raise few-shot accuracy far above CE + instance sampling without lowering "
-        f"overall accuracy* (phase 1): few {d('agcl_dual', 'ce_instance', 'acc_few')}, overall "
-        f"{d('agcl_dual', 'ce_instance', 'acc')}, many {d('agcl_dual', 'ce_instance', 'acc_many')}.",
-        f"- *phase 2 >= phase 1 >= head-only probe > raw pixels*: phase 2 minus phase 1 {d('phase2', 'phase1', 'acc')}; "
-        f"phase 1 minus the logit-adjusted probe {d('phase1', 'probe_la', 'acc')}; that probe minus raw pixels "
-        f"{d('probe_la', 'pixels', 'acc')} (overall accuracy).",
-        f"- *fusion >= the better expert*: W_base fusion minus the better phase-2 expert {d('wbase', '_best', 'acc')}; "
-        f"learned scorer minus the better expert {d('scorer', '_best', 'acc')}.",
+        f"- Command: `{payload['command']}`; wall time {payload['seconds'] / 60:.1f} min ({payload['date']}, "
+        f"load average at start {payload['load_average']}; {s['threads']} torch thread).",
+        f"- Data: balanced held-out slices first ({payload['val_per_class'][0]} val images per class: the only "
+        f"split anything is selected or fitted on), then the CIFAR-LT profile with imbalance ratio 100 and "
+        f"n_max = {s['n_max']}, drawn from the stand-ins' held-out pool: training counts "
+        f"{sorted(payload['class_counts'], reverse=True)}. Groups (LPT convention): many n > 100, medium 20 < n <= 100, "
+        f"few n <= 20. Test: {ds['test']} ({payload['test_images']:,} images).",
+        f"- Runs (each a training seed and a class order: which classes are head and which tail): {orders}.",
+        f"- Schedules: phase 1 {s['epochs']['phase1']} epochs, phase 2 {s['epochs']['phase2']}, each epoch "
+        f"{s['steps']} steps of {s['batch_size']} images per stream; SGD base_lr {s['base_lr']} (lr "
+        f"{s['base_lr'] * s['batch_size'] / 256:g}), no warm-up, cosine; reference A-GCL constants; prompt "
+        f"length 4, group pool 10 (top 2, from block {GROUP['start_block'] + 1}); phase 3: "
+        f"{s['epochs']['phase3']} epochs of the scorer (hidden 64). Linear heads: Adam lr 1e-3, "
+        f"{s['probe_epochs']} epochs, batches of 128.",
+        "- Cells: mean over runs [95 % bootstrap interval over runs and test images, "
+        f"{s.get('bootstrap', 2000)} draws]; 'val overall' is mean ± standard deviation over runs; 's / run' is "
+        "the wall time of the run that produced the row.",
     ]
 
 
-def render(payloads: list[dict[str, Any]]) -> str:
+def render(payloads: list[dict[str, Any]], diagnoses: list[dict[str, Any]]) -> str:
     card = STANDINS / "standins.json"
     lines = [
         "# Accuracy study: CIFAR-10-LT and Fashion-MNIST-LT with pretrained stand-in experts",
         "",
-        "Generated by `python benchmarks/accuracy_study.py` from `benchmarks/results/accuracy_*.json` "
-        "(`--render` rewrites this page without running anything). Every number is top-1 accuracy in percent "
-        "on a balanced test set of images the stand-in experts never saw. LPT/LPT++ rows come from the real "
-        "`lpt pipeline` phases (one LightningCLI run each); the baselines above them are linear heads trained "
-        "by the study script on the same images (raw pixels) or on the frozen stand-in's features.",
+        "Generated by `python benchmarks/accuracy_study.py` from `benchmarks/results/accuracy_*.json` and "
+        "`diagnosis_*.json` (`--render` rewrites this page without running anything). Every number is top-1 "
+        "accuracy in percent on a balanced test set of images the stand-in experts never saw. LPT/LPT++ rows "
+        "come from the real `lpt pipeline` phases (one LightningCLI run each); the baselines above them are "
+        "linear heads trained by the study script on the same images (raw pixels) or on the frozen stand-in's "
+        "features. The **no-training rows** are each expert as phase 1 starts it (the pipeline reports them "
+        "from `start.ckpt`): every trained row is to be read against them.",
         "",
         "## The experts",
         "",
         "No hub weights can be downloaded here, so both experts are **stand-ins pretrained by the project** "
         "(`benchmarks/pretrain_standins.py`, `weights/standins/MODEL_CARD.md`): a timm ViT (patch 4, width 96, "
         "6 blocks, 0.46M parameters) trained supervised, and an open_clip CLIP of the same image-tower size "
-        "trained contrastively on \"a photo of a {class}.\" captions. **They saw the balanced training splits "
-        "of Fashion-MNIST and CIFAR-10 with labels** (20 classes together), as the reference ViT-B/16 saw "
-        "ImageNet-21k, which contains ImageNet-LT's classes. The long-tailed training sets here are subsets "
-        "of what they were pretrained on; the validation and test images are not: they were held out before "
-        "pretraining (`heldout_slices.json`; the study checks that its slices are exactly those). The frozen "
-        "features therefore already carry class information, and the question each row answers is what the "
-        "trainable parts make of a long-tailed sample of them.",
+        "trained contrastively on \"a photo of a {label}.\" captions. As real backbones, **they never saw the "
+        "long-tailed task's images or its label space**: they were pretrained on images disjoint from every "
+        "val, test and long-tailed training image here (the study checks its slices and its training pool "
+        "against `heldout_slices.json`), with labels that merge some target classes (the ViT: T-shirt/top + "
+        "Shirt, Sandal + Sneaker, cat + dog, deer + horse; CLIP's captions: Pullover + Coat, Sneaker + Ankle "
+        "boot, automobile + truck, cat + dog), so the CLIP text tower never read those classes' names.",
         "",
     ]
     if card.is_file():
         acc = json.loads(card.read_text())
-
-        def own(key: str, dataset: str) -> str:
-            return f"{100 * acc[key]['val_accuracy'][dataset]['accuracy_own_10_classes']:.1f}%"
-
-        cells = [f"{name}: Fashion-MNIST {own(key, 'fashion_mnist')}, CIFAR-10 {own(key, 'cifar10')}"
-                 for key, name in (("vit", "ViT (its 20-class head)"), ("clip", "CLIP (zero-shot)"))]
-        lines += [f"Stand-in accuracy on the held-out val slices, within each dataset's 10 classes: "
-                  f"{'; '.join(cells)}.", ""]
+        zs = acc.get("clip", {}).get("val_accuracy", {})
+        if zs and "zero_shot_own_10_classes" in zs.get("cifar10", {}):
+            lines += [f"CLIP stand-in zero-shot on the held-out val slices (10 classes): Fashion-MNIST "
+                      f"{100 * zs['fashion_mnist']['zero_shot_own_10_classes']:.1f}%, CIFAR-10 "
+                      f"{100 * zs['cifar10']['zero_shot_own_10_classes']:.1f}%.", ""]
     if NOTES.is_file():
         lines += [NOTES.read_text().rstrip(), ""]
     for payload in payloads:
@@ -456,43 +580,117 @@ def render(payloads: list[dict[str, Any]]) -> str:
         ds = DATASETS[payload["dataset"]]
         quick = s["mode"] == "quick"
         lines += [f"## {ds['title']}" + (" (quick mode: a smoke run, NOT a result)" if quick else ""), ""]
-        lines += [
-            f"- Command: `{payload['command']}`; wall time {payload['seconds'] / 60:.1f} min ({payload['date']}, "
-            f"load average at start {payload['load_average']}; {s['threads']} torch thread).",
-            f"- Data: balanced held-out slices first (100 val images per class: the only split anything is "
-            f"selected or fitted on), then the CIFAR-LT profile with imbalance ratio 100 and n_max = {s['n_max']}: "
-            f"training counts {payload['class_counts']}. Groups (LPT convention): many n > 100, medium "
-            f"20 < n <= 100, few n <= 20. Test: {ds['test']}"
-            + (f", capped at {s['fmnist_test_per_class']} per class" if payload["dataset"] == "fmnist"
-               and s["fmnist_test_per_class"] else "") + f" ({payload['test_images']:,} images).",
-            f"- Schedules: phase 1 {s['epochs']['phase1']} epochs, phase 2 {s['epochs']['phase2']}, each epoch "
-            f"{s['steps']} steps of {s['batch_size']} images per stream; SGD base_lr {s['base_lr']} (lr "
-            f"{s['base_lr'] * s['batch_size'] / 256:g}), no warm-up, cosine; reference A-GCL constants; prompt "
-            f"length 4, group pool 10 (top 2, from block {GROUP['start_block'] + 1}); phase 3: "
-            f"{s['epochs']['phase3']} epochs of the scorer (hidden 64). Linear heads: Adam lr 1e-3, "
-            f"{s['probe_epochs']} epochs, batches of 128.",
-            f"- Seeds {s['seeds']}: the training seed (samplers, initialisation, dropout, A-GCL noise); the data split "
-            f"and the frozen experts are fixed. Cells are mean ± sample standard deviation over seeds; "
-            "'s / seed' is the wall time of the run that produced the row (W_base and the scorer share one "
-            "phase-3 run; the probes add a one-off feature pass of "
-            f"{payload['feature_seconds']:.0f} s).",
-            "",
-            "### Main rows", "", *_table(payload, MAIN_ROWS), "",
-            "### Loss and sampling (visual expert, phase 1)", "", *_table(payload, ABLATION_ROWS), "",
-            "### Where the scorer is fitted", "", *_table(payload, SCORER_ROWS), "",
-            "### Paired differences (percentage points, same seed)", "",
-            "| comparison | overall | many | medium | few |", "| --- | ---: | ---: | ---: | ---: |",
-        ]
+        lines += [*_data_lines(payload), "",
+                  "### Targets", "", *targets(payload), "",
+                  "### Main rows", "", *_table(payload, MAIN_ROWS), "",
+                  "### Paired differences (percentage points, same run)", "",
+                  "| comparison | overall | many | medium | few |", "| --- | ---: | ---: | ---: | ---: |"]
         for label, a, b in DIFFS:
-            lines.append(f"| {label} | " + " | ".join(_ms(_diffs(payload, a, b, k), signed=True)
-                                                    for k in SPLIT_KEYS) + " |")
+            ci = bootstrap(payload, a, b)
+            lines.append(f"| {label} | " + " | ".join(_ci(ci.get(k), True) for k in SPLIT_KEYS) + " |")
         w = [rows["_w_base"] for rows in payload["runs"].values() if "_w_base" in rows]
-        lines += ["", f"Searched W_base (weight of the visual expert) per seed: {', '.join(f'{x:.2f}' for x in w)}.",
-                  "", "### Hypotheses against the data", "",
-                  "Verdicts compare the mean paired difference with its seed standard deviation "
-                  "(higher / lower: the mean is more than one standard deviation away from zero).", "",
-                  *hypotheses(payload), ""]
+        lines += ["", f"Searched W_base (weight of the visual expert) per run: {', '.join(f'{x:.2f}' for x in w)}.", "",
+                  "### Loss and sampling (visual expert, phase 1)", "", *_table(payload, ABLATION_ROWS), "",
+                  "### Where the scorer is fitted", "", *_table(payload, SCORER_ROWS), ""]
+    for diag in diagnoses:
+        lines += render_diagnosis(diag)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def render_diagnosis(diag: dict[str, Any]) -> list[str]:
+    s = diag["settings"]
+    lines = [f"## Diagnosis: phase 1 from the same start ({DATASETS[diag['dataset']]['title']}, {diag['standins']})", "",
+             f"- Command: `{diag['command']}`; wall time {diag['seconds'] / 60:.1f} min ({diag['date']}).",
+             f"- Stand-ins: `{diag['standins']}`; test: {diag['test_images']:,} images; seeds {s['seeds']} "
+             "(canonical class order); phase 1 only, the study's schedule; each row changes one thing of the "
+             "study's recipe. Cells: test accuracy minus the expert's no-training row, mean [95 % bootstrap "
+             "interval]; then the two classes the issue named.", ""]
+    names = diag["class_names"]
+    for kind, title in (("vl", "VL expert"), ("visual", "visual expert")):
+        if kind not in diag["experts"]:
+            continue
+        runs = diag["experts"][kind]
+        start = runs["default"]["runs"]
+        lines += [f"### {title}: no-training row "
+                  f"{_ms([r['start']['acc'] for r in start.values()])} overall, "
+                  f"{_ms([r['start']['acc_few'] for r in start.values()])} few", "",
+                  "| variant | overall | many | medium | few | " + " | ".join(diag["watch"]) + " |",
+                  "| --- | ---: | ---: | ---: | ---: |" + " ---: |" * len(diag["watch"])]
+        for key, label, _ in VARIANTS:
+            if key not in runs:
+                continue
+            payload = {"runs": {k: {"a": {"test": r["test"]}, "b": {"test": r["start"]}, "_class_counts": diag["class_counts"]}
+                                for k, r in runs[key]["runs"].items()},
+                       "test_per_class": diag["test_per_class"], "settings": s}
+            ci = bootstrap(payload, "a", "b")
+            watch = []
+            for cls in diag["watch"]:
+                c = names.index(cls)
+                before = statistics.mean(r["start"]["per_class"][c] for r in runs[key]["runs"].values())
+                after = statistics.mean(r["test"]["per_class"][c] for r in runs[key]["runs"].values())
+                watch.append(f"{before:.0f} -> {after:.0f}")
+            lines.append(f"| {label} | " + " | ".join(_ci(ci.get(k), True) for k in SPLIT_KEYS) + " | "
+                         + " | ".join(watch) + " |")
+        lines.append("")
+        default = runs["default"]["runs"]
+        lines += [f"Per class, {title}, the study's recipe (test accuracy, mean over seeds):", "",
+                  "| class | training images | no training | phase 1 | change |", "| --- | ---: | ---: | ---: | ---: |"]
+        for c, name in enumerate(names):
+            before = statistics.mean(r["start"]["per_class"][c] for r in default.values())
+            after = statistics.mean(r["test"]["per_class"][c] for r in default.values())
+            lines.append(f"| {name} | {diag['class_counts'][c]} | {before:.1f} | {after:.1f} | {after - before:+.1f} |")
+        lines.append("")
+    if NOTES_DIAGNOSIS.is_file():
+        lines += [NOTES_DIAGNOSIS.read_text().rstrip(), ""]
+    return lines
+
+
+# ------------------------------------------------------------------------------------- diagnosis
+
+
+def diagnosis_runs(dataset: str, s: dict[str, Any], kind: str, key: str, seed: int, run_dir: Path) -> list:
+    """Phase 1 of one expert with one variant of the recipe."""
+    from lpt_lightning.pipeline import merge, plan
+
+    overrides = next(v for k, _, v in VARIANTS if k == key)
+    base = lptpp_config(dataset, s, seed)
+    phase1 = copy.deepcopy(base["phase1"])
+    phase1["model"] = merge(phase1["model"], overrides.get("model"))
+    phase1["data"] = merge(phase1.get("data") or {}, overrides.get("data"))
+    phase1[kind]["expert"] = merge(phase1[kind]["expert"], overrides.get("expert"))
+    return plan(str(run_dir), base["data"], base["trainer"], [kind], phase1, base["phase2"], None, False, seed)[:1]
+
+
+def diagnose(dataset: str, s: dict[str, Any], args) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    mode_dir = RUNS / f"diagnosis_{STANDINS.name}" / dataset
+    plans = {}
+    # Seed by seed: stopped early (--collect), the table still has every variant of the first seeds.
+    for seed in s["seeds"]:
+        for kind in args.experts:
+            for key, _, _ in VARIANTS:
+                plans[(kind, key, seed)] = diagnosis_runs(dataset, s, kind, key, seed, mode_dir / kind / key / f"seed{seed}")
+    if not args.collect:
+        run_phases([run for runs in plans.values() for run in runs])
+    experts: dict[str, Any] = {}
+    for (kind, key, seed), runs in plans.items():
+        if not (runs[0].directory / "seconds.txt").is_file():
+            continue
+        rows = phase_rows(runs[0].directory.parent, runs[0].name)
+        experts.setdefault(kind, {}).setdefault(key, {"runs": {}})["runs"][str(seed)] = {
+            "test": rows["test"], "start": rows["test: no training"], "val": rows["val"]}
+    metrics = json.loads((plans[(args.experts[0], "default", s["seeds"][0])][0].directory / "metrics.json").read_text())
+    source = build_source(dataset, s).load()
+    return {"dataset": dataset, "standins": str(STANDINS.relative_to(REPO)) if STANDINS.is_relative_to(REPO) else STANDINS.name,
+            "settings": s, "experts": experts, "class_names": metrics["class_names"],
+            "class_counts": metrics["class_counts"],
+            "test_per_class": [int(x) for x in torch.bincount(torch.as_tensor(source.test.labels))],
+            "test_images": len(source.test.labels), "watch": args.watch,
+            "seconds": time.perf_counter() - t0, "date": time.strftime("%Y-%m-%d"),
+            "command": f"python benchmarks/accuracy_study.py --diagnosis --dataset {dataset} --standins {args.standins}"}
+
+
+# ------------------------------------------------------------------------------------- main
 
 
 def result_files() -> list[Path]:
@@ -502,6 +700,7 @@ def result_files() -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    global STANDINS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, short schedules")
     parser.add_argument("--dataset", choices=sorted(DATASETS), nargs="*", default=sorted(DATASETS))
@@ -510,12 +709,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fresh", action="store_true", help="delete this mode's earlier runs first")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared 2-core machine 2 threads stall on small ops)")
+    parser.add_argument("--standins", default="weights/standins",
+                        help="folder of the stand-in weights and their heldout_slices.json (relative to the repository)")
+    parser.add_argument("--diagnosis", action="store_true",
+                        help="phase 1 of each expert under each variant of VARIANTS, from the same start")
+    parser.add_argument("--experts", nargs="*", default=["vl", "visual"], help="experts of the diagnosis")
+    parser.add_argument("--watch", nargs="*", default=["cat", "truck"], help="classes the diagnosis follows")
+    parser.add_argument("--collect", action="store_true", help="diagnosis: only collect the finished runs")
     args = parser.parse_args(argv)
+    STANDINS = REPO / args.standins
     torch.set_num_threads(args.threads)
-    if not args.render:
+    if args.diagnosis:
+        s = settings(False) | {"threads": args.threads, "class_orders": [None]}
+        if args.seeds:
+            s["seeds"] = args.seeds
+        for dataset in args.dataset:
+            diag = diagnose(dataset, s, args)
+            (RESULTS / f"diagnosis_{dataset}.json").write_text(json.dumps(diag, indent=1))
+    elif not args.render:
         s = settings(args.quick) | {"threads": args.threads}
         if args.seeds:
             s["seeds"] = args.seeds
+            s["class_orders"] = (s["class_orders"] * len(args.seeds))[:len(args.seeds)]
         for dataset in args.dataset:
             mode_dir = RUNS / s["mode"] / dataset
             if args.fresh and mode_dir.exists():
@@ -523,15 +738,22 @@ def main(argv: list[str] | None = None) -> None:
 
                 shutil.rmtree(mode_dir)
             t0, load = time.perf_counter(), round(os.getloadavg()[0], 2)
-            inputs = frozen_inputs(dataset, s, mode_dir / "frozen_inputs.pt")
-            phases = [run for seed in s["seeds"] for run in study_runs(dataset, s, seed, mode_dir / f"seed{seed}")]
-            # Visual-expert phases of every seed first (a stable sort), then the VL expert and phase 3.
+            pairs = list(zip(s["seeds"], s["class_orders"]))
+            run_dirs = {seed: mode_dir / f"seed{seed}" for seed, _ in pairs}
+            phases = [run for seed, order in pairs for run in study_runs(dataset, s, seed, order, run_dirs[seed])]
+            # Visual-expert phases of every run first (a stable sort), then the VL expert and phase 3.
             run_phases(sorted(phases, key=lambda run: run.name.endswith("_vl") or run.phase == "phase3"))
-            runs = {str(seed): baseline_rows(inputs, s, seed) | pipeline_rows(mode_dir / f"seed{seed}")
-                    for seed in s["seeds"]}
+            runs, feature_seconds = {}, 0.0
+            for seed, order in pairs:
+                inputs = frozen_inputs(dataset, s, order, run_dirs[seed] / "frozen_inputs.pt")
+                feature_seconds += inputs["seconds"]
+                runs[str(seed)] = baseline_rows(inputs, s, seed) | pipeline_rows(run_dirs[seed]) | {
+                    "_seed": seed, "_class_order": order, "_class_counts": [int(c) for c in inputs["counts"]]}
+            labels = {split: torch.bincount(inputs[split]["label"]).tolist() for split in ("val", "test")}
             payload = {"dataset": dataset, "settings": s, "runs": runs,
                        "class_counts": [int(c) for c in inputs["counts"]], "test_images": len(inputs["test"]["label"]),
-                       "feature_seconds": inputs["seconds"], "seconds": time.perf_counter() - t0,
+                       "test_per_class": labels["test"], "val_per_class": labels["val"],
+                       "feature_seconds": feature_seconds, "seconds": time.perf_counter() - t0,
                        "load_average": load, "date": time.strftime("%Y-%m-%d"),
                        "command": "python benchmarks/accuracy_study.py" + (" --quick" if args.quick else "")
                        + f" --dataset {dataset}"}
@@ -539,7 +761,8 @@ def main(argv: list[str] | None = None) -> None:
             (RESULTS / f"accuracy_{s['mode']}_{dataset}.json").write_text(json.dumps(payload, indent=1))
             print(f"\naccuracy study ({s['mode']}, {dataset}) finished in {payload['seconds'] / 60:.1f} min")
     payloads = [json.loads(p.read_text()) for p in result_files()]
-    DOC.write_text(render(payloads))
+    diagnoses = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("diagnosis_*.json"))]
+    DOC.write_text(render(payloads, diagnoses))
     print(f"wrote {DOC}")
 
 

@@ -21,9 +21,12 @@ from lpt_lightning.data import (
     INatJsonSource,
     balanced_holdout,
     cap_per_class,
+    class_order,
+    holdout_slices,
     long_tail_counts,
     make_long_tailed,
     read_idx,
+    target_slices,
 )
 from lpt_lightning.errors import ConfigError, DataFormatError
 from datasets_available import CIFAR_ARCHIVE, FMNIST, needs_fmnist
@@ -59,6 +62,53 @@ def test_make_long_tailed_counts_determinism_and_subset():
     # n_max is the smallest class of the input
     uneven = np.concatenate([np.zeros(30, int), np.ones(12, int), np.full(50, 2)])
     assert np.bincount(uneven[make_long_tailed(uneven, 4, seed=0)]).tolist() == [12, 6, 3]
+
+
+def test_class_order_permutes_which_classes_are_head_and_tail():
+    labels = np.repeat(np.arange(10), 60)
+    profile = long_tail_counts(60, 10, 10)
+    assert class_order(10, None).tolist() == list(range(10))
+    order = class_order(10, 1)
+    assert sorted(order.tolist()) == list(range(10)) and order.tolist() != list(range(10))
+    counts = np.bincount(labels[make_long_tailed(labels, 10, seed=3, class_order_seed=1)]).tolist()
+    assert [counts[c] for c in order] == profile  # class order[i] gets the i-th largest count
+    assert sorted(counts, reverse=True) == profile
+    assert counts != np.bincount(labels[make_long_tailed(labels, 10, seed=3, class_order_seed=2)]).tolist()
+
+
+def test_target_slices_hold_out_val_test_and_a_training_pool_disjoint_from_the_rest():
+    labels = np.repeat(np.arange(4), 50)
+    np.random.default_rng(0).shuffle(labels)
+    val, test, pool, unused = target_slices(labels, 5, 10, 20, seed=7)
+    # val and test are exactly holdout_slices', so a pool leaves every earlier slice in place
+    hv, ht, rest = holdout_slices(labels, 5, 10, seed=7)
+    assert np.array_equal(val, hv) and np.array_equal(test, ht)
+    assert np.bincount(labels[pool]).tolist() == [20] * 4 and np.bincount(labels[unused]).tolist() == [15] * 4
+    assert sorted(np.concatenate([pool, unused]).tolist()) == rest.tolist()
+    assert not set(pool.tolist()) & set(unused.tolist())
+    # without a pool the remainder is the pool and nothing is left unused
+    _, _, whole, none = target_slices(labels, 5, 10, None, seed=7)
+    assert np.array_equal(whole, rest) and none.size == 0
+    with pytest.raises(ConfigError, match="train_pool_per_class"):
+        target_slices(labels, 5, 10, 0, seed=7)
+
+
+def test_image_folder_draws_the_long_tail_from_its_pool(tmp_path):
+    for c in ("a", "b", "c"):
+        (tmp_path / c).mkdir()
+        for i in range(12):
+            Image.new("RGB", (4, 4)).save(tmp_path / c / f"{i:02d}.jpg")
+    kwargs = dict(imbalance_ratio=4, max_per_class=4, val_per_class=2, test_per_class=2, seed=0)
+    pooled = ImageFolderSource(str(tmp_path), train_pool_per_class=5, **kwargs).load()
+    plain = ImageFolderSource(str(tmp_path), **kwargs).load()
+    assert pooled.val.items == plain.val.items and pooled.test.items == plain.test.items
+    names = sorted(str(p) for p in tmp_path.rglob("*.jpg"))
+    labels = np.repeat(np.arange(3), 12)
+    _, _, pool, _ = target_slices(labels, 2, 2, 5, seed=0)
+    assert set(pooled.train.items) <= {names[i] for i in pool}
+    assert np.bincount(pooled.train.labels).tolist() == [4, 2, 1]
+    permuted = ImageFolderSource(str(tmp_path), train_pool_per_class=5, class_order_seed=1, **kwargs).load()
+    assert sorted(np.bincount(permuted.train.labels).tolist()) == [1, 2, 4]
 
 
 def test_cap_per_class():

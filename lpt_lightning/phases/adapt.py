@@ -7,6 +7,7 @@ from dataclasses import asdict
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
 from lpt_lightning.checkpoints.metadata import is_saved_key
@@ -73,6 +74,13 @@ class AdaptPhase(ExpertPhase):
     def on_train_start(self) -> None:
         if self.start_state is None:  # a resumed run restored it with its checkpoint
             self.start_state = {k: v.detach().cpu().clone() for k, v in self.state_dict().items() if is_saved_key(k)}
+
+    def head_penalty(self) -> torch.Tensor | None:
+        if not self.loss_spec.head_anchor or self.start_state is None:
+            return None
+        start = F.normalize(self.start_state["expert.head.weight"].to(self.expert.head.weight), dim=-1)
+        drift = F.normalize(self.expert.head.weight, dim=-1) - start
+        return self.loss_spec.head_anchor * drift.pow(2).sum(-1).mean()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)

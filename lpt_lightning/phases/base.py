@@ -36,6 +36,9 @@ class LossSpec:
             when it is paired with a class-balanced batch.
         match_weight: weight of the prompt-key matching loss (phase 2).
         tau: logit-adjustment strength (``logit_adjusted`` only).
+        head_anchor: weight of a penalty that keeps the head's class directions near where phase 1
+            started them (the class-name text embeddings of the VL expert; phase 1 only):
+            head_anchor * mean_c ||w_c/|w_c| - w0_c/|w0_c|||^2. 0 = off.
         on_nonfinite, max_nonfinite_batches: moved to the `NonFiniteLossPolicy` callback; setting
             them here is an error that says so.
     """
@@ -50,10 +53,13 @@ class LossSpec:
     instance_weight: float = 0.5
     match_weight: float = 0.5
     tau: float = 1.0
+    head_anchor: float = 0.0
     on_nonfinite: Literal["stop", "skip"] | None = None
     max_nonfinite_batches: int | None = None
 
     def __post_init__(self) -> None:
+        if self.head_anchor < 0:
+            raise ConfigError(f"model.init_args.loss.head_anchor must be >= 0 (0 = off), got {self.head_anchor}")
         moved = {"on_nonfinite": self.on_nonfinite, "max_nonfinite_batches": self.max_nonfinite_batches}
         moved = {k: v for k, v in moved.items() if v is not None}
         if moved:
@@ -68,15 +74,22 @@ class OptimSpec:
     """SGD with a per-epoch cosine schedule and linear warm-up (SPEC 4).
 
     ``base_lr`` is for a global batch of 256 images: lr = base_lr * B / 256 with B the per-stream
-    batch summed over devices and accumulation steps.
+    batch summed over devices and accumulation steps. ``head_lr_scale`` multiplies the head's
+    learning rate (0 keeps the head where it starts).
     """
 
     base_lr: float = 0.02
+    head_lr_scale: float = 1.0
     momentum: float = 0.9
     weight_decay: float = 0.01
     warmup_epochs: int = 1
     warmup_lr: float = 1e-6
     min_lr: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.head_lr_scale < 0:
+            raise ConfigError(f"model.init_args.optim.head_lr_scale must be >= 0 (0 = a fixed head), "
+                              f"got {self.head_lr_scale}")
 
 
 class ExpertPhase(L.LightningModule):
@@ -211,9 +224,17 @@ class ExpertPhase(L.LightningModule):
             total = total + self.stream_weight(stream, streams) * term
             for name, value in terms.items():
                 self.log(f"train/{name}_{stream}", value.detach(), batch_size=size)
+        penalty = self.head_penalty()
+        if penalty is not None:
+            total = total + penalty
+            self.log("train/head_anchor", penalty.detach())
         # A non-finite loss is the NonFiniteLossPolicy callback's to handle (stop or skip).
         self.log("train/loss", total.detach(), prog_bar=True, batch_size=sum(sizes))
         return total
+
+    def head_penalty(self) -> torch.Tensor | None:
+        """An extra term on the head (AdaptPhase: ``loss.head_anchor``); None = none."""
+        return None
 
     # ----------------------------------------------------------------- evaluation
     def _eval_step(self, batch: dict[str, torch.Tensor], metric: SplitAccuracy) -> None:
@@ -253,7 +274,11 @@ class ExpertPhase(L.LightningModule):
                               "(lpt_lightning.data_facts.connect(model, datamodule))")
         global_batch = self.data_facts.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
         lr = spec.base_lr * global_batch / 256
-        optimizer = torch.optim.SGD(self.trainable_parameters(), lr=lr, momentum=spec.momentum,
+        head = {id(p) for p in self.expert.head.parameters()}
+        params = self.trainable_parameters()
+        groups = [{"params": [p for p in params if id(p) not in head]},
+                  {"params": [p for p in params if id(p) in head], "lr": lr * spec.head_lr_scale}]
+        optimizer = torch.optim.SGD([g for g in groups if g["params"]], lr=lr, momentum=spec.momentum,
                                     weight_decay=spec.weight_decay)
         scheduler = CosineLRScheduler(optimizer, t_initial=max(self.trainer.max_epochs or 1, 1), lr_min=spec.min_lr,
                                       warmup_t=spec.warmup_epochs, warmup_lr_init=spec.warmup_lr, t_in_epochs=True)
