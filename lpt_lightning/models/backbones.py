@@ -38,7 +38,8 @@ class BackboneSpec:
     Attributes:
         name: timm model name or open_clip architecture; None = the reference model of SPEC 2.
         pretrained: hub weights: ``True``/``False`` for timm, a tag such as ``openai`` for
-            open_clip (``None``/``""`` = random init).
+            open_clip (``None``/``""`` = random init; ``True`` = ``openai`` on the hub). With an
+            open_clip ``checkpoint_path``, a tag names the weights the file holds (their activation).
         checkpoint_path: local weights file used instead of the hub (offline clusters): timm state
             dict (.pth/.bin/.safetensors) or original .npz; open_clip checkpoint.
         model_kwargs: architecture overrides passed to ``timm.create_model`` (e.g. a tiny
