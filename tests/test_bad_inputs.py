@@ -45,7 +45,9 @@ def phase1_config(root: Path, run: Path, **data_source) -> dict:
         "model": {"class_path": "lpt_lightning.phases.AdaptPhase",
                   "init_args": {"expert": {"kind": "visual", "prompt_length": 2,
                                            "backbone": {"name": "vit_base_patch16_224", "pretrained": False,
-                                                        "model_kwargs": TIMM_TINY}}}},
+                                                        "model_kwargs": TIMM_TINY}},
+                                # One epoch: a warm-up as long as the run is refused.
+                                "optim": {"warmup_epochs": 0}}},
         "data": {"source": {"class_path": "lpt_lightning.data.AnnotationListSource", "init_args": source},
                  "batch_size": 2, "num_workers": 0},
     }

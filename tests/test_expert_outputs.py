@@ -22,7 +22,7 @@ from lpt_lightning.data_facts import connect
 from lpt_lightning.errors import CheckpointError
 from lpt_lightning.expert_outputs import ExpertOutputs, ExpertOutputsWriter, OutputsTarget, write_expert_outputs
 from lpt_lightning.models.expert import ExpertSpec
-from lpt_lightning.phases import AdaptPhase, MoEScorerPhase
+from lpt_lightning.phases import AdaptPhase, MoEScorerPhase, OptimSpec
 from tiny_models import tiny_backbone
 
 COUNTS = [30, 20, 12, 8]
@@ -66,7 +66,9 @@ def experts(folder, tmp_path_factory):
         L.seed_everything(0)
         data = images(folder)
         spec = ExpertSpec(kind=kind, backbone=tiny_backbone(kind), prompt_length=2)
-        module = AdaptPhase(expert=spec, num_classes=data.num_classes, class_names=data.class_names)
+        # One epoch: no warm-up (a warm-up as long as the run is refused).
+        module = AdaptPhase(expert=spec, num_classes=data.num_classes, class_names=data.class_names,
+                            optim=OptimSpec(warmup_epochs=0))
         connect(module, data)
         trainer = quiet_trainer(root, max_epochs=1, callbacks=default_callbacks())
         trainer.fit(module, datamodule=data)

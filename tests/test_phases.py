@@ -1,6 +1,7 @@
 """Phase 1 -> phase 2 on tiny random experts and real Fashion-MNIST-LT images."""
 import csv
 import logging
+import math
 import sys
 from dataclasses import asdict
 
@@ -347,3 +348,94 @@ def test_lpt_fit_ckpt_path_last_resumes_the_run(tmp_path, monkeypatch):
     resumed = load_checkpoint_file(run / "last.ckpt")
     assert (first["global_step"], resumed["global_step"]) == (3, 6)  # only the second epoch ran
     assert changed(first["state_dict"], resumed["state_dict"], "expert.shared_prompt.")
+
+
+# ----------------------------------------------------------------- schedule over the run's real length
+class ScheduleRecorder(L.Callback):
+    """(epoch, optimizer step, lr, eta) of every training batch, read before its optimizer step."""
+
+    def __init__(self):
+        self.rows = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.rows.append((trainer.current_epoch, trainer.global_step, trainer.optimizers[0].param_groups[0]["lr"],
+                          pl_module.stream_weight("ib", ["cb", "ib"])))
+
+
+def scheduled_run(tmp_path, optim, **trainer_args):
+    torch.manual_seed(0)
+    dm = datamodule()
+    phase = AdaptPhase(expert=ExpertSpec(kind="visual", backbone=tiny_backbone("visual"), prompt_length=2),
+                       num_classes=dm.num_classes, optim=optim)
+    connect(phase, dm)
+    recorder = ScheduleRecorder()
+    t = L.Trainer(accelerator="cpu", devices=1, precision="32-true", logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                  default_root_dir=tmp_path, callbacks=[recorder], **trainer_args)
+    t.fit(phase, datamodule=dm)
+    return phase, recorder.rows
+
+
+def cosine(step, total, peak, warmup=0, start=1e-6):
+    if step < warmup:
+        return start + step * (peak - start) / warmup
+    return 0.5 * peak * (1 + math.cos(math.pi * step / total))
+
+
+SCHEDULE_OPTIM = OptimSpec(base_lr=0.5, warmup_epochs=1, warmup_lr=1e-6)
+PEAK = 0.5 * 16 / 256  # base_lr x per-stream batch / 256
+
+
+@needs_fmnist
+def test_step_budgeted_run_schedules_over_its_steps(tmp_path):
+    # max_steps: Lightning reports max_epochs=-1; 10 steps over 3 epochs of 4, warm-up = 1 epoch = 4 steps.
+    phase, rows = scheduled_run(tmp_path, SCHEDULE_OPTIM, max_steps=10, limit_train_batches=4)
+    assert phase.trainer.max_epochs == -1 and phase.schedule_steps == 10
+    assert [step for _, step, _, _ in rows] == list(range(10)) and rows[-1][0] == 2
+    for _, step, lr, eta in rows:
+        assert lr == pytest.approx(cosine(step, 10, PEAK, warmup=4)), step
+        assert eta == pytest.approx(0.5 * (10 - step) / 10) and 0 <= eta <= 0.5
+    # Out of the warm-up the lr is the cosine's, never 0 (it was 0 from the 2nd epoch when the
+    # schedule counted epochs of a run Lightning reports as max_epochs=-1).
+    assert rows[4][2] > 0.5 * PEAK and all(lr > 0 for _, _, lr, _ in rows)
+    # A warm-up as long as the run is refused, naming both options.
+    with pytest.raises(ConfigError, match=r"optim\.warmup_epochs=1 .*trainer\.max_steps=4"):
+        scheduled_run(tmp_path, SCHEDULE_OPTIM, max_steps=4, limit_train_batches=4)
+
+
+@needs_fmnist
+def test_one_epoch_run_schedules_over_its_steps(tmp_path):
+    with pytest.raises(ConfigError, match=r"optim\.warmup_epochs=1 .*trainer\.max_epochs=1"):
+        scheduled_run(tmp_path, SCHEDULE_OPTIM, max_epochs=1, limit_train_batches=6)
+    phase, rows = scheduled_run(tmp_path, OptimSpec(base_lr=0.5, warmup_epochs=0), max_epochs=1,
+                                limit_train_batches=6)
+    assert phase.schedule_steps == 6 and [step for _, step, _, _ in rows] == list(range(6))
+    for _, step, lr, eta in rows:
+        assert lr == pytest.approx(cosine(step, 6, PEAK)) and lr > 0, step
+        assert eta == pytest.approx(0.5 * (6 - step) / 6) and 0 < eta <= 0.5
+
+
+@needs_fmnist
+def test_epoch_bounded_run_keeps_the_per_epoch_schedule(tmp_path):
+    """max_epochs >= 2: the lr and eta of SPEC 4's per-epoch schedule, bit for bit as before."""
+    from timm.scheduler import CosineLRScheduler
+
+    epochs = 3
+    phase, rows = scheduled_run(tmp_path, SCHEDULE_OPTIM, max_epochs=epochs, limit_train_batches=3)
+    assert getattr(phase, "schedule_steps", None) is None  # scheduled per epoch
+    # The schedule as it was built before runs were scheduled per step.
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=PEAK)
+    reference = CosineLRScheduler(optimizer, t_initial=epochs, lr_min=0.0, warmup_t=1, warmup_lr_init=1e-6,
+                                  t_in_epochs=True)
+    expected_lr = []
+    for epoch in range(epochs):
+        expected_lr.append(optimizer.param_groups[0]["lr"])
+        reference.step(epoch=epoch + 1)
+    assert [(e, lr, eta) for e, _, lr, eta in rows] == [
+        (e, expected_lr[e], 0.5 * (epochs - e) / epochs) for e in range(epochs) for _ in range(3)]
+    assert expected_lr[1] > 0.01 and expected_lr[0] == 1e-6
+
+
+def test_instance_weight_is_clamped():
+    assert instance_weight(5, 4, 0.5) == 0.0 and instance_weight(0, 4, 0.5) == 0.5
+    assert instance_weight(4, 0, 0.5) == 0.0 and instance_weight(-1, 4, 0.5) == 0.5

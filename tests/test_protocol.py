@@ -19,7 +19,7 @@ from lpt_lightning.errors import CheckpointError, ConfigError
 from lpt_lightning.expert_outputs import scorer_fit_data
 from lpt_lightning.metrics import shot_groups
 from lpt_lightning.models.expert import ExpertSpec, GroupPromptSpec
-from lpt_lightning.phases import AdaptPhase, GroupPromptPhase, MoEScorerPhase
+from lpt_lightning.phases import AdaptPhase, GroupPromptPhase, MoEScorerPhase, OptimSpec
 from lpt_lightning.phases.moe_scorer import ScorerSpec
 from tiny_models import tiny_backbone
 
@@ -120,6 +120,10 @@ def test_holdout_and_opt_in_are_refused_where_a_validation_split_exists(folder):
 # ----------------------------------------------------------------------------- phases check their data
 
 
+# One-epoch runs: a warm-up epoch would be the whole run (refused), so none.
+ONE_EPOCH = OptimSpec(warmup_epochs=0)
+
+
 def fit(module, data, root, epochs=1):
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, precision="32-true", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -137,7 +141,8 @@ def experts(folder, tmp_path_factory):
     for kind in ("visual", "vl"):
         data = dm(folder, holdout_per_class=2)
         spec = ExpertSpec(kind=kind, backbone=tiny_backbone(kind), prompt_length=2)
-        module = AdaptPhase(expert=spec, num_classes=data.num_classes, class_names=data.class_names)
+        module = AdaptPhase(expert=spec, num_classes=data.num_classes, class_names=data.class_names,
+                            optim=ONE_EPOCH)
         trainer = fit(module, data, root / kind)
         paths[kind] = root / f"{kind}.ckpt"
         trainer.save_checkpoint(paths[kind])
@@ -152,10 +157,12 @@ def test_checkpoints_record_their_data(experts, folder):
 def test_phase2_refuses_a_phase1_trained_with_another_holdout(experts, folder, tmp_path):
     group = GroupPromptSpec(pool_size=4, top_k=2, start_block=2, length=2)
     other = dm(folder, holdout_per_class=2, holdout_seed=1)
-    phase2 = GroupPromptPhase(phase1_checkpoint=str(experts["visual"]), group_prompts=group, num_classes=4)
+    phase2 = GroupPromptPhase(phase1_checkpoint=str(experts["visual"]), group_prompts=group, num_classes=4,
+                              optim=ONE_EPOCH)
     with pytest.raises(CheckpointError, match=r"phase1_checkpoint=.*another training split"):
         fit(phase2, other, tmp_path)
-    phase2 = GroupPromptPhase(phase1_checkpoint=str(experts["visual"]), group_prompts=group, num_classes=4)
+    phase2 = GroupPromptPhase(phase1_checkpoint=str(experts["visual"]), group_prompts=group, num_classes=4,
+                              optim=ONE_EPOCH)
     fit(phase2, dm(folder, holdout_per_class=2), tmp_path)  # the same data: accepted
 
 

@@ -10,7 +10,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lpt_lightning.data import FashionMNISTSource, LongTailDataModule
 from lpt_lightning.data_facts import connect
 from lpt_lightning.models.expert import ExpertSpec
-from lpt_lightning.phases import AdaptPhase
+from lpt_lightning.phases import AdaptPhase, OptimSpec
 from lpt_lightning.reports import LoggedSaveConfig, SplitReport, per_class_rows
 from tiny_models import tiny_backbone
 from datasets_available import needs_fmnist
@@ -39,7 +39,7 @@ def test_test_run_writes_local_reports_and_sends_tables_to_wandb(tmp_path, monke
     dm = LongTailDataModule(FashionMNISTSource(imbalance_ratio=10, max_per_class=40, val_per_class=5,
                                                max_test_per_class=10), batch_size=16, num_workers=0)
     model = AdaptPhase(expert=ExpertSpec(kind="visual", backbone=tiny_backbone("visual"), prompt_length=2),
-                       num_classes=10, class_names=dm.class_names)
+                       num_classes=10, class_names=dm.class_names, optim=OptimSpec(warmup_epochs=0))  # 1 epoch
     wandb = WandbLogger(project="lpt-test", save_dir=str(tmp_path), offline=True, mode="disabled")
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=2, enable_progress_bar=False,
                         logger=[CSVLogger(str(tmp_path), name="csv"), wandb], callbacks=[SplitReport()],

@@ -50,10 +50,10 @@ def trained(module):
     return {k: v for k, v in module.state_dict().items() if "backbone" not in k}
 
 
-def phase1(head_init="auto"):
+def phase1(head_init="auto", warmup_epochs=1):
     L.seed_everything(0)  # as `lpt fit` does before building the model: same initial prompts
     spec = ExpertSpec(kind="visual", backbone=tiny_backbone("visual"), prompt_length=3, head_init=head_init)
-    return AdaptPhase(expert=spec, num_classes=10, optim=OptimSpec(base_lr=0.5, warmup_epochs=1))
+    return AdaptPhase(expert=spec, num_classes=10, optim=OptimSpec(base_lr=0.5, warmup_epochs=warmup_epochs))
 
 
 @pytest.mark.parametrize("num_workers", [0, pytest.param(1, marks=pytest.mark.slow)])
@@ -115,7 +115,8 @@ class RngRecorder(AdaptPhase):
 def test_each_micro_batch_of_an_accumulation_window_draws_its_own_noise(tmp_path):
     L.seed_everything(0)
     spec = ExpertSpec(kind="visual", backbone=tiny_backbone("visual"), prompt_length=3)
-    module = RngRecorder(expert=spec, num_classes=10, optim=OptimSpec(base_lr=0.5, warmup_epochs=1))
+    # One epoch: no warm-up (a warm-up as long as the run is refused).
+    module = RngRecorder(expert=spec, num_classes=10, optim=OptimSpec(base_lr=0.5, warmup_epochs=0))
     fit(module, tmp_path, 1, accumulate_grad_batches=2, limit_train_batches=4, limit_val_batches=0)
     states = module.rng_states
     assert len(states) == 4
@@ -188,7 +189,7 @@ def test_resuming_mid_epoch_with_another_worker_count_is_refused(tmp_path):
 
 
 def test_phase2_killed_mid_epoch_resumes_exactly(tmp_path):
-    first = phase1()
+    first = phase1(warmup_epochs=0)  # one epoch: no warm-up (as long as the run: refused)
     trainer = fit(first, tmp_path, 1)
     p1 = tmp_path / "phase1.ckpt"
     trainer.save_checkpoint(p1)

@@ -8,6 +8,7 @@ library's own modules and weights for each step.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,8 @@ class BackboneSpec:
     Attributes:
         name: timm model name or open_clip architecture; None = the reference model of SPEC 2.
         pretrained: hub weights: ``True``/``False`` for timm, a tag such as ``openai`` for
-            open_clip (``None``/``""`` = random init).
+            open_clip (``None``/``""`` = random init; ``True`` = ``openai`` on the hub). With an
+            open_clip ``checkpoint_path``, a tag names the weights the file holds (their activation).
         checkpoint_path: local weights file used instead of the hub (offline clusters): timm state
             dict (.pth/.bin/.safetensors) or original .npz; open_clip checkpoint.
         model_kwargs: architecture overrides passed to ``timm.create_model`` (e.g. a tiny
@@ -48,6 +50,12 @@ class BackboneSpec:
         layer_norm_eps: epsilon of every LayerNorm of the library model; None = the model's own.
             Models trained on a rebuilt backbone may differ here (the official LPT code builds
             timm's ViT with ``nn.LayerNorm``, eps 1e-5, where timm's pretrained ViTs use 1e-6).
+        quick_gelu: open_clip only: whether the towers use QuickGELU (``x * sigmoid(1.702 x)``,
+            what OpenAI CLIP was trained with) instead of GELU. None = resolved: a pretrained
+            tag (hub or local file alike) decides it from ``open_clip.get_pretrained_cfg``; a
+            local file without a tag must state it when the architecture's published weights
+            differ (ViT-B-16: ``openai`` QuickGELU, ``laion2b_*`` GELU). A value that contradicts
+            the tag (or ``model_kwargs["quick_gelu"]``) is refused.
     """
 
     name: str | None = None
@@ -56,6 +64,7 @@ class BackboneSpec:
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     init_seed: int = 0
     layer_norm_eps: float | None = None
+    quick_gelu: bool | None = None
 
 
 def set_layer_norm_eps(model: nn.Module, eps: float | None) -> None:
@@ -195,6 +204,12 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: cannot be read as a weights file ({type(exc).__name__}: {exc})") from exc
 
 
+def _brief(exc: Exception, limit: int = 600) -> str:
+    """``Type: message``, cut short: a strict load lists every one of hundreds of keys."""
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
 def _load_matching(model: nn.Module, state_dict: dict[str, torch.Tensor], path: str) -> None:
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
@@ -300,24 +315,13 @@ class OpenClipViT(FrozenViT):
         import open_clip
 
         if spec.model_kwargs:
-            model = open_clip.CLIP(**spec.model_kwargs)
+            model = open_clip.CLIP(**_clip_kwargs_with_activation(spec))
             self._tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=model.context_length)
             if spec.checkpoint_path:
                 self._load_file(open_clip, model, spec.checkpoint_path)
         else:
-            name = spec.name or REFERENCE_BACKBONES["open_clip"]
-            pretrained = spec.pretrained if isinstance(spec.pretrained, str) and spec.pretrained else None
-            if spec.pretrained is True:
-                pretrained = "openai"
-            if spec.checkpoint_path:
-                model = open_clip.create_model(name, pretrained=None)
-                self._load_file(open_clip, model, spec.checkpoint_path)
-            else:
-                try:
-                    model = open_clip.create_model(name, pretrained=pretrained)
-                except RuntimeError as exc:
-                    raise ConfigError(f"backbone.name={name!r} pretrained={pretrained!r}: {exc}") from exc
-            self._tokenizer = open_clip.get_tokenizer(name)
+            model = _create_open_clip(open_clip, spec)
+            self._tokenizer = open_clip.get_tokenizer(spec.name or REFERENCE_BACKBONES["open_clip"])
         set_layer_norm_eps(model, spec.layer_norm_eps)
         visual = model.visual
         self.visual = visual
@@ -342,7 +346,7 @@ class OpenClipViT(FrozenViT):
             open_clip.load_checkpoint(model, path, strict=True, weights_only=True)
         except Exception as exc:
             raise CheckpointError(
-                f"{path}: does not load into the configured open_clip model ({type(exc).__name__}: {exc}). "
+                f"{path}: does not load into the configured open_clip model ({_brief(exc)}). "
                 "Check backbone.name / backbone.model_kwargs against the file."
             ) from exc
 
@@ -385,6 +389,97 @@ class OpenClipViT(FrozenViT):
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
         pooled, _ = self.visual._pool(tokens)
         return pooled @ self.visual.proj if self.visual.proj is not None else pooled
+
+
+def _clip_kwargs_with_activation(spec: BackboneSpec) -> dict[str, Any]:
+    """A full ``open_clip.CLIP`` config from ``model_kwargs``: its own ``quick_gelu`` (default
+    GELU, as the stand-ins were trained), or ``backbone.quick_gelu`` where it states one."""
+    kwargs = dict(spec.model_kwargs)
+    own = kwargs.get("quick_gelu")
+    if spec.quick_gelu is not None:
+        if own is not None and bool(own) != spec.quick_gelu:
+            raise ConfigError(
+                f"backbone.quick_gelu={spec.quick_gelu} contradicts backbone.model_kwargs.quick_gelu={own}: "
+                "give the activation once"
+            )
+        kwargs["quick_gelu"] = spec.quick_gelu
+    return kwargs
+
+
+def resolve_quick_gelu(open_clip, spec: BackboneSpec, name: str, tag: str | None, weights_file: bool) -> bool:
+    """The activation of an open_clip architecture ``name`` (SPEC 2: the published model).
+
+    ``tag``: the pretrained tag the weights come from (hub or local file), or None;
+    ``weights_file``: weights are loaded from a local file (so, without a tag, nothing says which
+    activation they were trained with).
+    """
+    arch = bool((open_clip.get_model_config(name) or {}).get("quick_gelu", False))
+    if tag is not None:
+        tag_value = bool(open_clip.get_pretrained_cfg(name, tag).get("quick_gelu", False))
+        if spec.quick_gelu is not None and spec.quick_gelu != tag_value:
+            raise ConfigError(
+                f"backbone.quick_gelu={spec.quick_gelu} contradicts backbone.pretrained={tag!r}: the {name} "
+                f"{tag!r} weights were trained with {'QuickGELU' if tag_value else 'GELU'} "
+                f"(open_clip.get_pretrained_cfg). Remove backbone.quick_gelu or set it to {tag_value}."
+            )
+        return tag_value
+    if spec.quick_gelu is not None:
+        return spec.quick_gelu
+    if weights_file:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        quick = [t for t in tags if open_clip.get_pretrained_cfg(name, t).get("quick_gelu", False)]
+        plain = [t for t in tags if t not in quick]
+        if quick if not arch else plain:  # some published weights differ from the architecture's default
+            raise ConfigError(
+                f"backbone.checkpoint_path={spec.checkpoint_path!r} with backbone.name={name!r} and no pretrained "
+                f"tag: the activation cannot be told from the file ({name} weights such as {quick[:3]} use "
+                f"QuickGELU, {plain[:3]} GELU). Set backbone.pretrained to the file's tag (e.g. 'openai') or state "
+                "backbone.quick_gelu: true|false."
+            )
+    return arch
+
+
+def _create_open_clip(open_clip, spec: BackboneSpec) -> nn.Module:
+    """``open_clip.create_model`` for a named architecture: hub weights by tag, or a local file
+    through the same call (``pretrained=<file>``: the loader hub weights take), with the
+    activation the weights were trained with."""
+    name = spec.name or REFERENCE_BACKBONES["open_clip"]
+    if open_clip.get_model_config(name) is None:
+        raise ConfigError(f"backbone.name={name!r} is not an open_clip architecture (open_clip.list_models())")
+    tag = spec.pretrained if isinstance(spec.pretrained, str) and spec.pretrained else None
+    path = spec.checkpoint_path
+    if spec.pretrained is True and not path:
+        tag = "openai"  # hub default; a local file gets a tag only when one is named
+    if tag is not None and not open_clip.get_pretrained_cfg(name, tag):
+        if not path and os.path.isfile(tag):
+            tag, path = None, tag  # open_clip's own pretrained=<file> form
+        else:
+            raise ConfigError(
+                f"backbone.pretrained={tag!r} is not a pretrained tag of {name}: choose one of "
+                f"{open_clip.list_pretrained_tags_by_model(name)}"
+            )
+    quick_gelu = resolve_quick_gelu(open_clip, spec, name, tag, weights_file=bool(path))
+    kwargs: dict[str, Any] = {"force_quick_gelu": quick_gelu}
+    if not quick_gelu and (open_clip.get_model_config(name) or {}).get("quick_gelu", False):
+        kwargs["quick_gelu"] = False  # force_quick_gelu can only switch it on
+    if not path:
+        try:
+            return open_clip.create_model(name, pretrained=tag, **kwargs)
+        except RuntimeError as exc:
+            raise ConfigError(f"backbone.name={name!r} pretrained={tag!r}: {exc}") from exc
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: weights file not found (backbone.checkpoint_path)")
+    if tag is not None:
+        # The tag's preprocessing (mean/std) as on the hub path.
+        cfg = open_clip.get_pretrained_cfg(name, tag)
+        kwargs["force_preprocess_cfg"] = {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg}
+    try:
+        return open_clip.create_model(name, pretrained=path, weights_only=True, **kwargs)
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path}: does not load into the configured open_clip model {name} ({_brief(exc)}). "
+            "Check backbone.name / backbone.model_kwargs against the file."
+        ) from exc
 
 
 BACKBONE_FOR_EXPERT = {"visual": TimmViT, "vl": OpenClipViT}

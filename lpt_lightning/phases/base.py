@@ -2,6 +2,8 @@
 small checkpoints."""
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any, Literal
 
@@ -33,7 +35,8 @@ class LossSpec:
         class_balanced_gammas: (gamma_pos, gamma_neg) for the class-balanced batch.
         instance_gammas: (gamma_pos, gamma_neg) for the instance-balanced (and square-root) batch.
         instance_weight: eta_max in eta(e) = eta_max (E - e) / E, the instance batch's weight
-            when it is paired with a class-balanced batch.
+            when it is paired with a class-balanced batch (over optimizer steps, e = step and
+            E = the run's steps, in a run bounded by steps or one epoch; clamped to [0, eta_max]).
         match_weight: weight of the prompt-key matching loss (phase 2).
         tau: logit-adjustment strength (``logit_adjusted`` only).
         head_anchor: weight of a penalty that keeps the head's class directions near where phase 1
@@ -76,6 +79,11 @@ class OptimSpec:
     ``base_lr`` is for a global batch of 256 images: lr = base_lr * B / 256 with B the per-stream
     batch summed over devices and accumulation steps. ``head_lr_scale`` multiplies the head's
     learning rate (0 keeps the head where it starts).
+
+    A run bounded by ``trainer.max_epochs >= 2`` steps the schedule once per epoch (SPEC 4). A run
+    bounded by ``trainer.max_steps`` (or by ``max_epochs: 1``) runs the same cosine over its real
+    length in optimizer steps (``trainer.estimated_stepping_batches``), the warm-up converted to
+    steps (``warmup_epochs`` x optimizer steps per epoch); a warm-up as long as the run is refused.
     """
 
     base_lr: float = 0.02
@@ -116,6 +124,8 @@ class ExpertPhase(L.LightningModule):
         # Frozen backbone weights are not in our checkpoints: they come from the hub/local file.
         self.strict_loading = False
         self.expert: LongTailExpert
+        # Optimizer steps of a run scheduled per step (configure_optimizers); None = per epoch.
+        self.schedule_steps: int | None = None
 
     # ----------------------------------------------------------------- properties and metadata
     @property
@@ -200,6 +210,8 @@ class ExpertPhase(L.LightningModule):
     # ----------------------------------------------------------------- training
     def stream_weight(self, stream: str, streams: list[str]) -> float:
         if stream == "ib" and "cb" in streams:
+            if self.schedule_steps is not None:
+                return instance_weight(self.trainer.global_step, self.schedule_steps, self.loss_spec.instance_weight)
             return instance_weight(self.current_epoch, self.trainer.max_epochs, self.loss_spec.instance_weight)
         return 1.0
 
@@ -266,8 +278,6 @@ class ExpertPhase(L.LightningModule):
 
     # ----------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> dict[str, Any]:
-        from timm.scheduler import CosineLRScheduler
-
         spec = self.optim_spec
         if self.data_facts is None:
             raise ConfigError("the learning rate scales with the batch size of the data: attach it first "
@@ -280,11 +290,73 @@ class ExpertPhase(L.LightningModule):
                   {"params": [p for p in params if id(p) in head], "lr": lr * spec.head_lr_scale}]
         optimizer = torch.optim.SGD([g for g in groups if g["params"]], lr=lr, momentum=spec.momentum,
                                     weight_decay=spec.weight_decay)
-        scheduler = CosineLRScheduler(optimizer, t_initial=max(self.trainer.max_epochs or 1, 1), lr_min=spec.min_lr,
-                                      warmup_t=spec.warmup_epochs, warmup_lr_init=spec.warmup_lr, t_in_epochs=True)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        steps = self._scheduled_steps()
+        self.schedule_steps = steps[0] if steps is not None else None
+        if steps is None:  # bounded by max_epochs >= 2: SPEC 4's per-epoch schedule
+            scheduler = _cosine_scheduler(optimizer, t_initial=max(self.trainer.max_epochs or 1, 1),
+                                          lr_min=spec.min_lr, warmup_t=spec.warmup_epochs,
+                                          warmup_lr_init=spec.warmup_lr, t_in_epochs=True)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        total, warmup = steps
+        scheduler = _cosine_scheduler(optimizer, t_initial=total, lr_min=spec.min_lr, warmup_t=warmup,
+                                      warmup_lr_init=spec.warmup_lr, t_in_epochs=False)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _scheduled_steps(self) -> tuple[int, int] | None:
+        """(optimizer steps of the run, warm-up steps) for a run bounded by steps or by one epoch;
+        None for a run bounded by ``max_epochs >= 2`` (scheduled per epoch, unchanged)."""
+        trainer = self.trainer
+        max_epochs = trainer.max_epochs if trainer.max_epochs is not None else -1
+        max_steps = getattr(trainer, "max_steps", -1)
+        max_steps = -1 if max_steps is None else max_steps
+        warmup_epochs = self.optim_spec.warmup_epochs
+        if max_epochs >= 2 and max_steps == -1:
+            if warmup_epochs >= max_epochs:
+                raise ConfigError(
+                    f"optim.warmup_epochs={warmup_epochs} is as long as the run (trainer.max_epochs={max_epochs}): "
+                    "the learning rate would never leave the warm-up; lower optim.warmup_epochs")
+            return None
+        bound = f"trainer.max_steps={max_steps}" if max_steps != -1 else f"trainer.max_epochs={max_epochs}"
+        total = trainer.estimated_stepping_batches
+        if total == float("inf"):
+            raise ConfigError("the learning-rate schedule needs the run's length: set trainer.max_epochs or "
+                              "trainer.max_steps (a run bounded by max_time only has none)")
+        total = int(total)
+        if total <= 0:
+            return None  # no training step (limit_train_batches: 0): nothing to schedule
+        warmup = 0
+        if warmup_epochs > 0:
+            if trainer.train_dataloader is None:
+                trainer.fit_loop.setup_data()  # what estimated_stepping_batches does for an epoch bound
+            batches = trainer.num_training_batches
+            if batches == float("inf"):
+                raise ConfigError(f"optim.warmup_epochs={warmup_epochs} cannot be converted to steps: the training "
+                                  f"loader has no length ({bound}); set optim.warmup_epochs: 0")
+            warmup = warmup_epochs * math.ceil(batches / trainer.accumulate_grad_batches)
+            if warmup >= total:
+                raise ConfigError(
+                    f"optim.warmup_epochs={warmup_epochs} ({warmup} optimizer steps) is as long as the run "
+                    f"({bound}: {total} optimizer steps): the learning rate would never leave the warm-up; "
+                    "lower optim.warmup_epochs (0 = none) or lengthen the run")
+        return total, warmup
+
+    def on_train_start(self) -> None:
+        # A resumed run starts from the lr of its own schedule at the restored position, not the
+        # checkpoint's last lr (another schedule's, e.g. a run bounded by steps resumed by epochs).
+        # A fresh run per epoch is untouched (bit-identical to SPEC 4's schedule).
+        scheduler = self.lr_schedulers()
+        if scheduler is None or isinstance(scheduler, list):
+            return
+        if not scheduler.t_in_epochs:
+            scheduler.step_update(num_updates=self.trainer.global_step)
+        elif self.trainer.global_step > 0 or self.current_epoch > 0:
+            scheduler.step(epoch=self.current_epoch)
 
     def lr_scheduler_step(self, scheduler, metric) -> None:
+        if not scheduler.t_in_epochs:
+            # Per step: Lightning calls this after each optimizer step; global_step steps are done.
+            scheduler.step_update(num_updates=self.trainer.global_step)
+            return
         # timm schedulers are indexed by epoch; Lightning calls this at the end of an epoch.
         scheduler.step(epoch=self.current_epoch + 1)
 
@@ -324,10 +396,30 @@ class ExpertPhase(L.LightningModule):
         return [self.expert.backbone]
 
 
+def _cosine_scheduler(optimizer: torch.optim.Optimizer, **kwargs: Any):
+    """timm's ``CosineLRScheduler``, whose saved state a resumed run restores only where it fits.
+
+    The schedule is a function of the epoch or step Lightning restores. A run scheduled per step
+    keeps the length it is configured with now; a run scheduled per epoch restores an epoch
+    schedule's state as before, never a per-step one (a checkpoint of a run bounded by steps).
+    """
+    from timm.scheduler import CosineLRScheduler
+
+    class RunCosineScheduler(CosineLRScheduler):
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            if self.t_in_epochs and state_dict.get("t_in_epochs", True):
+                super().load_state_dict(state_dict)
+
+    return RunCosineScheduler(optimizer, **kwargs)
+
+
 def instance_weight(epoch: int, max_epochs: int | None, eta_max: float) -> float:
-    """eta(e) = eta_max (E - e) / E: the instance batch's weight beside a class-balanced one (SPEC 4)."""
+    """eta(e) = eta_max (E - e) / E: the instance batch's weight beside a class-balanced one (SPEC 4).
+
+    ``epoch``/``max_epochs`` are optimizer steps in a run scheduled per step. Clamped to
+    [0, eta_max] (never a negative weight, i.e. gradient ascent, past the end)."""
     epochs = max(max_epochs or 1, 1)
-    return eta_max * (epochs - epoch) / epochs
+    return min(max(eta_max * (epochs - epoch) / epochs, 0.0), eta_max)
 
 
 def _slice_output(out: ExpertOutput, start: int, size: int) -> ExpertOutput:
