@@ -154,8 +154,7 @@ class PretrainingData:
         fm_labels = read_idx(_idx_file(root, "train-labels-idx1-ubyte"), expected_ndim=1).astype(np.int64)
         fm_val, fm_pool, fm_rest = carve_fashion_mnist(fm_labels, seed)
         transform = build_eval_transform(IMG_SIZE)
-        fm_images = torch.stack([(transform(Image.fromarray(x).convert("RGB")) * 255).round().to(torch.uint8)
-                                 for x in fm_pixels])
+        fm_images = torch.stack([transform(Image.fromarray(x).convert("RGB")) for x in fm_pixels])  # uint8
 
         names, c_labels, c_classes, jpegs = read_cifar10_archive(archive)
         c_val, c_test, c_pool, c_rest = carve_cifar10(c_labels, seed)

@@ -29,6 +29,7 @@ from lpt_lightning.data import (
     InstanceSampler,
     LongTailDataModule,
     build_eval_transform,
+    holdout_slices,
     target_slices,
 )
 from lpt_lightning.data_facts import connect

@@ -72,6 +72,7 @@ class AdaptPhase(ExpertPhase):
                               "lpt_lightning.callbacks.ClassMeanHeadInit to the trainer's callbacks (lpt adds it)")
 
     def on_train_start(self) -> None:
+        super().on_train_start()
         if self.start_state is None:  # a resumed run restored it with its checkpoint
             self.start_state = {k: v.detach().cpu().clone() for k, v in self.state_dict().items() if is_saved_key(k)}
 
