@@ -669,6 +669,8 @@ def diagnose(dataset: str, s: dict[str, Any], args) -> dict[str, Any]:
     for seed in s["seeds"]:
         for kind in args.experts:
             for key, _, _ in VARIANTS:
+                if args.variants and key not in args.variants:
+                    continue
                 plans[(kind, key, seed)] = diagnosis_runs(dataset, s, kind, key, seed, mode_dir / kind / key / f"seed{seed}")
     if not args.collect:
         run_phases([run for runs in plans.values() for run in runs])
@@ -687,7 +689,8 @@ def diagnose(dataset: str, s: dict[str, Any], args) -> dict[str, Any]:
             "test_per_class": [int(x) for x in torch.bincount(torch.as_tensor(source.test.labels))],
             "test_images": len(source.test.labels), "watch": args.watch,
             "seconds": time.perf_counter() - t0, "date": time.strftime("%Y-%m-%d"),
-            "command": f"python benchmarks/accuracy_study.py --diagnosis --dataset {dataset} --standins {args.standins}"}
+            "command": f"python benchmarks/accuracy_study.py --diagnosis --dataset {dataset} --standins {args.standins}"
+                       + (f" --variants {' '.join(args.variants)}" if args.variants else "")}
 
 
 # ------------------------------------------------------------------------------------- main
@@ -716,6 +719,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--experts", nargs="*", default=["vl", "visual"], help="experts of the diagnosis")
     parser.add_argument("--watch", nargs="*", default=["cat", "truck"], help="classes the diagnosis follows")
     parser.add_argument("--collect", action="store_true", help="diagnosis: only collect the finished runs")
+    parser.add_argument("--variants", nargs="*", help="diagnosis: only these variants (default: all)")
     args = parser.parse_args(argv)
     STANDINS = REPO / args.standins
     torch.set_num_threads(args.threads)
@@ -725,7 +729,7 @@ def main(argv: list[str] | None = None) -> None:
             s["seeds"] = args.seeds
         for dataset in args.dataset:
             diag = diagnose(dataset, s, args)
-            (RESULTS / f"diagnosis_{dataset}.json").write_text(json.dumps(diag, indent=1))
+            (RESULTS / f"diagnosis_{dataset}_{STANDINS.name}.json").write_text(json.dumps(diag, indent=1))
     elif not args.render:
         s = settings(args.quick) | {"threads": args.threads}
         if args.seeds:

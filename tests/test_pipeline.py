@@ -81,6 +81,12 @@ def test_pipeline_leaves_every_phase_with_results(finished_run):
         assert final["lpt_start_state"].keys() == start.keys()
         assert all(torch.equal(final["lpt_start_state"][k], start[k]) for k in start)
         assert not torch.equal(start["expert.head.weight"], final["state_dict"]["expert.head.weight"])
+        # and logged under their own keys (W&B and CSV alike), beside the trained model's
+        logged = set().union(*(set(next(csv.reader(f.open()))) for f in (d / "logs").rglob("metrics.csv")))
+        assert {"no_training/val/acc", "no_training/test/acc_few", "val/acc"} <= logged
+        assert own["test: no training"]["acc"] == pytest.approx(
+            float(next(r for f in (d / "logs").rglob("metrics.csv") for r in csv.DictReader(f.open())
+                       if r.get("no_training/test/acc"))["no_training/test/acc"]), abs=1e-3)
     # The pipeline's own table: every expert before training, after phase 1 and 2, then the fusions.
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert list(summary["results"])[:8] == [f"test: {t}, {stage}" for t in ("visual expert", "vision-language expert")

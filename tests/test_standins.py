@@ -199,23 +199,56 @@ LT_SOURCE = {"imbalance_ratio": 100, "max_per_class": 300, "val_per_class": 100,
              "train_pool_per_class": 1000, "seed": 0}
 
 
-@needs_fmnist
-def test_phase1_on_standin_learns(tmp_path):
-    """The real phase 1 (prompts, adapters, randomly initialised cosine head, A-GCL, dual
-    sampling) on the visual stand-in: a short run must classify Fashion-MNIST-LT far above chance."""
+def short_phase1(tmp_path, kind: str, sampling: str = "dual", loss_sign: float = 1.0) -> dict[str, dict[str, float]]:
+    """The real phase 1 on a stand-in (prompts, adapters, the expert's own head start, A-GCL), a
+    short run on Fashion-MNIST-LT; the test rows before ("start") and after ("trained") training."""
     L.seed_everything(0)
-    source = FashionMNISTSource(**(LT_SOURCE | {"max_per_class": 100, "max_test_per_class": 30}))
-    dm = LongTailDataModule(source, batch_size=32, num_workers=0, seed=0, augment=False)
-    spec = ExpertSpec(kind="visual", backbone=backbone_spec("vit"), prompt_length=4, adapter_bottleneck=8)
-    phase = AdaptPhase(expert=spec, num_classes=dm.num_classes, class_names=dm.class_names,
+    source = FashionMNISTSource(**(LT_SOURCE | {"max_per_class": 100, "max_test_per_class": 50}))
+    dm = LongTailDataModule(source, batch_size=32, num_workers=0, seed=0, augment=False, sampling=sampling)
+    expert = yaml.safe_load((REPO / "configs" / "expert" / f"standin_{kind}.yaml").read_text())
+    expert["backbone"] = backbone_spec("vit" if kind == "visual" else "clip")
+    phase = AdaptPhase(expert=ExpertSpec(**expert), num_classes=dm.num_classes, class_names=dm.class_names,
                        optim=OptimSpec(base_lr=0.5, warmup_epochs=0))
+    if loss_sign != 1.0:  # a regression the test must catch: the loss's gradient pointing the wrong way
+        original = phase.stream_loss
+        phase.stream_loss = lambda *a: {k: loss_sign * v for k, v in original(*a).items()}
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=2, precision="32-true", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, default_root_dir=tmp_path, callbacks=default_callbacks())
+                        limit_val_batches=0, limit_train_batches=15, default_root_dir=tmp_path,
+                        callbacks=default_callbacks())
     connect(phase, dm)
     trainer.fit(phase, datamodule=dm)
+    trained = phase.state_dict()
+    phase.load_start_state()
     trainer.test(phase, datamodule=dm, verbose=False)
-    assert phase.results["test"]["acc"] > 40  # percent; measured 63, chance 10
+    start = phase.results["test"]
+    phase.load_state_dict(trained, strict=False)
+    trainer.test(phase, datamodule=dm, verbose=False)
+    return {"start": start, "trained": phase.results["test"]}
+
+
+def beats_its_start(rows: dict[str, dict[str, float]]) -> bool:
+    """The learning claim: overall clearly above the no-training row, few-shot not below it."""
+    start, trained = rows["start"], rows["trained"]
+    return trained["acc"] >= start["acc"] + 5 and trained["acc_few"] >= start["acc_few"]
+
+
+@needs_fmnist
+@pytest.mark.parametrize("kind", ["vl", "visual"])
+def test_short_training_beats_its_own_start(tmp_path, kind):
+    """Phase 1 from the stand-in's own start (the VL expert's zero-shot text head, the visual
+    expert's class-mean head) must end above it: the regression of issue 21, where every trained
+    row ended below its start, fails here."""
+    rows = short_phase1(tmp_path, kind)
+    assert beats_its_start(rows), rows
+
+
+@needs_fmnist
+def test_the_learning_check_fails_on_a_flipped_loss_or_a_broken_sampler(tmp_path):
+    """The check above is not vacuous: gradient ascent, or a class-balanced stream that samples
+    like the instance stream, fail it."""
+    assert not beats_its_start(short_phase1(tmp_path / "flipped", "vl", loss_sign=-1.0))
+    assert not beats_its_start(short_phase1(tmp_path / "instance", "vl", sampling="instance"))
 
 
 @pytest.fixture(scope="module")
