@@ -6,6 +6,7 @@ import contextlib
 import io
 import itertools
 import logging
+import multiprocessing
 import os
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -235,6 +236,16 @@ def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None
         return None
 
 
+def worker_processes() -> multiprocessing.context.BaseContext:
+    """The start method of the project's process pools: forkserver, not fork. A fork of a process
+    that already runs threads (torch's, a loader's, tqdm's monitor) can copy a lock another thread
+    holds, and the child then waits on it forever. The fork server is a fresh single-threaded
+    process; it imports the worker functions' modules once, so workers do not each import torch."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["lpt_lightning.data.datasets", "lpt_lightning.prepare"])
+    return ctx
+
+
 VerifyMode = Literal["header", "full", "off"]
 
 
@@ -278,7 +289,7 @@ def verify_images(split: Split, mode: VerifyMode = "header", workers: int = 1, p
     problems: list[str | None] = []
     with contextlib.ExitStack() as stack:
         if workers > 1 and len(chunks) > 1:
-            pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers))
+            pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers, mp_context=worker_processes()))
             results = pool.map(_check_chunk, chunks, itertools.repeat(mode))
         else:
             results = (_check_chunk(c, mode) for c in chunks)
