@@ -126,6 +126,11 @@ def build_corpus(c: Path) -> dict[str, dict]:
     earlier = config("earlier", run="runs/earlier")
     write(c / "runs/configured/config.yaml", "# the config of an earlier run\n")
     configured = config("configured", run="runs/configured")
+    # An earlier run that --overwrite would replace, had the new run's images been readable.
+    write(c / "runs/replaced/checkpoints/last.ckpt", blob)
+    write(c / "runs/replaced/checkpoints/epoch=0-step=4.ckpt", blob)
+    write(c / "runs/replaced/config.yaml", "# the config of an earlier run\n")
+    replaced = config("replaced", run="runs/replaced", train_list="garbage.txt")
 
     # iNaturalist-style json
     def inat(name: str, text: str | bytes) -> str:
@@ -245,6 +250,8 @@ def build_corpus(c: Path) -> dict[str, dict]:
                                           "--ckpt_path=last", "new directory", "--overwrite=true"]),
         "resume with nothing to resume": dict(args=fit + [good, "--ckpt_path=last"],
                                               expect=["ckpt_path=last: no checkpoint to resume in", "runs/fresh"]),
+        "--overwrite, then a bad image: the earlier run is kept": dict(
+            args=fit + [replaced, "--overwrite=true"], expect=["garbage.jpg (", "garbage.txt, line 10)"]),
         "fresh fit would replace a run's config.yaml": dict(
             args=fit + [configured], expect=["runs/configured/config.yaml holds the config of an earlier run",
                                              "--overwrite=true"]),
@@ -306,6 +313,18 @@ def check(name: str, result: dict, expect: list[str], root: Path) -> None:
         assert text in result["stderr"], f"{name}: {text!r} not in the message\n{result['stderr'][-3000:]}"
     assert not result["changed"], f"{name}: changed files that existed before: {result['changed']}"
     assert not (root / "PAYLOAD_RAN").exists(), "a pickle payload ran"
+
+
+def test_overwrite_puts_the_earlier_checkpoints_back_when_the_new_run_fails_its_checks(corpus, results):
+    """The data check fails after the earlier run's checkpoints were set aside: they are back in
+    place (byte-identical: `check`), and no set-aside folder is left."""
+    root, cases = corpus
+    case = "--overwrite, then a bad image: the earlier run is kept"
+    check(case, results[case], cases[case]["expect"], root)
+    kept = sorted(p.name for p in (root / "runs/replaced/checkpoints").iterdir())
+    assert kept == ["epoch=0-step=4.ckpt", "last.ckpt"]
+    assert not list((root / "runs/replaced").glob(".*lpt-overwritten"))
+    assert "the earlier run's 2 checkpoints are back in" in results[case]["stdout"] + results[case]["stderr"]
 
 
 def test_console_script_fails_cleanly_and_debug_shows_the_traceback(corpus, results):
@@ -380,3 +399,22 @@ def test_overwrite_starts_afresh_and_last_ckpt_is_the_new_runs(corpus, monkeypat
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert len(names) == 2 and names[0].startswith("epoch=0-") and names[1] == "last.ckpt", names
     assert torch.load(stale, weights_only=True)["epoch"] == 0
+    assert not list(run.glob(".*lpt-overwritten")), "the earlier run's set-aside checkpoints were not deleted"
+
+
+def test_checkpoints_left_set_aside_by_a_killed_overwrite_run_are_put_back(corpus, monkeypatch, capsys):
+    """An --overwrite run killed before its first checkpoint leaves the earlier run's set aside: the
+    next fit puts them back, so they are resumable (and a fresh run into the directory is refused)."""
+    from lpt_lightning.cli import main
+
+    root, _ = corpus
+    run = root / "runs/killed"
+    write(run / ".checkpoints.lpt-overwritten/last.ckpt", b"an earlier run")
+    config = write(root / "configs/killed.yaml", yaml.safe_dump(phase1_config(root / "data", run)))
+    monkeypatch.chdir(root)
+    with pytest.raises(SystemExit) as exit:
+        main(["fit", "--config", str(config)])
+    assert exit.value.code == 2
+    assert "checkpoints already holds checkpoints of an earlier run (last.ckpt)" in capsys.readouterr().err
+    assert (run / "checkpoints/last.ckpt").read_bytes() == b"an earlier run"
+    assert not (run / ".checkpoints.lpt-overwritten").exists()
