@@ -186,6 +186,9 @@ def build_corpus(c: Path) -> dict[str, dict]:
             args=fit + [train_list("garbage.txt", "\n".join(lines) + "\ngarbage.jpg 1\nempty.png 2\n")],
             expect=["2 of 11 checked images", "garbage.jpg (", "garbage.txt, line 10)", "empty.png (",
                     "line 11)", "data.skip_unreadable"]),
+        "truncated JPEG, default check": dict(
+            args=fit + [train_list("trunc_default.txt", "\n".join(lines) + "\ntruncated.jpg 0\n")],
+            expect=["truncated.jpg (", "trunc_default.txt, line 10): OSError: image file is truncated"]),
         "truncated JPEG, full check": dict(
             args=fit + [train_list("trunc.txt", "\n".join(lines) + "\ntruncated.jpg 0\n"),
                         "--data.verify_images=full"],
