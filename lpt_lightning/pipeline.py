@@ -252,7 +252,7 @@ def write_phase_config(run: PhaseRun, path: Path) -> None:
     atomic_save(lambda tmp: tmp.write_text(text), path)  # ranks may write it at once
 
 
-def _validate_configs(runs: list[PhaseRun], keep: set[str]) -> None:
+def _validate_configs(runs: list[PhaseRun], keep: set[str] = frozenset()) -> None:
     """Parse every phase's config before anything trains: a typo fails now, not hours later. Each
     is written to the phase's config.yaml, except in the phases named in ``keep``, whose config.yaml
     records the settings of their final.ckpt: theirs is checked from a file of its own."""
