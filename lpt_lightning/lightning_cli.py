@@ -18,7 +18,7 @@ import lightning as L
 from jsonargparse import Namespace
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -49,6 +49,18 @@ def set_aside_dir(folder: Path) -> Path:
     return folder.parent / f".{folder.name}.lpt-overwritten"
 
 
+class LPTArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser, reporting an unknown key inside a nested class_path section in one line."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        from lpt_lightning.parse_errors import nested_key_error
+
+        # Only a parser that exits reports to the user (the parsers of nested sections raise into
+        # its message; `parse_config` rewrites what its parser raises).
+        args = getattr(self, "args", None) or []
+        return super().error((self.exit_on_error and nested_key_error(message, args)) or message, ex)
+
+
 class _Parsed(Exception):
     """Ends an ``LPTCLI(parse_only=True)`` right after parsing: nothing is seeded, built or run."""
 
@@ -75,7 +87,8 @@ class LPTCLI(LightningCLI):
         from lpt_lightning.reports import LoggedSaveConfig
 
         return dict(model_class=L.LightningModule, datamodule_class=LongTailDataModule, subclass_mode_model=True,
-                    save_config_callback=LoggedSaveConfig, save_config_kwargs={"overwrite": True})
+                    save_config_callback=LoggedSaveConfig, save_config_kwargs={"overwrite": True},
+                    parser_class=LPTArgumentParser)
 
     def init_parser(self, **kwargs: Any):
         # argparse would take an abbreviation (--trainer.max_epoch) as the option it prefixes.
@@ -333,7 +346,9 @@ def parse_config(args: list[str]) -> Namespace:
     except _Parsed as parsed:
         return parsed.config
     except ArgumentError as exc:
-        raise ConfigError(str(exc)) from None
+        from lpt_lightning.parse_errors import nested_key_error
+
+        raise ConfigError(nested_key_error(str(exc), args) or str(exc)) from None
 
 
 def validate_config(config_path: str, subcommand: str = "fit") -> None:
@@ -341,7 +356,7 @@ def validate_config(config_path: str, subcommand: str = "fit") -> None:
     try:
         parse_config([subcommand, "--config", config_path])
     except ConfigError as exc:
-        raise ConfigError(f"{config_path}: {exc}") from None
+        raise ConfigError(str(exc) if str(exc).startswith(config_path) else f"{config_path}: {exc}") from None
 
 
 def _configured_class(config) -> type | None:

@@ -157,6 +157,9 @@ def build_corpus(c: Path) -> dict[str, dict]:
     typo_config = phase1_config(data, c / "runs/fresh")
     typo_config["data"]["batch_sise"] = 2
     typo = str(write(c / "configs/typo.yaml", yaml.safe_dump(typo_config)))
+    nested_typo_config = phase1_config(data, c / "runs/fresh")
+    nested_typo_config["model"]["init_args"]["optim"] = {"base_lrr": 0.1}
+    nested_typo = str(write(c / "configs/nested_typo.yaml", yaml.safe_dump(nested_typo_config)))
     fit = ["fit", "--config"]
     return {
         # ---------------------------------------------------------------- annotation lists
@@ -239,6 +242,13 @@ def build_corpus(c: Path) -> dict[str, dict]:
         "abbreviated option": dict(args=fit + [good, "--trainer.max_epoch=1"],
                                    expect=["unrecognized arguments: --trainer.max_epoch=1"]),
         "unknown key in a config file": dict(args=fit + [typo], expect=["batch_sise"]),
+        "misspelt key inside a nested init_args": dict(
+            args=fit + [nested_typo], expect=[f"error: {nested_typo}: model.init_args.optim.base_lrr is not an option "
+                                              "of lpt_lightning.phases.OptimSpec; did you mean base_lr?\n"]),
+        "misspelt nested option": dict(
+            args=fit + [good, "--model.init_args.expert.prompt_lenght=3"],
+            expect=["error: --model.init_args.expert.prompt_lenght is not an option of "
+                    "lpt_lightning.models.expert.ExpertSpec; did you mean prompt_length?\n"]),
         "impossible value": dict(args=fit + [good, "--data.batch_size=0"], expect=["data.batch_size must be >= 1"]),
         "dataset without a validation split": dict(
             args=fit + [config("noval", val_list=None)], expect=["no validation split", "data.holdout_per_class"]),
@@ -328,6 +338,14 @@ def test_overwrite_puts_the_earlier_checkpoints_back_when_the_new_run_fails_its_
     assert kept == ["epoch=0-step=4.ckpt", "last.ckpt"]
     assert not list((root / "runs/replaced").glob(".*lpt-overwritten"))
     assert "the earlier run's 2 checkpoints are back in" in results[case]["stdout"] + results[case]["stderr"]
+
+
+def test_misspelt_nested_keys_are_reported_in_one_line(corpus, results):
+    """Not jsonargparse's tree of union errors: the error is the message's last line, and alone."""
+    for case in ("misspelt key inside a nested init_args", "misspelt nested option"):
+        lines = results[case]["stderr"].strip().splitlines()
+        assert lines[-1].startswith("error: ") and "did you mean" in lines[-1], lines
+        assert sum(line.startswith("error") for line in lines) == 1 and "Union" not in results[case]["stderr"]
 
 
 def test_console_script_fails_cleanly_and_debug_shows_the_traceback(corpus, results):
