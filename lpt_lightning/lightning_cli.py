@@ -256,6 +256,11 @@ class LPTCLI(LightningCLI):
                 if set_aside:
                     self._settle_set_aside(finished)
 
+    def predict(self, model, **kwargs: Any) -> None:
+        """``trainer.predict`` without collecting every batch's [B, C] probabilities: the command
+        never reads them (PredictionWriter writes each batch's rows), and they grow with the images."""
+        self.trainer.predict(model, **{**kwargs, "return_predictions": False})
+
     # ------------------------------------------------------------ --overwrite, undone by a run that fails early
     def _set_aside(self, earlier: list[Path]) -> bool:
         """Move an earlier run's checkpoints into a hidden folder beside their own: out of the way of
