@@ -241,7 +241,8 @@ def test_pipeline_rejects_bad_configuration_before_training(tmp_path):
         run_pipeline(run_dir=str(tmp_path), data=TINY["data"], phase1={"modle": {}})
     bad = copy.deepcopy(TINY)
     bad["phase2"]["model"]["group_prompts"]["topk"] = 2
-    with pytest.raises(ConfigError, match=r"(?s)phase2_visual.*Option .topk. is not accepted"):
+    with pytest.raises(ConfigError, match=r"phase2_visual/config.yaml: model.init_args.group_prompts.topk is not an "
+                                          r"option of lpt_lightning.models.expert.GroupPromptSpec; did you mean top_k\?"):
         run_pipeline(run_dir=str(tmp_path / "bad"), **bad)
     assert not (tmp_path / "bad" / "phase1_visual" / "final.ckpt").exists()
 
