@@ -18,7 +18,7 @@ import lightning as L
 from jsonargparse import Namespace
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ProgressBar
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -41,6 +41,24 @@ silence_noise()
 # rebuilt from that checkpoint's hyperparameters, as for an explicit path).
 LIGHTNING_CKPT_NAMES = ("best", "hpc")
 SIGTERM_EXIT, SIGINT_EXIT = 128 + signal.SIGTERM, 128 + signal.SIGINT
+
+
+def set_aside_dir(folder: Path) -> Path:
+    """Where `lpt fit --overwrite=true` keeps the earlier run's checkpoints of ``folder`` until the
+    new run ends: a hidden sibling (inside, ModelCheckpoint would warn of a non-empty directory)."""
+    return folder.parent / f".{folder.name}.lpt-overwritten"
+
+
+class LPTArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser, reporting an unknown key inside a nested class_path section in one line."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        from lpt_lightning.parse_errors import nested_key_error
+
+        # Only a parser that exits reports to the user (the parsers of nested sections raise into
+        # its message; `parse_config` rewrites what its parser raises).
+        args = getattr(self, "args", None) or []
+        return super().error((self.exit_on_error and nested_key_error(message, args)) or message, ex)
 
 
 class _Parsed(Exception):
@@ -69,7 +87,8 @@ class LPTCLI(LightningCLI):
         from lpt_lightning.reports import LoggedSaveConfig
 
         return dict(model_class=L.LightningModule, datamodule_class=LongTailDataModule, subclass_mode_model=True,
-                    save_config_callback=LoggedSaveConfig, save_config_kwargs={"overwrite": True})
+                    save_config_callback=LoggedSaveConfig, save_config_kwargs={"overwrite": True},
+                    parser_class=LPTArgumentParser)
 
     def init_parser(self, **kwargs: Any):
         # argparse would take an abbreviation (--trainer.max_epoch) as the option it prefixes.
@@ -87,9 +106,10 @@ class LPTCLI(LightningCLI):
         # `lpt test` writes per-class tables and plots (and sends them to W&B when configured).
         parser.add_lightning_class_args(SplitReport, "report")
         parser.add_argument("--overwrite", type=bool, default=False,
-                            help="fit: delete the checkpoints an earlier run left in this run's directory and "
-                                 "start afresh, replacing its config.yaml (without it such a directory is refused "
-                                 "unless --ckpt_path resumes that run)")
+                            help="fit: start afresh in a directory holding an earlier run's checkpoints and "
+                                 "config.yaml, replacing them (the checkpoints are set aside, deleted when the new "
+                                 "run ends having written one of its own, put back if it fails before); without "
+                                 "it such a directory is refused unless --ckpt_path resumes that run")
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
@@ -192,19 +212,19 @@ class LPTCLI(LightningCLI):
     def _check_run_directory(self, ckpt_path: str | None) -> None:
         """A fresh run into a directory holding an earlier run's checkpoints would leave
         ``last.ckpt`` pointing at the old run (the new one writes ``last-v1.ckpt``): refuse it,
-        unless ckpt_path resumes that run or --overwrite clears it."""
+        unless ckpt_path resumes that run or --overwrite replaces it."""
+        if self.trainer.is_global_zero:
+            self._settle_set_aside(finished=False)  # left by an --overwrite run that was killed
         earlier = self._earlier_checkpoints()
         if not earlier:
             return
         own = {os.path.realpath(d) for d in [*self._checkpoint_dirs(), Path(self.trainer.default_root_dir)]}
         if ckpt_path and os.path.realpath(Path(ckpt_path).absolute().parent) in own:
             return  # resuming this run: its ModelCheckpoint state makes it overwrite last.ckpt
-        where = earlier[0].parent
         if self._get(self.config, "overwrite"):
-            for p in earlier:
-                p.unlink(missing_ok=True)  # every rank may try
-            rank_zero_info(f"--overwrite: deleted {len(earlier)} checkpoints of an earlier run in {where}")
+            self._overwrite = earlier  # set aside by `fit`, settled when the run ends
             return
+        where = earlier[0].parent
         shown = ", ".join(p.name for p in earlier[:4]) + (f" and {len(earlier) - 4} more" if len(earlier) > 4 else "")
         raise ConfigError(
             f"{where} already holds checkpoints of an earlier run ({shown}). Resume it with --ckpt_path=last, "
@@ -218,9 +238,12 @@ class LPTCLI(LightningCLI):
             from lpt_lightning.expert_outputs import scorer_fit_data
 
             kwargs["datamodule"] = scorer_fit_data(model, kwargs["datamodule"], self.trainer)
+        set_aside = self.trainer.is_global_zero and self._set_aside(getattr(self, "_overwrite", []))
+        finished = False
         with signal_handler(signal.SIGTERM, signal.SIG_DFL):  # Lightning's own handler stops at a batch end
             try:
                 self.trainer.fit(model, **kwargs)
+                finished = not self.trainer.interrupted
             except SystemExit as exc:
                 if not self.trainer.interrupted:
                     raise
@@ -229,6 +252,48 @@ class LPTCLI(LightningCLI):
                 raise RunInterrupted(f"interrupted in phase {getattr(model, 'phase_name', '') or type(model).__name__} "
                                      f"({self.trainer.default_root_dir}); {resume}",
                                      SIGTERM_EXIT if isinstance(exc, SIGTERMException) else SIGINT_EXIT) from None
+            finally:
+                if set_aside:
+                    self._settle_set_aside(finished)
+
+    def predict(self, model, **kwargs: Any) -> None:
+        """``trainer.predict`` without collecting every batch's [B, C] probabilities: the command
+        never reads them (PredictionWriter writes each batch's rows), and they grow with the images."""
+        self.trainer.predict(model, **{**kwargs, "return_predictions": False})
+
+    # ------------------------------------------------------------ --overwrite, undone by a run that fails early
+    def _set_aside(self, earlier: list[Path]) -> bool:
+        """Move an earlier run's checkpoints into a hidden folder beside their own: out of the way of
+        the new run's file names (it writes last.ckpt, not last-v1.ckpt) and of SLURM's auto-resume,
+        but back in place if the new run fails before it writes its first checkpoint (e.g. on a bad image)."""
+        for p in earlier:
+            aside = set_aside_dir(Path(os.path.realpath(p.parent)))  # as `_settle_set_aside` finds it
+            aside.mkdir(exist_ok=True)
+            os.replace(p, aside / p.name)
+        return bool(earlier)
+
+    def _settle_set_aside(self, finished: bool) -> None:
+        """Delete the set-aside checkpoints once the new run has finished or written one of its own;
+        otherwise put them back."""
+        dirs = [d for d in {*self._checkpoint_dirs(), Path(os.path.realpath(self._root_dir()))}
+                if set_aside_dir(d).is_dir()]
+        if not dirs:
+            return
+        replaced = finished or bool(self._earlier_checkpoints())
+        count = 0
+        for d in dirs:
+            d.mkdir(parents=True, exist_ok=True)
+            for p in set_aside_dir(d).iterdir():
+                if replaced:
+                    p.unlink()
+                else:
+                    os.replace(p, d / p.name)
+                count += 1
+            set_aside_dir(d).rmdir()
+        where = ", ".join(str(d) for d in dirs)
+        rank_zero_info(f"--overwrite: deleted {count} checkpoints of an earlier run in {where}" if replaced else
+                       f"--overwrite: the run stopped before writing a checkpoint; the earlier run's {count} "
+                       f"checkpoints are back in {where}")
 
     def instantiate_trainer(self, **kwargs: Any):
         # Checkpoints are written atomically and read without unpickling code, unless the config
@@ -286,7 +351,9 @@ def parse_config(args: list[str]) -> Namespace:
     except _Parsed as parsed:
         return parsed.config
     except ArgumentError as exc:
-        raise ConfigError(str(exc)) from None
+        from lpt_lightning.parse_errors import nested_key_error
+
+        raise ConfigError(nested_key_error(str(exc), args) or str(exc)) from None
 
 
 def validate_config(config_path: str, subcommand: str = "fit") -> None:
@@ -294,7 +361,7 @@ def validate_config(config_path: str, subcommand: str = "fit") -> None:
     try:
         parse_config([subcommand, "--config", config_path])
     except ConfigError as exc:
-        raise ConfigError(f"{config_path}: {exc}") from None
+        raise ConfigError(str(exc) if str(exc).startswith(config_path) else f"{config_path}: {exc}") from None
 
 
 def _configured_class(config) -> type | None:

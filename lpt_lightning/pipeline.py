@@ -2,8 +2,9 @@
 
 Every phase is an ordinary ``lpt fit`` run on a config the pipeline composes and writes to
 ``<run_dir>/<phase>/config.yaml``, so a phase can be rerun or inspected on its own. A finished
-phase leaves ``final.ckpt`` (written atomically) and is skipped on rerun; an interrupted one
-resumes from its ``checkpoints/last.ckpt``. Under DDP every rank runs the same sequence (the
+phase leaves ``final.ckpt`` (written atomically) and is skipped on rerun if its settings are
+those its config.yaml recorded (otherwise the rerun is refused, or redone on request); an
+interrupted one resumes from its ``checkpoints/last.ckpt``. Under DDP every rank runs the same sequence (the
 launcher re-executes the command line), with a barrier after each hand-over file is written.
 """
 from __future__ import annotations
@@ -240,17 +241,73 @@ def finished(run: PhaseRun) -> bool:
     return True
 
 
-def _validate_configs(runs: list[PhaseRun]) -> None:
-    """Parse every phase's config before anything trains: a typo fails now, not hours later."""
+# Settings that do not change a phase's weights: a finished phase is kept whatever their values.
+SAME_WEIGHTS = ("trainer.logger", "trainer.enable_progress_bar", "trainer.enable_model_summary",
+                "trainer.log_every_n_steps", "data.num_workers", "data.pin_memory", "data.persistent_workers",
+                "data.verify_images")
+_UNSET = object()
+
+
+def write_phase_config(run: PhaseRun, path: Path) -> None:
+    text = yaml.safe_dump(run.config, sort_keys=False)
+    atomic_save(lambda tmp: tmp.write_text(text), path)  # ranks may write it at once
+
+
+def _validate_configs(runs: list[PhaseRun], keep: set[str] = frozenset()) -> None:
+    """Parse every phase's config before anything trains: a typo fails now, not hours later. Each
+    is written to the phase's config.yaml, except in the phases named in ``keep``, whose config.yaml
+    records the settings of their final.ckpt: theirs is checked from a file of its own."""
     for run in runs:
         run.directory.mkdir(parents=True, exist_ok=True)
-        path = run.directory / "config.yaml"
-        text = yaml.safe_dump(run.config, sort_keys=False)
-        atomic_save(lambda tmp: tmp.write_text(text), path)  # ranks may write it at once
+        path = run.directory / (f".config.new-{os.getpid()}.yaml" if run.name in keep else "config.yaml")
+        write_phase_config(run, path)
         try:
             validate_config(str(path))
         except ConfigError as exc:
             raise ConfigError(f"pipeline phase {run.name}: {exc}") from None
+        finally:
+            if run.name in keep:
+                path.unlink(missing_ok=True)
+
+
+def recorded_changes(run: PhaseRun) -> list[str]:
+    """How the phase's settings differ from those its config.yaml recorded when its final.ckpt was
+    trained, one ``key: recorded -> now`` line each (settings in SAME_WEIGHTS left out); empty if none."""
+    path = run.directory / "config.yaml"
+    try:
+        recorded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return [f"{path} is missing: the settings of its final.ckpt are unknown"]
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        return [f"{path} cannot be read ({exc}): the settings of its final.ckpt are unknown"]
+    current = yaml.safe_load(yaml.safe_dump(run.config, sort_keys=False))  # as it would be recorded
+    return [f"{key}: {_shown(old)} -> {_shown(new)}" for key, old, new in _differences(recorded, current)
+            if not any(key == k or key.startswith(k + ".") for k in SAME_WEIGHTS)]
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for key in [*old, *(k for k in new if k not in old)]
+                for d in _differences(old.get(key, _UNSET), new.get(key, _UNSET), f"{prefix}{key}.")]
+    return [] if old == new else [(prefix.rstrip("."), old, new)]
+
+
+def _shown(value: Any) -> str:
+    text = "(unset)" if value is _UNSET else yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
+    text = text.removesuffix("\n...").removesuffix("...").strip()
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def discard_phase(run: PhaseRun) -> None:
+    """What a phase run left that a redo must not reuse: its hand-over file, the checkpoints it would
+    resume from, its reports."""
+    stale = [run.final_checkpoint, run.directory / "metrics.json", run.directory / "per_class_accuracy.png",
+             *run.last_checkpoint.parent.glob("*.ckpt"), *run.directory.glob("hpc_ckpt_*.ckpt")]
+    removed = [p for p in stale if p.is_file() or p.is_symlink()]
+    for p in removed:
+        p.unlink(missing_ok=True)  # every rank may try
+    if removed:
+        rank_zero_info(f"{run.name}: --redo_from: deleted {len(removed)} files of its earlier run")
 
 
 def resume_checkpoint(run: PhaseRun) -> Path | None:
@@ -397,6 +454,7 @@ def run_pipeline(
     num_workers: int | None = None,
     wandb: WandbSpec | None = None,
     checkpoint_every_n_steps: int | None = None,
+    redo_from: str | None = None,
 ) -> list[PhaseRun]:
     """Run LPT++ end to end.
 
@@ -424,6 +482,11 @@ def run_pipeline(
         wandb: log every phase to Weights & Biases as well.
         checkpoint_every_n_steps: also checkpoint every N training steps (long epochs: a killed
             job then loses at most N steps); None = at the end of every epoch only.
+        redo_from: a phase run (phase1_visual, phase2_visual, phase1_vl, phase2_vl, phase3_moe) to
+            train again, with every run after it, deleting their checkpoints and reports. A rerun
+            keeps a finished phase only if its settings are those recorded in its config.yaml
+            (logging, progress display, loader workers aside); otherwise it is refused, naming the
+            settings that differ.
     """
     trainer = dict(trainer or {})
     if devices is not None:
@@ -440,10 +503,29 @@ def run_pipeline(
         raise ConfigError(f"run_dir={run_dir} is not writable; choose a writable directory")
     runs = plan(run_dir, data, trainer, list(experts or ["visual", "vl"]), phase1, phase2, phase3, mixture,
                 seed_everything, wandb, checkpoint_every_n_steps)
-    _validate_configs(runs)
+    names = [run.name for run in runs]
+    if redo_from is not None and redo_from not in names:
+        raise ConfigError(f"--redo_from={redo_from}: not a phase of this pipeline; choose one of {', '.join(names)}")
+    redo = set(names[names.index(redo_from):] if redo_from else [])
+    done = {run.name for run in runs if finished(run)}
+    changed = {run.name: lines for run in runs if run.name in done - redo and (lines := recorded_changes(run))}
+    _validate_configs(runs, keep=set(changed) | (done & redo))
+    if changed:
+        first = names[min(names.index(n) for n in changed)]
+        shown = "\n".join(f"{name} ({run_dir}/{name}/config.yaml):\n  " + "\n  ".join(changed[name])
+                          for name in names if name in changed)
+        raise ConfigError(
+            f"finished phases in run_dir={run_dir} were trained with other settings (recorded -> now):\n{shown}\n"
+            f"rerun with the recorded settings to keep them, write to a new run_dir, or pass --redo_from={first} "
+            f"to train {first} and every phase after it again (deletes their checkpoints)")
+    for run in runs:
+        if run.name in redo:
+            discard_phase(run)
+            write_phase_config(run, run.directory / "config.yaml")
+    done -= redo
     tested_phase = "phase3" if mixture else "phase2"
     for run in runs:
-        if finished(run):
+        if run.name in done:
             rank_zero_info(f"{run.name}: finished earlier ({run.final_checkpoint}), skipping")
             remove_preemption_checkpoints(run)
             metrics = run.directory / "metrics.json"

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from lpt_lightning.checkpoints.experts import expert_from_checkpoint
-from lpt_lightning.checkpoints.files import atomic_save, load_checkpoint_file
+from lpt_lightning.checkpoints.files import load_checkpoint_file
 from lpt_lightning.checkpoints.metadata import check_phase_metadata, read_phase_metadata
 from lpt_lightning.errors import CheckpointError
 
@@ -21,6 +23,10 @@ class PredictionWriter(BasePredictionWriter):
     """Writes one row per image: its path (or split index), then the top-k classes with their
     names and (fused) confidences. The format follows the suffix of ``output`` (.csv or .json);
     under DDP each rank writes ``<output>.rank<r>`` with its own images.
+
+    Rows are written as each batch is predicted, in the loader's order (a folder's images sorted by
+    path, a list file's in its order, a split's by index), under a temporary name renamed at the
+    end: memory does not grow with the number of images.
     """
 
     def __init__(self, output: str = "predictions.csv", top_k: int = 5):
@@ -29,46 +35,66 @@ class PredictionWriter(BasePredictionWriter):
             raise ValueError(f"PredictionWriter output={output!r}: use a .csv or .json file name")
         self.output = output
         self.top_k = top_k
-        self.rows: list[dict[str, Any]] = []
+        self._file: TextIO | None = None
+        self._rows = 0
+
+    def _path(self, trainer) -> Path:
+        return Path(self.output if trainer.world_size == 1 else f"{self.output}.rank{trainer.global_rank}")
+
+    def _tmp(self, trainer) -> Path:
+        path = self._path(trainer)
+        return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
     def on_predict_epoch_start(self, trainer, pl_module) -> None:
-        self.rows = []
+        self._items = trainer.datamodule.predict_items()  # what the batches' index values refer to
+        self._names = pl_module.class_names
+        self._tmp(trainer).parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self._tmp(trainer), "w", newline="")
+        self._csv = csv.writer(self._file)
+        self._rows = 0
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        items = self._items(trainer)
-        names = pl_module.class_names or [str(c) for c in range(prediction["probs"].shape[1])]
-        k = min(self.top_k, prediction["probs"].shape[1])
+        num_classes = prediction["probs"].shape[1]
+        names = self._names or [str(c) for c in range(num_classes)]
+        k = min(self.top_k, num_classes)
         conf, cls = prediction["probs"].float().topk(k, dim=1)
+        if self._rows == 0:
+            self._start(k)
         for index, c_row, p_row in zip(prediction["index"].tolist(), cls.tolist(), conf.tolist()):
-            self.rows.append({"image": str(items[index]), "classes": c_row, "names": [names[c] for c in c_row],
-                              "confidences": [round(p, 6) for p in p_row]})
+            self._write({"image": str(self._items[index]), "classes": c_row, "names": [names[c] for c in c_row],
+                         "confidences": [round(p, 6) for p in p_row]})
 
-    @staticmethod
-    def _items(trainer) -> list:
-        return trainer.datamodule.predict_items()
+    def _start(self, k: int) -> None:
+        if Path(self.output).suffix == ".json":
+            self._file.write("[")
+        else:
+            self._csv.writerow(["image", *(f"top{i}_{field}" for i in range(1, k + 1)
+                                           for field in ("class", "name", "confidence"))])
+
+    def _write(self, row: dict[str, Any]) -> None:
+        if Path(self.output).suffix == ".json":  # as json.dumps(rows, indent=1) lays the list out
+            self._file.write(("\n" if self._rows == 0 else ",\n") + textwrap.indent(json.dumps(row, indent=1), " "))
+        else:
+            line = [row["image"]]
+            for c, n, p in zip(row["classes"], row["names"], row["confidences"]):
+                line += [c, n, f"{p:.6f}"]
+            self._csv.writerow(line)
+        self._rows += 1
 
     def on_predict_epoch_end(self, trainer, pl_module) -> None:
-        path = Path(self.output if trainer.world_size == 1 else f"{self.output}.rank{trainer.global_rank}")
-        rows = sorted(self.rows, key=lambda r: r["image"])
+        if self._rows == 0:
+            self._start(self.top_k)
         if Path(self.output).suffix == ".json":
-            atomic_save(lambda tmp: tmp.write_text(json.dumps(rows, indent=1)), path)
-        else:
-            atomic_save(lambda tmp: _write_csv(tmp, rows, self.top_k), path)
+            self._file.write("\n]" if self._rows else "]")
+        self._file.close()
+        self._file = None
+        os.replace(self._tmp(trainer), self._path(trainer))
 
-
-def _write_csv(path: Path, rows: list[dict[str, Any]], top_k: int) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        k = len(rows[0]["classes"]) if rows else top_k
-        header = ["image"]
-        for i in range(1, k + 1):
-            header += [f"top{i}_class", f"top{i}_name", f"top{i}_confidence"]
-        writer.writerow(header)
-        for r in rows:
-            line = [r["image"]]
-            for c, n, p in zip(r["classes"], r["names"], r["confidences"]):
-                line += [c, n, f"{p:.6f}"]
-            writer.writerow(line)
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if self._file is not None:  # a failed prediction leaves no partial file
+            self._file.close()
+            self._file = None
+            self._tmp(trainer).unlink(missing_ok=True)
 
 
 class ExportedExpert(L.LightningModule):

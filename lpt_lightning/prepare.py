@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import fcntl
 import io
-import multiprocessing
 import os
 import shutil
 import sys
@@ -28,7 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from lpt_lightning.checkpoints.files import atomic_save
-from lpt_lightning.data.datasets import _DECODE_ERRORS
+from lpt_lightning.data.datasets import _DECODE_ERRORS, worker_processes
 from lpt_lightning.data.prepared import (
     FORMAT_VERSION,
     FORMATS,
@@ -235,7 +234,7 @@ def _write_parts(root: Path, plan: dict, present: dict, workers: int, progress: 
     start = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if workers > 1:
-            pool = stack.enter_context(multiprocessing.get_context("fork").Pool(workers))
+            pool = stack.enter_context(worker_processes().Pool(workers))
             results = pool.imap(_encode_task, tasks, chunksize=4)
         else:
             results = map(_encode_task, tasks)

@@ -16,3 +16,10 @@ def pytest_configure(config):
         raise pytest.UsageError(
             f"CI=true but the Fashion-MNIST IDX files are not in {FMNIST}: install the Debian package "
             "dataset-fashion-mnist (or set LPT_FASHION_MNIST_DIR). CI never skips the data tests.")
+
+
+def pytest_collection_modifyitems(items):
+    # The end-to-end runs take minutes each on a loaded 2-core machine: beyond the default timeout.
+    for item in items:
+        if item.get_closest_marker("slow") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(1800))

@@ -128,6 +128,11 @@ def build_corpus(c: Path) -> dict[str, dict]:
     earlier = config("earlier", run="runs/earlier")
     write(c / "runs/configured/config.yaml", "# the config of an earlier run\n")
     configured = config("configured", run="runs/configured")
+    # An earlier run that --overwrite would replace, had the new run's images been readable.
+    write(c / "runs/replaced/checkpoints/last.ckpt", blob)
+    write(c / "runs/replaced/checkpoints/epoch=0-step=4.ckpt", blob)
+    write(c / "runs/replaced/config.yaml", "# the config of an earlier run\n")
+    replaced = config("replaced", run="runs/replaced", train_list="garbage.txt")
 
     # iNaturalist-style json
     def inat(name: str, text: str | bytes) -> str:
@@ -154,6 +159,9 @@ def build_corpus(c: Path) -> dict[str, dict]:
     typo_config = phase1_config(data, c / "runs/fresh")
     typo_config["data"]["batch_sise"] = 2
     typo = str(write(c / "configs/typo.yaml", yaml.safe_dump(typo_config)))
+    nested_typo_config = phase1_config(data, c / "runs/fresh")
+    nested_typo_config["model"]["init_args"]["optim"] = {"base_lrr": 0.1}
+    nested_typo = str(write(c / "configs/nested_typo.yaml", yaml.safe_dump(nested_typo_config)))
     fit = ["fit", "--config"]
     return {
         # ---------------------------------------------------------------- annotation lists
@@ -183,6 +191,9 @@ def build_corpus(c: Path) -> dict[str, dict]:
             args=fit + [train_list("garbage.txt", "\n".join(lines) + "\ngarbage.jpg 1\nempty.png 2\n")],
             expect=["2 of 11 checked images", "garbage.jpg (", "garbage.txt, line 10)", "empty.png (",
                     "line 11)", "data.skip_unreadable"]),
+        "truncated JPEG, default check": dict(
+            args=fit + [train_list("trunc_default.txt", "\n".join(lines) + "\ntruncated.jpg 0\n")],
+            expect=["truncated.jpg (", "trunc_default.txt, line 10): OSError: image file is truncated"]),
         "truncated JPEG, full check": dict(
             args=fit + [train_list("trunc.txt", "\n".join(lines) + "\ntruncated.jpg 0\n"),
                         "--data.verify_images=full"],
@@ -233,6 +244,13 @@ def build_corpus(c: Path) -> dict[str, dict]:
         "abbreviated option": dict(args=fit + [good, "--trainer.max_epoch=1"],
                                    expect=["unrecognized arguments: --trainer.max_epoch=1"]),
         "unknown key in a config file": dict(args=fit + [typo], expect=["batch_sise"]),
+        "misspelt key inside a nested init_args": dict(
+            args=fit + [nested_typo], expect=[f"error: {nested_typo}: model.init_args.optim.base_lrr is not an option "
+                                              "of lpt_lightning.phases.OptimSpec; did you mean base_lr?\n"]),
+        "misspelt nested option": dict(
+            args=fit + [good, "--model.init_args.expert.prompt_lenght=3"],
+            expect=["error: --model.init_args.expert.prompt_lenght is not an option of "
+                    "lpt_lightning.models.expert.ExpertSpec; did you mean prompt_length?\n"]),
         "impossible value": dict(args=fit + [good, "--data.batch_size=0"], expect=["data.batch_size must be >= 1"]),
         "dataset without a validation split": dict(
             args=fit + [config("noval", val_list=None)], expect=["no validation split", "data.holdout_per_class"]),
@@ -247,6 +265,8 @@ def build_corpus(c: Path) -> dict[str, dict]:
                                           "--ckpt_path=last", "new directory", "--overwrite=true"]),
         "resume with nothing to resume": dict(args=fit + [good, "--ckpt_path=last"],
                                               expect=["ckpt_path=last: no checkpoint to resume in", "runs/fresh"]),
+        "--overwrite, then a bad image: the earlier run is kept": dict(
+            args=fit + [replaced, "--overwrite=true"], expect=["garbage.jpg (", "garbage.txt, line 10)"]),
         "fresh fit would replace a run's config.yaml": dict(
             args=fit + [configured], expect=["runs/configured/config.yaml holds the config of an earlier run",
                                              "--overwrite=true"]),
@@ -308,6 +328,26 @@ def check(name: str, result: dict, expect: list[str], root: Path) -> None:
         assert text in result["stderr"], f"{name}: {text!r} not in the message\n{result['stderr'][-3000:]}"
     assert not result["changed"], f"{name}: changed files that existed before: {result['changed']}"
     assert not (root / "PAYLOAD_RAN").exists(), "a pickle payload ran"
+
+
+def test_overwrite_puts_the_earlier_checkpoints_back_when_the_new_run_fails_its_checks(corpus, results):
+    """The data check fails after the earlier run's checkpoints were set aside: they are back in
+    place (byte-identical: `check`), and no set-aside folder is left."""
+    root, cases = corpus
+    case = "--overwrite, then a bad image: the earlier run is kept"
+    check(case, results[case], cases[case]["expect"], root)
+    kept = sorted(p.name for p in (root / "runs/replaced/checkpoints").iterdir())
+    assert kept == ["epoch=0-step=4.ckpt", "last.ckpt"]
+    assert not list((root / "runs/replaced").glob(".*lpt-overwritten"))
+    assert "the earlier run's 2 checkpoints are back in" in results[case]["stdout"] + results[case]["stderr"]
+
+
+def test_misspelt_nested_keys_are_reported_in_one_line(corpus, results):
+    """Not jsonargparse's tree of union errors: the error is the message's last line, and alone."""
+    for case in ("misspelt key inside a nested init_args", "misspelt nested option"):
+        lines = results[case]["stderr"].strip().splitlines()
+        assert lines[-1].startswith("error: ") and "did you mean" in lines[-1], lines
+        assert sum(line.startswith("error") for line in lines) == 1 and "Union" not in results[case]["stderr"]
 
 
 def test_console_script_fails_cleanly_and_debug_shows_the_traceback(corpus, results):
@@ -382,3 +422,22 @@ def test_overwrite_starts_afresh_and_last_ckpt_is_the_new_runs(corpus, monkeypat
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert len(names) == 2 and names[0].startswith("epoch=0-") and names[1] == "last.ckpt", names
     assert torch.load(stale, weights_only=True)["epoch"] == 0
+    assert not list(run.glob(".*lpt-overwritten")), "the earlier run's set-aside checkpoints were not deleted"
+
+
+def test_checkpoints_left_set_aside_by_a_killed_overwrite_run_are_put_back(corpus, monkeypatch, capsys):
+    """An --overwrite run killed before its first checkpoint leaves the earlier run's set aside: the
+    next fit puts them back, so they are resumable (and a fresh run into the directory is refused)."""
+    from lpt_lightning.cli import main
+
+    root, _ = corpus
+    run = root / "runs/killed"
+    write(run / ".checkpoints.lpt-overwritten/last.ckpt", b"an earlier run")
+    config = write(root / "configs/killed.yaml", yaml.safe_dump(phase1_config(root / "data", run)))
+    monkeypatch.chdir(root)
+    with pytest.raises(SystemExit) as exit:
+        main(["fit", "--config", str(config)])
+    assert exit.value.code == 2
+    assert "checkpoints already holds checkpoints of an earlier run (last.ckpt)" in capsys.readouterr().err
+    assert (run / "checkpoints/last.ckpt").read_bytes() == b"an earlier run"
+    assert not (run / ".checkpoints.lpt-overwritten").exists()

@@ -440,3 +440,65 @@ def test_predict_on_exports_needs_no_run_directory(lpt, tmp_path, capsys):
     assert "phase2.safetensors: written by phase 'group_prompt', expected a checkpoint of phase 'adapt'" in message
     message = error("test", "--config", str(files["phase2.yaml"]), "--ckpt_path", str(out / "phase2.safetensors"))
     assert "phase2.safetensors: an export holds no trainer state" in message and "`lpt predict` takes" in message
+
+
+def _predict_with_writer(writer, items: list[str], batch_size: int = 500, fail_at: int | None = None,
+                         before_end=lambda: None):
+    """PredictionWriter fed ``items`` (the dataset's list, held by the datamodule) as images of 100
+    classes in batches, as the predict loop feeds it; ``before_end`` runs after the last batch."""
+    from types import SimpleNamespace
+
+    num_images = len(items)
+    trainer = SimpleNamespace(world_size=1, global_rank=0, datamodule=SimpleNamespace(predict_items=lambda: items))
+    module = SimpleNamespace(class_names=[f"class {c}" for c in range(100)])
+    writer.on_predict_epoch_start(trainer, module)
+    generator = torch.Generator().manual_seed(0)
+    for b, start in enumerate(range(0, num_images, batch_size)):
+        if b == fail_at:
+            writer.on_exception(trainer, module, RuntimeError("a batch failed"))
+            return
+        index = torch.arange(start, min(start + batch_size, num_images))
+        probs = torch.rand(len(index), 100, generator=generator).softmax(-1)
+        writer.write_on_batch_end(trainer, module, {"index": index, "probs": probs}, None, None, b)
+    before_end()
+    writer.on_predict_epoch_end(trainer, module)
+
+
+def test_prediction_rows_are_written_as_batches_come_memory_flat_in_the_images(tmp_path):
+    """Rows go to the file batch by batch, in the loader's order: the writer's memory does not
+    grow with the number of images (nor does the CLI keep the probabilities: return_predictions
+    is off); a failure leaves no file."""
+    import json
+    import tracemalloc
+
+    import lpt_lightning.prediction
+    from lpt_lightning.prediction import PredictionWriter
+
+    def images(n):
+        return [f"img/{i:06d}.jpg" for i in range(n)]
+
+    def held_by_the_writer():  # memory allocated in prediction.py and still held after the last batch
+        traces = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, lpt_lightning.prediction.__file__)])
+        held.append(sum(stat.size for stat in traces.statistics("filename")))
+
+    held = []
+    tracemalloc.start()
+    try:
+        for n in (2_000, 20_000):
+            _predict_with_writer(PredictionWriter(str(tmp_path / f"{n}.csv"), top_k=3), images(n),
+                                 before_end=held_by_the_writer)
+            rows = list(csv.DictReader((tmp_path / f"{n}.csv").read_text().splitlines()))
+            assert [r["image"] for r in rows] == images(n)
+    finally:
+        tracemalloc.stop()
+    assert held[1] < held[0] + 50_000, held  # 18,000 more rows kept would take megabytes
+
+    _predict_with_writer(PredictionWriter(str(tmp_path / "p.json"), top_k=2), images(7), batch_size=3)
+    text = (tmp_path / "p.json").read_text()
+    records = json.loads(text)
+    assert text == json.dumps(records, indent=1) and len(records) == 7 and records[6]["image"] == "img/000006.jpg"
+    _predict_with_writer(PredictionWriter(str(tmp_path / "empty.json")), [])
+    assert json.loads((tmp_path / "empty.json").read_text()) == []
+
+    _predict_with_writer(PredictionWriter(str(tmp_path / "failed.csv")), images(2_000), fail_at=2)
+    assert not list(tmp_path.glob("*failed.csv*"))

@@ -124,21 +124,35 @@ def test_verify_images_reports_each_bad_file_and_its_line(tmp_path):
 
 
 def test_verify_images_modes_and_processes(tmp_path):
-    """header: existence and a parsable header; full: every pixel (finds truncated files). The
-    result is the same in one process or several."""
-    good = tmp_path / "good.jpg"
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(good)
+    """header: existence, a parsable header and, for JPEG and PNG, the end marker (finds files cut
+    off); full: every pixel. The result is the same in one process or several."""
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    good, png = tmp_path / "good.jpg", tmp_path / "good.png"
+    Image.fromarray(pixels).save(good)
+    Image.fromarray(pixels).save(png)
     (tmp_path / "cut.jpg").write_bytes(good.read_bytes()[:good.stat().st_size // 2])
+    (tmp_path / "cut.png").write_bytes(png.read_bytes()[:png.stat().st_size // 2])
     (tmp_path / "text.jpg").write_text("not an image")
-    items = [str(good)] * 600 + [str(tmp_path / "cut.jpg"), str(tmp_path / "text.jpg")]
-    split = Split(items, np.zeros(len(items), dtype=np.int64), origin="list.txt", positions=np.arange(1, 603))
+    # Data after the end marker (a camera's trailer): no marker at the end, but every pixel decodes.
+    (tmp_path / "trailer.jpg").write_bytes(good.read_bytes() + b"\0" * 4096)
+    # Damage inside the compressed data, end marker intact: only a full decode finds it.
+    data = bytearray(png.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 64] = bytes(64)
+    (tmp_path / "garbled.png").write_bytes(bytes(data))
+    names = ["cut.jpg", "cut.png", "text.jpg", "trailer.jpg", "garbled.png"]
+    items = [str(good), str(png)] * 300 + [str(tmp_path / n) for n in names]
+    split = Split(items, np.zeros(len(items), dtype=np.int64), origin="list.txt", positions=np.arange(1, 606))
     for workers in (1, 2):
         with pytest.raises(DataFormatError) as err:
             verify_images(split, "header", workers=workers)
-        assert "1 of 602" in str(err.value) and "text.jpg (list.txt, line 602)" in str(err.value)
+        message = str(err.value)
+        assert "3 of 605" in message, message
+        assert "cut.jpg (list.txt, line 601): OSError: image file is truncated" in message
+        assert "cut.png (list.txt, line 602): " in message and "text.jpg (list.txt, line 603)" in message
         with pytest.raises(DataFormatError) as err:
             verify_images(split, "full", workers=workers)
-        assert "2 of 602" in str(err.value) and "cut.jpg (list.txt, line 601): OSError" in str(err.value)
+        assert "4 of 605" in str(err.value) and "garbled.png (list.txt, line 605)" in str(err.value)
+        assert "trailer.jpg" not in str(err.value)
 
 
 # ------------------------------------------------------------------------------ DataModule

@@ -109,6 +109,50 @@ def test_rerun_skips_every_finished_phase(finished_run, caplog):
     assert caplog.text.count("finished earlier") == 5
 
 
+def test_rerun_with_other_settings_is_refused_naming_them(finished_run, capsys, caplog):
+    """A finished phase is kept only with the settings its config.yaml recorded: changed ones are
+    refused before anything is written, naming each key; logging and loader settings do not count."""
+    run_dir, config_path = finished_run
+    records = {p: p.read_bytes() for p in run_dir.glob("*/config.yaml")}
+    finals = {p: digest(p) for p in run_dir.glob("*/final.ckpt")}
+    with pytest.raises(SystemExit) as exit:
+        main(["pipeline", "--config", str(config_path), "--phase2.trainer.max_epochs=3",
+              "--phase1.model.optim.base_lr=0.1"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "Traceback" not in err
+    assert f"phase1_visual ({run_dir}/phase1_visual/config.yaml):\n  model.init_args.optim.base_lr: 0.5 -> 0.1" in err
+    assert "phase2_vl (" in err and "trainer.max_epochs: 2 -> 3" in err and "phase3_moe" not in err
+    assert "--redo_from=phase1_visual" in err
+    assert {p: p.read_bytes() for p in run_dir.glob("*/config.yaml")} == records
+    assert {p: digest(p) for p in run_dir.glob("*/final.ckpt")} == finals
+    assert not list(run_dir.glob("*/.config.new-*"))
+    with caplog.at_level("INFO"):
+        main(["pipeline", "--config", str(config_path), "--data.verify_images=full",
+              "--trainer.enable_model_summary=true"])
+    assert caplog.text.count("finished earlier") == 5
+
+
+def test_redo_from_trains_that_phase_and_the_later_ones_again(tmp_path):
+    config = copy.deepcopy(TINY)
+    config["experts"], config["mixture"] = ["visual"], False  # LPT mode: phases 1 and 2
+    run_dir = tmp_path / "run"
+    run_pipeline(run_dir=str(run_dir), **config)
+    phase1, phase2 = run_dir / "phase1_visual", run_dir / "phase2_visual"
+    kept = digest(phase1 / "final.ckpt")
+    config["phase2"]["trainer"]["max_epochs"] = 3
+    with pytest.raises(ConfigError, match=r"(?s)phase2_visual .*trainer.max_epochs: 2 -> 3.*--redo_from=phase2_visual"):
+        run_pipeline(run_dir=str(run_dir), **config)
+    assert load_checkpoint_file(phase2 / "final.ckpt")["epoch"] == 2
+    with pytest.raises(ConfigError, match="--redo_from=phase3_moe: not a phase of this pipeline; choose one of "
+                                          "phase1_visual, phase2_visual"):
+        run_pipeline(run_dir=str(run_dir), redo_from="phase3_moe", **config)
+    run_pipeline(run_dir=str(run_dir), redo_from="phase2_visual", **config)
+    assert digest(phase1 / "final.ckpt") == kept
+    assert load_checkpoint_file(phase2 / "final.ckpt")["epoch"] == 3
+    assert yaml.safe_load((phase2 / "config.yaml").read_text())["trainer"]["max_epochs"] == 3
+    run_pipeline(run_dir=str(run_dir), **config)  # the new settings are the recorded ones now
+
+
 def test_predict_writes_top_k_with_names_and_fused_confidence(finished_run, tmp_path, monkeypatch):
     from PIL import Image
 
@@ -221,7 +265,8 @@ def test_pipeline_rejects_bad_configuration_before_training(tmp_path):
         run_pipeline(run_dir=str(tmp_path), data=TINY["data"], phase1={"modle": {}})
     bad = copy.deepcopy(TINY)
     bad["phase2"]["model"]["group_prompts"]["topk"] = 2
-    with pytest.raises(ConfigError, match=r"(?s)phase2_visual.*Option .topk. is not accepted"):
+    with pytest.raises(ConfigError, match=r"phase2_visual/config.yaml: model.init_args.group_prompts.topk is not an "
+                                          r"option of lpt_lightning.models.expert.GroupPromptSpec; did you mean top_k\?"):
         run_pipeline(run_dir=str(tmp_path / "bad"), **bad)
     assert not (tmp_path / "bad" / "phase1_visual" / "final.ckpt").exists()
 

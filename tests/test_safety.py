@@ -255,12 +255,13 @@ def test_pipeline_redoes_only_the_phase_with_a_corrupt_final_checkpoint(tmp_path
     import lpt_lightning.pipeline as pipeline
 
     ran = []
-    monkeypatch.setattr(pipeline, "_validate_configs", lambda runs: None)
+    monkeypatch.setattr(pipeline, "_validate_configs", lambda runs, keep: None)
     monkeypatch.setattr(pipeline, "run_phase", lambda run, test, log_model: ran.append(run.name))
     phase1, phase2 = one_run(tmp_path)
     for run in (phase1, phase2):
         run.directory.mkdir(parents=True)
         run.final_checkpoint.write_bytes(checkpoint.read_bytes())
+        pipeline.write_phase_config(run, run.directory / "config.yaml")  # the settings it was trained with
     phase2.final_checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
     pipeline.run_pipeline(str(tmp_path / "run"), data={"batch_size": 4}, experts=["visual"], mixture=False)
     assert ran == ["phase2_visual"]

@@ -115,8 +115,9 @@ class LongTailDataModule(StreamTrainingData, LightningDataModule):
         seed: seed of the samplers (the epoch is added each epoch) and of training augmentation.
         skip_unreadable: drop undecodable images from batches instead of failing.
         verify_images: check every listed image before training, in ``max(num_workers, 1)``
-            processes: "header" (default: the file exists and its header parses), "full" (every
-            pixel decodes: also finds truncated files, several times slower) or "off".
+            processes: "header" (default: the file exists, its header parses and a JPEG or PNG
+            ends with its end marker: finds files cut off), "full" (every pixel decodes: also
+            finds damage inside the data, several times slower) or "off".
         pin_memory: pin host memory (only when CUDA is available). Batches hold uint8 images
             (converted to float on the device), a quarter of the bytes of float32.
         persistent_workers: keep workers alive between epochs (only with num_workers > 0).

@@ -6,6 +6,7 @@ import contextlib
 import io
 import itertools
 import logging
+import multiprocessing
 import os
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -235,21 +236,48 @@ def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None
         return None
 
 
+def worker_processes() -> multiprocessing.context.BaseContext:
+    """The start method of the project's process pools: forkserver, not fork. A fork of a process
+    that already runs threads (torch's, a loader's, tqdm's monitor) can copy a lock another thread
+    holds, and the child then waits on it forever. The fork server is a fresh single-threaded
+    process; it imports the worker functions' modules once, so workers do not each import torch."""
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["lpt_lightning.data.datasets", "lpt_lightning.prepare"])
+    return ctx
+
+
 VerifyMode = Literal["header", "full", "off"]
 
 
+# The last bytes of a complete file: JPEG's end-of-image marker, PNG's IEND chunk. Searched in the
+# file's last _TAIL_BYTES, which leaves room for a little padding after the marker.
+_END_MARKERS = {"JPEG": b"\xff\xd9", "MPO": b"\xff\xd9", "PNG": b"IEND"}
+_TAIL_BYTES = 64
+
+
 def check_image(path: str, mode: VerifyMode = "header") -> str | None:
-    """Why the image at ``path`` is unusable, or None. ``header`` parses the header only (missing,
-    empty, garbage or unknown-format files); ``full`` also decodes every pixel (truncated files)."""
+    """Why the image at ``path`` is unusable, or None. ``header`` parses the header (missing, empty,
+    garbage or unknown-format files) and reads the last bytes of a JPEG or PNG: one without its end
+    marker, cut off or with data appended, is decoded to tell the two apart. ``full`` decodes every
+    pixel of every file (also finds damage inside the data, in any format)."""
     try:
         with Image.open(path) as img:
-            if mode == "full":
+            if mode == "full" or not _ends_with_marker(path, img.format):
                 img.load()
         return None
     except FileNotFoundError:
         return "does not exist"
     except _DECODE_ERRORS as exc:
         return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _ends_with_marker(path: str, image_format: str | None) -> bool:
+    marker = _END_MARKERS.get(image_format or "")
+    if marker is None:
+        return True  # no end marker to look for: only the full check finds such a file cut off
+    with open(path, "rb") as f:
+        f.seek(max(f.seek(0, os.SEEK_END) - _TAIL_BYTES, 0))
+        return marker in f.read()
 
 
 def _check_chunk(paths: list[str], mode: VerifyMode) -> list[str | None]:
@@ -278,7 +306,7 @@ def verify_images(split: Split, mode: VerifyMode = "header", workers: int = 1, p
     problems: list[str | None] = []
     with contextlib.ExitStack() as stack:
         if workers > 1 and len(chunks) > 1:
-            pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers))
+            pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers, mp_context=worker_processes()))
             results = pool.map(_check_chunk, chunks, itertools.repeat(mode))
         else:
             results = (_check_chunk(c, mode) for c in chunks)
