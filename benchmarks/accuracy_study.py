@@ -220,10 +220,14 @@ def pipeline_rows(seed_dir: Path) -> dict[str, dict[str, Any]]:
     }
     rows = {key: ({"test": r["test: no training"], "val": r["val: no training"]} if key in starts
                   else {"test": r["test"], "val": r["val"]}) for key, r in rows.items()}
+    from lpt_lightning.phases.moe_scorer import row_name
+
+    # Phase 3's val rows are on the split W_base was searched on (named so): the study's "val" column.
     for key, title in (("wbase", "W_base fusion"), ("scorer", "LPT++ (scorer)")):
-        rows[key] = {"test": p3[f"test: {title}"], "val": p3[f"val: {title}"]}
+        rows[key] = {"test": p3[row_name("test", title)], "val": p3[row_name("val", title)]}
     fit_train = phase_rows(main, "phase3_moe_fit_train")
-    rows["scorer_train"] = {"test": fit_train["test: LPT++ (scorer)"], "val": fit_train["val: LPT++ (scorer)"]}
+    rows["scorer_train"] = {"test": fit_train[row_name("test", "LPT++ (scorer)")],
+                            "val": fit_train[row_name("val", "LPT++ (scorer)")]}
     for key in ("ce_dual", "agcl_instance", "ce_instance"):
         r = phase_rows(seed_dir / key, "phase1_visual")
         rows[key] = {"test": r["test"], "val": r["val"]}

@@ -9,11 +9,17 @@ experts' trained tensors and specs, the split's images and labels, image size, s
 finished pass is reused and anything else recomputes; files are renamed into place only when
 complete, and the manifest comes last, so an interrupted pass is simply recomputed.
 
+The pass runs on the trainer the user configured (its strategy, process group, devices and
+precision), before its fit: no second trainer. The ranks agree after each step of the writing
+(a collective, which is also the barrier), so an error on one rank stops every rank at once
+instead of leaving the others waiting until the process group's timeout.
+
 Multi-node: every rank writes its own shard and rank 0 writes the manifest after checking all
 shards are visible, so the cache directory must be on a filesystem shared by all nodes; a rank
 that cannot see the others' files stops with a message saying so.
 
-`scorer_fit_data` puts the three parts together for ``lpt fit`` of `MoEScorerPhase`.
+`scorer_fit_data` puts the three parts together: ``lpt fit`` of `MoEScorerPhase` calls it, and so
+does plain Python, ``trainer.fit(model, datamodule=scorer_fit_data(model, images, trainer))``.
 """
 from __future__ import annotations
 
@@ -28,8 +34,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.accelerators import CPUAccelerator
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, ProgressBar
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
@@ -115,16 +120,32 @@ class OutputsTarget:
     manifest: dict[str, Any]
 
 
+def agree(trainer, error: Exception | None, step: str) -> None:
+    """Every rank learns whether every rank finished ``step``: the rank that failed raises its
+    error, the others a CheckpointError, all at once. The vote is a collective, so it is also the
+    barrier of ``step``."""
+    if trainer.strategy.reduce_boolean_decision(error is None, all=True):
+        return
+    if error is not None:
+        raise error
+    raise CheckpointError(f"expert-output pass: another rank failed {step} (its error is in its log); rank "
+                          f"{trainer.global_rank} stops too")
+
+
 class ExpertOutputsWriter(BasePredictionWriter):
     """Writes each rank's rows of each predict loader into memory-mapped ``.npy`` shards (floating
     arrays in ``dtype``), renames them into place when the pass is complete, and has rank 0 write
-    the manifest once every rank's shards are there."""
+    the manifest once every rank's shards are there.
+
+    A write that fails is kept until the end of the pass (later batches are not written), where
+    every rank votes on success before any rank waits for the others."""
 
     def __init__(self, targets: list[OutputsTarget], dtype: str = "float16"):
         super().__init__(write_interval="batch")
         self.targets = targets
         self.dtype = dtype
         self._open: dict[tuple[int, str], tuple[np.memmap, Path]] = {}
+        self._error: Exception | None = None
 
     def _temporary(self, target: OutputsTarget, rank: int, world: int, name: str) -> Path:
         final = shard_file(target.directory, rank, world, name)
@@ -146,13 +167,43 @@ class ExpertOutputsWriter(BasePredictionWriter):
         return self._open[key][0]
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        if self._error is not None:
+            return
         rank, world = trainer.global_rank, trainer.world_size
         index = prediction["index"].cpu().numpy()
         position = (index - rank) // world  # the ShardedEvalSampler shard is range(rank, N, world)
-        for name, value in prediction.items():
-            self._array(dataloader_idx, name, value, rank, world)[position] = value.cpu().numpy()
+        try:
+            for name, value in prediction.items():
+                self._array(dataloader_idx, name, value, rank, world)[position] = value.cpu().numpy()
+        except Exception as exc:  # raised after the vote at the end of the pass (the other ranks vote too)
+            self._error = exc
 
     def on_predict_epoch_end(self, trainer, pl_module) -> None:
+        error, self._error = self._error, None
+        if error is None:
+            try:
+                self._finish_shards(trainer)
+            except Exception as exc:
+                error = exc
+        self._open.clear()
+        agree(trainer, error, "writing its expert outputs")
+        if trainer.is_global_zero:
+            try:
+                for target in self.targets:
+                    self._write_manifest(target, trainer.world_size)
+            except Exception as exc:
+                error = exc
+        agree(trainer, error, "writing the manifest")
+        for target in self.targets:
+            if not (target.directory / MANIFEST).is_file():
+                error = CheckpointError(
+                    f"{target.directory / MANIFEST}: rank {trainer.global_rank} cannot see the manifest rank 0 wrote. "
+                    "On several nodes the expert-output cache must be on a filesystem every node sees: put the run "
+                    "directory (or model.init_args.cache_dir) on shared storage")
+        agree(trainer, error, "reading the manifest")  # no rank goes on to fit while another stops
+
+    def _finish_shards(self, trainer) -> None:
+        """This rank's shards checked, renamed into place and recorded."""
         rank, world = trainer.global_rank, trainer.world_size
         for i, target in enumerate(self.targets):
             opened = {name: entry for (idx, name), entry in self._open.items() if idx == i}
@@ -173,18 +224,6 @@ class ExpertOutputsWriter(BasePredictionWriter):
                       for name, (array, _) in opened.items()}
             record = json.dumps({"rows": rows, "arrays": shapes})
             atomic_save(lambda tmp, text=record: tmp.write_text(text), target.directory / f"rank{rank}-of-{world}.json")
-        self._open.clear()
-        trainer.strategy.barrier("lpt-expert-outputs-written")
-        if trainer.is_global_zero:
-            for target in self.targets:
-                self._write_manifest(target, world)
-        trainer.strategy.barrier("lpt-expert-outputs-manifest")
-        for target in self.targets:
-            if not (target.directory / MANIFEST).is_file():
-                raise CheckpointError(
-                    f"{target.directory / MANIFEST}: rank {rank} cannot see the manifest rank 0 wrote. On several nodes "
-                    "the expert-output cache must be on a filesystem every node sees: put the run directory (or "
-                    "model.init_args.cache_dir) on shared storage")
 
     @staticmethod
     def _write_manifest(target: OutputsTarget, world: int) -> None:
@@ -229,7 +268,7 @@ def write_expert_outputs(experts: dict[str, nn.Module], logit_scales: dict[str, 
                          images, splits: dict[str, bool], root: Path, facts: dict[str, Any], trainer: L.Trainer,
                          dtype: str = "float16") -> dict[str, Path]:
     """Directories of the outputs over ``splits`` (name -> label only), computed where missing in one
-    prediction pass on ``trainer``'s devices."""
+    pass of ``trainer``'s predict loop (the trainer the fit then runs on)."""
     img_size = experts["visual"].img_size
     found, todo = {}, []
     for name, label_only in splits.items():
@@ -251,21 +290,27 @@ def write_expert_outputs(experts: dict[str, nn.Module], logit_scales: dict[str, 
         rank_zero_info(f"phase 3: computing expert outputs for the {target.name} split -> {target.directory}")
     module = ExpertOutputs(experts, logit_scales, [lo for _, lo, _ in todo])
     writer = ExpertOutputsWriter([t for _, _, t in todo], dtype)
-    # The fit's devices, nodes and precision (the ranks of the fit, when it runs under DDP).
-    devices = trainer.num_devices if isinstance(trainer.accelerator, CPUAccelerator) else trainer.device_ids
-    predictor = L.Trainer(
-        accelerator=trainer.accelerator, devices=devices, num_nodes=trainer.num_nodes,
-        strategy="ddp" if trainer.world_size > 1 else "auto", precision=trainer.precision, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[writer],
-        default_root_dir=trainer.default_root_dir)
-    predictor.predict(module, datamodule=SplitImages(images, [n for n, _, _ in todo]), return_predictions=False)
+    # The fit's own trainer: its strategy starts the processes and the process group (the user's
+    # backend and timeout) here, and the fit reuses them. Only its progress bar joins the writer:
+    # the other callbacks (checkpoints, prediction writers) are the fit's.
+    callbacks = trainer.callbacks
+    trainer.callbacks = [c for c in callbacks if isinstance(c, ProgressBar)] + [writer]
+    try:
+        trainer.predict(module, datamodule=SplitImages(images, [n for n, _, _ in todo]), return_predictions=False)
+    finally:
+        trainer.callbacks = callbacks
     return found
 
 
 def scorer_fit_data(model, images, trainer: L.Trainer) -> CachedOutputsDataModule:
-    """What ``lpt fit`` of `MoEScorerPhase` trains on: the protocol checks, the prediction pass where
-    its outputs are missing, the cached-output DataModule, and W_base searched on the held-out
-    split (a resumed run restores the W_base it searched before)."""
+    """What `MoEScorerPhase` fits on: the protocol checks, the prediction pass where its outputs are
+    missing (on ``trainer``, the one the fit runs on), the cached-output DataModule, and W_base
+    searched on the held-out split (a resumed run restores the W_base it searched before).
+
+    ``lpt fit`` calls it; in Python::
+
+        trainer.fit(model, datamodule=scorer_fit_data(model, images, trainer))
+    """
     if images.val_is_test:
         raise ConfigError("phase 3 searches W_base and fits the scorer on the validation split, which is the "
                           "TEST split here (data.val_from_test=true): set data.holdout_per_class instead, in "

@@ -234,14 +234,15 @@ class LPTCLI(LightningCLI):
     def fit(self, model, **kwargs: Any) -> None:
         """``trainer.fit``, with Ctrl-C / SIGTERM turned into `RunInterrupted` (Lightning ends the
         former with ``sys.exit(1)``, the latter with ``SIGTERMException``)."""
-        if getattr(model, "phase_name", None) == "moe_scorer":  # phase 3 fits on the experts' cached outputs
-            from lpt_lightning.expert_outputs import scorer_fit_data
-
-            kwargs["datamodule"] = scorer_fit_data(model, kwargs["datamodule"], self.trainer)
         set_aside = self.trainer.is_global_zero and self._set_aside(getattr(self, "_overwrite", []))
         finished = False
         with signal_handler(signal.SIGTERM, signal.SIG_DFL):  # Lightning's own handler stops at a batch end
             try:
+                if getattr(model, "phase_name", None) == "moe_scorer":  # fits on the experts' cached outputs
+                    from lpt_lightning.expert_outputs import scorer_fit_data
+
+                    # The outputs pass runs this trainer's predict loop, so it is interruptible alike.
+                    kwargs["datamodule"] = scorer_fit_data(model, kwargs["datamodule"], self.trainer)
                 self.trainer.fit(model, **kwargs)
                 finished = not self.trainer.interrupted
             except SystemExit as exc:

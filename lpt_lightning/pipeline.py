@@ -26,6 +26,7 @@ from lpt_lightning.checkpoints.metadata import read_phase_metadata
 from lpt_lightning.errors import CheckpointError, ConfigError, RunInterrupted
 from lpt_lightning.lightning_cli import LPTCLI, validate_config
 from lpt_lightning.models.expert import ExpertSpec
+from lpt_lightning.phases.moe_scorer import row_name
 from lpt_lightning.reports import plot_per_class_accuracy, read_metrics, split_table, write_metrics
 
 PHASE_CLASSES = {
@@ -557,6 +558,7 @@ def summary_rows(runs: list[PhaseRun]) -> dict[str, dict[str, Any]]:
         path = run.directory / "metrics.json"
         if path.is_file():
             phases[run.name] = json.loads(path.read_text())
+    phase3 = phases.get("phase3_moe", {}).get("results", {})
     rows: dict[str, dict[str, Any]] = {}
     for split in ("test", "val"):
         for expert, title in EXPERT_TITLES.items():
@@ -565,13 +567,14 @@ def summary_rows(runs: list[PhaseRun]) -> dict[str, dict[str, Any]]:
                                         (f"phase2_{expert}", split, "phase 2")):
                 row = phases.get(name, {}).get("results", {}).get(source)
                 if row is None and label == "phase 2":  # phase 3 evaluated the phase-2 experts
-                    row = phases.get("phase3_moe", {}).get("results", {}).get(f"{split}: {title}")
+                    row = phase3.get(row_name(split, title))
                 if row is not None:
                     rows[f"{split}: {title}, {label}"] = row
+        # Phase 3's val rows keep their name: the fusions were fitted on that split.
         for title in ("W_base fusion", "LPT++ (scorer)"):
-            row = phases.get("phase3_moe", {}).get("results", {}).get(f"{split}: {title}")
+            row = phase3.get(row_name(split, title))
             if row is not None:
-                rows[f"{split}: {title}"] = row
+                rows[row_name(split, title)] = row
     return rows
 
 

@@ -1,5 +1,6 @@
 """Phase 3 as three parts: the experts' outputs through the predict loop (sharded, memory-mapped),
 the DataModule over them, and a scorer whose checkpoint and export stand alone."""
+import builtins
 import shutil
 import threading
 from pathlib import Path
@@ -10,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from PIL import Image
 
 from lpt_lightning.callbacks import default_callbacks
@@ -20,7 +23,13 @@ from lpt_lightning.data.cached_outputs import CachedOutputsDataModule, CachedSpl
 from lpt_lightning.data.samplers import ShardedEvalSampler
 from lpt_lightning.data_facts import connect
 from lpt_lightning.errors import CheckpointError
-from lpt_lightning.expert_outputs import ExpertOutputs, ExpertOutputsWriter, OutputsTarget, write_expert_outputs
+from lpt_lightning.expert_outputs import (
+    ExpertOutputs,
+    ExpertOutputsWriter,
+    OutputsTarget,
+    scorer_fit_data,
+    write_expert_outputs,
+)
 from lpt_lightning.models.expert import ExpertSpec
 from lpt_lightning.phases import AdaptPhase, MoEScorerPhase, OptimSpec
 from tiny_models import tiny_backbone
@@ -91,16 +100,41 @@ def facts(data):
 # ----------------------------------------------------------------------------- part 1: the prediction pass
 
 
-def simulate_ranks(module, data, split_name, directory, world, dtype):
-    """The writer on ``world`` ranks without DDP: ranks are threads that meet at a real barrier; each
-    feeds its own ShardedEvalSampler shard through predict_step, as the predict loop would."""
+class ThreadRanks:
+    """The collectives of a strategy for ranks that are threads: ``barrier`` and the vote
+    ``reduce_boolean_decision``, both real meeting points (a rank waiting for a rank that never
+    comes fails after ``timeout`` seconds with BrokenBarrierError)."""
+
+    def __init__(self, world: int, timeout: float = 20.0):
+        self.meeting = threading.Barrier(world, timeout=timeout)
+        self.votes: dict[int, bool] = {}
+        self.collectives: list[str] = []
+
+    def strategy(self, rank: int) -> SimpleNamespace:
+        def barrier(name=None):
+            self.meeting.wait()
+
+        def reduce_boolean_decision(decision, all=True):
+            self.votes[rank] = bool(decision)
+            self.meeting.wait()
+            outcome = builtins.all(self.votes.values()) if all else builtins.any(self.votes.values())
+            self.meeting.wait()  # every rank has read the votes before the next vote
+            if rank == 0:
+                self.collectives.append("vote")
+            return outcome
+
+        return SimpleNamespace(barrier=barrier, reduce_boolean_decision=reduce_boolean_decision)
+
+
+def rank_errors(module, data, split_name, directory, world, dtype, ranks: ThreadRanks | None = None):
+    """The writer on ``world`` ranks without DDP (threads meeting in `ThreadRanks`); each feeds its
+    own ShardedEvalSampler shard through predict_step, as the predict loop would. Each rank's error."""
     split = data.splits.val
-    barrier = threading.Barrier(world)
-    errors = []
+    ranks = ranks or ThreadRanks(world)
+    errors: dict[int, Exception] = {}
 
     def rank(r):
-        trainer = SimpleNamespace(global_rank=r, world_size=world, is_global_zero=r == 0,
-                                  strategy=SimpleNamespace(barrier=lambda name=None: barrier.wait()))
+        trainer = SimpleNamespace(global_rank=r, world_size=world, is_global_zero=r == 0, strategy=ranks.strategy(r))
         writer = ExpertOutputsWriter([OutputsTarget(split_name, directory, len(split), {"key": "k", "data": {}})],
                                      dtype)
         loader = torch.utils.data.DataLoader(data.split_dataloader("val").dataset, batch_size=1,
@@ -111,16 +145,20 @@ def simulate_ranks(module, data, split_name, directory, world, dtype):
                     writer.write_on_batch_end(trainer, module, module.predict_step(batch, i), None, batch, i)
             writer.on_predict_epoch_end(trainer, module)
         except Exception as exc:  # reported by the main thread
-            errors.append(exc)
-            barrier.abort()
+            errors[r] = exc
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in range(world)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return errors
+
+
+def simulate_ranks(module, data, split_name, directory, world, dtype):
+    errors = rank_errors(module, data, split_name, directory, world, dtype)
     if errors:
-        raise errors[0]
+        raise errors[min(errors)]
     return CachedSplit(directory)
 
 
@@ -162,6 +200,28 @@ def test_a_rank_that_cannot_see_the_others_files_is_told_why(experts, folder, tm
     assert not (tmp_path / "two" / "manifest.json").exists()
 
 
+def test_a_write_error_on_one_rank_stops_every_rank_at_once(experts, folder, tmp_path, monkeypatch):
+    """Rank 1 cannot write (a full disk): it raises its own error and rank 0 a CheckpointError, both
+    after the same vote; neither waits at a barrier for a rank that is not coming."""
+    model = scorer(experts)
+    data = images(folder)
+    module = ExpertOutputs(model.experts(), model.scales, [False]).eval()
+    real_open = np.lib.format.open_memmap
+
+    def open_memmap(path, *args, **kwargs):
+        if "rank1-of-2" in Path(path).name:
+            raise OSError(28, "No space left on device")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(np.lib.format, "open_memmap", open_memmap)
+    ranks = ThreadRanks(2, timeout=10)
+    errors = rank_errors(module, data, "val", tmp_path / "two", 2, "float16", ranks)
+    assert isinstance(errors[1], OSError) and "No space left" in str(errors[1])
+    assert isinstance(errors[0], CheckpointError) and "another rank failed writing its expert outputs" in str(errors[0])
+    assert ranks.collectives == ["vote"]  # stopped at the first vote, nothing waited past it
+    assert not (tmp_path / "two" / "manifest.json").exists()
+
+
 def test_finished_outputs_are_reused_and_an_interrupted_pass_recomputed(experts, folder, tmp_path):
     model = scorer(experts)
     data = images(folder)
@@ -175,6 +235,51 @@ def test_finished_outputs_are_reused_and_an_interrupted_pass_recomputed(experts,
     assert write_expert_outputs(*args, quiet_trainer(tmp_path))["val"] == first and manifest.is_file()
     other = write_expert_outputs(*args, quiet_trainer(tmp_path), dtype="float32")["val"]
     assert other != first  # the key covers the storage dtype (and the experts and the split)
+
+
+class RecordingStrategy(SingleDeviceStrategy):
+    """A user's configured strategy: counts the writer's votes that run through it."""
+
+    def __init__(self):
+        super().__init__(device=torch.device("cpu"))
+        self.votes = 0
+
+    def reduce_boolean_decision(self, decision, all=True):
+        self.votes += 1
+        return super().reduce_boolean_decision(decision, all=all)
+
+
+@pytest.mark.parametrize("learn_offset", [True, False])
+def test_plain_python_fit_runs_the_outputs_pass_on_the_configured_trainer(experts, folder, tmp_path, monkeypatch,
+                                                                          learn_offset):
+    """``trainer.fit(model, datamodule=scorer_fit_data(model, images, trainer))``: the pass runs on the
+    user's trainer (its strategy; no trainer of its own). ``learn_offset=false``, the searching-based
+    scorer, fits without training anything: W_base is searched, evaluated and checkpointed."""
+    strategy = RecordingStrategy()
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "checkpoints", save_last=True)
+    trainer = quiet_trainer(tmp_path, strategy=strategy, max_epochs=2, enable_checkpointing=True,
+                            callbacks=[checkpoints, *default_callbacks()])
+    monkeypatch.setattr(L.Trainer, "__init__", lambda *a, **k: pytest.fail("a second Trainer was built"))
+    data = images(folder)
+    L.seed_everything(0)
+    model = MoEScorerPhase(visual_checkpoint=str(experts["visual"]), vl_checkpoint=str(experts["vl"]), num_classes=4,
+                           scorer={"hidden_dim": 8, "lr": 0.05, "learn_offset": learn_offset})
+    connect(model, data)
+    offset = {k: v.clone() for k, v in model.scorer.offset.state_dict().items()}
+    fit_data = scorer_fit_data(model, data, trainer)
+    assert strategy.votes == 3  # the writer's votes ran on the configured strategy
+    w_base = float(model.scorer.w_base)
+    trainer.fit(model, datamodule=fit_data)
+    assert [p.name.split("-")[0] for p in (tmp_path / "expert_cache").iterdir()] == ["val"]
+    moved = any(not torch.equal(v, model.scorer.offset.state_dict()[k]) for k, v in offset.items())
+    assert moved is learn_offset
+    results = model.results  # the last validation: on the split W_base was searched on, named so
+    assert set(results) == {f"fit split (val): {t}" for t in ("visual expert", "vision-language expert",
+                                                               "W_base fusion", "LPT++ (scorer)")}
+    if not learn_offset:
+        assert results["fit split (val): LPT++ (scorer)"]["acc"] == results["fit split (val): W_base fusion"]["acc"]
+    saved = load_checkpoint_file(tmp_path / "checkpoints" / "last.ckpt")
+    assert float(saved["state_dict"]["scorer.w_base"]) == w_base == float(model.scorer.w_base)
 
 
 # ----------------------------------------------------------------------------- part 2: the cached DataModule

@@ -63,10 +63,14 @@ def test_pipeline_leaves_every_phase_with_results(finished_run):
         metrics = json.loads((d / "metrics.json").read_text())
         assert metrics["split_convention"] == "lpt" and len(metrics["class_counts"]) == 10
         assert load_checkpoint_file(d / "final.ckpt")["lpt"]["phase"] in ("adapt", "group_prompt", "moe_scorer")
-    # Phase 3 reports every part, and its expert rows are exactly phase 2's own test numbers.
+    # Phase 3 reports every part, its val rows named as the split W_base was searched and the scorer
+    # fitted on, and its expert rows are exactly phase 2's own test numbers.
     rows = json.loads((run_dir / "phase3_moe" / "metrics.json").read_text())["results"]
-    assert set(rows) == {f"{s}: {r}" for s in ("val", "test") for r in
+    assert set(rows) == {f"{s}: {r}" for s in ("fit split (val)", "test") for r in
                          ("visual expert", "vision-language expert", "W_base fusion", "LPT++ (scorer)")}
+    for expert, title in (("visual", "visual expert"), ("vl", "vision-language expert")):
+        own = json.loads((run_dir / f"phase2_{expert}" / "metrics.json").read_text())["results"]["val"]
+        assert rows[f"fit split (val): {title}"] == own
     for expert, title in (("visual", "visual expert"), ("vl", "vision-language expert")):
         own = json.loads((run_dir / f"phase2_{expert}" / "metrics.json").read_text())["results"]["test"]
         assert rows[f"test: {title}"] == own
@@ -92,6 +96,8 @@ def test_pipeline_leaves_every_phase_with_results(finished_run):
     assert list(summary["results"])[:8] == [f"test: {t}, {stage}" for t in ("visual expert", "vision-language expert")
                                             for stage in ("no training", "phase 1", "phase 2")] + [
         "test: W_base fusion", "test: LPT++ (scorer)"]
+    assert list(summary["results"])[-2:] == ["fit split (val): W_base fusion", "fit split (val): LPT++ (scorer)"]
+    assert summary["results"]["fit split (val): W_base fusion"] == rows["fit split (val): W_base fusion"]
     assert summary["results"]["test: vision-language expert, no training"] == \
         json.loads((run_dir / "phase1_vl" / "metrics.json").read_text())["results"]["test: no training"]
     cache = list((run_dir / "phase3_moe" / "expert_cache").iterdir())

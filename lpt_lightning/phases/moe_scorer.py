@@ -42,6 +42,19 @@ from lpt_lightning.models.scorer import BaseWeightSearch, MoEScorer, fuse
 # Rows of every phase-3 evaluation: the gain of each part stays visible.
 ROWS = {"visual": "visual expert", "vl": "vision-language expert", "base": "W_base fusion", "fused": "LPT++ (scorer)"}
 EXPERTS = ("visual", "vl")
+# Phase 3's validation split is the split W_base is searched on (and the scorer fitted on, by
+# default): its rows and logged values are named so, never to be read as held-out numbers.
+STAGE_ROWS = {"val": "fit split (val)", "test": "test"}
+STAGE_LOG_PREFIXES = {"val": "fit_split_val", "test": "test"}
+
+NOT_ON_IMAGES = ("MoEScorerPhase fits on its experts' cached outputs, not on images: fit it with `lpt fit`, or in "
+                 "Python with trainer.fit(model, datamodule=scorer_fit_data(model, images, trainer)) "
+                 "(lpt_lightning.expert_outputs)")
+
+
+def row_name(stage: str, title: str) -> str:
+    """The result row of one part (a `ROWS` title) evaluated in ``stage`` (``val`` or ``test``)."""
+    return f"{STAGE_ROWS[stage]}: {title}"
 
 
 @dataclass
@@ -59,7 +72,8 @@ class ScorerSpec:
             their own training images, so a scorer fitted there learns to trust whichever
             expert memorised more, not which one generalises. W_base is always searched on the
             held-out split.
-        learn_offset: False = searching-based scorer only (no training of g).
+        learn_offset: False = searching-based scorer only (an LPT++ ablation): g is not trained,
+            fit skips every training batch (no backward) and evaluates W_base fusion alone.
     """
 
     hidden_dim: int = 256
@@ -218,6 +232,10 @@ class MoEScorerPhase(L.LightningModule):
             self.to(self.device)
 
     def on_fit_start(self) -> None:
+        if not self.scorer_spec.learn_offset:
+            rank_zero_info("moe_scorer: searching-based scorer only (scorer.learn_offset=false): W_base is the "
+                           "whole scorer, nothing is trained; fit only evaluates it")
+            return
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
         rank_zero_info(f"moe_scorer: {trainable:,} trainable parameters (scorer MLP, fitted on the "
                        f"{self.fit_split} split); experts frozen")
@@ -242,11 +260,12 @@ class MoEScorerPhase(L.LightningModule):
         return rows
 
     # ----------------------------------------------------------------- training
-    def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor | None:
         streams = list(batch.values())
         if "image" in streams[0]:
-            raise ConfigError("MoEScorerPhase fits on its experts' cached outputs, not on images: fit it with `lpt fit` "
-                              "(or on the DataModule of lpt_lightning.expert_outputs.scorer_fit_data)")
+            raise ConfigError(NOT_ON_IMAGES)
+        if not self.scorer_spec.learn_offset:
+            return None  # searching-based scorer: Lightning skips the batch (no backward, no parameter moves)
         rows = {k: torch.cat([s[k] for s in streams]) for k in streams[0]}
         w = self.scorer(rows["visual.query"], rows["vl.query"])
         p_label = w * self.label_probability(rows, "visual") + (1 - w) * self.label_probability(rows, "vl")
@@ -258,10 +277,9 @@ class MoEScorerPhase(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.scorer is None:
-            raise ConfigError("MoEScorerPhase fits on its experts' cached outputs: fit it with `lpt fit` (or on the "
-                              "DataModule of lpt_lightning.expert_outputs.scorer_fit_data)")
+            raise ConfigError(NOT_ON_IMAGES)
         params = [p for p in self.scorer.parameters() if p.requires_grad]
-        if not params:  # searching-based scorer only: a no-op optimiser keeps Lightning's loop uniform
+        if not params:  # searching-based scorer only: an optimiser over nothing keeps Lightning's loop uniform
             params = [nn.Parameter(torch.zeros(()))]
         return torch.optim.AdamW(params, lr=self.scorer_spec.lr, weight_decay=self.scorer_spec.weight_decay)
 
@@ -307,11 +325,11 @@ class MoEScorerPhase(L.LightningModule):
             metric = self.metrics[f"{stage}_{row}"]
             result = metric.compute()
             metric.reset()
-            self.results[f"{stage}: {title}"] = {k: float(result[k]) for k in SPLIT_KEYS} | {
+            self.results[row_name(stage, title)] = {k: float(result[k]) for k in SPLIT_KEYS} | {
                 "per_class": result["per_class"].cpu()}
-            prefix = stage if row == "fused" else f"{stage}/{row}"
+            prefix = STAGE_LOG_PREFIXES[stage] if row == "fused" else f"{STAGE_LOG_PREFIXES[stage]}/{row}"
             logged |= {f"{prefix}/{k}": float(result[k]) for k in SPLIT_KEYS}
-        logged[f"{stage}/w_base"] = float(self.scorer.w_base)
+        logged[f"{STAGE_LOG_PREFIXES[stage]}/w_base"] = float(self.scorer.w_base)
         self.log_dict(logged, sync_dist=False)
 
     def on_validation_epoch_end(self) -> None:
