@@ -19,6 +19,7 @@ from lpt_lightning.errors import CheckpointError, ConfigError
 from lpt_lightning.losses import AGCLLoss, LogitAdjustedCE, matching_loss
 from lpt_lightning.metrics import SPLIT_KEYS, SplitAccuracy
 from lpt_lightning.models.expert import ExpertOutput, LongTailExpert
+from lpt_lightning.precision import check_precision
 
 
 
@@ -174,6 +175,7 @@ class ExpertPhase(L.LightningModule):
 
     # ----------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
+        check_precision(self.trainer.precision)
         facts = self.data_facts
         loss_counts = None
         if facts is not None:

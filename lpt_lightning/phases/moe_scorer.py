@@ -38,6 +38,7 @@ from lpt_lightning.errors import CheckpointError, ConfigError
 from lpt_lightning.metrics import SPLIT_KEYS, SplitAccuracy
 from lpt_lightning.models.expert import GroupPromptSpec, LongTailExpert
 from lpt_lightning.models.scorer import BaseWeightSearch, MoEScorer, fuse
+from lpt_lightning.precision import check_precision
 
 # Rows of every phase-3 evaluation: the gain of each part stays visible.
 ROWS = {"visual": "visual expert", "vl": "vision-language expert", "base": "W_base fusion", "fused": "LPT++ (scorer)"}
@@ -216,6 +217,9 @@ class MoEScorerPhase(L.LightningModule):
         if self.visual is None:
             self.build_experts()
             self.to(self.device)
+
+    def setup(self, stage: str) -> None:
+        check_precision(self.trainer.precision)
 
     def on_fit_start(self) -> None:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
