@@ -256,7 +256,7 @@ class MoEScorerPhase(L.LightningModule):
         p_label = w * self.label_probability(rows, "visual") + (1 - w) * self.label_probability(rows, "vl")
         loss = -torch.log(p_label.clamp_min(1e-12)).mean()  # NLL of the fused probability
         size = rows["index"].numel()
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/loss", loss, batch_size=size)  # not prog_bar: no host sync per step (phases/base.py)
         self.log("train/w_mean", w.mean(), batch_size=size)
         return loss
 
