@@ -12,11 +12,9 @@ import sys
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
-from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lpt_lightning.callbacks import default_callbacks
@@ -25,14 +23,13 @@ from lpt_lightning.data_facts import connect
 from lpt_lightning.expert_outputs import scorer_fit_data
 from lpt_lightning.models.expert import ExpertSpec, GroupPromptSpec
 from lpt_lightning.phases import AdaptPhase, GroupPromptPhase, MoEScorerPhase, OptimSpec
-from tiny_models import tiny_backbone
+from tiny_models import tiny_backbone, tiny_image_folder
 
 aten = torch.ops.aten
 # Ops that cannot finish without the host seeing device data.
 SYNC_OPS = {aten._local_scalar_dense, aten.item, aten.nonzero, aten.nonzero_static, aten.masked_select,
             aten.unique_consecutive, aten._unique2, aten.unique_dim, aten.repeat_interleave, aten.equal,
             aten.is_nonzero}
-COUNTS = [30, 20, 12, 8]
 LOG_EVERY = 4
 
 
@@ -107,13 +104,7 @@ class CountSyncs(L.Callback):
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data") / "imgs"
-    rng = np.random.default_rng(0)
-    for c, n in enumerate(COUNTS):
-        (root / f"class{c}").mkdir(parents=True)
-        for i in range(n):
-            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / f"class{c}" / f"{i}.png")
-    return root
+    return tiny_image_folder(tmp_path_factory.mktemp("data") / "imgs")
 
 
 def images(folder):
