@@ -49,8 +49,7 @@ class LogLines(ProgressBar):
             remaining = (total - batch_idx - 1) if math.isfinite(total) else 0
             if trainer.max_epochs and trainer.max_epochs > 0 and math.isfinite(total):
                 remaining += (trainer.max_epochs - trainer.current_epoch - 1) * total
-            metrics = trainer.progress_bar_metrics
-            loss = metrics.get("train/loss")
+            loss = trainer.callback_metrics.get("train/loss")  # a device tensor: read only at these lines
             lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else None
             parts = [_epoch(trainer), f"batch {batch_idx + 1}/{total if math.isfinite(total) else '?'}"]
             parts += [f"loss {float(loss):.4f}"] if loss is not None else []

@@ -27,6 +27,7 @@ from lpt_lightning.checkpoints.metadata import check_phase_metadata, read_phase_
 from lpt_lightning.console import LogLines, plain_output, silence_noise
 from lpt_lightning.data import LongTailDataModule
 from lpt_lightning.errors import CheckpointError, ConfigError, RunInterrupted
+from lpt_lightning.precision import check_precision
 from lpt_lightning.prediction import PredictionWriter, export_model_config
 from lpt_lightning.reports import SplitReport
 
@@ -113,6 +114,7 @@ class LPTCLI(LightningCLI):
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
+        check_precision(self._trainer_config().get("precision") or "32-true")  # before anything is built
         if self.parse_only:
             raise _Parsed(self.config)
 

@@ -83,6 +83,11 @@ def _at_least_fp32(x: Tensor) -> Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def one_hot(targets: Tensor, num_classes: int) -> Tensor:
+    """Bool [B, C]; F.one_hot reads the labels' min and max on the host (a device sync per step)."""
+    return targets.long().unsqueeze(1) == torch.arange(num_classes, device=targets.device)
+
+
 def gcl_logits(
     z: Tensor,
     targets: Tensor,
@@ -106,7 +111,7 @@ def gcl_logits(
         # Rare classes (delta -> 1) get their logits pushed down the most: a larger implicit margin.
         x = x - beta * noise.to(x).abs() * offsets.to(x).unsqueeze(0)
     if margin != 0:
-        x = x - margin * F.one_hot(targets.long(), x.shape[1]).to(x)
+        x = x - margin * one_hot(targets, x.shape[1]).to(x)
     return scale * x
 
 
@@ -172,7 +177,7 @@ class AGCLLoss(nn.Module):
         elif noise is None and self.training:
             noise = sample_gcl_noise(cos_logits.shape, device=cos_logits.device)
         x = gcl_logits(cos_logits, targets, self.offsets, noise, self.beta, self.margin, self.scale)
-        onehot = F.one_hot(targets.long(), self.num_classes).to(x)
+        onehot = one_hot(targets, self.num_classes).to(x)
         log_p = F.log_softmax(x, dim=-1)
         # log of the focusing base: log(1 - p_y) for the target, log p_c elsewhere. log(1 - p_y)
         # = logsumexp over the non-target logits - logsumexp over all: finite even when p_y

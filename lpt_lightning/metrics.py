@@ -67,7 +67,8 @@ class SplitAccuracy(Metric):
     """Top-1 accuracy overall, per shot group and per class, in percent.
 
     States `correct` / `total` are per-class counts (LongTensor [C], summed across processes), so
-    the DDP result is exact as long as the eval sampler never duplicates samples.
+    the DDP result is exact as long as the eval sampler never duplicates samples; they stay on the
+    device until `compute()`. Out-of-range target labels are counted (`invalid`) and refused there.
 
     `update(preds, target)`: preds is [B, C] scores (argmax taken) or [B] integer labels.
     `compute()` -> dict of tensors: `acc`, `acc_many`, `acc_medium`, `acc_few` (0-dim; NaN when
@@ -80,6 +81,7 @@ class SplitAccuracy(Metric):
 
     correct: Tensor
     total: Tensor
+    invalid: Tensor
 
     def __init__(self, train_counts: Tensor | Sequence[int], convention: str = "lpt", **kwargs) -> None:
         super().__init__(**kwargs)
@@ -91,6 +93,7 @@ class SplitAccuracy(Metric):
             self.register_buffer(f"mask_{name}", groups[name], persistent=False)
         self.add_state("correct", default=torch.zeros(self.num_classes, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", default=torch.zeros(self.num_classes, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("invalid", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
     def group_masks(self) -> dict[str, Tensor]:
         return {name: getattr(self, f"mask_{name}") for name in SHOT_GROUPS}
@@ -109,13 +112,14 @@ class SplitAccuracy(Metric):
             )
         if labels.shape != target.shape:
             raise ConfigError(f"SplitAccuracy: {labels.numel()} predictions for {target.numel()} targets")
-        if target.numel() == 0:
-            return
-        if int(target.min()) < 0 or int(target.max()) >= self.num_classes:
-            raise ConfigError(f"SplitAccuracy: target labels must be in [0, {self.num_classes - 1}]")
-        # bincount without weights is deterministic on CUDA.
-        self.total += torch.bincount(target, minlength=self.num_classes)
-        self.correct += torch.bincount(target[labels == target], minlength=self.num_classes)
+        # No host sync per batch (bincount reads its input's max on CUDA, a bool() of the range check
+        # would wait too): out-of-range labels are counted on the device and refused by compute().
+        # scatter_add_ is deterministic on CUDA under torch.use_deterministic_algorithms.
+        valid = (target >= 0) & (target < self.num_classes)
+        safe = torch.where(valid, target, 0)
+        self.total.scatter_add_(0, safe, valid.long())
+        self.correct.scatter_add_(0, safe, (valid & (labels == target)).long())
+        self.invalid += (~valid).sum()
 
     @staticmethod
     def _pct(correct: Tensor, total: Tensor) -> Tensor:
@@ -124,6 +128,10 @@ class SplitAccuracy(Metric):
         return torch.where(t > 0, out, torch.full_like(out, float("nan"))).to(torch.float32)
 
     def compute(self) -> dict[str, Tensor]:
+        invalid = int(self.invalid)
+        if invalid:
+            raise ConfigError(f"SplitAccuracy: {invalid} target label(s) outside [0, {self.num_classes - 1}]: the "
+                              "evaluated data has more classes than the model")
         out = {"acc": self._pct(self.correct.sum(), self.total.sum())}
         for name, mask in self.group_masks().items():
             out[f"acc_{name}"] = self._pct(self.correct[mask].sum(), self.total[mask].sum())

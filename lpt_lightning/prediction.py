@@ -17,6 +17,7 @@ from lpt_lightning.checkpoints.experts import expert_from_checkpoint
 from lpt_lightning.checkpoints.files import load_checkpoint_file
 from lpt_lightning.checkpoints.metadata import check_phase_metadata, read_phase_metadata
 from lpt_lightning.errors import CheckpointError
+from lpt_lightning.precision import check_precision
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -123,6 +124,9 @@ class ExportedExpert(L.LightningModule):
     @property
     def img_size(self) -> int:
         return self.expert.img_size
+
+    def setup(self, stage: str) -> None:
+        check_precision(self.trainer.precision)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         logits = self.expert(batch["image"]).logits

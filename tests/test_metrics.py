@@ -98,15 +98,18 @@ def test_bad_inputs():
     m = SplitAccuracy(COUNTS)
     with pytest.raises(ConfigError):
         m.update(torch.randn(3, 4), torch.tensor([0, 1, 2]))
-    with pytest.raises(ConfigError):
-        m.update(torch.tensor([0, 1]), torch.tensor([0, 7]))
+    # Label ranges are checked on the device (no host sync per batch) and refused by compute().
+    m.update(torch.tensor([0, 1]), torch.tensor([0, 7]))
+    m.update(torch.tensor([0, 1]), torch.tensor([-1, 1]))
+    with pytest.raises(ConfigError, match=r"2 target label\(s\) outside \[0, 6\]"):
+        m.compute()
     with pytest.raises(ConfigError):
         m.update(torch.tensor([0.0, 1.0]), torch.tensor([0, 1]))
 
 
 def test_masks_are_buffers_not_states():
     m = SplitAccuracy(COUNTS, convention="oltr")
-    assert set(m._defaults) == {"correct", "total"}
+    assert set(m._defaults) == {"correct", "total", "invalid"}
     assert m.group_masks()["medium"].tolist() == shot_groups(COUNTS, "oltr")["medium"].tolist()
     m = m.to(torch.float64)  # masks stay boolean, states stay long
     assert m.mask_few.dtype == torch.bool and m.correct.dtype == torch.long

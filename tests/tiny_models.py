@@ -13,3 +13,16 @@ def tiny_backbone(kind: str) -> BackboneSpec:
     if kind == "visual":
         return BackboneSpec(name="vit_base_patch16_224", pretrained=False, model_kwargs=dict(TIMM_TINY))
     return BackboneSpec(pretrained=None, model_kwargs=dict(CLIP_TINY))
+
+
+def tiny_image_folder(root, counts=(30, 20, 12, 8)):
+    """A long-tailed ImageFolder of random 8x8 PNGs (one folder per class) under ``root``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, n in enumerate(counts):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / f"class{c}" / f"{i}.png")
+    return root

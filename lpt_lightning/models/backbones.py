@@ -120,9 +120,6 @@ class FrozenViT(nn.Module):
         """[B,3,H,W] images, uint8 or float in [0,1] -> [B, N, embed_dim] tokens ([cls; patches])."""
         raise NotImplementedError
 
-    def attention_branch(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
     def mlp_branch(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
@@ -137,12 +134,11 @@ class FrozenViT(nn.Module):
         fewer FLOPs.
         """
         block = self.blocks[index]
-        if keep is None or keep == x.shape[1]:
-            if adapter is None:
-                return block(x)
-            x = x + self.attention_branch(block, x)
-            return x + self.mlp_branch(block, x) + adapter(x)
-        y = x[:, :keep] + self.attention_for_queries(block, x, keep)
+        # Attention is always ours (`_attend`: F.scaled_dot_product_attention, flash / memory-
+        # efficient kernels on GPUs), whatever the library block would pick (timm's fused_attn
+        # flag, nn.MultiheadAttention's paths in open_clip).
+        keep = x.shape[1] if keep is None else keep
+        y = (x if keep == x.shape[1] else x[:, :keep]) + self.attention_for_queries(block, x, keep)
         out = y + self.mlp_branch(block, y)
         return out + adapter(y) if adapter is not None else out
 
@@ -167,10 +163,13 @@ def _attend(h: torch.Tensor, keep: int, weight: torch.Tensor, bias: torch.Tensor
     returns the heads concatenated, before the output projection."""
     b, n, d = h.shape
     head_dim = d // num_heads
-    q = F.linear(h[:, :keep], weight[:d], bias[:d] if bias is not None else None)
-    kv = F.linear(h, weight[d:], bias[d:] if bias is not None else None)
-    q = q.reshape(b, keep, num_heads, head_dim).transpose(1, 2)
-    k, v = kv.reshape(b, n, 2, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    if keep == n:  # every token queries: one fused projection
+        q, k, v = F.linear(h, weight, bias).reshape(b, n, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        q = F.linear(h[:, :keep], weight[:d], bias[:d] if bias is not None else None)
+        kv = F.linear(h, weight[d:], bias[d:] if bias is not None else None)
+        q = q.reshape(b, keep, num_heads, head_dim).transpose(1, 2)
+        k, v = kv.reshape(b, n, 2, num_heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     if q_norm is not None:
         q, k = q_norm(q), k_norm(k)
     out = F.scaled_dot_product_attention(q, k, v)
@@ -283,9 +282,6 @@ class TimmViT(FrozenViT):
         x = m.patch_drop(x)
         return m.norm_pre(x)
 
-    def attention_branch(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return block.drop_path1(block.ls1(block.attn(block.norm1(x))))
-
     def mlp_branch(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
@@ -369,9 +365,6 @@ class OpenClipViT(FrozenViT):
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return self.visual._embeds(self.normalise(images))
-
-    def attention_branch(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return block.ls_1(block.attention(q_x=block.ln_1(x)))
 
     def mlp_branch(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return block.ls_2(block.mlp(block.ln_2(x)))

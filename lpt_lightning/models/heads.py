@@ -25,4 +25,7 @@ class CosineHead(nn.Module):
         self.weight.copy_(F.normalize(class_vectors.to(self.weight), dim=-1))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.dropout(features), dim=-1) @ F.normalize(self.weight, dim=-1).t()
+        # float32 under mixed precision too: bf16 keeps 3 significant digits, coarser than the
+        # margins the losses put on s * cos (s = 20), and every consumer reads fp32 logits.
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            return F.normalize(self.dropout(features.float()), dim=-1) @ F.normalize(self.weight.float(), dim=-1).t()

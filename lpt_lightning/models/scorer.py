@@ -74,5 +74,7 @@ class MoEScorer(nn.Module):
         nn.init.zeros_(self.offset[-1].bias)
 
     def forward(self, query_visual: torch.Tensor, query_vl: torch.Tensor) -> torch.Tensor:
-        offset = self.offset(torch.cat([query_visual, query_vl], dim=-1).float()).squeeze(-1)
+        # float32 under mixed precision: w(x) weighs two probabilities whose gap decides the label.
+        with torch.autocast(device_type=query_visual.device.type, enabled=False):
+            offset = self.offset(torch.cat([query_visual.float(), query_vl.float()], dim=-1)).squeeze(-1)
         return (self.w_base + offset).clamp(0.0, 1.0)

@@ -19,6 +19,7 @@ from lpt_lightning.errors import CheckpointError, ConfigError
 from lpt_lightning.losses import AGCLLoss, LogitAdjustedCE, matching_loss
 from lpt_lightning.metrics import SPLIT_KEYS, SplitAccuracy
 from lpt_lightning.models.expert import ExpertOutput, LongTailExpert
+from lpt_lightning.precision import check_precision
 
 
 
@@ -174,6 +175,7 @@ class ExpertPhase(L.LightningModule):
 
     # ----------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
+        check_precision(self.trainer.precision)
         facts = self.data_facts
         loss_counts = None
         if facts is not None:
@@ -241,7 +243,9 @@ class ExpertPhase(L.LightningModule):
             total = total + penalty
             self.log("train/head_anchor", penalty.detach())
         # A non-finite loss is the NonFiniteLossPolicy callback's to handle (stop or skip).
-        self.log("train/loss", total.detach(), prog_bar=True, batch_size=sum(sizes))
+        # Not in the progress bar: Lightning turns progress-bar values into numbers after every batch
+        # (a host sync per step); loggers and LogLines read it at log_every_n_steps.
+        self.log("train/loss", total.detach(), batch_size=sum(sizes))
         return total
 
     def head_penalty(self) -> torch.Tensor | None:

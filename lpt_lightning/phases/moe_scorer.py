@@ -38,6 +38,7 @@ from lpt_lightning.errors import CheckpointError, ConfigError
 from lpt_lightning.metrics import SPLIT_KEYS, SplitAccuracy
 from lpt_lightning.models.expert import GroupPromptSpec, LongTailExpert
 from lpt_lightning.models.scorer import BaseWeightSearch, MoEScorer, fuse
+from lpt_lightning.precision import check_precision
 
 # Rows of every phase-3 evaluation: the gain of each part stays visible.
 ROWS = {"visual": "visual expert", "vl": "vision-language expert", "base": "W_base fusion", "fused": "LPT++ (scorer)"}
@@ -231,6 +232,9 @@ class MoEScorerPhase(L.LightningModule):
             self.build_experts()
             self.to(self.device)
 
+    def setup(self, stage: str) -> None:
+        check_precision(self.trainer.precision)
+
     def on_fit_start(self) -> None:
         if not self.scorer_spec.learn_offset:
             rank_zero_info("moe_scorer: searching-based scorer only (scorer.learn_offset=false): W_base is the "
@@ -271,7 +275,7 @@ class MoEScorerPhase(L.LightningModule):
         p_label = w * self.label_probability(rows, "visual") + (1 - w) * self.label_probability(rows, "vl")
         loss = -torch.log(p_label.clamp_min(1e-12)).mean()  # NLL of the fused probability
         size = rows["index"].numel()
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/loss", loss, batch_size=size)  # not prog_bar: no host sync per step (phases/base.py)
         self.log("train/w_mean", w.mean(), batch_size=size)
         return loss
 
