@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lpt_lightning.errors import CheckpointError
+from lpt_lightning.errors import CheckpointError, ConfigError
 from lpt_lightning.losses import matching_loss
 from lpt_lightning.models.backbones import BackboneSpec, build_backbone
 from lpt_lightning.models.expert import ExpertSpec, GroupPromptSpec, LongTailExpert, class_name_to_text
@@ -162,6 +162,22 @@ def test_vl_head_starts_from_text_embeddings_of_class_names():
     torch.testing.assert_close(expert.head.weight, F.normalize(text, dim=-1))
     assert class_name_to_text("sea_lion", "a photo of a {}.") == "a photo of a sea lion."
 
+
+
+def test_text_head_refuses_placeholder_names_but_the_visual_expert_takes_them():
+    from lpt_lightning.phases.adapt import AdaptPhase
+
+    ids = ["0", "1", "2"]  # iNaturalist 2018's train2018.json without categories.json
+    with pytest.raises(ConfigError, match=r"class names are numbers .*names_json=categories.json"):
+        make_expert("vl", group=None).init_head_from_text(ids)
+    with pytest.raises(ConfigError, match="names_json"):
+        AdaptPhase(expert=ExpertSpec(kind="vl", backbone=tiny_backbone("vl"), prompt_length=2), num_classes=3,
+                   class_names=ids)
+    visual = AdaptPhase(expert=ExpertSpec(kind="visual", backbone=tiny_backbone("visual"), prompt_length=2),
+                        num_classes=3, class_names=ids)
+    assert visual.head_init == "random"
+    # Real names that merely contain digits are names.
+    make_expert("vl", group=None).init_head_from_text(["Mus musculus", "B-52", "7-spot ladybird", "a", "b", "c"])
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_timm_backbone_loads_local_file(tmp_path, suffix):

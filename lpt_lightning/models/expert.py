@@ -81,6 +81,12 @@ def class_name_to_text(name: str, template: str) -> str:
     return template.format(" ".join(name.split()))
 
 
+def placeholder_names(names: list[str]) -> bool:
+    """True when the class names are numbers (ids standing in for names, as in iNaturalist
+    2018's ``train2018.json``): text embeddings of them carry no class meaning."""
+    return bool(names) and all(str(n).strip().lstrip("-").isdigit() for n in names)
+
+
 class LongTailExpert(nn.Module):
     def __init__(self, spec: ExpertSpec, num_classes: int, group: GroupPromptSpec | None = None,
                  backbone: FrozenViT | None = None):
@@ -127,6 +133,13 @@ class LongTailExpert(nn.Module):
         encode = getattr(self.backbone, "encode_text", None)
         if encode is None:
             raise ConfigError("expert.head_init='text' needs the vl expert (an open_clip backbone with a text tower)")
+        if placeholder_names(class_names):
+            raise ConfigError(
+                f"the class names are numbers ({', '.join(map(repr, class_names[:3]))}, ...), not names: the vl "
+                "expert's head starts from their CLIP text embeddings (expert.head_init='text'). Give the real names: "
+                "for iNaturalist 2018 set data.source.init_args.names_json=categories.json (the species names "
+                "published beside train2018.json); for a list-file dataset set data.source.init_args.class_names_file. "
+                "Or set expert.head_init=class_mean (or random) to start the head without text")
         self.head.init_from(encode([class_name_to_text(n, self.spec.text_template) for n in class_names]))
 
     def run_blocks(self, x: torch.Tensor, start: int, end: int, group_prompts: torch.Tensor | None = None) -> torch.Tensor:
