@@ -179,6 +179,42 @@ def test_text_head_refuses_placeholder_names_but_the_visual_expert_takes_them():
     # Real names that merely contain digits are names.
     make_expert("vl", group=None).init_head_from_text(["Mus musculus", "B-52", "7-spot ladybird", "a", "b", "c"])
 
+
+def test_text_encoding_in_batches_equals_one_batch():
+    bb = build_backbone("vl", tiny_backbone("vl"))
+    prompts = [f"a photo of a species {i}." for i in range(23)]
+    one = bb.encode_text(prompts, batch_size=len(prompts))
+    for batch_size in (1, 5, 256):
+        torch.testing.assert_close(bb.encode_text(prompts, batch_size=batch_size), one, rtol=0, atol=1e-6)
+
+
+def test_text_head_is_encoded_once_per_tower_names_and_template(tmp_path, monkeypatch):
+    monkeypatch.setenv("LPT_CACHE_DIR", str(tmp_path))
+    names = ["sea_lion", "t-shirt", "cat", "dog", "ship", "car"]
+    calls = []
+
+    def counted(expert):
+        encode = expert.backbone.encode_text
+        monkeypatch.setattr(expert.backbone, "encode_text", lambda prompts: calls.append(prompts) or encode(prompts))
+        return expert
+
+    first = counted(make_expert("vl", group=None))  # make_expert seeds: the same random tower each time
+    first.init_head_from_text(names)
+    again = counted(make_expert("vl", group=None))  # built again (another rank, a later phase)
+    again.init_head_from_text(names)
+    assert len(calls) == 1 and len(list((tmp_path / "text_embeddings").glob("*.pt"))) == 1
+    torch.testing.assert_close(again.head.weight, first.head.weight, rtol=0, atol=0)
+    again.init_head_from_text(names[::-1])  # other names
+    counted(make_expert("vl", group=None, text_template="itap of a {}.")).init_head_from_text(names)  # template
+    other = counted(make_expert("vl", group=None))
+    other.backbone._text_model[0].ln_final.weight.data.mul_(2)  # other weights
+    other.init_head_from_text(names)
+    assert len(calls) == 4
+    for path in (tmp_path / "text_embeddings").glob("*.pt"):
+        path.write_bytes(b"torn")  # an unreadable cache entry is encoded again, not an error
+    counted(make_expert("vl", group=None)).init_head_from_text(names)
+    assert len(calls) == 5
+
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_timm_backbone_loads_local_file(tmp_path, suffix):
     source = build_backbone("visual", tiny_backbone("visual"))
