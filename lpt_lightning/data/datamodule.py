@@ -123,8 +123,8 @@ class LongTailDataModule(StreamTrainingData, LightningDataModule):
             each rank checks its share of the images and all ranks learn the result.
         verify_record_dir: folder where a passed check is recorded (a small file named by the
             split's digest and the mode), so that later runs on the same split (the next phases
-            of a pipeline, a resumed job) skip it. ``lpt pipeline`` sets ``<run_dir>/verified``;
-            None: every run checks.
+            of a pipeline, a resumed job) skip it. ``lpt pipeline`` sets ``<run_dir>/verified``
+            where it is not set; None: every run checks.
         pin_memory: pin host memory (only when CUDA is available). Batches hold uint8 images
             (converted to float on the device), a quarter of the bytes of float32.
         persistent_workers: keep workers alive between epochs (only with num_workers > 0).
