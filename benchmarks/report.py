@@ -13,6 +13,7 @@ ASSUMED_GPU_MFU = 0.40
 # The data-loading projection: can one node's CPU cores feed one GPU?
 PROJECTION_GPU = "H100 SXM (989 TFLOP/s bf16)"
 NODE_CORES = 16
+INAT_CLASSES = 8142
 NODE_WORKERS = NODE_CORES - 1  # one core for the training process (scripts/slurm: workers = cores - 1 per rank)
 PHASE_NAMES = {"phase1": "phase 1", "phase2": "phase 2", "phase3": "phase 3"}
 EXPERT_NAMES = {"visual": "visual (timm ViT-B/16)", "vl": "VL (CLIP ViT-B/16)", "scorer": "MoE scorer"}
@@ -834,6 +835,60 @@ def findings(run: dict[str, Any]) -> list[str]:
     return lines
 
 
+def text_encoding_section(results: Path) -> list[str]:
+    """The VL head's text initialisation at iNaturalist's class count (`bench_text_encoding`)."""
+    path = results / "text_encoding.json"
+    if not path.is_file():
+        return []
+    r = json.loads(path.read_text())
+    before, after, cached = r["before"], r["after"], r.get("cached")
+    n = before["names"]
+    scale = INAT_CLASSES / n
+
+    def extra(row: dict[str, Any]) -> float:
+        return row["peak_rss_gb"] - row["rss_built_gb"]
+
+    lines = [
+        f"### Text initialisation of the VL head: {INAT_CLASSES:,} class names (iNaturalist 2018)", "",
+        f"`{before['command']}` ({before['date']}; torch {r['torch']}): the CLIP ViT-B/16 text "
+        "tower (12 blocks of width 512, 77 tokens), random weights, fp32 on the CPU, "
+        f"{r['threads']} torch threads on a {r['cpu_cores']}-core machine shared with other jobs (load average "
+        f"{_f(after['load_average_end'], 1)} at the end). Each row "
+        f"is a fresh process; peak RSS includes the model itself ({_f(before['rss_built_gb'], 2)} GB, image and "
+        f"text towers). The {INAT_CLASSES:,} names in one batch would take about "
+        f"{before['seconds'] * scale / 60:.0f} min here, so both encodings ran {n:,} names and the "
+        f"{INAT_CLASSES:,}-name columns are extrapolated: time linear in the names, the one batch's activation "
+        "memory linear in its size (batches of 256 keep theirs).", "",
+        f"| encoding | batch | {n:,} names: time | peak RSS | {INAT_CLASSES:,} names: time (extrapolated) "
+        "| peak RSS (extrapolated) |",
+        "| --- | --- | --- | --- | --- | --- |",
+        f"| before: one batch, on every rank | all | {before['seconds']:.0f} s | "
+        f"{before['peak_rss_gb']:.2f} GB | {before['seconds'] * scale / 60:.0f} min | "
+        f"{before['rss_built_gb'] + extra(before) * scale:.1f} GB |",
+        f"| after: batches of 256, once | 256 | {after['seconds']:.0f} s | {after['peak_rss_gb']:.2f} GB | "
+        f"{after['seconds'] * scale / 60:.0f} min | {after['peak_rss_gb']:.2f} GB |",
+    ]
+    if cached:
+        lines.append(f"| after: every other process (cache hit) | - | - | - | {cached['digest_seconds'] + cached['read_seconds']:.1f} s "
+                     f"(tower digest {cached['digest_seconds']:.1f} s, reading {cached['file_mb']:.0f} MB "
+                     f"{cached['read_seconds']:.2f} s) | {cached['peak_rss_gb']:.2f} GB |")
+    lines += [
+        "",
+        "Batching bounds the memory: the one-batch encoding's activations grow with the class count "
+        f"(+{extra(before):.1f} GB at {n:,} names), those of 256 names stay at "
+        f"+{extra(after):.1f} GB. The compute per name is the same; the batches of 256 also ran faster here "
+        f"({after['seconds']:.0f} s against {before['seconds']:.0f} s for the same names: likely the large "
+        "batch's memory traffic, and the load varied), and doing it once removes the rest: the first process "
+        "saves the embeddings (`$LPT_CACHE_DIR`, default `~/.cache/lpt_lightning`; keyed by "
+        "the text tower's weights and architecture, the names and the template), the other ranks on its node "
+        "wait for it and read them, and so do later phases and runs. The encoding runs on the module's device, "
+        "which in `__init__` is the CPU: on a CUDA node the first start still pays the CPU time above (on the "
+        "node's cores rather than these 2).",
+        "",
+    ]
+    return lines
+
+
 def render(results: Path) -> str:
     runs = _load(results)
     lines = [
@@ -879,5 +934,6 @@ def render(results: Path) -> str:
             lines += mfu_section(model, m) + cost_section(model) + phase3_section(model, m)
         lines += data_section(run)
         lines += findings(run)
+    lines += text_encoding_section(results)
     lines += [FAST_PATH]
     return "\n".join(lines).rstrip() + "\n"

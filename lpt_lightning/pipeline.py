@@ -184,6 +184,10 @@ def plan(run_dir: str, data: dict[str, Any], trainer: dict[str, Any] | None, exp
     if mixture and set(experts) != {"visual", "vl"}:
         raise ConfigError("pipeline mixture=true (phase 3) needs both experts; set mixture: false for LPT mode")
     root = Path(run_dir)
+    # The images are checked once for the whole pipeline: later phases find the record and skip it.
+    # (A parsed data section carries the option's default, None.)
+    if data.get("verify_record_dir") is None:
+        data = {**data, "verify_record_dir": str(root / "verified")}
     sections = {"phase1": phase_section("phase1", phase1), "phase2": phase_section("phase2", phase2),
                 "phase3": phase_section("phase3", phase3)}
     runs: list[PhaseRun] = []

@@ -1,5 +1,8 @@
 """Shared test setup: never touch the network, keep CPU runs small and deterministic."""
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -7,6 +10,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Text embeddings of class names are cached (lpt_lightning.models.text_cache): never in the home folder.
+if "LPT_CACHE_DIR" not in os.environ:
+    os.environ["LPT_CACHE_DIR"] = tempfile.mkdtemp(prefix="lpt-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["LPT_CACHE_DIR"], True)
 
 
 def pytest_configure(config):

@@ -383,10 +383,12 @@ ENTRY_POINT_OF_PHASE = {"phase1_visual": "phase1", "phase1_vl": "phase1_vl", "ph
 
 def without_run_paths(cfg: dict) -> dict:
     """A parsed config without what names its run's directories (and so differs between a
-    pipeline phase and the single-phase config): run directory, logger, callbacks, checkpoints read."""
+    pipeline phase and the single-phase config): run directory, logger, callbacks, checkpoints read,
+    the record of the image check."""
     cfg = copy.deepcopy(cfg)
     for key in ("default_root_dir", "logger", "callbacks"):
         del cfg["trainer"][key]
+    del cfg["data"]["verify_record_dir"]
     for key in ("phase1_checkpoint", "visual_checkpoint", "vl_checkpoint"):
         cfg["model"]["init_args"].pop(key, None)
     return cfg

@@ -324,6 +324,37 @@ def test_inat_errors(inat_root):
         INatJsonSource(root=str(inat_root), test_json="missing.json").load()
 
 
+
+def test_inat_names_json_replaces_the_2018_placeholder_names(inat_root):
+    # train2018.json names each category by its id; the species names are in categories.json.
+    train = json.loads((inat_root / "train2018.json").read_text())
+    real = {c["id"]: c["name"] for c in train["categories"]}
+    for cat in train["categories"]:
+        cat["name"] = str(cat["id"])
+    _write(inat_root / "train2018.json", json.dumps(train))
+    assert INatJsonSource(root=str(inat_root)).load().class_names == ["2", "5", "9"]
+    names = [{"id": cid, "name": name, "supercategory": "Animalia"} for cid, name in real.items()]
+    _write(inat_root / "categories.json", json.dumps(names + [{"id": 77, "name": "Unused"}]))
+    s = INatJsonSource(root=str(inat_root), names_json="categories.json").load()
+    assert s.class_names == ["Aardvark", "Moth", "Zebra"]  # in the order of the sorted train ids
+    assert s.train.labels.tolist() == [2, 0, 1, 1, 0]
+    _write(inat_root / "wrapped.json", json.dumps({"categories": names}))
+    assert INatJsonSource(root=str(inat_root), names_json="wrapped.json").load().class_names == s.class_names
+
+
+def test_inat_names_json_errors(inat_root):
+    with pytest.raises(DataFormatError, match="set data.source.init_args.names_json"):
+        INatJsonSource(root=str(inat_root), names_json="categories.json").load()
+    _write(inat_root / "short.json", json.dumps([{"id": 2, "name": "Aardvark"}]))
+    with pytest.raises(DataFormatError, match=r"short.json: no name for 2 of the 3 category ids .*\[5, 9\]"):
+        INatJsonSource(root=str(inat_root), names_json="short.json").load()
+    _write(inat_root / "twice.json", json.dumps([{"id": 2, "name": "A"}, {"id": 2, "name": "B"}]))
+    with pytest.raises(DataFormatError, match=r"twice.json: categories\[1\] repeats category id 2"):
+        INatJsonSource(root=str(inat_root), names_json="twice.json").load()
+    _write(inat_root / "scalar.json", "3")
+    with pytest.raises(DataFormatError, match="scalar.json: expected a list of categories"):
+        INatJsonSource(root=str(inat_root), names_json="scalar.json").load()
+
 # ------------------------------------------------------------------------------ image folder
 
 

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import gzip
+import json
+import os
+import shutil
 import struct
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -305,6 +309,75 @@ def test_verify_images_before_training(tmp_path):
     unchecked = LongTailDataModule(src, batch_size=1, num_workers=0, img_size=4, verify_images="off")
     unchecked.setup("fit")  # no up-front check; the missing file would fail when loaded
 
+
+
+def _list_dataset(root: Path, n: int, broken: tuple[int, ...] = ()) -> None:
+    """``train.txt`` (n images, two classes) and ``val.txt`` (two images); ``bad.txt`` lists the
+    training images with ``broken`` ones replaced by a garbage file."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", (4, 4), (i, 0, 0)).save(root / f"{i}.png")
+    (root / "garbage.png").write_bytes(b"not an image")
+    (root / "train.txt").write_text("".join(f"{i}.png {i % 2}\n" for i in range(n)))
+    (root / "val.txt").write_text("0.png 0\n1.png 1\n")
+    (root / "bad.txt").write_text("".join(f"{'garbage' if i in broken else i}.png {i % 2}\n" for i in range(n)))
+
+
+def test_verify_record_lets_later_runs_skip_the_check(tmp_path, monkeypatch):
+    import PIL.Image
+
+    opened = []
+    real_open = PIL.Image.open
+    monkeypatch.setattr(PIL.Image, "open", lambda path, *a, **k: opened.append(str(path)) or real_open(path, *a, **k))
+    _list_dataset(tmp_path / "r", 6, broken=(3,))
+    records = tmp_path / "verified"
+
+    def setup(root=tmp_path / "r", train="train.txt", **kw):
+        opened.clear()
+        src = AnnotationListSource(root=str(root), train_list=train, val_list="val.txt")
+        dm = LongTailDataModule(src, batch_size=1, num_workers=0, img_size=4, verify_record_dir=str(records), **kw)
+        dm.setup("fit")
+        return dm
+
+    dm = setup()
+    assert len(opened) == 8  # 6 training + 2 validation images
+    assert sorted(p.name for p in records.iterdir()) == sorted(
+        f"{s.digest()}-header.json" for s in (dm.splits.train, dm.splits.val))
+    setup()
+    assert opened == []  # a later phase on the same splits
+    setup(verify_images="full")
+    assert len(opened) == 8  # a stricter check is a check of its own
+    with pytest.raises(DataFormatError, match="garbage.png"):
+        setup(train="bad.txt")
+    with pytest.raises(DataFormatError, match="garbage.png"):
+        setup(train="bad.txt")  # a failed check is not recorded
+    shutil.copytree(tmp_path / "r", tmp_path / "copy")
+    setup(root=tmp_path / "copy")
+    assert len(opened) == 8  # the same digest elsewhere: the copy's files are checked
+
+
+@pytest.mark.slow  # ~30 s on 2 busy cores: two processes importing Lightning
+@pytest.mark.ddp
+def test_ranks_share_the_image_check_and_each_image_is_opened_once(tmp_path):
+    import torch.multiprocessing as mp
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import ddp_verify_worker
+
+    root = tmp_path / "data"
+    _list_dataset(root, 9, broken=(5,))  # index 5: the share of rank 1
+    out = tmp_path / "out"
+    out.mkdir()
+    mp.spawn(ddp_verify_worker.run, args=(2, f"file://{tmp_path / 'rendezvous'}", str(root), str(out)), nprocs=2,
+             join=True)
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    first = [p for r in ranks for p in r["phase1"]]
+    expected = [str(root / f"{i}.png") for i in range(9)] + [str(root / "0.png"), str(root / "1.png")]
+    assert sorted(first) == sorted(expected)  # train and val: every image opened once in total
+    assert all(r["phase1"] for r in ranks)  # by both ranks
+    assert [r["phase2"] for r in ranks] == [[], []]  # the next phase reads the record
+    for r in ranks:  # both ranks fail, naming the file and its line, though only rank 1 opened it
+        assert r["error"] is not None and "garbage.png" in r["error"] and "bad.txt, line 6" in r["error"]
 
 def test_in_memory_fashion_mnist_source(tmp_path):
     root = tmp_path / "fm"

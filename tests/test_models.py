@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lpt_lightning.errors import CheckpointError
+from lpt_lightning.errors import CheckpointError, ConfigError
 from lpt_lightning.losses import matching_loss
 from lpt_lightning.models.backbones import BackboneSpec, build_backbone
 from lpt_lightning.models.expert import ExpertSpec, GroupPromptSpec, LongTailExpert, class_name_to_text
@@ -162,6 +162,58 @@ def test_vl_head_starts_from_text_embeddings_of_class_names():
     torch.testing.assert_close(expert.head.weight, F.normalize(text, dim=-1))
     assert class_name_to_text("sea_lion", "a photo of a {}.") == "a photo of a sea lion."
 
+
+
+def test_text_head_refuses_placeholder_names_but_the_visual_expert_takes_them():
+    from lpt_lightning.phases.adapt import AdaptPhase
+
+    ids = ["0", "1", "2"]  # iNaturalist 2018's train2018.json without categories.json
+    with pytest.raises(ConfigError, match=r"class names are numbers .*names_json=categories.json"):
+        make_expert("vl", group=None).init_head_from_text(ids)
+    with pytest.raises(ConfigError, match="names_json"):
+        AdaptPhase(expert=ExpertSpec(kind="vl", backbone=tiny_backbone("vl"), prompt_length=2), num_classes=3,
+                   class_names=ids)
+    visual = AdaptPhase(expert=ExpertSpec(kind="visual", backbone=tiny_backbone("visual"), prompt_length=2),
+                        num_classes=3, class_names=ids)
+    assert visual.head_init == "random"
+    # Real names that merely contain digits are names.
+    make_expert("vl", group=None).init_head_from_text(["Mus musculus", "B-52", "7-spot ladybird", "a", "b", "c"])
+
+
+def test_text_encoding_in_batches_equals_one_batch():
+    bb = build_backbone("vl", tiny_backbone("vl"))
+    prompts = [f"a photo of a species {i}." for i in range(23)]
+    one = bb.encode_text(prompts, batch_size=len(prompts))
+    for batch_size in (1, 5, 256):
+        torch.testing.assert_close(bb.encode_text(prompts, batch_size=batch_size), one, rtol=0, atol=1e-6)
+
+
+def test_text_head_is_encoded_once_per_tower_names_and_template(tmp_path, monkeypatch):
+    monkeypatch.setenv("LPT_CACHE_DIR", str(tmp_path))
+    names = ["sea_lion", "t-shirt", "cat", "dog", "ship", "car"]
+    calls = []
+
+    def counted(expert):
+        encode = expert.backbone.encode_text
+        monkeypatch.setattr(expert.backbone, "encode_text", lambda prompts: calls.append(prompts) or encode(prompts))
+        return expert
+
+    first = counted(make_expert("vl", group=None))  # make_expert seeds: the same random tower each time
+    first.init_head_from_text(names)
+    again = counted(make_expert("vl", group=None))  # built again (another rank, a later phase)
+    again.init_head_from_text(names)
+    assert len(calls) == 1 and len(list((tmp_path / "text_embeddings").glob("*.pt"))) == 1
+    torch.testing.assert_close(again.head.weight, first.head.weight, rtol=0, atol=0)
+    again.init_head_from_text(names[::-1])  # other names
+    counted(make_expert("vl", group=None, text_template="itap of a {}.")).init_head_from_text(names)  # template
+    other = counted(make_expert("vl", group=None))
+    other.backbone._text_model[0].ln_final.weight.data.mul_(2)  # other weights
+    other.init_head_from_text(names)
+    assert len(calls) == 4
+    for path in (tmp_path / "text_embeddings").glob("*.pt"):
+        path.write_bytes(b"torn")  # an unreadable cache entry is encoded again, not an error
+    counted(make_expert("vl", group=None)).init_head_from_text(names)
+    assert len(calls) == 5
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_timm_backbone_loads_local_file(tmp_path, suffix):

@@ -236,6 +236,8 @@ def test_plan_hands_each_final_checkpoint_to_the_next_phase(tmp_path):
     assert by_name["phase3_moe"]["data"]["sampling"] == "class_aware" and "sampling" not in by_name["phase1_vl"]["data"]
     assert by_name["phase1_vl"]["model"]["init_args"]["expert"]["kind"] == "vl"
     assert by_name["phase1_visual"]["trainer"]["default_root_dir"] == str(tmp_path / "phase1_visual")
+    # One record of the image check for the whole run: later phases skip it.
+    assert {r.config["data"]["verify_record_dir"] for r in runs} == {str(tmp_path / "verified")}
 
 
 def test_expert_blocks_and_phase_overrides_compose_each_phase(tmp_path):

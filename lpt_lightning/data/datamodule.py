@@ -1,6 +1,7 @@
 """LightningDataModule for long-tailed classification with dual (class + instance) sampling."""
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from dataclasses import replace
@@ -9,11 +10,13 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from lpt_lightning.checkpoints.files import atomic_save
 from lpt_lightning.data.long_tail import holdout_upto
 from lpt_lightning.data.datasets import (
     LongTailImageDataset,
@@ -117,7 +120,12 @@ class LongTailDataModule(StreamTrainingData, LightningDataModule):
         verify_images: check every listed image before training, in ``max(num_workers, 1)``
             processes: "header" (default: the file exists, its header parses and a JPEG or PNG
             ends with its end marker: finds files cut off), "full" (every pixel decodes: also
-            finds damage inside the data, several times slower) or "off".
+            finds damage inside the data, several times slower) or "off". Under DDP each rank
+            checks its share of the images and all ranks learn the result.
+        verify_record_dir: folder where a passed check is recorded (a small file named by the
+            split's digest and the mode), so that later runs on the same split (the next phases
+            of a pipeline, a resumed job) skip it. ``lpt pipeline`` sets ``<run_dir>/verified``
+            where it is not set; None: every run checks.
         pin_memory: pin host memory (only when CUDA is available). Batches hold uint8 images
             (converted to float on the device), a quarter of the bytes of float32.
         persistent_workers: keep workers alive between epochs (only with num_workers > 0).
@@ -158,6 +166,7 @@ class LongTailDataModule(StreamTrainingData, LightningDataModule):
         seed: int = 0,
         skip_unreadable: bool = False,
         verify_images: VerifyMode = "header",
+        verify_record_dir: str | None = None,
         pin_memory: bool = True,
         persistent_workers: bool = False,
         predict_paths: str | None = None,
@@ -202,6 +211,7 @@ class LongTailDataModule(StreamTrainingData, LightningDataModule):
         self.seed = seed
         self.skip_unreadable = skip_unreadable
         self.verify_images = verify_images
+        self.verify_record_dir = verify_record_dir
         self.pin_memory = pin_memory
         self.persistent_workers = persistent_workers
         self.predict_paths = predict_paths
@@ -364,14 +374,44 @@ class LongTailDataModule(StreamTrainingData, LightningDataModule):
     def _check_files(self, name: str, split: Split) -> None:
         if name in self._verified:
             return
-        try:
-            verify_images(split, self.verify_images, workers=max(self.num_workers, 1),
-                          progress=self._replicas()[1] == 0)
-        except DataFormatError as exc:
-            if not self.skip_unreadable:
-                raise
-            rank_zero_warn(f"{exc}\n(these images will be skipped: data.skip_unreadable=true)")
+        if self.verify_images != "off" and split.items and isinstance(split.items[0], str):
+            self._verify_once(split)
         self._verified.add(name)
+
+    def _verify_once(self, split: Split) -> None:
+        """``verify_images`` over the ranks, each checking every world_size-th image, unless a
+        record says this split passed before (rank 0 reads it, so every rank takes the same path).
+        Every rank raises when any rank found a bad image."""
+        world, rank = _process_group()
+        record = self._verify_record(split)
+        found = record is not None and rank == 0 and _record_matches(record, split)
+        if _gather(found)[0]:
+            rank_zero_info(f"images of {split.origin} passed data.verify_images={self.verify_images} before "
+                           f"({record}); not checked again")
+            return
+        shard = split if world == 1 else split.subset(np.arange(rank, len(split), world))
+        try:
+            verify_images(shard, self.verify_images, workers=max(self.num_workers, 1), progress=rank == 0)
+            problem = None
+        except DataFormatError as exc:
+            problem = str(exc)
+        problems = [p for p in _gather(problem) if p is not None]
+        if problems:
+            if not self.skip_unreadable:
+                raise DataFormatError("\n".join(problems))
+            rank_zero_warn("\n".join(problems) + "\n(these images will be skipped: data.skip_unreadable=true)")
+        elif record is not None and rank == 0:
+            try:
+                text = json.dumps({"origin": split.origin, "first_item": split.items[0], "images": len(split)})
+                atomic_save(lambda tmp: tmp.write_text(text), record)
+            except OSError as exc:
+                rank_zero_warn(f"could not record the image check in {record} ({exc}); later runs check again")
+
+    def _verify_record(self, split: Split) -> Path | None:
+        """Where a passed check of ``split`` in this mode is recorded (None: not recorded)."""
+        if self.verify_record_dir is None:
+            return None
+        return Path(os.path.expanduser(self.verify_record_dir)) / f"{split.digest()}-{self.verify_images}.json"
 
     def _dataset(self, name: str, split: Split, train: bool) -> LongTailImageDataset:
         key = f"{name}:{'train' if train else 'eval'}"
@@ -553,3 +593,28 @@ def _strip_label(line: str) -> str:
     fields = line.rsplit(maxsplit=1)
     return fields[0] if len(fields) == 2 and fields[1].lstrip("-").isdigit() else line
 
+
+def _process_group() -> tuple[int, int]:
+    """(world size, rank) of the default process group; (1, 0) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _gather(value: Any) -> list[Any]:
+    """``value`` of every rank, in rank order (``[value]`` without a process group)."""
+    world, _ = _process_group()
+    if world == 1:
+        return [value]
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, value)
+    return out
+
+
+def _record_matches(record: Path, split: Split) -> bool:
+    """A record applies to the split at this location: the digest ignores where the dataset is
+    mounted, and a copy elsewhere has files of its own to check."""
+    try:
+        return json.loads(record.read_text()).get("first_item") == split.items[0]
+    except (OSError, ValueError, AttributeError):
+        return False

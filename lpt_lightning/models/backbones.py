@@ -8,6 +8,7 @@ library's own modules and weights for each step.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -347,14 +348,33 @@ class OpenClipViT(FrozenViT):
             ) from exc
 
     @torch.no_grad()
-    def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        """CLIP text embeddings [len(prompts), feature_dim] from the real tokenizer and text tower."""
-        if not self._text_model:
-            raise RuntimeError("the text tower was released; encode class names before release_text_tower()")
-        model = self._text_model[0]
+    def encode_text(self, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
+        """CLIP text embeddings [len(prompts), feature_dim] from the real tokenizer and text tower,
+        ``batch_size`` prompts at a time on this module's device (activation memory stays that of
+        one batch: 8,142 iNaturalist names in one batch would need ~20 GB, docs/benchmarks.md)."""
+        model = self._text_tower()
         device = self.mean.device
         model.to(device).eval()
-        return model.encode_text(self._tokenizer(prompts).to(device)).float()
+        out = [model.encode_text(self._tokenizer(prompts[i:i + batch_size]).to(device)).float().cpu()
+               for i in range(0, len(prompts), batch_size)]
+        return torch.cat(out) if out else torch.empty(0, self.feature_dim)
+
+    def text_digest(self) -> str:
+        """Identity of what ``encode_text`` computes: the text tower's weights, dtypes and
+        architecture (activation, norms) and the tokenizer's context length."""
+        model = self._text_tower()
+        h = hashlib.sha256(f"{type(self._tokenizer).__name__}|{model.context_length}|{model!r}".encode())
+        for name, tensor in model.state_dict().items():
+            if name.startswith("visual."):
+                continue
+            h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+            h.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy())
+        return h.hexdigest()[:32]
+
+    def _text_tower(self) -> nn.Module:
+        if not self._text_model:
+            raise RuntimeError("the text tower was released; encode class names before release_text_tower()")
+        return self._text_model[0]
 
     def release_text_tower(self) -> None:
         self._text_model = ()

@@ -16,6 +16,7 @@ from lpt_lightning.models.adapters import ParallelAdapter
 from lpt_lightning.models.backbones import BackboneSpec, FrozenViT, build_backbone
 from lpt_lightning.models.heads import CosineHead
 from lpt_lightning.models.prompts import GroupPromptPool, PromptMatch, SharedPrompt, append_tokens
+from lpt_lightning.models.text_cache import cached_text_embeddings
 
 
 @dataclass
@@ -81,6 +82,12 @@ def class_name_to_text(name: str, template: str) -> str:
     return template.format(" ".join(name.split()))
 
 
+def placeholder_names(names: list[str]) -> bool:
+    """True when the class names are numbers (ids standing in for names, as in iNaturalist
+    2018's ``train2018.json``): text embeddings of them carry no class meaning."""
+    return bool(names) and all(str(n).strip().lstrip("-").isdigit() for n in names)
+
+
 class LongTailExpert(nn.Module):
     def __init__(self, spec: ExpertSpec, num_classes: int, group: GroupPromptSpec | None = None,
                  backbone: FrozenViT | None = None):
@@ -124,10 +131,17 @@ class LongTailExpert(nn.Module):
 
     def init_head_from_text(self, class_names: list[str]) -> None:
         """Head = CLIP text embeddings of "a photo of a {class}." (VL expert, SPEC 2)."""
-        encode = getattr(self.backbone, "encode_text", None)
-        if encode is None:
+        if not hasattr(self.backbone, "encode_text"):
             raise ConfigError("expert.head_init='text' needs the vl expert (an open_clip backbone with a text tower)")
-        self.head.init_from(encode([class_name_to_text(n, self.spec.text_template) for n in class_names]))
+        if placeholder_names(class_names):
+            raise ConfigError(
+                f"the class names are numbers ({', '.join(map(repr, class_names[:3]))}, ...), not names: the vl "
+                "expert's head starts from their CLIP text embeddings (expert.head_init='text'). Give the real names: "
+                "for iNaturalist 2018 set data.source.init_args.names_json=categories.json (the species names "
+                "published beside train2018.json); for a list-file dataset set data.source.init_args.class_names_file. "
+                "Or set expert.head_init=class_mean (or random) to start the head without text")
+        prompts = [class_name_to_text(n, self.spec.text_template) for n in class_names]
+        self.head.init_from(cached_text_embeddings(self.backbone, prompts))
 
     def run_blocks(self, x: torch.Tensor, start: int, end: int, group_prompts: torch.Tensor | None = None) -> torch.Tensor:
         """Blocks start..end-1; block l sees [tokens; u_l] (+ r_l from the group pool after K).

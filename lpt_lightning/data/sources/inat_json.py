@@ -56,6 +56,11 @@ class INatJsonSource(DataSource):
     iNat's official val set is the benchmark's *test* set, so there is no validation split
     unless ``val_json`` names one: the DataModule then carves a held-out split out of train
     (``data.holdout_per_class``); the test json never doubles as validation.
+
+    Class names come from the training json's ``categories``, or from ``names_json`` where it is
+    set: iNaturalist 2018's ``train2018.json`` names each category by its id ("0", "1", ...), and
+    the species names were published separately in ``categories.json`` (a list of ``id``/``name``
+    records, or a json object with such a ``categories`` list).
     """
 
     def __init__(
@@ -65,12 +70,14 @@ class INatJsonSource(DataSource):
         test_json: str | None = "val2018.json",
         val_json: str | None = None,
         name: str = "inat2018",
+        names_json: str | None = None,
     ) -> None:
         self.root = root
         self.train_json = train_json
         self.test_json = test_json
         self.val_json = val_json
         self.name = name
+        self.names_json = names_json
 
     def _split(self, path: Path, data: dict, id_to_class: dict, root: Path) -> Split:
         file_of = {}
@@ -104,6 +111,30 @@ class INatJsonSource(DataSource):
         return Split(items, np.asarray(labels, dtype=np.int64), origin=str(path), positions=np.asarray(positions),
                      position_format="images[{}]")
 
+    def _names_from_file(self, path: Path, ids: list, train_path: Path) -> dict:
+        """``{category id: name}`` from ``names_json`` for every category of the training json."""
+        require_file(path, "data.source.init_args.names_json")
+        try:
+            with open(path, encoding="utf-8-sig") as fh:
+                data = json.load(fh)
+        except (ValueError, RecursionError) as exc:
+            raise DataFormatError(f"{path}: invalid JSON ({str(exc)[:200]})") from None
+        cats = data.get("categories") if isinstance(data, dict) else data
+        if not isinstance(cats, list):
+            raise DataFormatError(f"{path}: expected a list of categories ({{'id': ..., 'name': ...}}) or a json "
+                                  "object with a 'categories' list (data.source.init_args.names_json)")
+        names: dict = {}
+        for pos, cat in enumerate(cats):
+            cid = _get_id(cat, "id", path, "categories", pos)
+            if cid in names:
+                raise DataFormatError(f"{path}: categories[{pos}] repeats category id {cid!r}")
+            names[cid] = str(_get(cat, "name", path, "categories", pos))
+        missing = [cid for cid in ids if cid not in names]
+        if missing:
+            raise DataFormatError(f"{path}: no name for {len(missing)} of the {len(ids)} category ids of {train_path}, "
+                                  f"e.g. {missing[:5]}; data.source.init_args.names_json must name every category")
+        return names
+
     def load(self) -> DatasetSplits:
         root = Path(os.path.expanduser(self.root))
         require_dir(root, "data.source.init_args.root")
@@ -122,6 +153,8 @@ class INatJsonSource(DataSource):
         except TypeError:
             raise DataFormatError(f"{train_path}: category ids mix integers and strings; use one type") from None
         id_to_class = {cid: i for i, cid in enumerate(sorted_ids)}
+        if self.names_json is not None:
+            cat_name = self._names_from_file(resolve_path(self.names_json, root), sorted_ids, train_path)
         class_names = [cat_name[cid] for cid in sorted_ids]
         train = self._split(train_path, train_data, id_to_class, root)
         check_no_empty_class(train.labels, len(class_names), str(train_path), class_names)
