@@ -29,10 +29,13 @@ def _ok(value: float, target: float) -> str:
 
 
 def _load(results: Path) -> list[dict[str, Any]]:
-    """Full runs per device; a quick run only where no full run of that device exists."""
+    """Full runs per device; a quick run only where no full run of that device exists (results of
+    benchmarks/gpu_check.py have a section of their own)."""
     runs = {}
     for path in sorted(results.glob("bench_*.json")):
         data = json.loads(path.read_text())
+        if data.get("kind") == "gpu_check":
+            continue
         device = path.stem.replace("bench_", "").replace("_quick", "")
         if device not in runs or (runs[device]["quick"] and not data.get("quick")):
             runs[device] = data
@@ -834,6 +837,55 @@ def findings(run: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _gpu_checks(results: Path) -> list[dict[str, Any]]:
+    checks = [json.loads(p.read_text()) for p in sorted(results.glob("bench_*.json"))]
+    return [c for c in checks if c.get("kind") == "gpu_check"]
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def gpu_check_section(check: dict[str, Any]) -> list[str]:
+    """The section of one `python benchmarks/gpu_check.py` run (sections it did not reach are absent)."""
+    m = check["machine"]
+    where = m.get("gpu") or f"{m['cpu']} (dry run: tiny shapes, not GPU figures)"
+    lines = [f"## GPU check: {where}, {m['precision']}", "",
+             f"Command `{check['command']}`, {check['date']}, {check['seconds'] / 60:.1f} min; torch {m['torch']}. "
+             "Phase 2 of the visual expert (timm ViT-B/16, random weights, 8,142 classes as iNaturalist 2018), "
+             "one optimisation step through `GroupPromptPhase.training_step`; FLOPs counted by "
+             "`torch.utils.flop_counter.FlopCounterMode`.", ""]
+    train = check.get("train")
+    if train:
+        peak = train["peak_flops_per_s"]
+        lines += [f"MFU against {_f(peak / 1e9, 0) + ' GFLOP/s' if peak else 'n/a'} "
+                  f"({train['peak_source'] or train['peak_note']}).", "",
+                  "| images per step | mode | images/s | step (ms) | MFU | peak memory (GiB) | first step (s) |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in train["rows"]:
+            lines.append(f"| {r['images_per_step']} | {r['mode']}{' (' + r['compile_backend'] + ')' if r.get('compile_backend') else ''} "
+                         f"| {_f(r['images_per_s'], 0)} | {_f(1000 * r['step_s'], 1)} | {_pct(r['mfu'])} "
+                         f"| {_f(r.get('peak_gib'))} | {_f(r.get('first_step_s'), 1)} |")
+        inf = train["inference"]
+        lines += ["", f"Inference (`LongTailExpert.forward`, batch {inf['batch']}): {_f(inf['images_per_s'], 0)} "
+                      f"images/s, peak memory {_f(inf['peak_gib'])} GiB.", ""]
+    run = check.get("run_200")
+    if run:
+        lines += [f"{run['steps']} phase-2 steps in {run['precision']} on synthetic data ({run['num_classes']} classes, "
+                  f"{run['images_per_step']} images per step): loss {run['loss_first_20']:.3f} over the first 20 steps, "
+                  f"{run['loss_last_20']:.3f} over the last 20: "
+                  f"{'went down' if run['loss_went_down'] else '**did not go down**'} ({run['seconds']:.0f} s).", ""]
+    loader = check.get("loader")
+    if loader:
+        dd = loader["device_decode"]
+        lines += [f"Training loader (`LongTailDataModule`, dual sampling, {loader['batch_per_stream']} images per "
+                  f"stream, pin_memory {loader['pin_memory']}) with {loader['workers']} workers over `lpt prepare` "
+                  f"shards of synthetic 800x600 JPEGs ({loader['items']:,} items): "
+                  f"{_f(loader['images_per_s'], 0)} images/s. `data.decode_jpeg_on_device` ({dd['where']}, batches "
+                  f"of file bytes from the workers, decode + resize/crop): {_f(dd['images_per_s'], 0)} images/s.", ""]
+    return lines
+
+
 def render(results: Path) -> str:
     runs = _load(results)
     lines = [
@@ -850,7 +902,8 @@ def render(results: Path) -> str:
         "ratios, so that load from other processes affects both sides alike.",
         "",
     ]
-    if not runs:
+    checks = _gpu_checks(results)
+    if not runs and not checks:
         lines.append("No results yet: run `make bench`.")
     for run in runs:
         m = run["machine"]
@@ -879,5 +932,7 @@ def render(results: Path) -> str:
             lines += mfu_section(model, m) + cost_section(model) + phase3_section(model, m)
         lines += data_section(run)
         lines += findings(run)
+    for check in checks:
+        lines += gpu_check_section(check)
     lines += [FAST_PATH]
     return "\n".join(lines).rstrip() + "\n"
