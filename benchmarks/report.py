@@ -886,6 +886,31 @@ def gpu_check_section(check: dict[str, Any]) -> list[str]:
     return lines
 
 
+def feed_section(feed: dict[str, Any]) -> list[str]:
+    """benchmarks/bench_feed.py: CPU cost per training image, stage by stage, and cores for one H100."""
+    m = feed["machine"]
+    lines = ["## Feeding the GPU: CPU cost per training image", "",
+             f"`python benchmarks/bench_feed.py`{' --quick' if feed['quick'] else ''}, {feed['date']}, {m['cpu']} "
+             f"(1 torch thread, load average {_f(feed.get('load_average'), 1)}): each stage of a loader worker, from "
+             "an `lpt prepare` LitData shard (synthetic 800x600 JPEGs, shorter side 256) to the collated uint8 "
+             f"batch, on the previous stage's outputs; {feed['images']} images, best of {feed['rounds']} interleaved "
+             "rounds (the least disturbed on this shared machine), median beside it.", "",
+             "| stage | ms per image, best | median |", "| --- | ---: | ---: |"]
+    for r in feed["rows"]:
+        lines.append(f"| {r['stage']} | {r['ms_per_image_best']:.3f} | {r['ms_per_image']:.3f} |")
+    lines += ["", f"Stages summed (the flip on half the images): {feed['stage_sum_ms']:.2f} ms per image; the whole "
+              f"worker item {feed['whole_item_ms']:.2f} ms. At the larger, {feed['cost_ms_used']:.2f} ms, "
+              f"**{feed['target_images_per_s']:,} images/s (one H100 in phase 2) needs "
+              f"{feed['cores_for_target']:.1f} cores of this kind** for the workers, beside the training process. "
+              "Decoding and the crop are nearly all of it; reading from the shard and collating are small. The copy "
+              "to the GPU is not a worker cost: `pin_memory` (default on with CUDA) pins each batch in the training "
+              "process's pin-memory thread, and Lightning copies it with `non_blocking=True` on CUDA "
+              "(`lightning.fabric.utilities.apply_func.move_data_to_device`); `data.persistent_workers: true` (the "
+              "GPU data configs) keeps the workers between epochs. `data.decode_jpeg_on_device` moves decode and "
+              "crop to the GPU (the GPU check measures its rate).", ""]
+    return lines
+
+
 def render(results: Path) -> str:
     runs = _load(results)
     lines = [
@@ -932,7 +957,10 @@ def render(results: Path) -> str:
             lines += mfu_section(model, m) + cost_section(model) + phase3_section(model, m)
         lines += data_section(run)
         lines += findings(run)
+    lines += [FAST_PATH.rstrip("\n"), ""]
+    feed = results / "feed_cpu.json"
+    if feed.is_file():
+        lines += feed_section(json.loads(feed.read_text()))
     for check in checks:
         lines += gpu_check_section(check)
-    lines += [FAST_PATH]
     return "\n".join(lines).rstrip() + "\n"
