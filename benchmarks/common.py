@@ -341,13 +341,15 @@ def class_counts(num_classes: int, n_max: int = 4980, n_min: int = 5) -> torch.T
     return torch.as_tensor([max(int(c), 1) for c in counts], dtype=torch.long)
 
 
-def expert_spec(kind: str, adapters: bool = True):
-    """The reference architecture (SPEC 2) with random weights: timm ViT-B/16 or open_clip ViT-B-16."""
+def expert_spec(kind: str, adapters: bool = True, model_kwargs: dict[str, Any] | None = None):
+    """The reference architecture (SPEC 2) with random weights: timm ViT-B/16 or open_clip ViT-B-16
+    (``model_kwargs``: timm architecture overrides, e.g. tiny shapes for a dry run)."""
     from lpt_lightning.models.backbones import BackboneSpec
     from lpt_lightning.models.expert import ExpertSpec
 
     if kind == "visual":
-        backbone = BackboneSpec(name="vit_base_patch16_224", pretrained=False)  # augreg_in21k's architecture
+        # augreg_in21k's architecture
+        backbone = BackboneSpec(name="vit_base_patch16_224", pretrained=False, model_kwargs=dict(model_kwargs or {}))
     else:
         backbone = BackboneSpec(name="ViT-B-16", pretrained=None)  # open_clip.create_model, no download
     # head_init random: the text-embedding init of a random text tower costs time and changes nothing here.
@@ -366,10 +368,10 @@ def _bare_step_services(module, counts: torch.Tensor, max_epochs: int = 90) -> N
     module.stream_weight = lambda stream, streams: eta if stream == "ib" and "cb" in streams else 1.0
 
 
-def build_phase1(kind: str, counts: torch.Tensor, adapters: bool = True):
+def build_phase1(kind: str, counts: torch.Tensor, adapters: bool = True, model_kwargs: dict[str, Any] | None = None):
     from lpt_lightning.phases import AdaptPhase
 
-    module = AdaptPhase(expert=expert_spec(kind, adapters), num_classes=len(counts))
+    module = AdaptPhase(expert=expert_spec(kind, adapters, model_kwargs), num_classes=len(counts))
     _bare_step_services(module, counts)
     return module
 

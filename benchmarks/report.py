@@ -30,10 +30,13 @@ def _ok(value: float, target: float) -> str:
 
 
 def _load(results: Path) -> list[dict[str, Any]]:
-    """Full runs per device; a quick run only where no full run of that device exists."""
+    """Full runs per device; a quick run only where no full run of that device exists (results of
+    benchmarks/gpu_check.py have a section of their own)."""
     runs = {}
     for path in sorted(results.glob("bench_*.json")):
         data = json.loads(path.read_text())
+        if data.get("kind") == "gpu_check":
+            continue
         device = path.stem.replace("bench_", "").replace("_quick", "")
         if device not in runs or (runs[device]["quick"] and not data.get("quick")):
             runs[device] = data
@@ -886,6 +889,79 @@ def text_encoding_section(results: Path) -> list[str]:
         "node's cores rather than these 2).",
         "",
     ]
+
+
+def _gpu_checks(results: Path) -> list[dict[str, Any]]:
+    checks = [json.loads(p.read_text()) for p in sorted(results.glob("bench_*.json"))]
+    return [c for c in checks if c.get("kind") == "gpu_check"]
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def gpu_check_section(check: dict[str, Any]) -> list[str]:
+    """The section of one `python benchmarks/gpu_check.py` run (sections it did not reach are absent)."""
+    m = check["machine"]
+    where = m.get("gpu") or f"{m['cpu']} (dry run: tiny shapes, not GPU figures)"
+    lines = [f"## GPU check: {where}, {m['precision']}", "",
+             f"Command `{check['command']}`, {check['date']}, {check['seconds'] / 60:.1f} min; torch {m['torch']}. "
+             "Phase 2 of the visual expert (timm ViT-B/16, random weights, 8,142 classes as iNaturalist 2018), "
+             "one optimisation step through `GroupPromptPhase.training_step`; FLOPs counted by "
+             "`torch.utils.flop_counter.FlopCounterMode`.", ""]
+    train = check.get("train")
+    if train:
+        peak = train["peak_flops_per_s"]
+        lines += [f"MFU against {_f(peak / 1e9, 0) + ' GFLOP/s' if peak else 'n/a'} "
+                  f"({train['peak_source'] or train['peak_note']}).", "",
+                  "| images per step | mode | images/s | step (ms) | MFU | peak memory (GiB) | first step (s) |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in train["rows"]:
+            lines.append(f"| {r['images_per_step']} | {r['mode']}{' (' + r['compile_backend'] + ')' if r.get('compile_backend') else ''} "
+                         f"| {_f(r['images_per_s'], 0)} | {_f(1000 * r['step_s'], 1)} | {_pct(r['mfu'])} "
+                         f"| {_f(r.get('peak_gib'))} | {_f(r.get('first_step_s'), 1)} |")
+        inf = train["inference"]
+        lines += ["", f"Inference (`LongTailExpert.forward`, batch {inf['batch']}): {_f(inf['images_per_s'], 0)} "
+                      f"images/s, peak memory {_f(inf['peak_gib'])} GiB.", ""]
+    run = check.get("run_200")
+    if run:
+        lines += [f"{run['steps']} phase-2 steps in {run['precision']} on synthetic data ({run['num_classes']} classes, "
+                  f"{run['images_per_step']} images per step): loss {run['loss_first_20']:.3f} over the first 20 steps, "
+                  f"{run['loss_last_20']:.3f} over the last 20: "
+                  f"{'went down' if run['loss_went_down'] else '**did not go down**'} ({run['seconds']:.0f} s).", ""]
+    loader = check.get("loader")
+    if loader:
+        dd = loader["device_decode"]
+        lines += [f"Training loader (`LongTailDataModule`, dual sampling, {loader['batch_per_stream']} images per "
+                  f"stream, pin_memory {loader['pin_memory']}) with {loader['workers']} workers over `lpt prepare` "
+                  f"shards of synthetic 800x600 JPEGs ({loader['items']:,} items): "
+                  f"{_f(loader['images_per_s'], 0)} images/s. `data.decode_jpeg_on_device` ({dd['where']}, batches "
+                  f"of file bytes from the workers, decode + resize/crop): {_f(dd['images_per_s'], 0)} images/s.", ""]
+    return lines
+
+
+def feed_section(feed: dict[str, Any]) -> list[str]:
+    """benchmarks/bench_feed.py: CPU cost per training image, stage by stage, and cores for one H100."""
+    m = feed["machine"]
+    lines = ["## Feeding the GPU: CPU cost per training image", "",
+             f"`python benchmarks/bench_feed.py`{' --quick' if feed['quick'] else ''}, {feed['date']}, {m['cpu']} "
+             f"(1 torch thread, load average {_f(feed.get('load_average'), 1)}): each stage of a loader worker, from "
+             "an `lpt prepare` LitData shard (synthetic 800x600 JPEGs, shorter side 256) to the collated uint8 "
+             f"batch, on the previous stage's outputs; {feed['images']} images, best of {feed['rounds']} interleaved "
+             "rounds (the least disturbed on this shared machine), median beside it.", "",
+             "| stage | ms per image, best | median |", "| --- | ---: | ---: |"]
+    for r in feed["rows"]:
+        lines.append(f"| {r['stage']} | {r['ms_per_image_best']:.3f} | {r['ms_per_image']:.3f} |")
+    lines += ["", f"Stages summed (the flip on half the images): {feed['stage_sum_ms']:.2f} ms per image; the whole "
+              f"worker item {feed['whole_item_ms']:.2f} ms. At the larger, {feed['cost_ms_used']:.2f} ms, "
+              f"**{feed['target_images_per_s']:,} images/s (one H100 in phase 2) needs "
+              f"{feed['cores_for_target']:.1f} cores of this kind** for the workers, beside the training process. "
+              "Decoding and the crop are nearly all of it; reading from the shard and collating are small. The copy "
+              "to the GPU is not a worker cost: `pin_memory` (default on with CUDA) pins each batch in the training "
+              "process's pin-memory thread, and Lightning copies it with `non_blocking=True` on CUDA "
+              "(`lightning.fabric.utilities.apply_func.move_data_to_device`); `data.persistent_workers: true` (the "
+              "GPU data configs) keeps the workers between epochs. `data.decode_jpeg_on_device` moves decode and "
+              "crop to the GPU (the GPU check measures its rate).", ""]
     return lines
 
 
@@ -905,7 +981,8 @@ def render(results: Path) -> str:
         "ratios, so that load from other processes affects both sides alike.",
         "",
     ]
-    if not runs:
+    checks = _gpu_checks(results)
+    if not runs and not checks:
         lines.append("No results yet: run `make bench`.")
     for run in runs:
         m = run["machine"]
@@ -936,4 +1013,12 @@ def render(results: Path) -> str:
         lines += findings(run)
     lines += text_encoding_section(results)
     lines += [FAST_PATH]
+
+
+    lines += [FAST_PATH.rstrip("\n"), ""]
+    feed = results / "feed_cpu.json"
+    if feed.is_file():
+        lines += feed_section(json.loads(feed.read_text()))
+    for check in checks:
+        lines += gpu_check_section(check)
     return "\n".join(lines).rstrip() + "\n"

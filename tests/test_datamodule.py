@@ -587,3 +587,23 @@ def test_decoding_on_the_device_needs_image_files(tmp_path):
     with pytest.raises(DataFormatError, match="only image files can be decoded on the device"):
         LongTailImageDataset(Split([0], np.array([0])), None, images=np.zeros((1, 4, 4), np.uint8),
                              defer_decoding=True)
+
+
+def test_loaders_pin_memory_on_cuda_only_and_keep_persistent_workers(folder, monkeypatch):
+    """Pinned batches (for Lightning's non_blocking copies) where CUDA is, plain ones elsewhere; workers
+    kept between epochs when asked, as every GPU data config asks."""
+    dm = _dm(folder, num_workers=1, pin_memory=True, persistent_workers=True)
+    loaders = (dm.train_dataloader(), dm.val_dataloader())
+    assert not any(loader.pin_memory for loader in loaders)  # no CUDA here: pinning would fail
+    assert all(loader.persistent_workers for loader in loaders)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert all(loader.pin_memory for loader in (dm.train_dataloader(), dm.val_dataloader()))
+    assert not _dm(folder, num_workers=0, persistent_workers=True).train_dataloader().persistent_workers
+
+    import yaml
+
+    configs = Path(__file__).resolve().parents[1] / "configs" / "data"
+    for path in configs.glob("*.yaml"):
+        data = yaml.safe_load(path.read_text())
+        if data.get("num_workers", 0) > 1:
+            assert data.get("persistent_workers") is True, path.name

@@ -29,14 +29,18 @@ class AdaptPhase(ExpertPhase):
         loss: A-GCL settings (or logit-adjusted CE).
         optim: SGD and schedule settings.
         split_convention: many/medium/few thresholds, ``lpt`` (few <= 20) or ``oltr`` (few < 20).
+        compile: compile the expert's forward with ``torch.compile`` (default inductor backend) on
+            every rank; the first training step pays the compile time (printed). A run setting: not
+            saved with the model.
     """
 
     phase_name = "adapt"
 
     def __init__(self, expert: ExpertSpec | None = None, num_classes: int = 0, class_names: list[str] | None = None,
                  loss: LossSpec | None = None, optim: OptimSpec | None = None,
-                 split_convention: Literal["lpt", "oltr"] = "lpt"):
-        super().__init__(num_classes, class_names, loss or LossSpec(), optim or OptimSpec(), split_convention)
+                 split_convention: Literal["lpt", "oltr"] = "lpt", compile: bool = False):
+        super().__init__(num_classes, class_names, loss or LossSpec(), optim or OptimSpec(), split_convention,
+                         compile)
         expert = expert or ExpertSpec()
         self.save_init_arguments(expert=expert, num_classes=num_classes, class_names=self.class_names,
                                  loss=self.loss_spec, optim=self.optim_spec, split_convention=split_convention)

@@ -3,7 +3,7 @@ small checkpoints."""
 from __future__ import annotations
 
 import math
-
+import time
 from dataclasses import asdict, dataclass, is_dataclass
 from typing import Any, Literal
 
@@ -107,7 +107,7 @@ class ExpertPhase(L.LightningModule):
     phase_name: str = ""
 
     def __init__(self, num_classes: int, class_names: list[str] | None, loss: LossSpec, optim: OptimSpec,
-                 split_convention: Literal["lpt", "oltr"]):
+                 split_convention: Literal["lpt", "oltr"], compile: bool = False):
         super().__init__()
         if num_classes <= 0:
             raise ConfigError("model.num_classes must be positive (it is linked from data.num_classes)")
@@ -127,6 +127,10 @@ class ExpertPhase(L.LightningModule):
         self.expert: LongTailExpert
         # Optimizer steps of a run scheduled per step (configure_optimizers); None = per epoch.
         self.schedule_steps: int | None = None
+        # `model.compile`: a run setting like the trainer's precision, not part of the saved model.
+        self.compile_expert = compile
+        self._first_step_started = 0.0
+        self._compile_reported = False
 
     # ----------------------------------------------------------------- properties and metadata
     @property
@@ -209,7 +213,28 @@ class ExpertPhase(L.LightningModule):
                               f"precision (bf16-mixed or 16-mixed), not {self.trainer.precision}")
         rank_zero_info(self.parameter_report())
 
+    def configure_model(self) -> None:
+        # After setup, on every rank: nn.Module.compile compiles the expert in place, so parameter
+        # names, checkpoints and DDP see the same module as in eager mode.
+        if self.compile_expert and getattr(self.expert, "_compiled_call_impl", None) is None:
+            if self.device.type == "cpu":
+                check_cpu_compiler()
+            self.expert.compile()
+
     # ----------------------------------------------------------------- training
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.compile_expert and not self._compile_reported:
+            self._first_step_started = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.compile_expert and not self._compile_reported:
+            # Compiling happens on the host during the first forward and backward: the step's wall
+            # time is the compile time (the device's share is negligible beside it).
+            seconds = time.perf_counter() - self._first_step_started
+            rank_zero_info(f"model.compile: the first training step took {seconds:.1f} s, compile included "
+                           "(later steps reuse the compiled expert)")
+            self._compile_reported = True
+
     def stream_weight(self, stream: str, streams: list[str]) -> float:
         if stream == "ib" and "cb" in streams:
             if self.schedule_steps is not None:
@@ -398,6 +423,18 @@ class ExpertPhase(L.LightningModule):
 
     def frozen_modules(self) -> list[nn.Module]:
         return [self.expert.backbone]
+
+
+def check_cpu_compiler() -> None:
+    """Inductor's CPU backend builds C++ kernels: say so up front, not at the first step."""
+    from torch._inductor import config, cpp_builder, exc
+
+    try:
+        cpp_builder.get_cpp_compiler()
+    except exc.InvalidCxxCompiler as error:
+        raise ConfigError(f"model.compile: true on the CPU needs a C++ compiler for torch.compile's inductor backend "
+                          f"(looked for {[c for c in config.cpp.cxx if c]}): install g++ (Debian: apt-get install g++) or set "
+                          "model.compile: false") from error
 
 
 def _cosine_scheduler(optimizer: torch.optim.Optimizer, **kwargs: Any):

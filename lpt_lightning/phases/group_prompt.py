@@ -32,7 +32,7 @@ class GroupPromptPhase(ExpertPhase):
             given it must match the checkpoint's expert (a guard against pointing a config at
             the wrong run).
         group_prompts: pool size, top-k, start block K and prompt length.
-        num_classes, class_names, loss, optim, split_convention: as in AdaptPhase.
+        num_classes, class_names, loss, optim, split_convention, compile: as in AdaptPhase.
     """
 
     phase_name = "group_prompt"
@@ -40,8 +40,9 @@ class GroupPromptPhase(ExpertPhase):
     def __init__(self, phase1_checkpoint: str | None = None, expert: ExpertSpec | None = None,
                  group_prompts: GroupPromptSpec | None = None, num_classes: int = 0,
                  class_names: list[str] | None = None, loss: LossSpec | None = None, optim: OptimSpec | None = None,
-                 split_convention: Literal["lpt", "oltr"] = "lpt"):
-        super().__init__(num_classes, class_names, loss or LossSpec(), optim or OptimSpec(), split_convention)
+                 split_convention: Literal["lpt", "oltr"] = "lpt", compile: bool = False):
+        super().__init__(num_classes, class_names, loss or LossSpec(), optim or OptimSpec(), split_convention,
+                         compile)
         self.phase1_checkpoint = phase1_checkpoint
         self.phase1_source = phase1_checkpoint  # provenance in the metadata, kept across a rebuild
         self.phase1_data: dict[str, Any] | None = None
