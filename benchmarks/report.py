@@ -889,6 +889,7 @@ def text_encoding_section(results: Path) -> list[str]:
         "node's cores rather than these 2).",
         "",
     ]
+    return lines
 
 
 def _gpu_checks(results: Path) -> list[dict[str, Any]]:
@@ -1012,9 +1013,6 @@ def render(results: Path) -> str:
         lines += data_section(run)
         lines += findings(run)
     lines += text_encoding_section(results)
-    lines += [FAST_PATH]
-
-
     lines += [FAST_PATH.rstrip("\n"), ""]
     feed = results / "feed_cpu.json"
     if feed.is_file():
