@@ -13,7 +13,6 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import SingleDeviceStrategy
-from PIL import Image
 
 from lpt_lightning.callbacks import default_callbacks
 from lpt_lightning.checkpoints import load_checkpoint_file
@@ -32,20 +31,14 @@ from lpt_lightning.expert_outputs import (
 )
 from lpt_lightning.models.expert import ExpertSpec
 from lpt_lightning.phases import AdaptPhase, MoEScorerPhase, OptimSpec
-from tiny_models import tiny_backbone
+from tiny_models import tiny_backbone, tiny_image_folder
 
 COUNTS = [30, 20, 12, 8]
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("data") / "imgs"
-    rng = np.random.default_rng(0)
-    for c, n in enumerate(COUNTS):
-        (root / f"class{c}").mkdir(parents=True)
-        for i in range(n):
-            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / f"class{c}" / f"{i}.png")
-    return root
+    return tiny_image_folder(tmp_path_factory.mktemp("data") / "imgs", COUNTS)
 
 
 DATA = {"batch_size": 4, "eval_batch_size": 5, "num_workers": 0, "img_size": 32, "pin_memory": False,

@@ -18,12 +18,11 @@ from lightning.pytorch.loggers import CSVLogger
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lpt_lightning.callbacks import default_callbacks
-from lpt_lightning.data import ImageFolderSource, LongTailDataModule
 from lpt_lightning.data_facts import connect
 from lpt_lightning.expert_outputs import scorer_fit_data
 from lpt_lightning.models.expert import ExpertSpec, GroupPromptSpec
 from lpt_lightning.phases import AdaptPhase, GroupPromptPhase, MoEScorerPhase, OptimSpec
-from tiny_models import tiny_backbone, tiny_image_folder
+from tiny_models import tiny_backbone, tiny_datamodule, tiny_image_folder
 
 aten = torch.ops.aten
 # Ops that cannot finish without the host seeing device data.
@@ -108,8 +107,7 @@ def folder(tmp_path_factory) -> Path:
 
 
 def images(folder):
-    source = ImageFolderSource(root=str(folder), val_per_class=3, test_per_class=2, seed=0, name="tiny")
-    return LongTailDataModule(source, batch_size=4, eval_batch_size=3, num_workers=1, img_size=32, pin_memory=False)
+    return tiny_datamodule(folder, eval_batch_size=3, num_workers=1)
 
 
 def trainer(root, counter, **kw):

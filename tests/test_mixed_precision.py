@@ -16,7 +16,7 @@ import lpt_lightning.phases.base as phase_base
 from lpt_lightning.callbacks import default_callbacks
 from lpt_lightning.checkpoints import load_checkpoint_file
 from lpt_lightning.cli import main
-from lpt_lightning.data import FashionMNISTSource, ImageFolderSource, LongTailDataModule
+from lpt_lightning.data import FashionMNISTSource
 from lpt_lightning.data_facts import connect
 from lpt_lightning.errors import ConfigError
 from lpt_lightning.lightning_cli import parse_config
@@ -27,7 +27,7 @@ from lpt_lightning.phases import AdaptPhase, GroupPromptPhase, OptimSpec
 from lpt_lightning.precision import check_precision
 from datasets_available import needs_fmnist
 from test_pipeline import TINY
-from tiny_models import tiny_backbone, tiny_image_folder
+from tiny_models import tiny_backbone, tiny_datamodule, tiny_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 GROUP = GroupPromptSpec(pool_size=4, top_k=2, start_block=2, length=2)
@@ -40,8 +40,7 @@ def folder(tmp_path_factory) -> Path:
 
 
 def images(folder):
-    source = ImageFolderSource(root=str(folder), val_per_class=3, test_per_class=2, seed=0, name="tiny")
-    return LongTailDataModule(source, batch_size=4, eval_batch_size=6, num_workers=0, img_size=32, pin_memory=False)
+    return tiny_datamodule(folder, eval_batch_size=6, num_workers=0)
 
 
 class Record(L.Callback):

@@ -26,3 +26,12 @@ def tiny_image_folder(root, counts=(30, 20, 12, 8)):
         for i in range(n):
             Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(root / f"class{c}" / f"{i}.png")
     return root
+
+
+def tiny_datamodule(folder, eval_batch_size: int, num_workers: int):
+    """A LongTailDataModule over ``tiny_image_folder``: 3 val and 2 test images per class, 32 px."""
+    from lpt_lightning.data import ImageFolderSource, LongTailDataModule
+
+    source = ImageFolderSource(root=str(folder), val_per_class=3, test_per_class=2, seed=0, name="tiny")
+    return LongTailDataModule(source, batch_size=4, eval_batch_size=eval_batch_size, num_workers=num_workers,
+                              img_size=32, pin_memory=False)
