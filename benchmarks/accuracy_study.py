@@ -49,7 +49,7 @@ GROUP = {"pool_size": 10, "top_k": 2, "start_block": 3, "length": 4}
 
 DATASETS = {
     "cifar10": {"title": "CIFAR-10-LT",
-                "test": "the stand-ins' held-out CIFAR-10 test slice (200 images per class; CIFAR-10's own "
+                "test": "the stand-ins' held-out CIFAR-10 test slice (500 images per class; CIFAR-10's own "
                         "test split is not available here)"},
     "fmnist": {"title": "Fashion-MNIST-LT", "test": "the official t10k test split"},
 }
@@ -385,7 +385,7 @@ DIFFS = [
     ("scorer fitted on held-out minus on train", "scorer", "scorer_train"),
 ]
 # Phase-1 variants of the diagnosis (``--diagnosis``): key, label, overrides of the phase-1 config
-# (``model``: AdaptPhase init args, ``data``, ``expert``: ExpertSpec fields). Each changes one thing
+# (``model``: AdaptPhase init args, ``data``, ``trainer``, ``expert``: ExpertSpec fields). Each changes one thing
 # of the study's recipe, from the same start.
 VARIANTS = [
     ("default", "the study's recipe: A-GCL, dual sampling, base_lr 0.5, prompts + adapters + head", {}),
@@ -402,6 +402,7 @@ VARIANTS = [
     ("head_lr_x0.1", "head lr x0.1 (optim.head_lr_scale 0.1)", {"model": {"optim": {"head_lr_scale": 0.1}}}),
     ("head_fixed", "head fixed at its start (optim.head_lr_scale 0)", {"model": {"optim": {"head_lr_scale": 0.0}}}),
     ("head_anchor", "penalty toward the starting head (loss.head_anchor 10)", {"model": {"loss": {"head_anchor": 10.0}}}),
+    ("steps_x4", "budget x4 (2 epochs of 80 steps)", {"trainer": {"limit_train_batches": 80}}),
 ]
 
 
@@ -505,13 +506,16 @@ def targets(payload: dict[str, Any]) -> list[str]:
         lines.append(f"- LPT++ beats the better no-training row by >= 5 points overall: {_ci(overall, True)} -> "
                      f"**{'met' if overall[0] >= 5 and overall[1] > 0 else 'missed'}**; and is not below it on "
                      f"few-shot: {_ci(few, True)} -> **{'met' if few and few[1] > 0 else 'missed' if few and few[2] < 0 else 'not shown (the interval holds 0)'}**.")
-    for label, a, b in (("visual phase 1", "phase1", "vis_start"), ("VL phase 1", "vl_phase1", "vl_start"),
-                        ("visual phase 2 vs phase 1", "phase2", "phase1"), ("VL phase 2 vs phase 1", "vl_phase2", "vl_phase1"),
-                        ("W_base fusion vs the better expert", "wbase", "_best")):
+    for label, a, b in (("visual expert, phase 1 >= its no-training row", "phase1", "vis_start"),
+                        ("VL expert, phase 1 >= its no-training row", "vl_phase1", "vl_start"),
+                        ("visual expert, phase 2 >= phase 1", "phase2", "phase1"),
+                        ("VL expert, phase 2 >= phase 1", "vl_phase2", "vl_phase1"),
+                        ("W_base fusion >= the better expert", "wbase", "_best"),
+                        ("learned scorer >= the better expert", "scorer", "_best")):
         d = bootstrap(payload, a, b).get("acc")
         if d:
             verdict = "above" if d[1] > 0 else "below" if d[2] < 0 else "no difference shown"
-            lines.append(f"- {label} >= its start: {_ci(d, True)} ({verdict}).")
+            lines.append(f"- {label}: {_ci(d, True)} overall ({verdict}).")
     return lines
 
 
@@ -661,6 +665,7 @@ def diagnosis_runs(dataset: str, s: dict[str, Any], kind: str, key: str, seed: i
     phase1 = copy.deepcopy(base["phase1"])
     phase1["model"] = merge(phase1["model"], overrides.get("model"))
     phase1["data"] = merge(phase1.get("data") or {}, overrides.get("data"))
+    phase1["trainer"] = merge(phase1.get("trainer") or {}, overrides.get("trainer"))
     phase1[kind]["expert"] = merge(phase1[kind]["expert"], overrides.get("expert"))
     return plan(str(run_dir), base["data"], base["trainer"], [kind], phase1, base["phase2"], None, False, seed)[:1]
 
