@@ -17,7 +17,7 @@ from lpt_lightning.checkpoints.metadata import META_KEY, is_saved_key
 from lpt_lightning.data_facts import DataFacts
 from lpt_lightning.errors import CheckpointError, ConfigError
 from lpt_lightning.losses import AGCLLoss, LogitAdjustedCE, matching_loss
-from lpt_lightning.metrics import SPLIT_KEYS, SplitAccuracy
+from lpt_lightning.metrics import EvalMetrics, log_values, row_values
 from lpt_lightning.models.expert import ExpertOutput, LongTailExpert
 from lpt_lightning.precision import check_precision
 
@@ -188,8 +188,8 @@ class ExpertPhase(L.LightningModule):
             raise ConfigError(f"{type(self).__name__}: no data attached (class counts for the losses, batch size for "
                               "the learning rate): call lpt_lightning.data_facts.connect(model, datamodule) before "
                               "trainer.fit (lpt does it)")
-        self.val_accuracy = SplitAccuracy(self.class_counts.cpu(), convention=self.split_convention)
-        self.test_accuracy = SplitAccuracy(self.class_counts.cpu(), convention=self.split_convention)
+        self.val_accuracy = EvalMetrics(self.class_counts.cpu(), convention=self.split_convention)
+        self.test_accuracy = EvalMetrics(self.class_counts.cpu(), convention=self.split_convention)
         if stage == "fit":
             counts = loss_counts if loss_counts is not None else self.class_counts.cpu()
             self.stream_losses = nn.ModuleDict({s: self._make_loss(s, counts) for s in ("cb", "ib", "sqrt")})
@@ -253,8 +253,8 @@ class ExpertPhase(L.LightningModule):
         return None
 
     # ----------------------------------------------------------------- evaluation
-    def _eval_step(self, batch: dict[str, torch.Tensor], metric: SplitAccuracy) -> None:
-        metric.update(self.expert(batch["image"]).logits, batch["label"])
+    def _eval_step(self, batch: dict[str, torch.Tensor], metric: EvalMetrics) -> None:
+        metric.update(self.probabilities(batch["image"]), batch["label"])
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, self.val_accuracy)
@@ -262,17 +262,20 @@ class ExpertPhase(L.LightningModule):
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, self.test_accuracy)
 
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        logits = self.expert(batch["image"]).logits
-        return {"index": batch["index"], "probs": torch.softmax(self.loss_spec.scale * logits.float(), dim=-1)}
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """Class probabilities [B, C]: the softmax of the scaled cosine logits."""
+        return torch.softmax(self.loss_spec.scale * self.expert(images).logits.float(), dim=-1)
 
-    def _log_split_accuracy(self, stage: str, metric: SplitAccuracy) -> None:
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        return {"index": batch["index"], "probs": self.probabilities(batch["image"])}
+
+    def _log_split_accuracy(self, stage: str, metric: EvalMetrics) -> None:
         result = metric.compute()  # states already summed over ranks: identical everywhere
         metric.reset()
         # A labelled row (e.g. phase 1's "no training" row) is kept and logged beside the trained one.
         row, prefix = (f"{stage}: {self.eval_row}", f"{self.eval_row.replace(' ', '_')}/") if self.eval_row else (stage, "")
-        self.results[row] = {k: float(result[k]) for k in SPLIT_KEYS} | {"per_class": result["per_class"].cpu()}
-        self.log_dict({f"{prefix}{stage}/{k}": float(result[k]) for k in SPLIT_KEYS}, sync_dist=False)
+        self.results[row] = row_values(result)
+        self.log_dict({f"{prefix}{stage}/{k}": v for k, v in log_values(self.results[row]).items()}, sync_dist=False)
 
     def on_validation_epoch_end(self) -> None:
         self._log_split_accuracy("val", self.val_accuracy)
