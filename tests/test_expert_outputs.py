@@ -27,6 +27,7 @@ from lpt_lightning.expert_outputs import (
     ExpertOutputs,
     ExpertOutputsWriter,
     OutputsTarget,
+    outputs_key,
     scorer_fit_data,
     write_expert_outputs,
 )
@@ -235,6 +236,28 @@ def test_finished_outputs_are_reused_and_an_interrupted_pass_recomputed(experts,
     assert write_expert_outputs(*args, quiet_trainer(tmp_path))["val"] == first and manifest.is_file()
     other = write_expert_outputs(*args, quiet_trainer(tmp_path), dtype="float32")["val"]
     assert other != first  # the key covers the storage dtype (and the experts and the split)
+
+
+def test_test_time_views_are_averaged_into_a_cache_of_their_own(experts, folder, tmp_path):
+    model = scorer(experts)
+    digests = [model.expert_info[k]["digest"] for k in ("visual", "vl")]
+    plain, flip = images(folder), images(folder, test_time={"augment": "flip"})
+    found = {name: write_expert_outputs(model.experts(), model.scales, digests, data, {"val": False}, tmp_path,
+                                        facts(data), quiet_trainer(tmp_path), dtype="float32")["val"]
+             for name, data in (("none", plain), ("flip", flip))}
+    assert found["flip"] != found["none"]  # a cache without the views is not reused
+    assert outputs_key(digests, "split", 32, False, "float32") == outputs_key(digests, "split", 32, False, "float32",
+                                                                             "none")
+    cached = CachedSplit(found["flip"])
+    assert cached.manifest["test_time_augment"] == "flip"
+    rows = cached.rows(np.arange(3))
+    batch = torch.stack([plain.split_dataloader("val").dataset[i]["image"] for i in range(3)])
+    for kind, expert in model.experts().items():
+        scale = model.scales[kind]
+        with torch.no_grad():
+            mean = (torch.softmax(scale * expert(batch).logits, -1)
+                    + torch.softmax(scale * expert(batch.flip(-1)).logits, -1)) / 2
+        torch.testing.assert_close(torch.softmax(scale * rows[f"{kind}.logits"].float(), -1), mean)
 
 
 class RecordingStrategy(SingleDeviceStrategy):

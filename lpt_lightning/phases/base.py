@@ -18,7 +18,7 @@ from lpt_lightning.data_facts import DataFacts
 from lpt_lightning.errors import CheckpointError, ConfigError
 from lpt_lightning.losses import AGCLLoss, LogitAdjustedCE, matching_loss
 from lpt_lightning.metrics import EvalMetrics, log_values, row_values
-from lpt_lightning.models.expert import ExpertOutput, LongTailExpert
+from lpt_lightning.models.expert import ExpertOutput, LongTailExpert, view_outputs
 from lpt_lightning.precision import check_precision
 
 
@@ -263,8 +263,10 @@ class ExpertPhase(L.LightningModule):
         self._eval_step(batch, self.test_accuracy)
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        """Class probabilities [B, C]: the softmax of the scaled cosine logits."""
-        return torch.softmax(self.loss_spec.scale * self.expert(images).logits.float(), dim=-1)
+        """Class probabilities [B, C]: the softmax of the scaled cosine logits (averaged over the
+        test-time views of images [B, V, 3, S, S])."""
+        logits, _ = view_outputs(self.expert, images, self.loss_spec.scale)
+        return torch.softmax(self.loss_spec.scale * logits, dim=-1)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
         return {"index": batch["index"], "probs": self.probabilities(batch["image"])}

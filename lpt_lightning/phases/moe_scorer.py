@@ -36,7 +36,7 @@ from lpt_lightning.checkpoints.metadata import (
 )
 from lpt_lightning.errors import CheckpointError, ConfigError
 from lpt_lightning.metrics import EvalMetrics, log_values, row_values
-from lpt_lightning.models.expert import GroupPromptSpec, LongTailExpert
+from lpt_lightning.models.expert import GroupPromptSpec, LongTailExpert, view_outputs
 from lpt_lightning.models.scorer import BaseWeightSearch, MoEScorer, fuse
 from lpt_lightning.precision import check_precision
 
@@ -256,11 +256,11 @@ class MoEScorerPhase(L.LightningModule):
         return self.probabilities(rows, kind).gather(1, rows["label"][:, None]).squeeze(1)
 
     def expert_rows(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Both experts on images (1.5 backbone passes each with prefix reuse): what the cache holds."""
+        """Both experts on images (1.5 backbone passes each with prefix reuse), or on the test-time
+        views of each image (averaged, `view_outputs`): what the cache holds."""
         rows = {}
         for kind, expert in self.experts().items():
-            out = expert(images)
-            rows[f"{kind}.logits"], rows[f"{kind}.query"] = out.logits.float(), out.query.float()
+            rows[f"{kind}.logits"], rows[f"{kind}.query"] = view_outputs(expert, images, self.scales[kind])
         return rows
 
     # ----------------------------------------------------------------- training
