@@ -28,7 +28,8 @@ class LossSpec:
     """Training objective (SPEC 3, 4).
 
     Attributes:
-        kind: ``agcl`` (reference) or ``logit_adjusted`` cross-entropy (ablation).
+        kind: ``agcl`` (reference), ``logit_adjusted`` cross-entropy (ablation) or plain ``ce``
+            (cross-entropy on the scaled cosine logits: logit adjustment with tau 0).
         scale: cosine logit scale s.
         margin: GCL margin m on the target logit.
         beta: GCL perturbation weight.
@@ -47,7 +48,7 @@ class LossSpec:
             them here is an error that says so.
     """
 
-    kind: Literal["agcl", "logit_adjusted"] = "agcl"
+    kind: Literal["agcl", "logit_adjusted", "ce"] = "agcl"
     scale: float = 20.0
     margin: float = 0.1
     beta: float = 0.5
@@ -197,8 +198,8 @@ class ExpertPhase(L.LightningModule):
     def _make_loss(self, stream: str, counts: torch.Tensor) -> nn.Module:
         """The loss of one stream; its prior is the real training counts (after any held-out carving)."""
         spec = self.loss_spec
-        if spec.kind == "logit_adjusted":
-            return LogitAdjustedCE(counts, tau=spec.tau, scale=spec.scale)
+        if spec.kind in ("logit_adjusted", "ce"):
+            return LogitAdjustedCE(counts, tau=spec.tau if spec.kind == "logit_adjusted" else 0.0, scale=spec.scale)
         gamma_pos, gamma_neg = spec.class_balanced_gammas if stream == "cb" else spec.instance_gammas
         return AGCLLoss(counts, scale=spec.scale, margin=spec.margin, beta=spec.beta, gamma_pos=gamma_pos,
                         gamma_neg=gamma_neg, smoothing=spec.smoothing)
