@@ -26,7 +26,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from lpt_lightning.errors import ConfigError
 
-__all__ = ["EXTRA_KEYS", "METRIC_NAMES", "SHOT_CONVENTIONS", "SHOT_GROUPS", "SPLIT_KEYS", "WORST_CLASS_KEYS",
+__all__ = ["EXTRA_KEYS", "HEADLINE_KEYS", "METRIC_NAMES", "SHOT_CONVENTIONS", "SHOT_GROUPS", "SPLIT_KEYS", "WORST_CLASS_KEYS",
            "EvalMetrics", "SplitAccuracy", "format_metric_table", "format_split_table", "row_values", "shot_groups"]
 
 SHOT_CONVENTIONS: tuple[str, ...] = ("lpt", "oltr")
@@ -38,6 +38,8 @@ METRIC_NAMES: tuple[str, ...] = ("top5", "balanced_acc", "worst_class_acc", "hme
                                  "ece")
 GROUP_SUFFIXES: tuple[str, ...] = ("", *(f"_{g}" for g in SHOT_GROUPS))
 EXTRA_KEYS: tuple[str, ...] = tuple(f"{m}{s}" for m in METRIC_NAMES for s in GROUP_SUFFIXES)
+# What a W&B model artifact records of each row (W&B allows 100 metadata keys in all).
+HEADLINE_KEYS: tuple[str, ...] = (*SPLIT_KEYS, "top5", "balanced_acc", "worst_class_acc", "nll", "ece")
 # The class index of each `worst_class_acc*` value (None where the group has no tested class).
 WORST_CLASS_KEYS: tuple[str, ...] = tuple(f"worst_class{s}" for s in GROUP_SUFFIXES)
 ECE_BINS = 15

@@ -434,12 +434,11 @@ def log_final_checkpoint(trainer, run: PhaseRun, results: dict[str, dict[str, An
     import wandb
     from lightning.pytorch.loggers import WandbLogger
 
-    from lpt_lightning.metrics import log_values
+    from lpt_lightning.metrics import HEADLINE_KEYS
 
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
-            metadata = {"phase": run.name,
-                        **{f"{row}/{k}": x for row, v in results.items() for k, x in log_values(v).items()}}
+            metadata = {"phase": run.name, **{f"{row}/{k}": v[k] for row, v in results.items() for k in HEADLINE_KEYS}}
             artifact = wandb.Artifact(f"model-{logger.version}", type="model", metadata=metadata)
             artifact.add_file(str(run.final_checkpoint), name="final.ckpt")
             logger.experiment.log_artifact(artifact, aliases=["latest", "final"])
