@@ -388,6 +388,9 @@ def test_phase3_checkpoint_and_export_test_and_predict_alike_without_the_phase2_
     for row, values in from_ckpt.items():
         assert values.keys() == from_export[row].keys()
         for key, value in values.items():
+            if value is None:  # a group without a tested class has no worst class
+                assert from_export[row][key] is None, key
+                continue
             torch.testing.assert_close(torch.as_tensor(from_export[row][key]), torch.as_tensor(value), rtol=0, atol=0,
                                        equal_nan=True)
     outputs = {}
@@ -412,6 +415,9 @@ def test_phase3_ckpt_path_last_tests_alike_without_the_phase2_files(fitted):
     for row, values in from_ckpt.items():
         assert values.keys() == from_last[row].keys()
         for key, value in values.items():
+            if value is None:  # a group without a tested class has no worst class
+                assert from_last[row][key] is None, key
+                continue
             torch.testing.assert_close(torch.as_tensor(from_last[row][key]), torch.as_tensor(value), rtol=0, atol=0,
                                        equal_nan=True)
 
