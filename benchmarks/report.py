@@ -252,7 +252,20 @@ def inference_section(model: dict[str, Any]) -> list[str]:
         m = r["multiple"]
         lines.append(f"| {r['name']} | {_f(r['ms_per_image'], 1)} | {m['median']:.2f} ({m['min']:.2f}-{m['max']:.2f}) | "
                      f"{r['flop_multiple']:.2f} | {r['gflops_per_image']:.1f} |")
+    lptpp = next((r for r in inf["rows"] if r["name"].startswith("LPT++ mixture, prefix reuse")), None)
+    if lptpp is not None:
+        lines += ["", tta_cost_sentence(lptpp["multiple"]["median"])]
     return lines + [""]
+
+
+def tta_cost_sentence(passes: float) -> str:
+    """The cost of test-time augmentation: every view is one more run of both experts."""
+    from lpt_lightning.data.transforms import TEST_TIME_VIEWS
+
+    costs = ", ".join(f"`{name}` {views} views = {views * passes:.2f}" for name, views in TEST_TIME_VIEWS.items()
+                      if views > 1)
+    return (f"Test-time augmentation (`data.test_time.augment`) runs both experts on every view of an image, so "
+            f"LPT++ costs its {passes:.2f} passes per image times the views: {costs} passes per image.")
 
 
 def mfu_section(model: dict[str, Any], machine: dict[str, Any]) -> list[str]:

@@ -200,7 +200,7 @@ class ClassMeanHeadInit(L.Callback):
         if trainer.datamodule is None or not hasattr(trainer.datamodule, "split_dataloader"):
             raise ConfigError("expert.head_init=class_mean needs a LongTailDataModule (its training split's "
                               "class-mean features initialise the head)")
-        pl_module.init_head_from_class_means(trainer.datamodule.split_dataloader("train"))
+        pl_module.init_head_from_class_means(trainer.datamodule.split_dataloader("train", views=False))
         rank_zero_info("head initialised from the class-mean training features")
 
 

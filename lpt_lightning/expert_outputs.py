@@ -5,7 +5,8 @@ over the image data's evaluation loaders (eval transform, each rank its unpadded
 `ExpertOutputsWriter` writes every rank's rows straight into memory-mapped ``.npy`` files
 (logits and query features in ``float16`` by default), then a manifest; the scorer's
 `CachedOutputsDataModule` reads them back. A split's directory is named by a content key (both
-experts' trained tensors and specs, the split's images and labels, image size, storage dtype), so a
+experts' trained tensors and specs, the split's images and labels, image size, storage dtype, test-time
+views: a view-averaged cache holds `view_outputs`, log(mean probability) / scale), so a
 finished pass is reused and anything else recomputes; files are renamed into place only when
 complete, and the manifest comes last, so an interrupted pass is simply recomputed.
 
@@ -48,6 +49,7 @@ from lpt_lightning.data.cached_outputs import (
     shard_file,
 )
 from lpt_lightning.errors import CheckpointError, ConfigError
+from lpt_lightning.models.expert import view_outputs
 
 
 def expert_digest(expert: nn.Module, record: dict[str, Any]) -> str:
@@ -61,9 +63,13 @@ def expert_digest(expert: nn.Module, record: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
-def outputs_key(expert_digests: list[str], split_digest: str, img_size: int, label_only: bool, dtype: str) -> str:
-    """Changes whenever an expert, the split's images/labels or the stored view of them changes."""
-    text = f"v{OUTPUTS_FORMAT}|{img_size}|{label_only}|{dtype}|{'|'.join(expert_digests)}|{split_digest}"
+def outputs_key(expert_digests: list[str], split_digest: str, img_size: int, label_only: bool, dtype: str,
+                augment: str = "none") -> str:
+    """Changes whenever an expert, the split's images/labels or the stored view of them (size,
+    dtype, test-time augmentation) changes. Without test-time views the key is that of caches
+    written before the option existed."""
+    views = "" if augment == "none" else f"|tta={augment}"
+    text = f"v{OUTPUTS_FORMAT}|{img_size}|{label_only}|{dtype}|{'|'.join(expert_digests)}|{split_digest}{views}"
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
@@ -100,13 +106,12 @@ class ExpertOutputs(L.LightningModule):
         labels = batch["label"]
         row = {"index": batch["index"], "label": labels}
         for name, expert in self.experts.items():
-            out = expert(batch["image"])
-            row[f"{name}.query"] = out.query.float()
+            logits, row[f"{name}.query"] = view_outputs(expert, batch["image"], self.logit_scales[name])
             if self.label_only[dataloader_idx]:
-                probs = torch.softmax(self.logit_scales[name] * out.logits.float(), dim=-1)
+                probs = torch.softmax(self.logit_scales[name] * logits, dim=-1)
                 row[f"{name}.prob_label"] = probs.gather(1, labels.clamp_min(0)[:, None]).squeeze(1)
             else:
-                row[f"{name}.logits"] = out.logits.float()
+                row[f"{name}.logits"] = logits
         return row
 
 
@@ -273,12 +278,14 @@ def write_expert_outputs(experts: dict[str, nn.Module], logit_scales: dict[str, 
     found, todo = {}, []
     for name, label_only in splits.items():
         split_name, split = ("train", images.splits.train) if name == "train" else images.eval_split(name)
-        key = outputs_key(digests, split.digest(), img_size, label_only, dtype)
+        augment = images.test_time.augment
+        key = outputs_key(digests, split.digest(), img_size, label_only, dtype, augment)
         directory = root / f"{split_name}-{key}"
         found[name] = directory
         if not complete(directory, key):
             manifest = {"key": key, "split": split_name, "label_only": label_only, "dtype": dtype, "img_size": img_size,
-                        "experts": digests, "logit_scales": logit_scales, "data": facts}
+                        "test_time_augment": augment, "experts": digests, "logit_scales": logit_scales,
+                        "data": facts}
             todo.append((name, label_only, OutputsTarget(split_name, directory, len(split), manifest)))
     if not todo:
         return found

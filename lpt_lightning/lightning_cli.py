@@ -339,7 +339,8 @@ class LPTCLI(LightningCLI):
         results = getattr(self.model, "results", None)
         if results:
             convention = getattr(self.model, "split_convention", "lpt")
-            rank_zero_info(f"\nSplit accuracy (%, {convention} convention)\n{split_table(results)}")
+            table = split_table(results, getattr(self.model, "class_names", None))
+            rank_zero_info(f"\nSplit accuracy (%, {convention} convention)\n{table}")
 
     after_fit = after_validate = after_test = _print_results
 

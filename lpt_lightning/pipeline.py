@@ -27,7 +27,7 @@ from lpt_lightning.errors import CheckpointError, ConfigError, RunInterrupted
 from lpt_lightning.lightning_cli import LPTCLI, validate_config
 from lpt_lightning.models.expert import ExpertSpec
 from lpt_lightning.phases.moe_scorer import row_name
-from lpt_lightning.reports import plot_per_class_accuracy, read_metrics, split_table, write_metrics
+from lpt_lightning.reports import plot_per_class_accuracy, read_metrics, split_table, write_metrics, write_pictures
 
 PHASE_CLASSES = {
     "phase1": "lpt_lightning.phases.AdaptPhase",
@@ -392,7 +392,8 @@ def _fit_and_report(run: PhaseRun, test: bool, log_model: bool, test_start: bool
         test_rows = {k: v for k, v in results.items() if k.startswith("test")} or results
         plot_per_class_accuracy(run.directory / "per_class_accuracy.png", test_rows, model.class_counts.cpu(),
                                 f"{run.name}: per-class accuracy vs training count")
-        rank_zero_info(f"\n{run.name} ({run.directory})\n{split_table(results)}\n")
+        write_pictures(run.directory, test_rows, model.class_names)
+        rank_zero_info(f"\n{run.name} ({run.directory})\n{split_table(results, model.class_names)}\n")
         if log_model:
             log_final_checkpoint(trainer, run, results)
     trainer.strategy.barrier("lpt-pipeline-reported")
@@ -433,11 +434,11 @@ def log_final_checkpoint(trainer, run: PhaseRun, results: dict[str, dict[str, An
     import wandb
     from lightning.pytorch.loggers import WandbLogger
 
-    from lpt_lightning.metrics import SPLIT_KEYS
+    from lpt_lightning.metrics import HEADLINE_KEYS
 
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
-            metadata = {"phase": run.name, **{f"{row}/{k}": v[k] for row, v in results.items() for k in SPLIT_KEYS}}
+            metadata = {"phase": run.name, **{f"{row}/{k}": v[k] for row, v in results.items() for k in HEADLINE_KEYS}}
             artifact = wandb.Artifact(f"model-{logger.version}", type="model", metadata=metadata)
             artifact.add_file(str(run.final_checkpoint), name="final.ckpt")
             logger.experiment.log_artifact(artifact, aliases=["latest", "final"])
@@ -596,6 +597,4 @@ def write_summary(run_dir: Path, runs: list[PhaseRun]) -> dict[str, dict[str, An
 
 
 def split_table_from_file(path: Path) -> str:
-    from lpt_lightning.metrics import format_split_table
-
-    return format_split_table(read_metrics(path))
+    return split_table(read_metrics(path), json.loads(path.read_text()).get("class_names"))

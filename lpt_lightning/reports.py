@@ -1,10 +1,12 @@
-"""Result reports: metrics.json, per-class tables and plots of accuracy against training count,
-to files beside the logs and to Weights & Biases when a WandbLogger is attached."""
+"""Result reports: metrics.json, per-class tables, plots of accuracy against training count,
+reliability diagrams and confusion pictures, to files beside the logs and to Weights & Biases when
+a WandbLogger is attached."""
 from __future__ import annotations
 
 import csv
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +18,15 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lpt_lightning.checkpoints.files import atomic_save
 from lpt_lightning.errors import ConfigError
-from lpt_lightning.metrics import SPLIT_KEYS, format_split_table, shot_groups
-
-
+from lpt_lightning.metrics import (
+    ECE_BINS,
+    EXTRA_KEYS,
+    SPLIT_KEYS,
+    WORST_CLASS_KEYS,
+    format_metric_table,
+    format_split_table,
+    shot_groups,
+)
 
 def _finite(x: float) -> float | None:
     return None if x is None or math.isnan(x) else round(float(x), 4)
@@ -26,23 +34,32 @@ def _finite(x: float) -> float | None:
 
 def write_metrics(path: Path, results: dict[str, dict[str, Any]], class_counts: torch.Tensor,
                   class_names: list[str] | None, convention: str) -> None:
-    """JSON with the split accuracies of every evaluated row and the per-class accuracies."""
+    """JSON with the metrics of every evaluated row (`SPLIT_KEYS`, `EXTRA_KEYS`, the worst classes),
+    the per-class accuracies and the reliability bins."""
+    def row(v: dict[str, Any]) -> dict[str, Any]:
+        out = {k: _finite(v[k]) for k in (*SPLIT_KEYS, *EXTRA_KEYS) if k in v}
+        out |= {k: v[k] for k in WORST_CLASS_KEYS if k in v}
+        out["per_class"] = [_finite(float(x)) for x in v["per_class"]]
+        if "reliability" in v:
+            out["reliability"] = {name: [_finite(float(x)) for x in values]
+                                  for name, values in zip(("count", "confidence", "accuracy"), v["reliability"])}
+        return out
+
     payload = {
         "split_convention": convention,
         "class_counts": [int(c) for c in class_counts],
         "class_names": class_names,
-        "results": {
-            row: {k: _finite(v[k]) for k in SPLIT_KEYS}
-            | {"per_class": [_finite(float(x)) for x in v["per_class"]]}
-            for row, v in results.items()
-        },
+        "results": {name: row(v) for name, v in results.items()},
     }
     atomic_save(lambda tmp: tmp.write_text(json.dumps(payload, indent=1)), path)
 
 
-def read_metrics(path: Path) -> dict[str, dict[str, float]]:
+def read_metrics(path: Path) -> dict[str, dict[str, Any]]:
+    """The scalar metrics of each row of a metrics.json (NaN where undefined; files written before
+    the `EXTRA_KEYS` lack them)."""
     data = json.loads(path.read_text())
-    return {row: {k: (float("nan") if v[k] is None else v[k]) for k in SPLIT_KEYS}
+    return {row: {k: (float("nan") if v[k] is None else v[k]) for k in (*SPLIT_KEYS, *EXTRA_KEYS) if k in v}
+            | {k: v[k] for k in WORST_CLASS_KEYS if k in v}
             for row, v in data["results"].items()}
 
 
@@ -72,8 +89,98 @@ def plot_per_class_accuracy(path: Path, results: dict[str, dict[str, Any]], clas
     plt.close(fig)
 
 
-def split_table(results: dict[str, dict[str, Any]]) -> str:
-    return format_split_table({row: {k: v[k] for k in SPLIT_KEYS} for row, v in results.items()})
+def split_table(results: dict[str, dict[str, Any]], class_names: list[str] | None = None) -> str:
+    """The split-accuracy table, then (for rows that have them) the further metrics' table."""
+    table = format_split_table({row: {k: v[k] for k in SPLIT_KEYS} for row, v in results.items()})
+    if any("balanced_acc" in v for v in results.values()):
+        table += f"\n\nFurther metrics (%, nll in nats; per group in metrics.json)\n{format_metric_table(results, class_names)}"
+    return table
+
+
+def _slug(row: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", row).strip("_").lower()
+
+
+def plot_reliability(path: Path, row: str, reliability: torch.Tensor) -> None:
+    """Reliability diagram: accuracy per confidence bin against the diagonal, bins' sample shares below."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    count, conf, acc = (reliability[i].tolist() for i in range(3))
+    centers = [100 * (i + 0.5) / ECE_BINS for i in range(ECE_BINS)]
+    width = 100 / ECE_BINS
+    fig, (ax, share) = plt.subplots(2, 1, figsize=(4.5, 5), sharex=True, height_ratios=(3, 1))
+    ax.bar(centers, [0 if math.isnan(a) else a for a in acc], width=width, edgecolor="black", label="accuracy")
+    ax.plot([0, 100], [0, 100], color="grey", ls="--", lw=1, label="calibrated")
+    ax.scatter([c for c, n in zip(conf, count) if n], [a for a, n in zip(acc, count) if n], s=10, color="red",
+               zorder=3, label="mean confidence")
+    ax.set_ylabel("accuracy in bin (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(row, fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
+    total = max(sum(count), 1)
+    share.bar(centers, [100 * n / total for n in count], width=width, color="grey")
+    share.set_xlabel("confidence (top-1 probability, %)")
+    share.set_ylabel("samples (%)")
+    share.set_xlim(0, 100)
+    fig.tight_layout()
+    atomic_save(lambda tmp: fig.savefig(tmp, dpi=110, format="png"), path)
+    plt.close(fig)
+
+
+def plot_confusion(path: Path, row: str, values: dict[str, Any], class_names: list[str] | None) -> None:
+    """The row-normalised confusion matrix (<= 100 classes), else a table of the most confused pairs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    name = (lambda c: class_names[c]) if class_names else str
+    if "confusion" in values:
+        matrix = values["confusion"].double()
+        rates = 100 * matrix / matrix.sum(1, keepdim=True).clamp(min=1)
+        c = matrix.shape[0]
+        size = min(4 + 0.12 * c, 16)
+        fig, ax = plt.subplots(figsize=(size, size))
+        image = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=100)
+        fig.colorbar(image, ax=ax, fraction=0.046, label="% of the true class")
+        ax.set_xlabel("predicted class")
+        ax.set_ylabel("true class")
+        if c <= 30:
+            ticks = list(range(c))
+            ax.set_xticks(ticks, [name(i) for i in ticks], rotation=90, fontsize=6)
+            ax.set_yticks(ticks, [name(i) for i in ticks], fontsize=6)
+    else:
+        pairs = values["top_confused"].tolist()
+        fig, ax = plt.subplots(figsize=(6, 0.3 * len(pairs) + 1))
+        ax.axis("off")
+        cells = [[name(t), name(p), str(n)] for t, p, n in pairs] or [["-", "-", "0"]]
+        ax.table(cellText=cells, colLabels=["true class", "predicted as", "samples"], loc="center")
+    ax.set_title(f"{row}: confusion", fontsize=9)
+    fig.tight_layout()
+    atomic_save(lambda tmp: fig.savefig(tmp, dpi=110, format="png"), path)
+    plt.close(fig)
+
+
+def write_pictures(out_dir: Path, results: dict[str, dict[str, Any]], class_names: list[str] | None
+                   ) -> dict[str, list[tuple[str, Path]]]:
+    """A reliability diagram and a confusion picture per row that has them, under
+    ``out_dir/reliability`` and ``out_dir/confusion``; {kind: [(row, path)]}."""
+    written: dict[str, list[tuple[str, Path]]] = {"reliability": [], "confusion": []}
+    for row, values in results.items():
+        if "reliability" in values:
+            path = out_dir / "reliability" / f"{_slug(row)}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            plot_reliability(path, row, values["reliability"])
+            written["reliability"].append((row, path))
+        if "confusion" in values or "top_confused" in values:
+            path = out_dir / "confusion" / f"{_slug(row)}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            plot_confusion(path, row, values, class_names)
+            written["confusion"].append((row, path))
+    return written
 
 
 def per_class_rows(results: dict[str, dict[str, Any]], class_counts: torch.Tensor, class_names: list[str] | None,
@@ -91,9 +198,10 @@ def per_class_rows(results: dict[str, dict[str, Any]], class_counts: torch.Tenso
 
 
 class SplitReport(Callback):
-    """After ``lpt test``: the per-class table (CSV) and the accuracy-versus-training-count plot
-    (PNG) beside the logs; with a WandbLogger also a W&B table, the plot and, for phase 3, the
-    comparison of each expert, W_base fusion and the full scorer."""
+    """After ``lpt test``: the per-class table (CSV), the accuracy-versus-training-count plot and
+    each row's reliability diagram and confusion picture (PNG) beside the logs; with a WandbLogger
+    also a W&B table, the pictures and, for phase 3, the comparison of each expert, W_base fusion
+    and the full scorer."""
 
     def __init__(self, enabled: bool = True):
         self.enabled = enabled
@@ -115,13 +223,23 @@ class SplitReport(Callback):
 
         atomic_save(write_table, table_path)
         plot_per_class_accuracy(plot_path, results, counts, f"{type(pl_module).__name__}: per-class test accuracy")
+        pictures = write_pictures(out_dir, results, pl_module.class_names)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_table(key="test/per_class", columns=columns, data=rows)
                 logger.log_image(key="test/per_class_accuracy", images=[str(plot_path)])
+                for kind, written in pictures.items():
+                    if written:
+                        logger.log_image(key=f"test/{kind}", images=[str(p) for _, p in written],
+                                         caption=[row for row, _ in written])
                 summary = [[row, *(_finite(v[k]) for k in SPLIT_KEYS)] for row, v in results.items()]
                 logger.log_table(key="test/split_accuracy", columns=["row", "overall", "many", "medium", "few"],
                                  data=summary)
+                keys = [k for k in (*EXTRA_KEYS, *WORST_CLASS_KEYS) if all(k in v for v in results.values())]
+                if keys:
+                    logger.log_table(key="test/metrics", columns=["row", *keys],
+                                     data=[[row, *(v[k] if k in WORST_CLASS_KEYS else _finite(v[k]) for k in keys)]
+                                           for row, v in results.items()])
 
 
 class PhaseWandbLogger(WandbLogger):

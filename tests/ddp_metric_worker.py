@@ -1,18 +1,19 @@
-"""Spawned by tests/test_metrics.py: one gloo rank updating SplitAccuracy with its shard."""
+"""Spawned by tests/test_metrics.py: one gloo rank updating SplitAccuracy (or EvalMetrics) with its shard."""
 import os
 
 import torch
 import torch.distributed as dist
 
 
-def run(rank: int, world_size: int, init_method: str, counts, preds, target, out_dir: str) -> None:
+def run(rank: int, world_size: int, init_method: str, counts, preds, target, out_dir: str,
+        metric_name: str = "SplitAccuracy") -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    from lpt_lightning.metrics import SplitAccuracy
+    from lpt_lightning import metrics
 
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
     try:
-        metric = SplitAccuracy(counts)
+        metric = getattr(metrics, metric_name)(counts)
         # Interleaved shards of unequal length, updated in two batches each.
         p, t = preds[rank::world_size], target[rank::world_size]
         half = len(t) // 2

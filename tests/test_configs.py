@@ -83,7 +83,7 @@ def beside_the_pieces(tmp_path: Path, text: str) -> Path:
 def test_there_are_configs():
     names = {config_id(p) for p in ALL_CONFIGS}
     for dataset in DATASETS:
-        for suffix in ("phase1", "phase2", "phase1_vl", "phase2_vl"):
+        for suffix in ("phase1", "phase2", "phase1_vl", "phase2_vl", "linear_probe"):
             assert f"{dataset}_{suffix}.yaml" in names
     assert any(n.startswith("cpu/") for n in names)
     assert {p.parent.name for p in PIECES} == set(PIECE_OPTIONS)
@@ -156,6 +156,8 @@ def pieces_of(path: Path) -> dict[str, Path]:
     if path.parent.name == "standins":
         kind = path.stem.removesuffix("_expert")
         names = {"trainer": "cpu", "data": "fmnist_lt_standins", "expert": f"standin_{kind}"}
+    elif path.stem.endswith("_linear_probe"):
+        names = {"trainer": "gpu", "data": path.stem.removesuffix("_linear_probe"), "expert": "visual_linear_probe"}
     else:
         match = ENTRY_NAME.fullmatch(path.stem)
         kind, phase = ("vl" if match["vl"] else "visual"), match["phase"]
@@ -183,6 +185,8 @@ def test_entry_point_carries_the_values_of_its_pieces(path):
         expected = yaml.safe_load(piece.read_text())
         if section == "data" and cfg["model"]["class_path"].endswith("MoEScorerPhase"):
             expected["sampling"] = "class_aware"  # the scorer trains class-balanced
+        if section == "data" and path.stem.endswith("_linear_probe"):
+            expected["sampling"] = "instance"  # one plain stream
         assert not mismatches(SECTION[section](cfg), expected, section), f"{config_id(path)} and {config_id(piece)}"
 
 
@@ -273,6 +277,44 @@ def test_benchmark_configs_have_reference_constants(dataset, expert):
     ckpt_dir = next(c for c in p1["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint"))
     assert a2["phase1_checkpoint"] == ckpt_dir["init_args"]["dirpath"] + "/last.ckpt"
     assert p1["data"] == p2["data"]
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+@pytest.mark.parametrize("kind", ["ce", "logit_adjusted"])
+def test_linear_probe_configs_train_the_head_alone(dataset, kind):
+    """A frozen backbone and the head alone (no prompt, no adapters), CE or logit-adjusted CE."""
+    path = CONFIG_DIR / f"{dataset}_linear_probe.yaml"
+    if kind == "ce":
+        cfg = parse_config(path)
+    else:
+        code, out, err = run_print_config(path, f"--model.init_args.loss.kind={kind}")
+        assert code == 0, err[-3000:]
+        cfg = yaml.safe_load(out)
+    args = cfg["model"]["init_args"]
+    assert cfg["model"]["class_path"] == "lpt_lightning.phases.AdaptPhase"
+    assert (args["expert"]["prompt_length"], args["expert"]["adapters"]) == (0, False)
+    assert args["expert"]["backbone"]["name"] == REFERENCE_BACKBONE["visual"]
+    assert (args["loss"]["kind"], args["loss"]["tau"]) == (kind, 1.0)
+    assert cfg["data"]["sampling"] == "instance"
+    assert cfg["trainer"]["default_root_dir"] == f"runs/{dataset}/linear_probe"
+    phase1 = parse_config(CONFIG_DIR / f"{dataset}_phase1.yaml")["data"]
+    assert {k: v for k, v in cfg["data"].items() if k != "sampling"} == \
+        {k: v for k, v in phase1.items() if k != "sampling"}  # the same data as the LPT++ rows
+
+
+def test_linear_probe_expert_trains_only_the_head():
+    from lpt_lightning.phases import AdaptPhase, LossSpec
+
+    expert = yaml.safe_load((CONFIG_DIR / "expert" / "visual_linear_probe.yaml").read_text())
+    expert["backbone"] = {"name": "vit_base_patch16_224", "pretrained": False,
+                          "model_kwargs": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}}
+    spec = ExpertSpec(**{**expert, "backbone": BackboneSpec(**expert["backbone"])})
+    model = AdaptPhase(expert=spec, num_classes=5, loss=LossSpec(kind="ce"))
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(name.startswith("expert.head.") for name in trainable)
+    loss = model._make_loss("ib", torch.tensor([50, 20, 10, 5, 2]))
+    logits, labels = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 4, 0])
+    torch.testing.assert_close(loss(logits, labels), torch.nn.functional.cross_entropy(20.0 * logits, labels))
 
 
 # ------------------------------------------------------------------ iNat18 at full size (random weights)

@@ -60,7 +60,13 @@ def test_pipeline_leaves_every_phase_with_results(finished_run):
         d = run_dir / phase
         assert (d / "final.ckpt").is_file() and (d / "config.yaml").is_file()
         assert (d / "per_class_accuracy.png").read_bytes()[:4] == b"\x89PNG"
+        test_row = "test_lpt_scorer" if phase == "phase3_moe" else "test"
+        for kind in ("reliability", "confusion"):  # a picture per test row
+            assert test_row in {p.stem for p in (d / kind).glob("*.png")}
         metrics = json.loads((d / "metrics.json").read_text())
+        assert {"top5", "balanced_acc", "worst_class", "hmean", "gmean", "macro_f1", "nll", "ece_few",
+                "reliability"} <= set(metrics["results"]["test"] if "test" in metrics["results"]
+                                      else metrics["results"]["test: LPT++ (scorer)"])
         assert metrics["split_convention"] == "lpt" and len(metrics["class_counts"]) == 10
         assert load_checkpoint_file(d / "final.ckpt")["lpt"]["phase"] in ("adapt", "group_prompt", "moe_scorer")
     # Phase 3 reports every part, its val rows named as the split W_base was searched and the scorer
@@ -98,6 +104,7 @@ def test_pipeline_leaves_every_phase_with_results(finished_run):
         "test: W_base fusion", "test: LPT++ (scorer)"]
     assert list(summary["results"])[-2:] == ["fit split (val): W_base fusion", "fit split (val): LPT++ (scorer)"]
     assert summary["results"]["fit split (val): W_base fusion"] == rows["fit split (val): W_base fusion"]
+    assert summary["results"]["test: LPT++ (scorer)"]["balanced_acc"] == rows["test: LPT++ (scorer)"]["balanced_acc"]
     assert summary["results"]["test: vision-language expert, no training"] == \
         json.loads((run_dir / "phase1_vl" / "metrics.json").read_text())["results"]["test: no training"]
     cache = list((run_dir / "phase3_moe" / "expert_cache").iterdir())

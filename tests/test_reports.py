@@ -49,6 +49,15 @@ def test_test_run_writes_local_reports_and_sends_tables_to_wandb(tmp_path, monke
     trainer.test(model, datamodule=dm, verbose=False)
 
     assert {"val/acc", "val/acc_many", "val/acc_medium", "val/acc_few", "test/acc", "test/acc_few"} <= logged["metrics"]
+    assert {"test/top5", "test/balanced_acc", "test/worst_class_acc", "test/worst_class", "test/hmean", "test/gmean",
+            "test/macro_f1", "test/nll", "test/ece", "test/ece_few", "val/balanced_acc_many"} <= logged["metrics"]
+    for kind in ("reliability", "confusion"):  # one picture per row, beside the logs
+        (picture,) = logged["images"][f"test/{kind}"]
+        assert Path(picture).read_bytes()[:4] == b"\x89PNG" and Path(picture).parent.name == kind
+    metric_columns, metric_rows = logged["tables"]["test/metrics"]
+    assert metric_columns[:3] == ["row", "top5", "top5_many"] and metric_rows[0][0] == "test"
+    assert metric_rows[0][metric_columns.index("balanced_acc")] == pytest.approx(
+        model.results["test"]["balanced_acc"], abs=1e-3)
     columns, rows = logged["tables"]["test/per_class"]
     assert columns == ["class", "name", "train_count", "group", "acc[test]"] and len(rows) == 10
     assert rows[0][1] == "T-shirt/top" and rows[0][2] == int(dm.train_class_counts[0])

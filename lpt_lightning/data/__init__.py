@@ -37,7 +37,12 @@ from lpt_lightning.data.sources import (
     Split,
     read_idx,
 )
-from lpt_lightning.data.transforms import build_eval_transform, build_train_transform, eval_resize_size
+from lpt_lightning.data.transforms import (
+    TestTimeSpec,
+    build_eval_transform,
+    build_train_transform,
+    eval_resize_size,
+)
 
 __all__ = [
     "AnnotationListSource",
@@ -57,6 +62,7 @@ __all__ = [
     "Split",
     "StreamBatchSampler",
     "StreamBatches",
+    "TestTimeSpec",
     "UndecodedImages",
     "balanced_holdout",
     "build_eval_transform",

@@ -35,7 +35,7 @@ from lpt_lightning.data.samplers import (
     StreamBatchSampler,
 )
 from lpt_lightning.data.sources import IMAGE_EXTENSIONS, DatasetSplits, DataSource, Split, read_lines as _read_lines
-from lpt_lightning.data.transforms import build_eval_transform, build_train_transform
+from lpt_lightning.data.transforms import TestTimeSpec, build_eval_transform, build_train_transform
 from lpt_lightning.errors import ConfigError, DataFormatError
 
 Sampling = Literal["dual", "instance", "class_aware", "square_root"]
@@ -149,6 +149,9 @@ class LongTailDataModule(StreamTrainingData, LightningDataModule):
             the same random draws (`on_after_batch_transfer`); other formats are decoded by the
             workers and only transformed on the device. For image-file sources only (in-memory
             arrays are decoded already).
+        test_time: test-time augmentation of every evaluation (`TestTimeSpec`: ``augment`` none,
+            flip, five_crop or ten_crop); evaluation batches then carry images [B, V, 3, S, S]
+            and each expert averages its probabilities over the V views. Never in training batches.
 
     The test split is never used as validation otherwise: a dataset without a validation split
     needs ``holdout_per_class`` (or the explicit ``val_from_test``).
@@ -176,6 +179,7 @@ class LongTailDataModule(StreamTrainingData, LightningDataModule):
         holdout_seed: int = 0,
         val_from_test: bool = False,
         decode_jpeg_on_device: bool = False,
+        test_time: TestTimeSpec = TestTimeSpec(),
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -199,8 +203,11 @@ class LongTailDataModule(StreamTrainingData, LightningDataModule):
         if holdout_per_class and val_from_test:
             raise ConfigError("set either data.holdout_per_class (a held-out split carved from train) or "
                               "data.val_from_test (monitor the test split), not both")
+        if isinstance(test_time, dict):
+            test_time = TestTimeSpec(**test_time)
         # The source object is not saved: checkpoints must stay loadable with weights_only.
-        self.save_hyperparameters(ignore=["source"], logger=False)
+        self.save_hyperparameters(ignore=["source", "test_time"], logger=False)
+        self.hparams["test_time"] = {"augment": test_time.augment}
         self.source = source
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -221,6 +228,7 @@ class LongTailDataModule(StreamTrainingData, LightningDataModule):
         self.holdout_seed = holdout_seed
         self.val_from_test = val_from_test
         self.decode_jpeg_on_device = decode_jpeg_on_device
+        self.test_time = test_time
         self.holdout_summary: str | None = None
         self._source_train_counts: np.ndarray | None = None
         self._data_record: dict | None = None
@@ -417,7 +425,7 @@ class LongTailDataModule(StreamTrainingData, LightningDataModule):
         key = f"{name}:{'train' if train else 'eval'}"
         if key not in self._datasets:
             size = self._resolve_img_size()
-            transform = build_train_transform(size) if train and self.augment else build_eval_transform(size)
+            transform = build_train_transform(size) if train and self.augment else self._eval_transform(train)
             self._check_files(name, split)
             self._datasets[key] = LongTailImageDataset(
                 split, transform, images=self.splits.images, skip_unreadable=self.skip_unreadable,
@@ -502,7 +510,7 @@ class LongTailDataModule(StreamTrainingData, LightningDataModule):
         if training not in self._device_transforms:
             size = self._resolve_img_size()
             self._device_transforms[training] = (build_train_transform(size) if training and self.augment
-                                                 else build_eval_transform(size))
+                                                 else self._eval_transform(training))
         return _decode_streams(batch, self._device_transforms[training], self.skip_unreadable)
 
     def _eval_loader(self, wanted: str) -> DataLoader:
@@ -514,10 +522,14 @@ class LongTailDataModule(StreamTrainingData, LightningDataModule):
         sampler = ShardedEvalSampler(len(dataset), num_replicas=num_replicas, rank=rank)
         return self._loader(dataset, sampler, self.eval_batch_size, drop_last=False)
 
-    def split_dataloader(self, name: str) -> DataLoader:
+    def _eval_transform(self, train: bool = False) -> Callable:
+        """The eval transform; for evaluation (not for training batches) with the test-time views."""
+        return build_eval_transform(self._resolve_img_size(), "none" if train else self.test_time.augment)
+
+    def split_dataloader(self, name: str, views: bool = True) -> DataLoader:
         """Images of split ``train``, ``val`` or ``test`` with the eval transform, this rank's shard
         without padding: for model outputs over a whole split. Batches' ``index`` values are
-        indices into the split."""
+        indices into the split. ``views``: with the test-time views (``data.test_time``)."""
         if name == "train":
             split = self.splits.train
         else:
@@ -525,7 +537,7 @@ class LongTailDataModule(StreamTrainingData, LightningDataModule):
         self._check_files(name, split)
         # A dataset of its own that never defers decoding: these batches are consumed outside the
         # training loop (the class-mean head init, phase 3's outputs pass), without the transfer hook.
-        dataset = LongTailImageDataset(split, build_eval_transform(self._resolve_img_size()),
+        dataset = LongTailImageDataset(split, self._eval_transform(train=not views),
                                        images=self.splits.images, skip_unreadable=self.skip_unreadable)
         return self._sharded_loader(dataset)
 
@@ -542,7 +554,7 @@ class LongTailDataModule(StreamTrainingData, LightningDataModule):
             split = image_paths_split(self.predict_paths)
             self._check_files("predict", split)
             self._datasets["predict"] = LongTailImageDataset(
-                split, build_eval_transform(self._resolve_img_size()), skip_unreadable=self.skip_unreadable,
+                split, self._eval_transform(), skip_unreadable=self.skip_unreadable,
                 defer_decoding=self._decodes_on_device(split),
             )
         return self._sharded_loader(self._datasets["predict"])

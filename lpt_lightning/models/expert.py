@@ -184,3 +184,18 @@ class LongTailExpert(nn.Module):
         match = self.group_prompts.match(query.detach())
         features = bb.pool(self.run_blocks(x, self.group_start, bb.num_blocks, match.prompts))
         return ExpertOutput(logits=self.head(features), features=features, query=query, match=match)
+
+
+def view_outputs(expert: nn.Module, images: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, query) in float32 of an expert on images [B, 3, S, S], or on the test-time views of
+    each image, [B, V, 3, S, S] (`lpt_lightning.data.TestTimeSpec`): then the probabilities
+    softmax(scale * logits) are averaged over the views and returned as logits whose softmax they
+    are, log(p) / scale, and the query is the mean over the views."""
+    if images.dim() == 4:
+        out = expert(images)
+        return out.logits.float(), out.query.float()
+    batch, views = images.shape[:2]
+    out = expert(images.flatten(0, 1))
+    probs = torch.softmax(scale * out.logits.float(), dim=-1).view(batch, views, -1).mean(1)
+    logits = probs.clamp_min(torch.finfo(torch.float32).tiny).log() / scale
+    return logits, out.query.float().view(batch, views, -1).mean(1)

@@ -17,8 +17,8 @@ from lpt_lightning.checkpoints.metadata import META_KEY, is_saved_key
 from lpt_lightning.data_facts import DataFacts
 from lpt_lightning.errors import CheckpointError, ConfigError
 from lpt_lightning.losses import AGCLLoss, LogitAdjustedCE, matching_loss
-from lpt_lightning.metrics import SPLIT_KEYS, SplitAccuracy
-from lpt_lightning.models.expert import ExpertOutput, LongTailExpert
+from lpt_lightning.metrics import EvalMetrics, log_values, row_values
+from lpt_lightning.models.expert import ExpertOutput, LongTailExpert, view_outputs
 from lpt_lightning.precision import check_precision
 
 
@@ -28,7 +28,8 @@ class LossSpec:
     """Training objective (SPEC 3, 4).
 
     Attributes:
-        kind: ``agcl`` (reference) or ``logit_adjusted`` cross-entropy (ablation).
+        kind: ``agcl`` (reference), ``logit_adjusted`` cross-entropy (ablation) or plain ``ce``
+            (cross-entropy on the scaled cosine logits: logit adjustment with tau 0).
         scale: cosine logit scale s.
         margin: GCL margin m on the target logit.
         beta: GCL perturbation weight.
@@ -47,7 +48,7 @@ class LossSpec:
             them here is an error that says so.
     """
 
-    kind: Literal["agcl", "logit_adjusted"] = "agcl"
+    kind: Literal["agcl", "logit_adjusted", "ce"] = "agcl"
     scale: float = 20.0
     margin: float = 0.1
     beta: float = 0.5
@@ -192,8 +193,8 @@ class ExpertPhase(L.LightningModule):
             raise ConfigError(f"{type(self).__name__}: no data attached (class counts for the losses, batch size for "
                               "the learning rate): call lpt_lightning.data_facts.connect(model, datamodule) before "
                               "trainer.fit (lpt does it)")
-        self.val_accuracy = SplitAccuracy(self.class_counts.cpu(), convention=self.split_convention)
-        self.test_accuracy = SplitAccuracy(self.class_counts.cpu(), convention=self.split_convention)
+        self.val_accuracy = EvalMetrics(self.class_counts.cpu(), convention=self.split_convention)
+        self.test_accuracy = EvalMetrics(self.class_counts.cpu(), convention=self.split_convention)
         if stage == "fit":
             counts = loss_counts if loss_counts is not None else self.class_counts.cpu()
             self.stream_losses = nn.ModuleDict({s: self._make_loss(s, counts) for s in ("cb", "ib", "sqrt")})
@@ -201,8 +202,8 @@ class ExpertPhase(L.LightningModule):
     def _make_loss(self, stream: str, counts: torch.Tensor) -> nn.Module:
         """The loss of one stream; its prior is the real training counts (after any held-out carving)."""
         spec = self.loss_spec
-        if spec.kind == "logit_adjusted":
-            return LogitAdjustedCE(counts, tau=spec.tau, scale=spec.scale)
+        if spec.kind in ("logit_adjusted", "ce"):
+            return LogitAdjustedCE(counts, tau=spec.tau if spec.kind == "logit_adjusted" else 0.0, scale=spec.scale)
         gamma_pos, gamma_neg = spec.class_balanced_gammas if stream == "cb" else spec.instance_gammas
         return AGCLLoss(counts, scale=spec.scale, margin=spec.margin, beta=spec.beta, gamma_pos=gamma_pos,
                         gamma_neg=gamma_neg, smoothing=spec.smoothing)
@@ -278,8 +279,8 @@ class ExpertPhase(L.LightningModule):
         return None
 
     # ----------------------------------------------------------------- evaluation
-    def _eval_step(self, batch: dict[str, torch.Tensor], metric: SplitAccuracy) -> None:
-        metric.update(self.expert(batch["image"]).logits, batch["label"])
+    def _eval_step(self, batch: dict[str, torch.Tensor], metric: EvalMetrics) -> None:
+        metric.update(self.probabilities(batch["image"]), batch["label"])
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, self.val_accuracy)
@@ -287,17 +288,22 @@ class ExpertPhase(L.LightningModule):
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, self.test_accuracy)
 
-    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        logits = self.expert(batch["image"]).logits
-        return {"index": batch["index"], "probs": torch.softmax(self.loss_spec.scale * logits.float(), dim=-1)}
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """Class probabilities [B, C]: the softmax of the scaled cosine logits (averaged over the
+        test-time views of images [B, V, 3, S, S])."""
+        logits, _ = view_outputs(self.expert, images, self.loss_spec.scale)
+        return torch.softmax(self.loss_spec.scale * logits, dim=-1)
 
-    def _log_split_accuracy(self, stage: str, metric: SplitAccuracy) -> None:
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        return {"index": batch["index"], "probs": self.probabilities(batch["image"])}
+
+    def _log_split_accuracy(self, stage: str, metric: EvalMetrics) -> None:
         result = metric.compute()  # states already summed over ranks: identical everywhere
         metric.reset()
         # A labelled row (e.g. phase 1's "no training" row) is kept and logged beside the trained one.
         row, prefix = (f"{stage}: {self.eval_row}", f"{self.eval_row.replace(' ', '_')}/") if self.eval_row else (stage, "")
-        self.results[row] = {k: float(result[k]) for k in SPLIT_KEYS} | {"per_class": result["per_class"].cpu()}
-        self.log_dict({f"{prefix}{stage}/{k}": float(result[k]) for k in SPLIT_KEYS}, sync_dist=False)
+        self.results[row] = row_values(result)
+        self.log_dict({f"{prefix}{stage}/{k}": v for k, v in log_values(self.results[row]).items()}, sync_dist=False)
 
     def on_validation_epoch_end(self) -> None:
         self._log_split_accuracy("val", self.val_accuracy)

@@ -35,8 +35,8 @@ from lpt_lightning.checkpoints.metadata import (
     read_phase_metadata,
 )
 from lpt_lightning.errors import CheckpointError, ConfigError
-from lpt_lightning.metrics import SPLIT_KEYS, SplitAccuracy
-from lpt_lightning.models.expert import GroupPromptSpec, LongTailExpert
+from lpt_lightning.metrics import EvalMetrics, log_values, row_values
+from lpt_lightning.models.expert import GroupPromptSpec, LongTailExpert, view_outputs
 from lpt_lightning.models.scorer import BaseWeightSearch, MoEScorer, fuse
 from lpt_lightning.precision import check_precision
 
@@ -256,11 +256,11 @@ class MoEScorerPhase(L.LightningModule):
         return self.probabilities(rows, kind).gather(1, rows["label"][:, None]).squeeze(1)
 
     def expert_rows(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Both experts on images (1.5 backbone passes each with prefix reuse): what the cache holds."""
+        """Both experts on images (1.5 backbone passes each with prefix reuse), or on the test-time
+        views of each image (averaged, `view_outputs`): what the cache holds."""
         rows = {}
         for kind, expert in self.experts().items():
-            out = expert(images)
-            rows[f"{kind}.logits"], rows[f"{kind}.query"] = out.logits.float(), out.query.float()
+            rows[f"{kind}.logits"], rows[f"{kind}.query"] = view_outputs(expert, images, self.scales[kind])
         return rows
 
     # ----------------------------------------------------------------- training
@@ -298,7 +298,7 @@ class MoEScorerPhase(L.LightningModule):
         # Built when evaluation starts: a restored checkpoint's class counts are in place by then.
         counts = self.class_counts.cpu()
         self.metrics = nn.ModuleDict({
-            f"{stage}_{row}": SplitAccuracy(counts, convention=self.split_convention)
+            f"{stage}_{row}": EvalMetrics(counts, convention=self.split_convention)
             for stage in ("val", "test") for row in ROWS}).to(self.device)
 
     def _eval_step(self, stage: str, batch: dict[str, torch.Tensor]) -> None:
@@ -329,10 +329,9 @@ class MoEScorerPhase(L.LightningModule):
             metric = self.metrics[f"{stage}_{row}"]
             result = metric.compute()
             metric.reset()
-            self.results[row_name(stage, title)] = {k: float(result[k]) for k in SPLIT_KEYS} | {
-                "per_class": result["per_class"].cpu()}
+            values = self.results[row_name(stage, title)] = row_values(result)
             prefix = STAGE_LOG_PREFIXES[stage] if row == "fused" else f"{STAGE_LOG_PREFIXES[stage]}/{row}"
-            logged |= {f"{prefix}/{k}": float(result[k]) for k in SPLIT_KEYS}
+            logged |= {f"{prefix}/{k}": v for k, v in log_values(values).items()}
         logged[f"{STAGE_LOG_PREFIXES[stage]}/w_base"] = float(self.scorer.w_base)
         self.log_dict(logged, sync_dist=False)
 
