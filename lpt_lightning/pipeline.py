@@ -410,7 +410,8 @@ def _start_rows(run: PhaseRun, trainer, model, datamodule, test: bool) -> dict[s
     if trainer.is_global_zero:
         os.replace(tmp, start)
     trainer.strategy.barrier("lpt-pipeline-start-row")
-    model.results.clear()
+    # The trained rows stay in model.results, so the test reports (per-class table, W&B tables)
+    # show the trained model and its start side by side instead of the start alone.
     model.eval_row = "no training"
     try:
         trainer.validate(model, datamodule=datamodule, ckpt_path=str(start), verbose=False)

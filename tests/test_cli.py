@@ -269,7 +269,7 @@ def test_pipeline_pieces_load_relative_to_their_file_and_merge_key_by_key(tmp_pa
                       "--trainer", str(REPO / "configs" / "trainer" / "cpu.yaml")])
     demo_data = yaml.safe_load((REPO / "configs" / "data" / "fmnist_lt_demo.yaml").read_text())
     data = settings["data"]
-    assert data["source"]["init_args"] == demo_data["source"]["init_args"] | {"seed": 3, "root": None}
+    assert data["source"]["init_args"] == demo_data["source"]["init_args"] | {"seed": 3, "root": None, "class_order_seed": None}
     assert (data["batch_size"], data["num_workers"], data["eval_batch_size"], data["augment"]) == (8, 0, 500, False)
     assert "__path__" not in data and "__path__" not in settings["phase1"].vl.expert
     # A later expert piece sets what it names; the rest stays the earlier piece's.
