@@ -889,6 +889,43 @@ def text_encoding_section(results: Path) -> list[str]:
     return lines
 
 
+def dry_run_section(results: Path) -> list[str]:
+    """Every shipped GPU entry point run (pipelines) or built (phase configs) on the CPU at the real
+    architectures and class counts (`benchmarks/dry_run.py`)."""
+    path = results / "dry_run.json"
+    if not path.is_file():
+        return []
+    r = json.loads(path.read_text())
+    entries = r["entries"]
+    threads = f"{r['threads']} torch thread" + ("s" if (r["threads"] or 0) > 1 else "") if r["threads"] else "default threads"
+    lines = [
+        "### Dry run of the GPU entry points", "",
+        f"`{r['command']}` (`make dry-run`; {r['date']}; torch {r['torch']}, {threads} on a {r['cpu_cores']}-core "
+        f"machine shared with other jobs, load average {_f(r['load_average_end'], 1)} at the end). Every shipped "
+        "GPU config at its real architecture and class count: timm `vit_base_patch16_224.augreg_in21k` and "
+        "open_clip `ViT-B-16`/`openai` (QuickGELU from the tag) with random weights loaded from local files "
+        "(`backbone.checkpoint_path`, the offline path), on synthetic data in the real on-disk formats (iNat "
+        "2018 jsons with 8,142 categories and `categories.json`, Places-LT and ImageNet-LT lists, CIFAR-100 class "
+        "folders; a few 32-px images per class). Overridden: batch size "
+        f"{r['batch_size']}, loader workers 0, precision `32-true`, `limit_train/val/test_batches` {r['limit_batches']} "
+        "(1 would arrive as 1.0, every batch: the parser types them `Union[float, int]`), "
+        f"{r['epochs']['phase1']} epochs in phases 1-2 (their warm-up is 1) and {r['epochs']['phase3']} in phase 3, "
+        "the backbone files and the run directory. A pipeline runs every phase (1 and 2 per expert, "
+        "phase 3's expert-output pass over the whole held-out split, the scorer) with the pipeline's own "
+        "evaluations; a phase config is parsed and built as `lpt fit` builds it (backbone, its upstream phase's "
+        f"checkpoints from the pipeline run, the data). Text embeddings of more than {r['encode_text_max']:,} class "
+        "names are read from a prefilled cache (their encoding is the section above). Each row is a fresh "
+        "process: wall time and peak RSS (`wait4`).", "",
+        "| entry point | classes | run | wall time | peak RSS | result |",
+        "| --- | ---: | --- | ---: | ---: | --- |",
+    ]
+    for name, e in sorted(entries.items(), key=lambda kv: (kv[1]["classes"], kv[1]["kind"] != "pipeline", kv[0])):
+        lines.append(f"| `{name}` | {e['classes']:,} | {e['what']} | {e['seconds']:.0f} s | {e['peak_rss_gb']:.2f} GB "
+                     f"| {'passed' if e['ok'] else '**failed** (exit ' + str(e['exit_code']) + ')'} |")
+    lines.append("")
+    return lines
+
+
 def render(results: Path) -> str:
     runs = _load(results)
     lines = [
@@ -935,5 +972,6 @@ def render(results: Path) -> str:
         lines += data_section(run)
         lines += findings(run)
     lines += text_encoding_section(results)
+    lines += dry_run_section(results)
     lines += [FAST_PATH]
     return "\n".join(lines).rstrip() + "\n"
