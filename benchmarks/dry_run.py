@@ -33,7 +33,9 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -283,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="phases: build the single-phase configs on an earlier run's checkpoints")
     parser.add_argument("--encode-text-max", type=int, default=400,
                         help="encode up to this many class names; above, fill the text cache with random vectors")
+    parser.add_argument("--jobs", type=int, default=1, help="datasets run at once (each its entry points in turn)")
     parser.add_argument("--result", type=Path, default=RESULT)
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite the section of docs/benchmarks.md")
     parser.add_argument("--build-child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -298,13 +301,24 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["LPT_CACHE_DIR"] = env["LPT_CACHE_DIR"]
     results = json.loads(args.result.read_text()) if args.result.is_file() else {}
     entries = results.setdefault("entries", {})
-    failed = []
+    import torch
+
+    results.update(date=time.strftime("%Y-%m-%d %H:%M"), torch=torch.__version__, cpu_cores=os.cpu_count(),
+                   threads=int(os.environ.get("OMP_NUM_THREADS", "0")) or None, jobs=args.jobs,
+                   cpu=platform.processor() or platform.machine(), batch_size=BATCH, limit_batches=LIMIT,
+                   overrides=OVERRIDES, epochs=EPOCHS, encode_text_max=args.encode_text_max,
+                   command=" ".join(["python -m benchmarks.dry_run", *(argv if argv is not None else sys.argv[1:])]))
     for dataset in args.datasets:
         start = time.perf_counter()
         make_data(work, dataset)
         if CLASSES[dataset] > args.encode_text_max:
             prefill_text_cache(work, dataset, weights["vl"])
         print(f"{dataset}: data ready ({time.perf_counter() - start:.0f} s)", flush=True)
+    lock = threading.Lock()
+    failed = []
+
+    def run_dataset(dataset: str) -> None:
+        """The dataset's pipelines, then its phase configs built on the pipeline run's checkpoints."""
         run_dir = f"runs/dry_{dataset}"
         for kind, config in dataset_entries(dataset, args.only):
             name = str(config.relative_to(REPO))
@@ -317,23 +331,19 @@ def main(argv: list[str] | None = None) -> int:
                          *phase_command(config, run_dir, weights)]
                 what = "lpt fit config: parsed and built"
             record = run_entry(argv_, work, env, work / "logs" / f"{config.stem}.log")
-            entries[name] = {"dataset": dataset, "classes": CLASSES[dataset], "kind": kind, "what": what, **record}
-            print(f"  {name}: {'ok' if record['ok'] else 'FAILED'} {record['seconds']:.0f} s, "
-                  f"{record['peak_rss_gb']:.2f} GB ({record['log']})", flush=True)
-            if not record["ok"]:
-                failed.append(name)
-    import torch
+            with lock:
+                entries[name] = {"dataset": dataset, "classes": CLASSES[dataset], "kind": kind, "what": what, **record}
+                with open("/proc/loadavg") as fh:
+                    results["load_average_end"] = float(fh.read().split()[0])
+                args.result.parent.mkdir(parents=True, exist_ok=True)
+                args.result.write_text(json.dumps(results, indent=1) + "\n")  # after every entry
+                print(f"  {name}: {'ok' if record['ok'] else 'FAILED'} {record['seconds']:.0f} s, "
+                      f"{record['peak_rss_gb']:.2f} GB ({record['log']})", flush=True)
+                if not record["ok"]:
+                    failed.append(name)
 
-    with open("/proc/loadavg") as fh:
-        load = float(fh.read().split()[0])
-    results.update(date=time.strftime("%Y-%m-%d %H:%M"), torch=torch.__version__, cpu_cores=os.cpu_count(),
-                   threads=int(os.environ.get("OMP_NUM_THREADS", "0")) or None, load_average_end=load,
-                   cpu=platform.processor() or platform.machine(), batch_size=BATCH, limit_batches=LIMIT,
-                   overrides=OVERRIDES,
-                   epochs=EPOCHS, encode_text_max=args.encode_text_max,
-                   command=" ".join(["python -m benchmarks.dry_run", *(argv if argv is not None else sys.argv[1:])]))
-    args.result.parent.mkdir(parents=True, exist_ok=True)
-    args.result.write_text(json.dumps(results, indent=1) + "\n")
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(run_dataset, args.datasets))
     if not args.no_docs:
         from benchmarks.report import dry_run_section
 

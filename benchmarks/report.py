@@ -901,7 +901,9 @@ def dry_run_section(results: Path) -> list[str]:
     lines = [
         "### Dry run of the GPU entry points", "",
         f"`{r['command']}` (`make dry-run`; {r['date']}; torch {r['torch']}, {threads} on a {r['cpu_cores']}-core "
-        f"machine shared with other jobs, load average {_f(r['load_average_end'], 1)} at the end). Every shipped "
+        f"machine shared with other jobs, load average {_f(r['load_average_end'], 1)} at the end; "
+        f"{r['jobs']} datasets at once, each running its entry points in turn, so wall times include waiting "
+        "for a core). Every shipped "
         "GPU config at its real architecture and class count: timm `vit_base_patch16_224.augreg_in21k` and "
         "open_clip `ViT-B-16`/`openai` (QuickGELU from the tag) with random weights loaded from local files "
         "(`backbone.checkpoint_path`, the offline path), on synthetic data in the real on-disk formats (iNat "
