@@ -27,7 +27,7 @@ help:
 	@echo "               sets up $(VENV) and Fashion-MNIST first where missing"
 	@echo "make standins  pretrain the stand-in experts into weights/standins (about 15 min, 2 CPU threads)"
 	@echo "make dry-run   every GPU entry point on the CPU at its real architecture and class count (random weights,"
-	@echo "               synthetic data in the real formats; ~1 h on 2 shared cores; DRY_RUN_ARGS e.g. \"--datasets inat18\")"
+	@echo "               synthetic data in the real formats; ~25 min on 2 shared cores; DRY_RUN_ARGS e.g. \"--datasets inat18\")"
 	@echo "make clean     remove run outputs and caches"
 
 $(PY):
@@ -76,5 +76,6 @@ bench: $(INSTALLED)
 
 # One thread, as the demo (docs/benchmarks.md "Dry run of the GPU entry points"); writes benchmarks/results/dry_run.json
 # and that section. Weights and data are made once in /tmp/lpt_dry_run (--work).
+DRY_RUN_ARGS ?= --jobs 4
 dry-run: $(INSTALLED)
 	HF_HUB_OFFLINE=1 WANDB_MODE=disabled OMP_NUM_THREADS=1 $(PY) -m benchmarks.dry_run $(DRY_RUN_ARGS)

@@ -22,15 +22,18 @@ computed here (8,142 names take ~40 min on one thread; their cost has its own se
 docs/benchmarks.md): the text-embedding cache is filled with random unit vectors under the key the
 VL expert looks up, so its phase 1 reads them as every process after the first does.
 
-    python -m benchmarks.dry_run [--datasets inat18 ...] [--work DIR] [--only pipelines|phases]
+    python -m benchmarks.dry_run [--jobs 4] [--datasets inat18 ...] [--configs inat18_pipeline ...]
+                                 [--only pipelines|phases] [--work DIR]
 """
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import io
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import threading
@@ -172,6 +175,18 @@ def make_cifar(root: Path) -> None:
         write_images(root / split, [f"class_{c:03d}/{i:04d}.png" for c in range(100) for i in range(k)], blobs)
 
 
+def prepare(work: Path, datasets: list[str], encode_text_max: int) -> None:
+    """Weights, data and (above ``encode_text_max`` class names) the prefilled text cache."""
+    os.environ["LPT_CACHE_DIR"] = str(work / "cache")
+    weights = random_weights(work / "weights")
+    for dataset in datasets:
+        start = time.perf_counter()
+        make_data(work, dataset)
+        if CLASSES[dataset] > encode_text_max:
+            prefill_text_cache(work, dataset, weights["vl"])
+        print(f"{dataset}: data ready ({time.perf_counter() - start:.0f} s)", flush=True)
+
+
 def make_data(work: Path, dataset: str) -> None:
     """The dataset under ``work/data/`` where its config's relative root points, once."""
     roots = {"inat18": "inat2018", "places_lt": "places365", "imagenet_lt": "imagenet", "cifar100_lt": "cifar100"}
@@ -269,11 +284,12 @@ def run_entry(argv: list[str], cwd: Path, env: dict[str, str], log: Path) -> dic
             "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2), "log": str(log)}
 
 
-def dataset_entries(dataset: str, only: str) -> list[tuple[str, Path]]:
+def dataset_entries(dataset: str, only: str, configs: list[str] | None = None) -> list[tuple[str, Path]]:
     pipelines = sorted(p for p in CONFIGS.glob(f"{dataset}*_pipeline.yaml"))
     phases = sorted(CONFIGS.glob(f"{dataset}_phase*.yaml"))
-    return ([("pipeline", p) for p in pipelines] if only != "phases" else []) + \
-           ([("phase", p) for p in phases] if only != "pipelines" else [])
+    entries = ([("pipeline", p) for p in pipelines] if only != "phases" else []) + \
+              ([("phase", p) for p in phases] if only != "pipelines" else [])
+    return [(kind, p) for kind, p in entries if configs is None or p.stem in configs]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -285,9 +301,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="phases: build the single-phase configs on an earlier run's checkpoints")
     parser.add_argument("--encode-text-max", type=int, default=400,
                         help="encode up to this many class names; above, fill the text cache with random vectors")
+    parser.add_argument("--configs", nargs="+", metavar="STEM", help="only these configs (e.g. inat18_pipeline)")
     parser.add_argument("--jobs", type=int, default=1, help="datasets run at once (each its entry points in turn)")
     parser.add_argument("--result", type=Path, default=RESULT)
     parser.add_argument("--no-docs", action="store_true", help="do not rewrite the section of docs/benchmarks.md")
+    parser.add_argument("--prepare-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--build-child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.build_child is not None:
@@ -295,35 +313,36 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     work = args.work.resolve()
     (work / "logs").mkdir(parents=True, exist_ok=True)
-    weights = random_weights(work / "weights")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "LPT_CACHE_DIR": str(work / "cache"),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    os.environ["LPT_CACHE_DIR"] = env["LPT_CACHE_DIR"]
+    if args.prepare_child:
+        prepare(work, args.datasets, args.encode_text_max)
+        return 0
+    # Weights and data are made in a child: this process stays small, since a child started from it
+    # reports at least its peak RSS (Linux keeps the high-water mark across fork and exec).
+    subprocess.run([sys.executable, "-m", "benchmarks.dry_run", "--prepare-child", "--work", str(work),
+                    "--encode-text-max", str(args.encode_text_max), "--datasets", *args.datasets],
+                   cwd=REPO, env=env, check=True)
+    weights = {kind: work / "weights" / name for kind, name in WEIGHTS.items()}
     results = json.loads(args.result.read_text()) if args.result.is_file() else {}
     entries = results.setdefault("entries", {})
-    import torch
-
-    results.update(date=time.strftime("%Y-%m-%d %H:%M"), torch=torch.__version__, cpu_cores=os.cpu_count(),
-                   threads=int(os.environ.get("OMP_NUM_THREADS", "0")) or None, jobs=args.jobs,
-                   cpu=platform.processor() or platform.machine(), batch_size=BATCH, limit_batches=LIMIT,
+    command = " ".join(["python -m benchmarks.dry_run", *(argv if argv is not None else sys.argv[1:])])
+    results.update(date=time.strftime("%Y-%m-%d %H:%M"), torch=importlib.metadata.version("torch"),
+                   cpu_cores=os.cpu_count(), threads=int(os.environ.get("OMP_NUM_THREADS", "0")) or None,
+                   jobs=args.jobs, cpu=platform.processor() or platform.machine(), batch_size=BATCH, limit_batches=LIMIT,
                    overrides=OVERRIDES, epochs=EPOCHS, encode_text_max=args.encode_text_max,
-                   command=" ".join(["python -m benchmarks.dry_run", *(argv if argv is not None else sys.argv[1:])]))
-    for dataset in args.datasets:
-        start = time.perf_counter()
-        make_data(work, dataset)
-        if CLASSES[dataset] > args.encode_text_max:
-            prefill_text_cache(work, dataset, weights["vl"])
-        print(f"{dataset}: data ready ({time.perf_counter() - start:.0f} s)", flush=True)
+                   commands=[*(c for c in results.get("commands", []) if c != command), command])
     lock = threading.Lock()
     failed = []
 
     def run_dataset(dataset: str) -> None:
         """The dataset's pipelines, then its phase configs built on the pipeline run's checkpoints."""
         run_dir = f"runs/dry_{dataset}"
-        for kind, config in dataset_entries(dataset, args.only):
+        for kind, config in dataset_entries(dataset, args.only, args.configs):
             name = str(config.relative_to(REPO))
             if kind == "pipeline":
                 own_dir = run_dir if config.name == f"{dataset}_pipeline.yaml" else f"runs/dry_{config.stem}"
+                shutil.rmtree(work / own_dir, ignore_errors=True)  # a rerun would skip the finished phases
                 argv_ = [sys.executable, "-m", "lpt_lightning.cli", *pipeline_command(config, own_dir, weights)]
                 what = "lpt pipeline: every phase, few steps"
             else:
@@ -332,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
                 what = "lpt fit config: parsed and built"
             record = run_entry(argv_, work, env, work / "logs" / f"{config.stem}.log")
             with lock:
-                entries[name] = {"dataset": dataset, "classes": CLASSES[dataset], "kind": kind, "what": what, **record}
+                entries[name] = {"dataset": dataset, "classes": CLASSES[dataset], "kind": kind, "what": what,
+                                 "command": command, **record}
                 with open("/proc/loadavg") as fh:
                     results["load_average_end"] = float(fh.read().split()[0])
                 args.result.parent.mkdir(parents=True, exist_ok=True)

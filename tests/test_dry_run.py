@@ -5,7 +5,6 @@ batch size, workers, precision, batch limits and epochs overridden."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
