@@ -17,7 +17,7 @@ have_fmnist = ls $(FMNIST_DIR)/train-labels-idx1-ubyte* >/dev/null 2>&1 || \
 	  apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null && \
 	  ls $(FMNIST_DIR)/train-labels-idx1-ubyte* >/dev/null 2>&1; }
 
-.PHONY: install fashion-mnist test test-all test-ddp demo standins clean help bench
+.PHONY: install fashion-mnist test test-all test-ddp demo standins clean help bench dry-run
 
 help:
 	@echo "make install   create $(VENV) and install lpt_lightning with test extras (demo and test do it when needed)"
@@ -26,6 +26,8 @@ help:
 	@echo "make demo      the three-phase pipeline on Fashion-MNIST-LT with the stand-in experts (CPU, offline, a few minutes);"
 	@echo "               sets up $(VENV) and Fashion-MNIST first where missing"
 	@echo "make standins  pretrain the stand-in experts into weights/standins (about 15 min, 2 CPU threads)"
+	@echo "make dry-run   every GPU entry point on the CPU at its real architecture and class count (random weights,"
+	@echo "               synthetic data in the real formats; ~25 min on 2 shared cores; DRY_RUN_ARGS e.g. \"--datasets inat18\")"
 	@echo "make clean     remove run outputs and caches"
 
 $(PY):
@@ -71,3 +73,9 @@ clean:
 
 bench: $(INSTALLED)
 	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) benchmarks/run_all.py $(BENCH_ARGS)
+
+# One thread, as the demo (docs/benchmarks.md "Dry run of the GPU entry points"); writes benchmarks/results/dry_run.json
+# and that section. Weights and data are made once in /tmp/lpt_dry_run (--work).
+DRY_RUN_ARGS ?= --jobs 4
+dry-run: $(INSTALLED)
+	HF_HUB_OFFLINE=1 WANDB_MODE=disabled OMP_NUM_THREADS=1 $(PY) -m benchmarks.dry_run $(DRY_RUN_ARGS)

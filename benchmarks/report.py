@@ -979,6 +979,49 @@ def feed_section(feed: dict[str, Any]) -> list[str]:
     return lines
 
 
+def dry_run_section(results: Path) -> list[str]:
+    """Every shipped GPU entry point run (pipelines) or built (phase configs) on the CPU at the real
+    architectures and class counts (`benchmarks/dry_run.py`)."""
+    path = results / "dry_run.json"
+    if not path.is_file():
+        return []
+    r = json.loads(path.read_text())
+    entries = r["entries"]
+    threads = f"{r['threads']} torch thread" + ("s" if (r["threads"] or 0) > 1 else "") if r["threads"] else "default threads"
+    lines = [
+        "### Dry run of the GPU entry points", "",
+        f"{', then '.join(f'`{c}`' for c in r['commands'])} (`make dry-run`; {r['date']}; torch {r['torch']}, "
+        f"{threads} on a {r['cpu_cores']}-core "
+        f"machine shared with other jobs, load average {_f(r['load_average_end'], 1)} at the end; `--jobs 4` runs "
+        "four datasets at once, each its entry points in turn, so wall times include waiting for a core). Every shipped "
+        "GPU config at its real architecture and class count: timm `vit_base_patch16_224.augreg_in21k` and "
+        "open_clip `ViT-B-16`/`openai` (QuickGELU from the tag) with random weights loaded from local files "
+        "(`backbone.checkpoint_path`, the offline path), on synthetic data in the real on-disk formats (iNat "
+        "2018 jsons with 8,142 categories and `categories.json`, Places-LT and ImageNet-LT lists, CIFAR-100 class "
+        "folders; 32-px images, 2 per class (5 in the 4 iNat classes that give the held-out split its 4 images), "
+        "val and test lists of 4; CIFAR-100 folders of 100 per class, the fewest with which imbalance ratio 100 "
+        "leaves its last class an image). Overridden: batch size "
+        f"{r['batch_size']}, loader workers 0, precision `32-true`, `limit_train/val/test_batches` {r['limit_batches']} "
+        "(1 would arrive as 1.0, every batch: the parser types them `Union[float, int]`), "
+        f"{r['epochs']['phase1']} epochs in phases 1-2 (their warm-up is 1) and {r['epochs']['phase3']} in phase 3, "
+        "the backbone files and the run directory. A pipeline runs every phase (1 and 2 per expert, "
+        "phase 3's expert-output pass over the whole held-out split, the scorer) with the pipeline's own "
+        "evaluations; a phase config is parsed and built as `lpt fit` builds it (backbone, its upstream phase's "
+        f"checkpoints from the pipeline run, the data). Text embeddings of more than {r['encode_text_max']:,} class "
+        "names are read from a prefilled cache (their encoding is the section above). Each row is a fresh "
+        "process: wall time and peak RSS (`wait4`)." + (f" {r['note']}" if r.get("note") else ""), "",
+        "| entry point | classes | run | wall time | peak RSS | result |",
+        "| --- | ---: | --- | ---: | ---: | --- |",
+    ]
+    for name, e in sorted(entries.items(), key=lambda kv: (kv[1]["classes"], kv[1]["kind"] != "pipeline", kv[0])):
+        lines.append(f"| `{name}` | {e['classes']:,} | {e['what']} | {e['seconds']:.0f} s | {e['peak_rss_gb']:.2f} GB "
+                     f"| {'passed' if e['ok'] else '**failed** (exit ' + str(e['exit_code']) + ')'} |")
+    lines += ["", "The phase-3 expert-output pass covers the whole held-out split (a partial one is refused), so "
+              "CIFAR-100-LT's pipeline, whose `holdout_per_class: 5` carves 221 images, takes longest; every other "
+              "step is bounded by the batch limits.", ""]
+    return lines
+
+
 def render(results: Path) -> str:
     runs = _load(results)
     lines = [
@@ -1032,4 +1075,5 @@ def render(results: Path) -> str:
         lines += feed_section(json.loads(feed.read_text()))
     for check in checks:
         lines += gpu_check_section(check)
+    lines += dry_run_section(results)
     return "\n".join(lines).rstrip() + "\n"

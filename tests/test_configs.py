@@ -33,6 +33,8 @@ ENTRY_POINTS = sorted(p for p in CONFIG_DIR.rglob("*.yaml") if p.relative_to(CON
 # Pipeline files (*_pipeline.yaml) compose phase configs: they are checked further down.
 ALL_CONFIGS = [p for p in ENTRY_POINTS if not p.name.endswith("_pipeline.yaml")]
 DATASETS = ("places_lt", "imagenet_lt", "inat18", "cifar100_lt")
+# data/<dataset>_prepared.yaml: the dataset's piece on the copy `lpt prepare` writes (checked below).
+PREPARED = {dataset: CONFIG_DIR / "data" / f"{dataset}_prepared.yaml" for dataset in DATASETS}
 REFERENCE_BACKBONE = {"visual": "vit_base_patch16_224.augreg_in21k", "vl": "ViT-B-16"}
 
 
@@ -239,7 +241,7 @@ def test_every_piece_is_checked():
     carried = {piece for path in ALL_CONFIGS for piece in pieces_of(path).values()}
     named = {piece for path in PIPELINE_CONFIGS for piece in pieces_named(path).values()}
     shown = {REPO / arg for args in README_COMMANDS + README_PIPELINE_COMMANDS for arg in args if arg.startswith("configs/")}
-    assert set(PIECES) - carried - named - shown == set()
+    assert set(PIECES) - carried - named - shown - set(PREPARED.values()) == set()
 
 
 # ------------------------------------------------------------------ reference constants (SPEC 2-4)
@@ -502,3 +504,35 @@ def test_lpt_prepare_reads_the_data_piece_a_pipeline_names(path):
 
     _, spec = source_from_config(str(path))
     assert spec == yaml.safe_load(pieces_named(path)["data"].read_text())["source"]
+
+
+# ------------------------------------------------------------------ GPU data settings, prepared copies
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_gpu_data_keeps_its_workers(dataset):
+    """Workers outlive each epoch and evaluation (no restart of 8 decoders per loader)."""
+    for path in (CONFIG_DIR / "data" / f"{dataset}.yaml", PREPARED[dataset]):
+        raw = yaml.safe_load(path.read_text())
+        assert raw["num_workers"] > 0 and raw["persistent_workers"] is True, path
+    assert parse_config(CONFIG_DIR / f"{dataset}_phase3.yaml")["data"]["persistent_workers"] is True
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+def test_prepared_piece_is_the_dataset_piece_on_a_prepared_copy(dataset, tmp_path, monkeypatch):
+    """The README recipe (`lpt prepare` into the piece's root, then `lpt pipeline ... --data
+    data/<dataset>_prepared.yaml`): every phase reads PreparedSource with the dataset's other settings."""
+    from lpt_lightning.pipeline import _validate_configs
+    from lpt_lightning.pipeline_cli import parse
+
+    raw = yaml.safe_load((CONFIG_DIR / "data" / f"{dataset}.yaml").read_text())
+    prepared = yaml.safe_load(PREPARED[dataset].read_text())
+    assert prepared["source"]["class_path"] == "lpt_lightning.data.PreparedSource"
+    assert prepared["source"]["init_args"] == {"root": prepared["source"]["init_args"]["root"], "short_side": 256}
+    assert prepared["source"]["init_args"]["root"].endswith("_256")  # lpt prepare's default --short_side
+    assert {k: v for k, v in prepared.items() if k != "source"} == {k: v for k, v in raw.items() if k != "source"}
+    monkeypatch.chdir(REPO)
+    settings = parse(["--config", f"configs/{dataset}_pipeline.yaml", "--data", f"configs/data/{dataset}_prepared.yaml"])
+    runs = pipeline_runs(settings, tmp_path)
+    _validate_configs(runs)  # every phase parses with the real CLI parser
+    for run in runs:
+        assert not mismatches(run.config["data"], {k: v for k, v in prepared.items() if k != "sampling"}), run.name
+    assert runs[-1].config["data"]["sampling"] == "class_aware"  # the scorer's, over the piece's dual

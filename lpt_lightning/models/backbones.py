@@ -8,7 +8,10 @@ library's own modules and weights for each step.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lpt_lightning.errors import CheckpointError, ConfigError
+from lpt_lightning.models.text_cache import cache_dir
+
+log = logging.getLogger(__name__)
 
 REFERENCE_BACKBONES = {
     # SPEC 2: the visual expert uses the ImageNet-21k-only AugReg weights, NOT in21k-ft-in1k.
@@ -66,6 +72,28 @@ class BackboneSpec:
     init_seed: int = 0
     layer_norm_eps: float | None = None
     quick_gelu: bool | None = None
+
+
+@contextlib.contextmanager
+def hub_lock():
+    """Hub downloads one process at a time per node (a lock file in ``$LPT_CACHE_DIR``): the first
+    downloads into the hub's cache, the ranks after it wait and read the files from there instead of
+    fetching (and writing) them at once. Under Lightning's launcher rank 0 builds the model before
+    it starts the other ranks; under ``srun`` or ``torchrun`` they start together and this orders them.
+    A folder that cannot hold the lock only costs the ordering (with a warning)."""
+    try:
+        folder = cache_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open(folder / "hub-download.lock", "a")
+    except OSError as exc:
+        log.warning("no lock for hub downloads in %s (%s): ranks may download at once (set LPT_CACHE_DIR)",
+                    cache_dir(), exc)
+        yield
+        return
+    with lock:
+        with contextlib.suppress(OSError):  # a filesystem without locks: ranks may download at once
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def set_layer_norm_eps(model: nn.Module, eps: float | None) -> None:
@@ -247,7 +275,8 @@ class TimmViT(FrozenViT):
         name = spec.name or REFERENCE_BACKBONES["timm"]
         use_hub = bool(spec.pretrained) and spec.checkpoint_path is None
         try:
-            model = timm.create_model(name, pretrained=use_hub, num_classes=0, **spec.model_kwargs)
+            with hub_lock() if use_hub else contextlib.nullcontext():
+                model = timm.create_model(name, pretrained=use_hub, num_classes=0, **spec.model_kwargs)
         except RuntimeError as exc:
             raise ConfigError(f"backbone.name={name!r}: timm cannot build it ({exc})") from exc
         if not isinstance(model, VisionTransformer):
@@ -477,7 +506,8 @@ def _create_open_clip(open_clip, spec: BackboneSpec) -> nn.Module:
         kwargs["quick_gelu"] = False  # force_quick_gelu can only switch it on
     if not path:
         try:
-            return open_clip.create_model(name, pretrained=tag, **kwargs)
+            with hub_lock() if tag is not None else contextlib.nullcontext():
+                return open_clip.create_model(name, pretrained=tag, **kwargs)
         except RuntimeError as exc:
             raise ConfigError(f"backbone.name={name!r} pretrained={tag!r}: {exc}") from exc
     if not Path(path).is_file():
