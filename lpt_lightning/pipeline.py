@@ -547,8 +547,9 @@ def run_pipeline(
             raise RunInterrupted(f"interrupted in phase {run.name}; rerun the same command to resume",
                                  getattr(exc, "exit_code", 130)) from None
     summary = write_summary(Path(run_dir), runs)
-    if summary:
-        rank_zero_info(f"\npipeline summary ({Path(run_dir) / 'metrics.json'})\n{split_table(summary)}\n")
+    if summary and rank_zero_only.rank == 0:  # rank 0 wrote the file
+        names = json.loads((Path(run_dir) / "metrics.json").read_text()).get("class_names")
+        rank_zero_info(f"\npipeline summary ({Path(run_dir) / 'metrics.json'})\n{split_table(summary, names)}\n")
     return runs
 
 
