@@ -600,6 +600,8 @@ def render(payloads: list[dict[str, Any]], diagnoses: list[dict[str, Any]]) -> s
         lines += ["", f"Searched W_base (weight of the visual expert) per run: {', '.join(f'{x:.2f}' for x in w)}.", "",
                   "### Loss and sampling (visual expert, phase 1)", "", *_table(payload, ABLATION_ROWS), "",
                   "### Where the scorer is fitted", "", *_table(payload, SCORER_ROWS), ""]
+    if diagnoses and NOTES_DIAGNOSIS.is_file():
+        lines += [NOTES_DIAGNOSIS.read_text().rstrip(), ""]
     for diag in diagnoses:
         lines += render_diagnosis(diag)
     return "\n".join(lines).rstrip() + "\n"
@@ -607,12 +609,16 @@ def render(payloads: list[dict[str, Any]], diagnoses: list[dict[str, Any]]) -> s
 
 def render_diagnosis(diag: dict[str, Any]) -> list[str]:
     s = diag["settings"]
-    lines = [f"## Diagnosis: phase 1 from the same start ({DATASETS[diag['dataset']]['title']}, {diag['standins']})", "",
-             f"- Command: `{diag['command']}`; wall time {diag['seconds'] / 60:.1f} min ({diag['date']}).",
+    which = ("the first stand-ins, pretrained with the target labels on the balanced splits that hold every "
+             "long-tailed training image (`weights/standins/` of commit 350f9f7)"
+             if diag["standins"].endswith("_old") else "the rebuilt stand-ins")
+    lines = [f"## Diagnosis, {DATASETS[diag['dataset']]['title']}: {which}", "",
+             f"- Command: `{diag['command']}`; {diag['seconds'] / 60:.1f} min of runs in all ({diag['date']}).",
              f"- Stand-ins: `{diag['standins']}`; test: {diag['test_images']:,} images; seeds {s['seeds']} "
              "(canonical class order); phase 1 only, the study's schedule; each row changes one thing of the "
              "study's recipe. Cells: test accuracy minus the expert's no-training row, mean [95 % bootstrap "
-             "interval]; then the two classes the issue named.", ""]
+             "interval]; the same on the held-out val split (where a choice may be made; mean over seeds); "
+             "then two classes' test accuracy before -> after.", ""]
     names = diag["class_names"]
     for kind, title in (("vl", "VL expert"), ("visual", "visual expert")):
         if kind not in diag["experts"]:
@@ -622,8 +628,8 @@ def render_diagnosis(diag: dict[str, Any]) -> list[str]:
         lines += [f"### {title}: no-training row "
                   f"{_ms([r['start']['acc'] for r in start.values()])} overall, "
                   f"{_ms([r['start']['acc_few'] for r in start.values()])} few", "",
-                  "| variant | overall | many | medium | few | " + " | ".join(diag["watch"]) + " |",
-                  "| --- | ---: | ---: | ---: | ---: |" + " ---: |" * len(diag["watch"])]
+                  "| variant | overall | many | medium | few | val overall | " + " | ".join(diag["watch"]) + " |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * len(diag["watch"])]
         for key, label, _ in VARIANTS:
             if key not in runs:
                 continue
@@ -637,8 +643,9 @@ def render_diagnosis(diag: dict[str, Any]) -> list[str]:
                 before = statistics.mean(r["start"]["per_class"][c] for r in runs[key]["runs"].values())
                 after = statistics.mean(r["test"]["per_class"][c] for r in runs[key]["runs"].values())
                 watch.append(f"{before:.0f} -> {after:.0f}")
+            val = [r["val"]["acc"] - r["val_start"]["acc"] for r in runs[key]["runs"].values() if "val_start" in r]
             lines.append(f"| {label} | " + " | ".join(_ci(ci.get(k), True) for k in SPLIT_KEYS) + " | "
-                         + " | ".join(watch) + " |")
+                         + (f"{statistics.mean(val):+.1f}" if val else "n/a") + " | " + " | ".join(watch) + " |")
         lines.append("")
         default = runs["default"]["runs"]
         lines += [f"Per class, {title}, the study's recipe (test accuracy, mean over seeds):", "",
@@ -648,8 +655,6 @@ def render_diagnosis(diag: dict[str, Any]) -> list[str]:
             after = statistics.mean(r["test"]["per_class"][c] for r in default.values())
             lines.append(f"| {name} | {diag['class_counts'][c]} | {before:.1f} | {after:.1f} | {after - before:+.1f} |")
         lines.append("")
-    if NOTES_DIAGNOSIS.is_file():
-        lines += [NOTES_DIAGNOSIS.read_text().rstrip(), ""]
     return lines
 
 
@@ -671,7 +676,6 @@ def diagnosis_runs(dataset: str, s: dict[str, Any], kind: str, key: str, seed: i
 
 
 def diagnose(dataset: str, s: dict[str, Any], args) -> dict[str, Any]:
-    t0 = time.perf_counter()
     mode_dir = RUNS / f"diagnosis_{STANDINS.name}" / dataset
     plans = {}
     # Seed by seed: stopped early (--collect), the table still has every variant of the first seeds.
@@ -689,7 +693,8 @@ def diagnose(dataset: str, s: dict[str, Any], args) -> dict[str, Any]:
             continue
         rows = phase_rows(runs[0].directory.parent, runs[0].name)
         experts.setdefault(kind, {}).setdefault(key, {"runs": {}})["runs"][str(seed)] = {
-            "test": rows["test"], "start": rows["test: no training"], "val": rows["val"]}
+            "test": rows["test"], "start": rows["test: no training"], "val": rows["val"],
+            "val_start": rows["val: no training"], "seconds": rows["test"]["seconds"]}
     metrics = json.loads((plans[(args.experts[0], "default", s["seeds"][0])][0].directory / "metrics.json").read_text())
     source = build_source(dataset, s).load()
     return {"dataset": dataset, "standins": str(STANDINS.relative_to(REPO)) if STANDINS.is_relative_to(REPO) else STANDINS.name,
@@ -697,9 +702,11 @@ def diagnose(dataset: str, s: dict[str, Any], args) -> dict[str, Any]:
             "class_counts": metrics["class_counts"],
             "test_per_class": [int(x) for x in torch.bincount(torch.as_tensor(source.test.labels))],
             "test_images": len(source.test.labels), "watch": args.watch,
-            "seconds": time.perf_counter() - t0, "date": time.strftime("%Y-%m-%d"),
+            "seconds": sum(r["seconds"] for runs in experts.values() for v in runs.values() for r in v["runs"].values()),
+            "date": time.strftime("%Y-%m-%d"),
             "command": f"python benchmarks/accuracy_study.py --diagnosis --dataset {dataset} --standins {args.standins}"
-                       + (f" --variants {' '.join(args.variants)}" if args.variants else "")}
+                       + (f" --variants {' '.join(args.variants)}" if args.variants else "")
+                       + (f" --watch {' '.join(args.watch)}" if args.watch != ["cat", "truck"] else "")}
 
 
 # ------------------------------------------------------------------------------------- main
@@ -774,7 +781,9 @@ def main(argv: list[str] | None = None) -> None:
             (RESULTS / f"accuracy_{s['mode']}_{dataset}.json").write_text(json.dumps(payload, indent=1))
             print(f"\naccuracy study ({s['mode']}, {dataset}) finished in {payload['seconds'] / 60:.1f} min")
     payloads = [json.loads(p.read_text()) for p in result_files()]
-    diagnoses = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("diagnosis_*.json"))]
+    # The first stand-ins' diagnosis (the regression's cause) first, then the rebuilt ones'.
+    diagnoses = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("diagnosis_*.json"),
+                                                            key=lambda p: (not p.stem.endswith("_old"), p.stem))]
     DOC.write_text(render(payloads, diagnoses))
     print(f"wrote {DOC}")
 
