@@ -256,7 +256,7 @@ def test_pipeline_redoes_only_the_phase_with_a_corrupt_final_checkpoint(tmp_path
 
     ran = []
     monkeypatch.setattr(pipeline, "_validate_configs", lambda runs, keep: None)
-    monkeypatch.setattr(pipeline, "run_phase", lambda run, test, log_model: ran.append(run.name))
+    monkeypatch.setattr(pipeline, "run_phase", lambda run, test, log_model, test_start: ran.append(run.name))
     phase1, phase2 = one_run(tmp_path)
     for run in (phase1, phase2):
         run.directory.mkdir(parents=True)
