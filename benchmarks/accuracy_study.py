@@ -718,6 +718,11 @@ def result_files() -> list[Path]:
     return sorted(files, key=lambda p: (order.get(p.stem.split("_")[1], 2), p.stem))
 
 
+def diagnosis_files() -> list[Path]:
+    """The first stand-ins' diagnosis (the regression's cause) first, then the rebuilt ones'."""
+    return sorted(RESULTS.glob("diagnosis_*.json"), key=lambda p: (not p.stem.endswith("_old"), p.stem))
+
+
 def main(argv: list[str] | None = None) -> None:
     global STANDINS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -781,9 +786,7 @@ def main(argv: list[str] | None = None) -> None:
             (RESULTS / f"accuracy_{s['mode']}_{dataset}.json").write_text(json.dumps(payload, indent=1))
             print(f"\naccuracy study ({s['mode']}, {dataset}) finished in {payload['seconds'] / 60:.1f} min")
     payloads = [json.loads(p.read_text()) for p in result_files()]
-    # The first stand-ins' diagnosis (the regression's cause) first, then the rebuilt ones'.
-    diagnoses = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("diagnosis_*.json"),
-                                                            key=lambda p: (not p.stem.endswith("_old"), p.stem))]
+    diagnoses = [json.loads(p.read_text()) for p in diagnosis_files()]
     DOC.write_text(render(payloads, diagnoses))
     print(f"wrote {DOC}")
 
