@@ -130,7 +130,7 @@ def lptpp_config(dataset: str, s: dict[str, Any], seed: int, class_order_seed: i
                     "enable_model_summary": False, "log_every_n_steps": 10, "num_sanity_val_steps": 0,
                     "limit_train_batches": s["steps"]},
         # No random-resized crops: at 32 px they cut away most of the object, and the stand-ins were
-        # pretrained on whole images (held-out accuracy of the demo's phase 1: 72% without, 57% with).
+        # pretrained on whole images (held-out accuracy of the demo's phase 1 with the first stand-ins: 72% without, 57% with).
         "data": {"source": source_config(dataset, s, class_order_seed), "batch_size": s["batch_size"], "eval_batch_size": 500,
                  "num_workers": 1, "persistent_workers": True, "seed": seed, "augment": False},
         "phase1": {"trainer": phase("phase1"), "model": {"optim": optim},
