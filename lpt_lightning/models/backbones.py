@@ -9,7 +9,6 @@ library's own modules and weights for each step.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import logging
 import os
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lpt_lightning.errors import CheckpointError, ConfigError
-from lpt_lightning.models.text_cache import cache_dir
+from lpt_lightning.models.text_cache import cache_dir, node_lock
 
 log = logging.getLogger(__name__)
 
@@ -74,26 +73,12 @@ class BackboneSpec:
     quick_gelu: bool | None = None
 
 
-@contextlib.contextmanager
 def hub_lock():
     """Hub downloads one process at a time per node (a lock file in ``$LPT_CACHE_DIR``): the first
     downloads into the hub's cache, the ranks after it wait and read the files from there instead of
     fetching (and writing) them at once. Under Lightning's launcher rank 0 builds the model before
-    it starts the other ranks; under ``srun`` or ``torchrun`` they start together and this orders them.
-    A folder that cannot hold the lock only costs the ordering (with a warning)."""
-    try:
-        folder = cache_dir()
-        folder.mkdir(parents=True, exist_ok=True)
-        lock = open(folder / "hub-download.lock", "a")
-    except OSError as exc:
-        log.warning("no lock for hub downloads in %s (%s): ranks may download at once (set LPT_CACHE_DIR)",
-                    cache_dir(), exc)
-        yield
-        return
-    with lock:
-        with contextlib.suppress(OSError):  # a filesystem without locks: ranks may download at once
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
+    it starts the other ranks; under ``srun`` or ``torchrun`` they start together and this orders them."""
+    return node_lock(cache_dir(), "hub-download.lock", "hub downloads (ranks may download at once)")
 
 
 def set_layer_norm_eps(model: nn.Module, eps: float | None) -> None:

@@ -26,22 +26,33 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lpt_lightning"
 
 
+@contextlib.contextmanager
+def node_lock(folder: Path, name: str, what: str):
+    """Hold ``folder/name`` locked across the processes of a node, so the first one does the work and
+    the others wait and read its result. Yields False where the folder cannot hold a lock file: the
+    caller goes on without the order (warned); a filesystem without locks only loses the order."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open(folder / name, "a")
+    except OSError as exc:
+        log.warning("%s: no lock file in %s (%s); set LPT_CACHE_DIR", what, folder, exc)
+        yield False
+        return
+    with lock:
+        with contextlib.suppress(OSError):
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield True
+
+
 def cached_text_embeddings(backbone, prompts: list[str]) -> torch.Tensor:
     """``backbone.encode_text(prompts)``, read from the cache when this tower encoded these prompts
     before. An unusable cache folder only costs the encoding (with a warning), never the run."""
     key = hashlib.sha256("\n".join([backbone.text_digest(), *prompts]).encode()).hexdigest()[:32]
     folder = cache_dir() / "text_embeddings"
     path = folder / f"{key}.pt"
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        lock = open(folder / f"{key}.lock", "a")
-    except OSError as exc:
-        log.warning("text-embedding cache %s is not usable (%s); encoding without it (set LPT_CACHE_DIR)",
-                    folder, exc)
-        return backbone.encode_text(prompts)
-    with lock:
-        with contextlib.suppress(OSError):  # a filesystem without locks: at worst several processes encode
-            fcntl.flock(lock, fcntl.LOCK_EX)
+    with node_lock(folder, f"{key}.lock", "text-embedding cache") as usable:
+        if not usable:
+            return backbone.encode_text(prompts)
         cached = _read(path, len(prompts))
         if cached is not None:
             return cached
