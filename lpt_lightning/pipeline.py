@@ -546,10 +546,9 @@ def run_pipeline(
         except (KeyboardInterrupt, RunInterrupted) as exc:
             raise RunInterrupted(f"interrupted in phase {run.name}; rerun the same command to resume",
                                  getattr(exc, "exit_code", 130)) from None
-    summary = write_summary(Path(run_dir), runs)
-    if summary and rank_zero_only.rank == 0:  # rank 0 wrote the file
-        names = json.loads((Path(run_dir) / "metrics.json").read_text()).get("class_names")
-        rank_zero_info(f"\npipeline summary ({Path(run_dir) / 'metrics.json'})\n{split_table(summary, names)}\n")
+    if write_summary(Path(run_dir), runs) and rank_zero_only.rank == 0:  # rank 0 wrote the file
+        summary = Path(run_dir) / "metrics.json"
+        rank_zero_info(f"\npipeline summary ({summary})\n{split_table_from_file(summary)}\n")
     return runs
 
 
