@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lpt_lightning.data.datasets import verify_images
+from lpt_lightning.data.image_checks import verify_images
 from lpt_lightning.data.sources import Split
 
 INAT18_IMAGES = 437_513

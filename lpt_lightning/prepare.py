@@ -27,7 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from lpt_lightning.checkpoints.files import atomic_save
-from lpt_lightning.data.datasets import _DECODE_ERRORS, worker_processes
+from lpt_lightning.data.image_checks import DECODE_ERRORS, worker_processes
 from lpt_lightning.data.prepared import (
     FORMAT_VERSION,
     FORMATS,
@@ -104,7 +104,7 @@ def encode_image(path: str, short_side: int, quality: int) -> tuple[bytes | None
         return out.getvalue(), "resized"
     except FileNotFoundError:
         return None, "does not exist"
-    except _DECODE_ERRORS as exc:
+    except DECODE_ERRORS as exc:
         return None, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 

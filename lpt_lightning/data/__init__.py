@@ -1,4 +1,4 @@
-"""Data layer: dataset sources, long-tail subsampling, rank-aware samplers and the DataModule."""
+"""Data layer: dataset sources, long-tail subsampling, rank-aware samplers, the training streams and the DataModule."""
 from lpt_lightning.data.datamodule import LongTailDataModule
 from lpt_lightning.data.datasets import (
     LongTailImageDataset,
@@ -6,9 +6,9 @@ from lpt_lightning.data.datasets import (
     UndecodedImages,
     collate_images,
     collate_skipping,
-    decode_on_device,
-    verify_images,
 )
+from lpt_lightning.data.device_decode import decode_on_device
+from lpt_lightning.data.image_checks import verify_images
 from lpt_lightning.data.long_tail import (
     balanced_holdout,
     cap_per_class,
@@ -37,6 +37,7 @@ from lpt_lightning.data.sources import (
     Split,
     read_idx,
 )
+from lpt_lightning.data.training_streams import TrainingStreams
 from lpt_lightning.data.transforms import (
     TestTimeSpec,
     build_eval_transform,
@@ -63,6 +64,7 @@ __all__ = [
     "StreamBatchSampler",
     "StreamBatches",
     "TestTimeSpec",
+    "TrainingStreams",
     "UndecodedImages",
     "balanced_holdout",
     "build_eval_transform",

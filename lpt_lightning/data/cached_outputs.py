@@ -19,11 +19,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
-from lpt_lightning.data.datamodule import STREAMS, Sampling, StreamTrainingData
 from lpt_lightning.data.datasets import StreamBatches
-from lpt_lightning.data.samplers import ClassAwareSampler, InstanceSampler, PowerSampler, ShardedEvalSampler
+from lpt_lightning.data.samplers import ShardedEvalSampler
+from lpt_lightning.data.training_streams import Sampling, TrainingStreams
 from lpt_lightning.errors import CheckpointError, ConfigError
 
 OUTPUTS_FORMAT = 2
@@ -124,7 +124,7 @@ def _batch(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 
-class CachedOutputsDataModule(StreamTrainingData, LightningDataModule):
+class CachedOutputsDataModule(LightningDataModule):
     """The scorer's data: its fitting split and the held-out split, as cached expert outputs.
 
     Args:
@@ -145,15 +145,12 @@ class CachedOutputsDataModule(StreamTrainingData, LightningDataModule):
         if "val" not in outputs or fit_split not in outputs:
             raise ConfigError(f"CachedOutputsDataModule needs the 'val' split and the fitting split "
                               f"'{fit_split}', got {sorted(outputs)}")
-        if sampling not in STREAMS:
-            raise ConfigError(f"data.sampling must be one of {', '.join(STREAMS)}; got {sampling!r}")
+        # The image data's samplers and seeds (without augmentation keys): the same index sequence.
+        self.training_streams = TrainingStreams(sampling, batch_size, images_per_class, seed, draw_keys=False)
         self.splits = {name: CachedSplit(path) for name, path in outputs.items()}
         self.fit_split = fit_split
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
-        self.sampling = sampling
-        self.images_per_class = images_per_class
-        self.seed = seed
         facts = self.splits["val"].manifest["data"]
         for split in self.splits.values():
             if split.manifest["data"] != facts:
@@ -183,22 +180,18 @@ class CachedOutputsDataModule(StreamTrainingData, LightningDataModule):
             return 1, 0
         return int(self.trainer.world_size), int(self.trainer.global_rank)
 
-    def train_sampler(self, kind: str) -> Sampler:
-        """The sampler of one stream, with the image data's seeds (the same index sequence)."""
-        num_replicas, rank = self._replicas()
-        labels = self.splits[self.fit_split].labels
-        common = dict(num_replicas=num_replicas, rank=rank)
-        if kind == "cb":
-            return ClassAwareSampler(labels, images_per_class=self.images_per_class, seed=self.seed, **common)
-        if kind == "ib":
-            return InstanceSampler(labels, seed=self.seed + 1_000_003, **common)
-        return PowerSampler(labels, power=0.5, seed=self.seed, **common)
-
     def train_dataloader(self) -> DataLoader:
-        streams = {kind: self.train_sampler(kind) for kind in STREAMS[self.sampling]}
-        dataset = StreamBatches(CachedOutputsDataset(self.splits[self.fit_split]), _batch)
-        return self.stream_loader(dataset, streams, self.batch_size, f"samples of the {self.fit_split} split the "
-                                  "scorer is fitted on")
+        split = self.splits[self.fit_split]
+        return self.training_streams.loader(StreamBatches(CachedOutputsDataset(split), _batch), split.labels,
+                                            *self._replicas(), f"samples of the {self.fit_split} split the scorer "
+                                            "is fitted on")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint: the resume state of the training data (`TrainingStreams`)."""
+        return self.training_streams.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.training_streams.load_state_dict(state_dict)
 
     def _eval_loader(self, name: str) -> DataLoader:
         num_replicas, rank = self._replicas()

@@ -219,12 +219,18 @@ class PowerSampler(_GlobalSequenceSampler):
 
 
 class ShardedEvalSampler(DistributedSampler):
-    """Evaluation shard ``range(rank, N, num_replicas)``: NO padding, so under DDP every eval
-    sample is counted exactly once (ranks may differ in length by one sample).
+    """Evaluation shard ``range(rank, N, num_replicas)``: NO padding, so under DDP every sample of
+    a split is evaluated exactly once (ranks may differ in length by one sample).
 
-    Lightning's ``UnrepeatedDistributedSampler`` shards the same way but asserts that every rank
-    gets a sample, so it fails when N < world size (a one-image prediction list on two GPUs);
-    tests/test_samplers.py shows it."""
+    It exists for exactness. Given a plain val/test loader, Lightning inserts torch's
+    ``DistributedSampler(shuffle=False)``, which pads every rank to ``ceil(N / world)`` samples by
+    repeating the first ones (5 images on 2 ranks: ``[0, 2, 4]`` and ``[1, 3, 0]``): image 0 would
+    count twice in the accuracies, and twice in the phase-3 expert outputs, whose cache files
+    store rank r's rows as exactly ``range(r, N, W)``. Being a ``DistributedSampler`` itself,
+    Lightning keeps it as given. Lightning's ``UnrepeatedDistributedSampler`` (the predict loop's)
+    has the same shards but asserts that every rank gets at least one sample, which a split
+    smaller than the world size (a one-image prediction list on two GPUs) breaks;
+    tests/test_samplers.py checks both."""
 
     def __init__(self, num_items: int, num_replicas: int = 1, rank: int = 0) -> None:
         _check_replicas(num_replicas, rank)
