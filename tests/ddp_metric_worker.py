@@ -1,4 +1,5 @@
-"""Spawned by tests/test_metrics.py: one gloo rank updating SplitAccuracy (or EvalMetrics) with its shard."""
+"""Spawned by tests/test_metrics.py and tests/test_test_priors.py: one gloo rank updating SplitAccuracy (or
+EvalMetrics, PriorShiftAccuracy) with its shard."""
 import os
 
 import torch
@@ -9,11 +10,15 @@ def run(rank: int, world_size: int, init_method: str, counts, preds, target, out
         metric_name: str = "SplitAccuracy") -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
-    from lpt_lightning import metrics
+    import importlib
+
+    # "SplitAccuracy" (lpt_lightning.metrics) or "test_priors.PriorShiftAccuracy" (another lpt_lightning module).
+    module, _, name = metric_name.rpartition(".")
+    metric_class = getattr(importlib.import_module(f"lpt_lightning.{module or 'metrics'}"), name)
 
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
     try:
-        metric = getattr(metrics, metric_name)(counts)
+        metric = metric_class(counts)
         # Interleaved shards of unequal length, updated in two batches each.
         p, t = preds[rank::world_size], target[rank::world_size]
         half = len(t) // 2
