@@ -1,7 +1,7 @@
 """Accuracy under other test class distributions with post-hoc logit adjustment (lpt_lightning.test_priors)."""
+import copy
 import json
 import math
-import os
 import sys
 from dataclasses import asdict
 
@@ -11,6 +11,7 @@ import yaml
 
 from lpt_lightning.errors import ConfigError
 from lpt_lightning.lightning_cli import LPTCLI
+from lpt_lightning.pipeline import run_pipeline
 from lpt_lightning.reports import write_metrics
 from lpt_lightning.test_priors import (
     TAU_GRID,
@@ -22,6 +23,7 @@ from lpt_lightning.test_priors import (
     select_tau,
     target_priors,
 )
+from datasets_available import needs_fmnist
 from tiny_models import tiny_backbone, tiny_image_folder
 
 R = math.sqrt(10)  # 10 ** (1 / 2): the middle class of three under rho = 10
@@ -118,27 +120,6 @@ def test_post_hoc_adjustment_recovers_the_bayes_rule_under_shifted_priors():
     assert block["backward_10"]["acc_la"] > block["backward_10"]["acc"] + 20
 
 
-@pytest.mark.ddp
-def test_ddp_two_process_counts_are_exact(tmp_path):
-    import torch.multiprocessing as mp
-
-    sys.path.insert(0, os.path.dirname(__file__))
-    import ddp_metric_worker
-
-    counts = torch.tensor([40, 40, 12, 7, 3])  # a tie in the ranking
-    g = torch.Generator().manual_seed(0)
-    target = torch.randint(0, 4, (37,), generator=g)  # class 4 untested
-    probs = torch.softmax(2 * torch.randn(37, 5, generator=g), dim=1)
-    single = PriorShiftAccuracy(counts)
-    single.update(probs, target)
-    expected = single.compute()
-    mp.spawn(ddp_metric_worker.run, args=(2, f"file://{tmp_path / 'rendezvous'}", counts, probs, target, str(tmp_path),
-                                          "test_priors.PriorShiftAccuracy"), nprocs=2, join=True)
-    for rank in range(2):
-        got = torch.load(tmp_path / f"rank{rank}.pt")
-        assert torch.equal(got["acc"], expected["acc"])  # bit for bit: integer count states
-
-
 def test_metrics_json_block_and_plot(tmp_path):
     block = prior_block(["backward_2", "uniform", "forward_2"], [0.0, 1.0], torch.tensor([[1.0, 2], [3, 4], [5, 6]]),
                         torch.tensor([[0.0, 1], [1, 0], [0, 1]]), "val")
@@ -183,3 +164,26 @@ def test_lpt_test_option_end_to_end(tmp_path, monkeypatch):
                                                                 abs=1e-4)
     assert json.loads((tmp_path / "test_priors.json").read_text()) == {"test": block}
     assert (tmp_path / "test_priors.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@needs_fmnist
+def test_pipeline_metrics_json_carries_the_blocks(tmp_path):
+    from test_pipeline import TINY
+
+    config = copy.deepcopy(TINY) | {"experts": ["visual"], "mixture": False, "test_priors": [10]}
+    config["trainer"] |= {"limit_train_batches": 2, "log_every_n_steps": 1}  # the reports are under test, not the training
+    for phase in ("phase1", "phase2"):
+        config[phase]["trainer"]["max_epochs"] = 1
+    run_pipeline(run_dir=str(tmp_path / "run"), **config)
+    summary = json.loads((tmp_path / "run" / "metrics.json").read_text())["results"]
+    tested = [row for row in summary if row.startswith("test")]
+    assert tested == ["test: visual expert, no training", "test: visual expert, phase 1", "test: visual expert, phase 2"]
+    for row in tested:
+        block = summary[row]["test_priors"]
+        assert block["tau_chosen_on"] in ("val", "val: no training")
+        assert list(block["priors"]) == ["backward_10", "uniform", "forward_10"]
+        assert block["priors"]["uniform"]["acc"] == pytest.approx(summary[row]["balanced_acc"], abs=1e-3)
+    assert not any("test_priors" in v for row, v in summary.items() if row.startswith("val"))
+    assert (tmp_path / "run" / "test_priors.png").read_bytes()[:4] == b"\x89PNG"
+    recorded = yaml.safe_load((tmp_path / "run" / "phase2_visual" / "config.yaml").read_text())
+    assert recorded["report"] == {"test_priors": [10]}
