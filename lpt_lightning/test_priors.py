@@ -174,7 +174,9 @@ def prior_block(names: Sequence[str], taus: Sequence[float], test_acc: Tensor, v
 
 
 def prior_shift_metrics(train_counts: Tensor, request: TestPriors | None, keys: Sequence[str]) -> nn.ModuleDict:
-    """One PriorShiftAccuracy per evaluated row key, or none when not asked."""
+    """One PriorShiftAccuracy per evaluated row key, or none when not asked. ``train_counts``: the
+    dataset's training counts (those of the many/medium/few groups, the same for every phase's
+    rows): they rank the classes and are pi_train."""
     if request is None:
         return nn.ModuleDict()
     return nn.ModuleDict({key: PriorShiftAccuracy(train_counts, request.factors) for key in keys})
@@ -215,7 +217,7 @@ def plot_test_priors(path, results: Mapping[str, Mapping[str, Any]], title: str)
         x = range(len(names))
         line, = ax.plot(x, [priors[n]["acc"] for n in names], marker="o", ms=3, label=row)
         ax.plot(x, [priors[n]["acc_la"] for n in names], ls="--", marker="x", ms=3, color=line.get_color())
-    ax.set_xticks(range(len(names)), [n.replace("ward_", " ") for n in names], rotation=45, fontsize=7)
+    ax.set_xticks(range(len(names)), [n.replace("_", " ") for n in names], rotation=45, fontsize=7)
     ax.set_xlabel("test class distribution (imbalance; backward = tail classes frequent)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(f"{title} (dashed: post-hoc logit adjustment, tau chosen on val)", fontsize=9)
