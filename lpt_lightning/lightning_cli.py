@@ -336,6 +336,17 @@ class LPTCLI(LightningCLI):
             raise ConfigError(f"trainer.default_root_dir={root} is not writable ({exc}); "
                               "choose a directory you can write to") from None
 
+    def before_test(self) -> None:
+        """``--report.test_priors`` chooses its logit-adjustment tau on the val split: evaluate it
+        first, with the weights the test uses (nothing to choose where val is, or serves as, test)."""
+        from lpt_lightning.test_priors import tau_tuning_allowed
+
+        asked = any(isinstance(c, SplitReport) and c.test_priors for c in self.trainer.callbacks)
+        has_val = getattr(getattr(self.datamodule, "splits", None), "val", None) is not None
+        if asked and has_val and tau_tuning_allowed(self.datamodule):
+            self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False,
+                                  ckpt_path=self.config_init[self.subcommand].get("ckpt_path"))
+
     def _print_results(self) -> None:
         from lpt_lightning.reports import split_table
 

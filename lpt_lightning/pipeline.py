@@ -28,6 +28,7 @@ from lpt_lightning.lightning_cli import LPTCLI, validate_config
 from lpt_lightning.models.expert import ExpertSpec
 from lpt_lightning.phases.moe_scorer import row_name
 from lpt_lightning.reports import plot_per_class_accuracy, read_metrics, split_table, write_metrics, write_pictures
+from lpt_lightning.test_priors import imbalance_factors, plot_test_priors
 
 PHASE_CLASSES = {
     "phase1": "lpt_lightning.phases.AdaptPhase",
@@ -177,12 +178,14 @@ def expert_run_args(args: ExpertRunArgs | None) -> dict[str, Any]:
 def plan(run_dir: str, data: dict[str, Any], trainer: dict[str, Any] | None, experts: list[str],
          phase1: ExpertPhaseSection | dict[str, Any] | None, phase2: ExpertPhaseSection | dict[str, Any] | None,
          phase3: PhaseSection | dict[str, Any] | None, mixture: bool, seed_everything: int,
-         wandb: WandbSpec | None = None, checkpoint_every_n_steps: int | None = None) -> list[PhaseRun]:
+         wandb: WandbSpec | None = None, checkpoint_every_n_steps: int | None = None,
+         test_priors: bool | list[float] = False) -> list[PhaseRun]:
     """The phase runs and their composed LightningCLI configs, in execution order."""
     if not experts or len(set(experts)) != len(experts) or not set(experts) <= {"visual", "vl"}:
         raise ConfigError(f"pipeline experts={experts}: choose 'visual', 'vl' or both, each once")
     if mixture and set(experts) != {"visual", "vl"}:
         raise ConfigError("pipeline mixture=true (phase 3) needs both experts; set mixture: false for LPT mode")
+    imbalance_factors(test_priors, where="pipeline test_priors")  # a bad value named before anything runs
     root = Path(run_dir)
     # The images are checked once for the whole pipeline: later phases find the record and skip it.
     # (A parsed data section carries the option's default, None.)
@@ -222,6 +225,8 @@ def plan(run_dir: str, data: dict[str, Any], trainer: dict[str, Any] | None, exp
             "model": {"class_path": PHASE_CLASSES[phase], "init_args": init_args},
             "data": merge(data, section.data),
         }
+        if test_priors:  # left out when off: config.yaml stays as before
+            config["report"] = {"test_priors": test_priors}
         runs.append(PhaseRun(name, phase, directory, config))
 
     for expert in experts:
@@ -249,7 +254,7 @@ def finished(run: PhaseRun) -> bool:
 # Settings that do not change a phase's weights: a finished phase is kept whatever their values.
 SAME_WEIGHTS = ("trainer.logger", "trainer.enable_progress_bar", "trainer.enable_model_summary",
                 "trainer.log_every_n_steps", "data.num_workers", "data.pin_memory", "data.persistent_workers",
-                "data.verify_images")
+                "data.verify_images", "report")
 _UNSET = object()
 
 
@@ -462,6 +467,7 @@ def run_pipeline(
     wandb: WandbSpec | None = None,
     checkpoint_every_n_steps: int | None = None,
     redo_from: str | None = None,
+    test_priors: bool | list[float] = False,
 ) -> list[PhaseRun]:
     """Run LPT++ end to end.
 
@@ -494,6 +500,11 @@ def run_pipeline(
             keeps a finished phase only if its settings are those recorded in its config.yaml
             (logging, progress display, loader workers aside); otherwise it is refused, naming the
             settings that differ.
+        test_priors: also report every row under forward / backward long-tailed test distributions
+            of these imbalance factors (true: 2, 5, 10, 25, 50), without and with post-hoc logit
+            adjustment (tau chosen on the val split): each row's ``test_priors`` block in the
+            metrics.json files, ``<run_dir>/test_priors.png`` (`lpt_lightning.test_priors`). Phases
+            finished before it was set keep their reports (``--redo_from`` evaluates them again).
     """
     trainer = dict(trainer or {})
     if devices is not None:
@@ -509,7 +520,7 @@ def run_pipeline(
     if not os.access(run_dir, os.W_OK):
         raise ConfigError(f"run_dir={run_dir} is not writable; choose a writable directory")
     runs = plan(run_dir, data, trainer, list(experts or ["visual", "vl"]), phase1, phase2, phase3, mixture,
-                seed_everything, wandb, checkpoint_every_n_steps)
+                seed_everything, wandb, checkpoint_every_n_steps, test_priors)
     names = [run.name for run in runs]
     if redo_from is not None and redo_from not in names:
         raise ConfigError(f"--redo_from={redo_from}: not a phase of this pipeline; choose one of {', '.join(names)}")
@@ -594,6 +605,7 @@ def write_summary(run_dir: Path, runs: list[PhaseRun]) -> dict[str, dict[str, An
     payload = {k: first[k] for k in ("split_convention", "class_counts", "class_names")} | {
         "phases": {r.name: str(r.directory.relative_to(run_dir)) for r in runs}, "results": rows}
     atomic_save(lambda tmp: tmp.write_text(json.dumps(payload, indent=1)), run_dir / "metrics.json")
+    plot_test_priors(run_dir / "test_priors.png", rows, run_dir.name)
     return rows
 
 

@@ -27,6 +27,7 @@ from lpt_lightning.metrics import (
     format_split_table,
     shot_groups,
 )
+from lpt_lightning.test_priors import TestPriors, imbalance_factors, plot_test_priors, tau_tuning_allowed
 
 def _finite(x: float) -> float | None:
     return None if x is None or math.isnan(x) else round(float(x), 4)
@@ -40,6 +41,8 @@ def write_metrics(path: Path, results: dict[str, dict[str, Any]], class_counts: 
         out = {k: _finite(v[k]) for k in (*SPLIT_KEYS, *EXTRA_KEYS) if k in v}
         out |= {k: v[k] for k in WORST_CLASS_KEYS if k in v}
         out["per_class"] = [_finite(float(x)) for x in v["per_class"]]
+        if "test_priors" in v:
+            out["test_priors"] = v["test_priors"]
         if "reliability" in v:
             out["reliability"] = {name: [_finite(float(x)) for x in values]
                                   for name, values in zip(("count", "confidence", "accuracy"), v["reliability"])}
@@ -201,10 +204,26 @@ class SplitReport(Callback):
     """After ``lpt test``: the per-class table (CSV), the accuracy-versus-training-count plot and
     each row's reliability diagram and confusion picture (PNG) beside the logs; with a WandbLogger
     also a W&B table, the pictures and, for phase 3, the comparison of each expert, W_base fusion
-    and the full scorer."""
+    and the full scorer.
 
-    def __init__(self, enabled: bool = True):
+    Args:
+        enabled: write the reports.
+        test_priors: also evaluate every row under forward / backward long-tailed test distributions
+            of these imbalance factors (true: 2, 5, 10, 25, 50) and the uniform one, without and
+            with post-hoc logit adjustment (tau chosen on the val split when it was evaluated in the
+            same run: ``lpt test`` evaluates it first): `lpt_lightning.test_priors`. Writes
+            ``test_priors.json`` and ``test_priors.png``; each row's ``test_priors`` block goes to
+            metrics.json.
+    """
+
+    def __init__(self, enabled: bool = True, test_priors: bool | list[float] | None = None):
         self.enabled = enabled
+        self.test_priors = imbalance_factors(test_priors)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if hasattr(pl_module, "test_priors"):  # the phases build their metrics from it in their own setup
+            pl_module.test_priors = (TestPriors(self.test_priors, tau_tuning_allowed(trainer.datamodule))
+                                     if self.test_priors else None)
 
     def on_test_end(self, trainer, pl_module) -> None:
         results = {k: v for k, v in getattr(pl_module, "results", {}).items() if k.startswith("test")}
@@ -224,6 +243,11 @@ class SplitReport(Callback):
         atomic_save(write_table, table_path)
         plot_per_class_accuracy(plot_path, results, counts, f"{type(pl_module).__name__}: per-class test accuracy")
         pictures = write_pictures(out_dir, results, pl_module.class_names)
+        priors_plot = out_dir / "test_priors.png"
+        if plot_test_priors(priors_plot, results, type(pl_module).__name__):
+            blocks = {row: v["test_priors"] for row, v in results.items() if "test_priors" in v}
+            atomic_save(lambda tmp: tmp.write_text(json.dumps(blocks, indent=1)), out_dir / "test_priors.json")
+            pictures["test_priors"] = [("test priors", priors_plot)]
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_table(key="test/per_class", columns=columns, data=rows)

@@ -414,6 +414,19 @@ def test_phase3_ckpt_path_last_tests_alike_without_the_phase2_files(fitted):
             torch.testing.assert_close(torch.as_tensor(from_last[row][key]), torch.as_tensor(value), rtol=0, atol=0,
                                        equal_nan=True)
 
+
+def test_phase3_test_priors_choose_tau_on_the_fit_split_row_of_each_part(fitted):
+    """``--report.test_priors``: every phase-3 row (each expert, W_base, the scorer) gets its block,
+    tau chosen on the same part's ``fit split (val)`` row."""
+    results = run(["test", "--config", str(fitted.config), "--ckpt_path", str(fitted.ckpt), "--report.test_priors=[10]"])
+    titles = ("visual expert", "vision-language expert", "W_base fusion", "LPT++ (scorer)")
+    assert set(results) == {f"{split}: {t}" for split in ("test", "fit split (val)") for t in titles}
+    for title in titles:
+        block = results[f"test: {title}"]["test_priors"]
+        assert block["tau_chosen_on"] == f"fit split (val): {title}"
+        assert list(block["priors"]) == ["backward_10", "uniform", "forward_10"]
+        assert block["priors"]["uniform"]["acc"] == pytest.approx(results[f"test: {title}"]["balanced_acc"], abs=1e-3)
+
 def test_load_from_checkpoint_rebuilds_the_whole_model_without_the_cli(fitted):
     model = MoEScorerPhase.load_from_checkpoint(fitted.ckpt).eval()
     with torch.no_grad():

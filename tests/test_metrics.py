@@ -269,13 +269,20 @@ def test_ddp_two_process_sync_of_every_metric(tmp_path):
     assert set(EXTRA_KEYS) <= set(expected)
 
     init = f"file://{tmp_path / 'rendezvous'}"
-    mp.spawn(ddp_metric_worker.run, args=(2, init, COUNTS, probs, target, str(tmp_path), "EvalMetrics"), nprocs=2,
-             join=True)
+    from lpt_lightning.test_priors import PriorShiftAccuracy
+
+    single_priors = PriorShiftAccuracy(COUNTS)
+    single_priors.update(probs, target)
+    expected_priors = single_priors.compute()["acc"]
+    mp.spawn(ddp_metric_worker.run, args=(2, init, COUNTS, probs, target, str(tmp_path), "EvalMetrics",
+                                          ("test_priors.PriorShiftAccuracy",)), nprocs=2, join=True)
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         assert set(got) == set(expected)
         for k in expected:  # bit for bit: every state is an integer sum
             assert torch.equal(got[k].nan_to_num(-1), expected[k].nan_to_num(-1)), k
+        # The test-prior accuracies (every prior and tau), from integer counts too.
+        assert torch.equal(torch.load(tmp_path / f"rank{rank}_PriorShiftAccuracy.pt")["acc"], expected_priors)
 
 
 @pytest.mark.ddp

@@ -20,6 +20,7 @@ from lpt_lightning.losses import AGCLLoss, LogitAdjustedCE, matching_loss
 from lpt_lightning.metrics import EvalMetrics, log_values, row_values
 from lpt_lightning.models.expert import ExpertOutput, LongTailExpert, view_outputs
 from lpt_lightning.precision import check_precision
+from lpt_lightning.test_priors import TestPriors, prior_shift_metrics, record_prior_shift
 
 
 
@@ -121,6 +122,7 @@ class ExpertPhase(L.LightningModule):
         self.stream_losses = nn.ModuleDict()
         self.results: dict[str, dict[str, Any]] = {}
         self.eval_row = ""  # label of the evaluated row; "" = the trained model
+        self.test_priors: TestPriors | None = None  # set by `--report.test_priors` (reports.SplitReport)
         self.data_facts: DataFacts | None = None  # attach_data
         self.data_record: dict[str, Any] | None = None  # digests of the data it trains on (set in setup)
         # Frozen backbone weights are not in our checkpoints: they come from the hub/local file.
@@ -195,6 +197,7 @@ class ExpertPhase(L.LightningModule):
                               "trainer.fit (lpt does it)")
         self.val_accuracy = EvalMetrics(self.class_counts.cpu(), convention=self.split_convention)
         self.test_accuracy = EvalMetrics(self.class_counts.cpu(), convention=self.split_convention)
+        self.prior_shift = prior_shift_metrics(self.class_counts.cpu(), self.test_priors, ("val", "test"))
         if stage == "fit":
             counts = loss_counts if loss_counts is not None else self.class_counts.cpu()
             self.stream_losses = nn.ModuleDict({s: self._make_loss(s, counts) for s in ("cb", "ib", "sqrt")})
@@ -279,14 +282,17 @@ class ExpertPhase(L.LightningModule):
         return None
 
     # ----------------------------------------------------------------- evaluation
-    def _eval_step(self, batch: dict[str, torch.Tensor], metric: EvalMetrics) -> None:
-        metric.update(self.probabilities(batch["image"]), batch["label"])
+    def _eval_step(self, batch: dict[str, torch.Tensor], metric: EvalMetrics, stage: str) -> None:
+        probs = self.probabilities(batch["image"])
+        metric.update(probs, batch["label"])
+        if stage in self.prior_shift:
+            self.prior_shift[stage].update(probs, batch["label"])
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, self.val_accuracy)
+        self._eval_step(batch, self.val_accuracy, "val")
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._eval_step(batch, self.test_accuracy)
+        self._eval_step(batch, self.test_accuracy, "test")
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """Class probabilities [B, C]: the softmax of the scaled cosine logits (averaged over the
@@ -304,6 +310,9 @@ class ExpertPhase(L.LightningModule):
         row, prefix = (f"{stage}: {self.eval_row}", f"{self.eval_row.replace(' ', '_')}/") if self.eval_row else (stage, "")
         self.results[row] = row_values(result)
         self.log_dict({f"{prefix}{stage}/{k}": v for k, v in log_values(self.results[row]).items()}, sync_dist=False)
+        if stage in self.prior_shift:  # a test row takes tau from the val row of the same model
+            val_row = row.replace("test", "val", 1) if stage == "test" else None
+            record_prior_shift(self.results, row, self.prior_shift[stage], val_row, self.test_priors)
 
     def on_validation_epoch_end(self) -> None:
         self._log_split_accuracy("val", self.val_accuracy)

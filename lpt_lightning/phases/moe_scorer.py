@@ -39,6 +39,7 @@ from lpt_lightning.metrics import EvalMetrics, log_values, row_values
 from lpt_lightning.models.expert import GroupPromptSpec, LongTailExpert, view_outputs
 from lpt_lightning.models.scorer import BaseWeightSearch, MoEScorer, fuse
 from lpt_lightning.precision import check_precision
+from lpt_lightning.test_priors import TestPriors, prior_shift_metrics, record_prior_shift
 
 # Rows of every phase-3 evaluation: the gain of each part stays visible.
 ROWS = {"visual": "visual expert", "vl": "vision-language expert", "base": "W_base fusion", "fused": "LPT++ (scorer)"}
@@ -128,6 +129,7 @@ class MoEScorerPhase(L.LightningModule):
         self.register_buffer("class_counts", torch.ones(num_classes, dtype=torch.long))
         self.strict_loading = False  # backbones are rebuilt, not loaded
         self.results: dict[str, dict[str, Any]] = {}
+        self.test_priors: TestPriors | None = None  # set by `--report.test_priors` (reports.SplitReport)
         if weights is not None:
             checkpoint = load_checkpoint_file(weights)
             meta = read_phase_metadata(checkpoint, weights)
@@ -300,11 +302,14 @@ class MoEScorerPhase(L.LightningModule):
         self.metrics = nn.ModuleDict({
             f"{stage}_{row}": EvalMetrics(counts, convention=self.split_convention)
             for stage in ("val", "test") for row in ROWS}).to(self.device)
+        self.prior_shift = prior_shift_metrics(counts, self.test_priors, list(self.metrics)).to(self.device)
 
     def _eval_step(self, stage: str, batch: dict[str, torch.Tensor]) -> None:
         rows = self.expert_rows(batch["image"]) if "image" in batch else batch
         for row, probs in self.fused_probabilities(rows).items():
             self.metrics[f"{stage}_{row}"].update(probs, batch["label"])
+            if f"{stage}_{row}" in self.prior_shift:
+                self.prior_shift[f"{stage}_{row}"].update(probs, batch["label"])
 
     def on_validation_start(self) -> None:
         self._experts_in_place()
@@ -332,6 +337,9 @@ class MoEScorerPhase(L.LightningModule):
             values = self.results[row_name(stage, title)] = row_values(result)
             prefix = STAGE_LOG_PREFIXES[stage] if row == "fused" else f"{STAGE_LOG_PREFIXES[stage]}/{row}"
             logged |= {f"{prefix}/{k}": v for k, v in log_values(values).items()}
+            if f"{stage}_{row}" in self.prior_shift:  # tau from the fit split's row of the same part
+                record_prior_shift(self.results, row_name(stage, title), self.prior_shift[f"{stage}_{row}"],
+                                   row_name("val", title) if stage == "test" else None, self.test_priors)
         logged[f"{STAGE_LOG_PREFIXES[stage]}/w_base"] = float(self.scorer.w_base)
         self.log_dict(logged, sync_dist=False)
 
