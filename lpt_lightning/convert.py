@@ -41,6 +41,7 @@ from lpt_lightning.checkpoints.metadata import META_KEY, is_saved_key
 from lpt_lightning.errors import CheckpointError, ConfigError
 from lpt_lightning.models.backbones import REFERENCE_BACKBONES, BackboneSpec
 from lpt_lightning.models.expert import ExpertSpec, GroupPromptSpec, LongTailExpert
+from lpt_lightning.safe_load import safe_load
 
 OFFICIAL_LAYER_NORM_EPS = 1e-5
 SHARED, POOL, KEYS, HEAD = (f"prompt_learner.{n}" for n in ("Prompt_Tokens", "Prompt_Tokens_pool", "Prompt_Keys",
@@ -53,14 +54,7 @@ LOGIT_SCALE = 20.0
 def read_official_state(path: str | Path) -> dict[str, torch.Tensor]:
     """The official state dict, read with weights_only=True (no pickled code runs)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: official LPT checkpoint not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: cannot be loaded safely ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}); it is truncated, corrupt, or "
-                              "carries pickled objects other than tensors and plain data") from exc
+    obj = safe_load(path, "official LPT checkpoint")
     # The training script saves {'config', 'state_dict', 'val_acc'}: only the state dict matters.
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not state:

@@ -18,7 +18,8 @@ from lpt_lightning.checkpoints import expert_from_checkpoint, load_checkpoint_fi
 from lpt_lightning.cli import main
 from lpt_lightning.errors import CheckpointError
 from lpt_lightning.data.cached_outputs import CachedSplit
-from lpt_lightning.models.backbones import BackboneSpec, build_backbone, read_state_dict
+from lpt_lightning.models.backbones import BackboneSpec, build_backbone
+from lpt_lightning.safe_load import read_state_dict
 from lpt_lightning.models.expert import ExpertSpec
 from lpt_lightning.phases import AdaptPhase, GroupPromptPhase, MoEScorerPhase
 from lpt_lightning.pipeline import finished, plan

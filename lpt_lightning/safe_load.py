@@ -1,0 +1,79 @@
+"""Reading tensor files without running pickled code: the one place that loads them.
+
+``torch.load`` runs only with ``weights_only=True`` (tensors and plain data; any other pickled
+object is refused, so a file cannot run code when read), safetensors through its own reader.
+Every failure is a CheckpointError that names the file and says why in words that do not invite
+an unsafe load (torch's own message suggests ``weights_only=False``).
+"""
+from __future__ import annotations
+
+import contextlib
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lpt_lightning.errors import CheckpointError
+
+
+def safe_load(path: str | Path, what: str = "checkpoint") -> Any:
+    """``torch.load(path, weights_only=True)`` onto the CPU. ``what`` names the file's role in the
+    not-found message (e.g. ``"checkpoint"``, ``"weights file (backbone.checkpoint_path)"``)."""
+    path = existing_file(path, what)
+    with load_errors(path):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+WEIGHTS_FILE = "weights file (backbone.checkpoint_path)"
+
+
+def read_state_dict(path: str | Path, what: str = WEIGHTS_FILE) -> dict[str, torch.Tensor]:
+    """A model state dict from a .safetensors file or a torch file (the dict itself, or under
+    ``state_dict``/``model``/``module``; a DataParallel ``module.`` key prefix removed)."""
+    path = existing_file(path, what)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        with load_errors(path):
+            return load_file(path)
+    obj = safe_load(path, what)
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "module"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors; expected a model state dict file")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def existing_file(path: str | Path, what: str) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: {what} not found")
+    return path
+
+
+@contextlib.contextmanager
+def load_errors(path: str | Path):
+    """Turn any failure of the reading done inside into a CheckpointError naming ``path`` (our own
+    CheckpointErrors and a missing file pass unchanged)."""
+    try:
+        yield
+    except (CheckpointError, FileNotFoundError):
+        raise
+    except Exception as exc:  # unpickling refusal, truncation, another format
+        raise CheckpointError(f"{path}: cannot be loaded safely: {_failure(Path(path), exc)}") from exc
+
+
+def _failure(path: Path, exc: Exception) -> str:
+    if path.is_file() and path.stat().st_size == 0:
+        return "the file is empty"
+    if "zip archive" in str(exc) or isinstance(exc, EOFError):
+        return "the file is truncated or corrupt (not a complete checkpoint archive)"
+    if isinstance(exc, pickle.UnpicklingError):
+        return ("it is corrupt, or carries pickled objects other than tensors and plain data, which are refused "
+                "because unpickling them can run code; re-save it with tensors and plain data only")
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {first}; the file is truncated, corrupt or not a checkpoint"
