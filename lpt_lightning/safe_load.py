@@ -56,18 +56,26 @@ def existing_file(path: str | Path, what: str) -> Path:
 
 
 @contextlib.contextmanager
-def load_errors(path: str | Path):
+def load_errors(path: str | Path, mismatch: str | None = None):
     """Turn any failure of the reading done inside into a CheckpointError naming ``path`` (our own
-    CheckpointErrors and a missing file pass unchanged)."""
+    CheckpointErrors and a missing file pass unchanged). ``mismatch``: for a loader that also fits
+    the file into a model (a library's own), what to say when the file was read but does not fit."""
     try:
         yield
     except (CheckpointError, FileNotFoundError):
         raise
-    except Exception as exc:  # unpickling refusal, truncation, another format
-        raise CheckpointError(f"{path}: cannot be loaded safely: {_failure(Path(path), exc)}") from exc
+    except Exception as exc:  # unpickling refusal, truncation, another format; or a model mismatch
+        reason = _unreadable(Path(path), exc)
+        if reason is None and mismatch is not None:
+            raise CheckpointError(f"{path}: {mismatch} ({_brief(exc)})") from exc
+        if reason is None:
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            reason = f"{type(exc).__name__}: {first}; the file is truncated, corrupt or not a checkpoint"
+        raise CheckpointError(f"{path}: cannot be loaded safely: {reason}") from exc
 
 
-def _failure(path: Path, exc: Exception) -> str:
+def _unreadable(path: Path, exc: Exception) -> str | None:
+    """Why ``exc`` means the file could not be read, or None when it is not one of those failures."""
     if path.is_file() and path.stat().st_size == 0:
         return "the file is empty"
     if "zip archive" in str(exc) or isinstance(exc, EOFError):
@@ -75,5 +83,10 @@ def _failure(path: Path, exc: Exception) -> str:
     if isinstance(exc, pickle.UnpicklingError):
         return ("it is corrupt, or carries pickled objects other than tensors and plain data, which are refused "
                 "because unpickling them can run code; re-save it with tensors and plain data only")
-    first = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {first}; the file is truncated, corrupt or not a checkpoint"
+    return None
+
+
+def _brief(exc: Exception, limit: int = 600) -> str:
+    """``Type: message``, cut short: a strict load lists every one of hundreds of keys."""
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= limit else text[:limit] + " ..."

@@ -19,19 +19,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from lpt_lightning.errors import CheckpointError, ConfigError
+from lpt_lightning.errors import ConfigError
 from lpt_lightning.models.backbone_spec import REFERENCE_BACKBONES, BackboneSpec, hub_lock
 from lpt_lightning.models.frozen_vit import FrozenViT, attend, set_layer_norm_eps
-from lpt_lightning.safe_load import WEIGHTS_FILE, existing_file
+from lpt_lightning.safe_load import WEIGHTS_FILE, existing_file, load_errors
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def _brief(exc: Exception, limit: int = 600) -> str:
-    """``Type: message``, cut short: a strict load lists every one of hundreds of keys."""
-    text = f"{type(exc).__name__}: {exc}"
-    return text if len(text) <= limit else text[:limit] + " ..."
+# A weights file read through open_clip's own loader (safely: weights_only) that does not fit the model.
+_MISMATCH = ("does not load into the configured open_clip model{name}; check backbone.name / backbone.model_kwargs "
+             "against the file")
 
 
 class OpenClipViT(FrozenViT):
@@ -73,13 +72,8 @@ class OpenClipViT(FrozenViT):
     @staticmethod
     def _load_file(open_clip, model: nn.Module, path: str) -> None:
         existing_file(path, WEIGHTS_FILE)
-        try:
+        with load_errors(path, mismatch=_MISMATCH.format(name="")):
             open_clip.load_checkpoint(model, path, strict=True, weights_only=True)
-        except Exception as exc:
-            raise CheckpointError(
-                f"{path}: does not load into the configured open_clip model ({_brief(exc)}). "
-                "Check backbone.name / backbone.model_kwargs against the file."
-            ) from exc
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str], batch_size: int = 256) -> torch.Tensor:
@@ -220,10 +214,5 @@ def _create_open_clip(open_clip, spec: BackboneSpec) -> nn.Module:
         # The tag's preprocessing (mean/std) as on the hub path.
         cfg = open_clip.get_pretrained_cfg(name, tag)
         kwargs["force_preprocess_cfg"] = {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg}
-    try:
+    with load_errors(path, mismatch=_MISMATCH.format(name=f" {name}")):
         return open_clip.create_model(name, pretrained=path, weights_only=True, **kwargs)
-    except Exception as exc:
-        raise CheckpointError(
-            f"{path}: does not load into the configured open_clip model {name} ({_brief(exc)}). "
-            "Check backbone.name / backbone.model_kwargs against the file."
-        ) from exc
