@@ -31,12 +31,8 @@ WEIGHTS_FILE = "weights file (backbone.checkpoint_path)"
 def read_state_dict(path: str | Path, what: str = WEIGHTS_FILE) -> dict[str, torch.Tensor]:
     """A model state dict from a .safetensors file or a torch file (the dict itself, or under
     ``state_dict``/``model``/``module``; a DataParallel ``module.`` key prefix removed)."""
-    path = existing_file(path, what)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        with load_errors(path):
-            return load_file(path)
+    if Path(path).suffix == ".safetensors":
+        return read_safetensors(path, what)[0]
     obj = safe_load(path, what)
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "module"):
@@ -46,6 +42,15 @@ def read_state_dict(path: str | Path, what: str = WEIGHTS_FILE) -> dict[str, tor
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: not a state dict of tensors; expected a model state dict file")
     return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def read_safetensors(path: str | Path, what: str = "checkpoint") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and the string metadata of a .safetensors file."""
+    from safetensors import safe_open
+
+    path = existing_file(path, what)
+    with load_errors(path), safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
 
 
 def existing_file(path: str | Path, what: str) -> Path:

@@ -14,19 +14,17 @@ from lpt_lightning.checkpoints.metadata import (
     is_saved_key,
     read_phase_metadata,
 )
-from lpt_lightning.safe_load import existing_file, load_errors, safe_load
+from lpt_lightning.safe_load import load_errors, read_safetensors, safe_load
 
 
 def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
     """Read a phase checkpoint (.ckpt) or an export (.safetensors) without running pickled code."""
-    path = existing_file(path, "checkpoint")
-    if path.suffix != ".safetensors":
+    if Path(path).suffix != ".safetensors":
         return safe_load(path)
-    from safetensors import safe_open
-
-    with load_errors(path), safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get(META_KEY, "null"))
-        return {"state_dict": {k: f.get_tensor(k) for k in f.keys()}, META_KEY: meta}
+    state, metadata = read_safetensors(path)
+    with load_errors(path):
+        meta = json.loads(metadata.get(META_KEY, "null"))
+    return {"state_dict": state, META_KEY: meta}
 
 
 def atomic_save(save: Any, path: str | Path) -> None:
