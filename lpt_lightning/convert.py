@@ -41,6 +41,7 @@ from lpt_lightning.checkpoints.metadata import META_KEY, is_saved_key
 from lpt_lightning.errors import CheckpointError, ConfigError
 from lpt_lightning.models.backbones import REFERENCE_BACKBONES, BackboneSpec
 from lpt_lightning.models.expert import ExpertSpec, GroupPromptSpec, LongTailExpert
+from lpt_lightning.safe_load import read_state_dict
 
 OFFICIAL_LAYER_NORM_EPS = 1e-5
 SHARED, POOL, KEYS, HEAD = (f"prompt_learner.{n}" for n in ("Prompt_Tokens", "Prompt_Tokens_pool", "Prompt_Keys",
@@ -51,25 +52,10 @@ LOGIT_SCALE = 20.0
 
 
 def read_official_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """The official state dict, read with weights_only=True (no pickled code runs)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: official LPT checkpoint not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: cannot be loaded safely ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}); it is truncated, corrupt, or "
-                              "carries pickled objects other than tensors and plain data") from exc
-    # The training script saves {'config', 'state_dict', 'val_acc'}: only the state dict matters.
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict) or not state:
-        raise CheckpointError(f"{path}: not an official LPT checkpoint (no state dict of tensors)")
-    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise CheckpointError(f"{path}: entry {bad[0]!r} of its state dict is not a tensor")
-    # Saved through DataParallel: every key is prefixed "module.".
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    """The official state dict, read safely. The training script saves {'config', 'state_dict',
+    'val_acc'} through DataParallel (every key prefixed ``module.``): `read_state_dict` takes the
+    state dict out and drops the prefix."""
+    return read_state_dict(path, "official LPT checkpoint")
 
 
 def _ndim_checked(state: dict[str, torch.Tensor], key: str, ndim: int, path: Path) -> torch.Size:

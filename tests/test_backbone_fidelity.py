@@ -11,13 +11,18 @@ library's own forward of the same weights loaded through the library's hub loade
   then ``encode_image``.
 
 The wrappers call private library APIs (timm ``VisionTransformer._pos_embed``; open_clip
-``VisionTransformer._embeds`` / ``_pool``) and re-implement the last block's CLS-only attention:
-these tests pin them. Tested with timm 1.0.31, open_clip_torch 3.3.0 and torch 2.14.1 (CPU).
+``VisionTransformer._embeds`` / ``_pool``), all in ``lpt_lightning/models/timm_backbone.py`` and
+``open_clip_backbone.py``, and re-implement attention (with the last block's CLS-only queries):
+these tests pin them, the whole expert and each backbone step on its own (``embed``, every
+``run_block`` with all and with only the CLS query, ``pool``, ``encode_text``) against what the
+library's own forward computes at that step. Tested with timm 1.0.31, open_clip_torch 3.3.0 and
+torch 2.14.1 (CPU).
 The OpenAI CLIP weights were trained with QuickGELU; open_clip builds ``ViT-B-16`` with GELU
 unless told, so the open_clip tests fail on a wrapper that does not resolve the activation.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -164,4 +169,65 @@ def test_visual_expert_matches_timm_forward(tmp_path):
     with torch.no_grad():
         expected = reference.forward_head(reference.forward_features((x - mean) / std), pre_logits=True)
     assert ours.shape == expected.shape == (1, 768)
+    torch.testing.assert_close(ours, expected, **TOLERANCE)
+
+
+# ------------------------------------------------------------------ each backbone step on its own
+
+
+@contextlib.contextmanager
+def recorded_blocks(blocks):
+    """(input, output) of every block, in order, while the library's forward runs."""
+    seen = []
+    hooks = [block.register_forward_hook(lambda module, args, out: seen.append((args[0], out))) for block in blocks]
+    try:
+        yield seen
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def check_steps(backbone, blocks, library_forward, x: torch.Tensor) -> None:
+    """``embed``, each ``run_block`` (all queries, and the CLS query only) and ``pool`` against the
+    tensors the library's own forward (``library_forward(normalised images) -> pooled feature``)
+    computes at the same step, on the same weights."""
+    with torch.no_grad(), recorded_blocks(blocks) as seen:
+        expected = library_forward(backbone.normalise(x))
+        assert len(seen) == backbone.num_blocks
+        torch.testing.assert_close(backbone.embed(x), seen[0][0], **TOLERANCE)
+        for i, (block_in, block_out) in enumerate(seen):
+            torch.testing.assert_close(backbone.run_block(i, block_in), block_out, **TOLERANCE)
+            torch.testing.assert_close(backbone.run_block(i, block_in, keep=1), block_out[:, :1], **TOLERANCE)
+        last = seen[-1][1]
+        torch.testing.assert_close(backbone.pool(last), expected, **TOLERANCE)
+        # The pooled feature reads the CLS token only, as LongTailExpert.run_blocks relies on.
+        assert backbone.pools_cls_token
+        torch.testing.assert_close(backbone.pool(last[:, :1]), expected, **TOLERANCE)
+
+
+def test_each_timm_backbone_step_matches_timm_forward():
+    block = yaml.safe_load((REPO / "configs" / "expert" / "visual.yaml").read_text())["backbone"]
+    backbone = build_backbone("visual", BackboneSpec(**dict(block, pretrained=False)))  # random weights
+    model = backbone.model
+
+    def library_forward(normalised):
+        return model.forward_head(model.forward_features(normalised), pre_logits=True)
+
+    check_steps(backbone, model.blocks, library_forward, images())
+
+
+def test_each_open_clip_backbone_step_matches_open_clip_forward():
+    import open_clip
+
+    block = yaml.safe_load((REPO / "configs" / "expert" / "vl.yaml").read_text())["backbone"]
+    backbone = build_backbone("vl", BackboneSpec(**dict(block, pretrained=None, quick_gelu=True)))  # random
+    clip = backbone._text_model[0]  # the whole open_clip model: its image tower is backbone.visual
+    assert clip.visual is backbone.visual
+    check_steps(backbone, backbone.visual.transformer.resblocks, clip.encode_image, images())
+
+    prompts = ["a photo of a cat.", "a photo of a dog.", "a photo of a t shirt."]
+    with torch.no_grad():
+        expected = clip.encode_text(open_clip.get_tokenizer("ViT-B-16")(prompts))
+    ours = backbone.encode_text(prompts, batch_size=2)  # two batches
+    assert ours.shape == (3, 512)
     torch.testing.assert_close(ours, expected, **TOLERANCE)

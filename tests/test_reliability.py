@@ -92,13 +92,6 @@ def test_isolated_nan_batches_can_be_skipped_and_counted(tmp_path):
         fit(nan_phase((1, 2, 3)), tmp_path, policy=NonFiniteLossPolicy(on_nonfinite="skip", max_nonfinite_batches=2))
 
 
-def test_the_old_loss_option_names_its_new_place():
-    from lpt_lightning.phases import LossSpec
-
-    with pytest.raises(ConfigError, match=r"loss.on_nonfinite moved.*NonFiniteLossPolicy, init_args: \{on_nonfinite: skip"):
-        LossSpec(on_nonfinite="skip")
-
-
 def test_a_skipped_micro_batch_leaves_the_gradients_of_its_window_as_they_were():
     policy = NonFiniteLossPolicy(on_nonfinite="skip")
     module = L.LightningModule()

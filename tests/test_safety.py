@@ -18,7 +18,8 @@ from lpt_lightning.checkpoints import expert_from_checkpoint, load_checkpoint_fi
 from lpt_lightning.cli import main
 from lpt_lightning.errors import CheckpointError
 from lpt_lightning.data.cached_outputs import CachedSplit
-from lpt_lightning.models.backbones import BackboneSpec, build_backbone, read_state_dict
+from lpt_lightning.models.backbones import BackboneSpec, build_backbone
+from lpt_lightning.safe_load import read_state_dict
 from lpt_lightning.models.expert import ExpertSpec
 from lpt_lightning.phases import AdaptPhase, GroupPromptPhase, MoEScorerPhase
 from lpt_lightning.pipeline import finished, plan
@@ -138,6 +139,22 @@ def test_backbone_weights_refuse_payload(evil, kind, suffix):
     with pytest.raises(CheckpointError) as exc:
         build_backbone(kind, spec)
     refused(path, marker, exc)
+
+
+@pytest.mark.parametrize("loader", ["visual", "vl", "vl named"])
+def test_backbone_weights_payload_is_reported_as_a_refusal(evil, loader):
+    """Whichever loader reads a backbone's file (ours; open_clip's load_checkpoint; open_clip's
+    create_model for a named architecture), a refused payload is reported as such, without torch's
+    suggestion to load the file with weights_only=False."""
+    path, marker = evil("weights.pt", lambda m: {"state_dict": {"cls_token": torch.zeros(1)}, "x": Payload(m)})
+    spec = {"visual": BackboneSpec(name="vit_base_patch16_224", pretrained=None, checkpoint_path=str(path),
+                                   model_kwargs=dict(TIMM_TINY)),
+            "vl": BackboneSpec(pretrained=None, checkpoint_path=str(path), model_kwargs=dict(CLIP_TINY)),
+            "vl named": BackboneSpec(name="ViT-B-16", pretrained="openai", checkpoint_path=str(path))}[loader]
+    with pytest.raises(CheckpointError, match="cannot be loaded safely: .*carries pickled objects") as exc:
+        build_backbone("visual" if loader == "visual" else "vl", spec)
+    refused(path, marker, exc)
+    assert "weights_only" not in str(exc.value)
 
 
 def test_backbone_npz_refuses_pickled_object_array(tmp_path):

@@ -35,7 +35,8 @@ from lpt_lightning.data import (
 from lpt_lightning.data_facts import connect
 from lpt_lightning.losses import AGCLLoss, LogitAdjustedCE
 from lpt_lightning.metrics import SplitAccuracy
-from lpt_lightning.models.backbones import BackboneSpec, read_state_dict
+from lpt_lightning.models.backbones import BackboneSpec
+from lpt_lightning.safe_load import read_state_dict
 from lpt_lightning.models.expert import ExpertSpec
 from lpt_lightning.models.heads import CosineHead
 from lpt_lightning.phases import AdaptPhase, OptimSpec

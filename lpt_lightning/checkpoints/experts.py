@@ -30,9 +30,7 @@ def expert_from_checkpoint(checkpoint: dict[str, Any], path: str | Path, prefix:
     except TypeError as exc:
         raise CheckpointError(f"{path}: malformed group prompt spec in the metadata ({exc})") from None
     expert = LongTailExpert(expert_spec_from_dict(meta["expert"], path), meta["num_classes"], group=group)
-    release = getattr(expert.backbone, "release_text_tower", None)
-    if release is not None:
-        release()  # the head comes from the checkpoint
+    expert.release_text_tower()  # the head comes from the checkpoint
     state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     own = {k: v for k, v in expert.state_dict().items() if is_saved_key(k)}
     missing = sorted(set(own) - set(state))

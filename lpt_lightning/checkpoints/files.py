@@ -1,14 +1,12 @@
-"""Checkpoint files read and written: safe loading (``weights_only``, errors naming the file),
-atomic writes, the safetensors export and the trainer's CheckpointIO built on them."""
+"""Checkpoint files read and written: phase checkpoints and exports read through
+`lpt_lightning.safe_load`, atomic writes, the safetensors export and the trainer's CheckpointIO."""
 from __future__ import annotations
 
 import json
 import os
-import pickle
 from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from lpt_lightning.checkpoints.metadata import (
@@ -16,39 +14,17 @@ from lpt_lightning.checkpoints.metadata import (
     is_saved_key,
     read_phase_metadata,
 )
-from lpt_lightning.errors import CheckpointError
+from lpt_lightning.safe_load import load_errors, read_safetensors, safe_load
 
 
 def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
     """Read a phase checkpoint (.ckpt) or an export (.safetensors) without running pickled code."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {}).get(META_KEY, "null"))
-                state = {k: f.get_tensor(k) for k in f.keys()}
-            return {"state_dict": state, META_KEY: meta}
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"{path}: cannot be loaded safely: {_load_failure(path, exc)}") from exc
-
-
-def _load_failure(path: Path, exc: Exception) -> str:
-    """Why a checkpoint did not load, in words that do not invite unpickling it unsafely (torch's
-    own message suggests ``weights_only=False``, which would run any code the file carries)."""
-    if path.is_file() and path.stat().st_size == 0:
-        return "the file is empty"
-    if "zip archive" in str(exc) or isinstance(exc, EOFError):
-        return "the file is truncated or corrupt (not a complete checkpoint archive)"
-    if isinstance(exc, pickle.UnpicklingError):
-        return ("it is corrupt, or carries pickled objects other than tensors and plain data, which are refused "
-                "because unpickling them can run code; re-save it with tensors and plain data only")
-    first = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {first}; the file is truncated, corrupt or not a checkpoint"
+    if Path(path).suffix != ".safetensors":
+        return safe_load(path)
+    state, metadata = read_safetensors(path)
+    with load_errors(path):
+        meta = json.loads(metadata.get(META_KEY, "null"))
+    return {"state_dict": state, META_KEY: meta}
 
 
 def atomic_save(save: Any, path: str | Path) -> None:
@@ -91,9 +67,5 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                     path)
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
-        try:
+        with load_errors(path):  # the base class: also remote (fsspec) paths
             return super().load_checkpoint(path, map_location=map_location or "cpu", weights_only=True)
-        except FileNotFoundError:
-            raise
-        except Exception as exc:
-            raise CheckpointError(f"{path}: cannot be loaded safely: {_load_failure(Path(path), exc)}") from exc

@@ -143,6 +143,13 @@ class LongTailExpert(nn.Module):
         prompts = [class_name_to_text(n, self.spec.text_template) for n in class_names]
         self.head.init_from(cached_text_embeddings(self.backbone, prompts))
 
+    def release_text_tower(self) -> None:
+        """Free the vl backbone's text tower once the head no longer needs it (its text
+        initialisation is done, or the head comes from a checkpoint); other backbones have none."""
+        release = getattr(self.backbone, "release_text_tower", None)
+        if release is not None:
+            release()
+
     def run_blocks(self, x: torch.Tensor, start: int, end: int, group_prompts: torch.Tensor | None = None) -> torch.Tensor:
         """Blocks start..end-1; block l sees [tokens; u_l] (+ r_l from the group pool after K).
 

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import torch
 
+from lpt_lightning.errors import CheckpointError
+from lpt_lightning.safe_load import safe_load
+
 log = logging.getLogger(__name__)
 
 
@@ -70,8 +73,8 @@ def _read(path: Path, rows: int) -> torch.Tensor | None:
     if not path.is_file():
         return None
     try:
-        embeddings = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a torn or foreign file is recomputed and replaced
+        embeddings = safe_load(path, "text-embedding cache")
+    except CheckpointError as exc:  # a torn or foreign file is recomputed and replaced
         log.warning("ignoring unreadable text-embedding cache %s (%s)", path, exc)
         return None
     return embeddings if isinstance(embeddings, torch.Tensor) and embeddings.shape[0] == rows else None

@@ -60,9 +60,7 @@ class AdaptPhase(ExpertPhase):
         # class-mean initialisation): the expert's no-training row. Saved with every checkpoint, so
         # a resumed run still reports where it started.
         self.start_state: dict[str, torch.Tensor] | None = None
-        release = getattr(self.expert.backbone, "release_text_tower", None)
-        if release is not None:
-            release()  # the text tower is only needed for the head's initialisation
+        self.expert.release_text_tower()  # the text tower is only needed for the head's initialisation
 
     @property
     def wants_class_mean_head(self) -> bool:

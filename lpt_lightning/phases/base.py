@@ -45,8 +45,6 @@ class LossSpec:
         head_anchor: weight of a penalty that keeps the head's class directions near where phase 1
             started them (the class-name text embeddings of the VL expert; phase 1 only):
             head_anchor * mean_c ||w_c/|w_c| - w0_c/|w0_c|||^2. 0 = off.
-        on_nonfinite, max_nonfinite_batches: moved to the `NonFiniteLossPolicy` callback; setting
-            them here is an error that says so.
     """
 
     kind: Literal["agcl", "logit_adjusted", "ce"] = "agcl"
@@ -60,19 +58,10 @@ class LossSpec:
     match_weight: float = 0.5
     tau: float = 1.0
     head_anchor: float = 0.0
-    on_nonfinite: Literal["stop", "skip"] | None = None
-    max_nonfinite_batches: int | None = None
 
     def __post_init__(self) -> None:
         if self.head_anchor < 0:
             raise ConfigError(f"model.init_args.loss.head_anchor must be >= 0 (0 = off), got {self.head_anchor}")
-        moved = {"on_nonfinite": self.on_nonfinite, "max_nonfinite_batches": self.max_nonfinite_batches}
-        moved = {k: v for k, v in moved.items() if v is not None}
-        if moved:
-            args = ", ".join(f"{k}: {v}" for k, v in moved.items())
-            raise ConfigError(
-                f"model.init_args.loss.{next(iter(moved))} moved to a callback: remove it from the loss and add to "
-                f"trainer.callbacks: {{class_path: lpt_lightning.callbacks.NonFiniteLossPolicy, init_args: {{{args}}}}}")
 
 
 @dataclass

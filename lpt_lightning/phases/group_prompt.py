@@ -51,9 +51,7 @@ class GroupPromptPhase(ExpertPhase):
             rank_zero_info(f"phase 2 starts from {phase1_checkpoint}")
         elif expert is not None:
             self.expert = LongTailExpert(expert, num_classes)
-            release = getattr(self.expert.backbone, "release_text_tower", None)
-            if release is not None:
-                release()  # the head comes from the phase-2 checkpoint
+            self.expert.release_text_tower()  # the head comes from the phase-2 checkpoint
         else:
             raise ConfigError("GroupPromptPhase needs model.phase1_checkpoint (or, to restore a phase-2 checkpoint, "
                               "model.expert)")

@@ -407,9 +407,7 @@ def expert_from_specs(info: dict[str, Any], num_classes: int, where: str) -> Lon
     except TypeError as exc:
         raise CheckpointError(f"{where}: malformed group prompt spec in the metadata ({exc})") from None
     expert = LongTailExpert(expert_spec_from_dict(info["expert"], where), num_classes, group=group)
-    release = getattr(expert.backbone, "release_text_tower", None)
-    if release is not None:
-        release()  # the head comes from the checkpoint
+    expert.release_text_tower()  # the head comes from the checkpoint
     return expert
 
 
