@@ -22,19 +22,22 @@ class DataFacts:
         record: digests of the training and held-out splits (`LongTailDataModule.data_record`),
             recorded in checkpoints and compared phase to phase.
         batch_size: training batch size per device (and stream): lr = base_lr * global batch / 256.
+        taxonomy: the classes' `lpt_lightning.taxonomy.Taxonomy` (per-level accuracy), or None.
     """
 
     group_class_counts: torch.Tensor
     train_class_counts: torch.Tensor
     record: dict[str, Any]
     batch_size: int
+    taxonomy: Any = None
 
     @classmethod
     def from_datamodule(cls, datamodule: Any) -> DataFacts:
         """The facts of a `LongTailDataModule` (or any DataModule with the same public API)."""
         return cls(group_class_counts=torch.as_tensor(datamodule.group_class_counts, dtype=torch.long),
                    train_class_counts=torch.as_tensor(datamodule.train_class_counts, dtype=torch.long),
-                   record=datamodule.data_record(), batch_size=int(datamodule.batch_size))
+                   record=datamodule.data_record(), batch_size=int(datamodule.batch_size),
+                   taxonomy=getattr(datamodule, "taxonomy", None))
 
 
 def connect(model: Any, datamodule: Any) -> None:

@@ -4,6 +4,7 @@ a WandbLogger is attached."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import re
@@ -27,18 +28,37 @@ from lpt_lightning.metrics import (
     format_split_table,
     shot_groups,
 )
+from lpt_lightning.taxonomy import TAXONOMY_KEYS, supercategory_groups
+
+# What a metrics.json records of the data and weights behind its rows, so `lpt compare` can refuse
+# runs evaluated on other splits: the held-out and test split digests (`Split.digest`), at the top
+# level, and each row's checkpoint as `CHECKPOINT_DIGEST_KEY` (`file_digest`).
+DIGEST_KEYS: tuple[str, ...] = ("held_out_digest", "test_digest")
+CHECKPOINT_DIGEST_KEY = "checkpoint_sha256"
 
 def _finite(x: float) -> float | None:
     return None if x is None or math.isnan(x) else round(float(x), 4)
 
 
+def file_digest(path: Path) -> str:
+    """The first 12 hex digits of the file's sha256 (a checkpoint's identity in metrics.json)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:12]
+
+
 def write_metrics(path: Path, results: dict[str, dict[str, Any]], class_counts: torch.Tensor,
-                  class_names: list[str] | None, convention: str) -> None:
-    """JSON with the metrics of every evaluated row (`SPLIT_KEYS`, `EXTRA_KEYS`, the worst classes),
-    the per-class accuracies and the reliability bins."""
+                  class_names: list[str] | None, convention: str, digests: dict[str, str | None] | None = None
+                  ) -> None:
+    """JSON with the metrics of every evaluated row (`SPLIT_KEYS`, `EXTRA_KEYS`, the worst classes,
+    the taxonomy levels' accuracies where the data has them, the row's checkpoint digest), the
+    per-class accuracies and the reliability bins; ``digests`` (`DIGEST_KEYS`) at the top level."""
     def row(v: dict[str, Any]) -> dict[str, Any]:
         out = {k: _finite(v[k]) for k in (*SPLIT_KEYS, *EXTRA_KEYS) if k in v}
-        out |= {k: v[k] for k in WORST_CLASS_KEYS if k in v}
+        out |= {k: v[k] for k in (*WORST_CLASS_KEYS, CHECKPOINT_DIGEST_KEY) if k in v}
+        out |= {k: {level: _finite(acc) for level, acc in v[k].items()} for k in TAXONOMY_KEYS if k in v}
         out["per_class"] = [_finite(float(x)) for x in v["per_class"]]
         if "reliability" in v:
             out["reliability"] = {name: [_finite(float(x)) for x in values]
@@ -47,6 +67,7 @@ def write_metrics(path: Path, results: dict[str, dict[str, Any]], class_counts: 
 
     payload = {
         "split_convention": convention,
+        **(digests or {}),
         "class_counts": [int(c) for c in class_counts],
         "class_names": class_names,
         "results": {name: row(v) for name, v in results.items()},
@@ -64,29 +85,50 @@ def read_metrics(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def plot_per_class_accuracy(path: Path, results: dict[str, dict[str, Any]], class_counts: torch.Tensor,
-                            title: str) -> None:
-    """Per-class accuracy against the class's training count (log scale), one series per row."""
+                            title: str, supercategories: list[str] | None = None) -> None:
+    """Per-class accuracy against the class's training count (log scale), one series per row; with
+    ``supercategories`` (one per class), one panel per row and a colour per supercategory."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     counts = [int(c) for c in class_counts]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for row, values in results.items():
-        acc = [float(x) for x in values["per_class"]]
-        ax.scatter(counts, acc, s=14, alpha=0.7, label=f"{row} ({values['acc']:.1f}%)")
-    for boundary in (20, 100):
-        ax.axvline(boundary, color="grey", lw=0.8, ls="--")
-    ax.set_xscale("log")
-    ax.set_xlabel("training images of the class")
-    ax.set_ylabel("test accuracy of the class (%)")
-    ax.set_ylim(-2, 102)
-    ax.set_title(title)
-    ax.legend(fontsize=7, loc="lower right")
+    panels = list(results) if supercategories else [None]
+    cols = min(len(panels), 3)
+    fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(7 if cols == 1 else 4.5 * cols,
+                             4 * -(-len(panels) // cols)), squeeze=False)
+    for ax, panel in zip(axes.flat, panels):
+        if panel is None:
+            for row, values in results.items():
+                acc = [float(x) for x in values["per_class"]]
+                ax.scatter(counts, acc, s=14, alpha=0.7, label=f"{row} ({values['acc']:.1f}%)")
+            ax.set_title(title)
+        else:
+            acc = [float(x) for x in results[panel]["per_class"]]
+            for name, classes in supercategory_groups(supercategories).items():
+                ax.scatter([counts[c] for c in classes], [acc[c] for c in classes], s=14, alpha=0.7, label=name)
+            ax.set_title(f"{panel} ({results[panel]['acc']:.1f}%)", fontsize=9)
+        for boundary in (20, 100):
+            ax.axvline(boundary, color="grey", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.set_xlabel("training images of the class")
+        ax.set_ylabel("test accuracy of the class (%)")
+        ax.set_ylim(-2, 102)
+        ax.legend(fontsize=7, loc="lower right")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    if supercategories:
+        fig.suptitle(title)
     fig.tight_layout()
     atomic_save(lambda tmp: fig.savefig(tmp, dpi=110, format="png"), path)
     plt.close(fig)
+
+
+def supercategories_of(model: Any) -> list[str] | None:
+    """The supercategory of each class of a phase's data (None without a taxonomy that has them)."""
+    taxonomy = getattr(model, "taxonomy", None)
+    return list(taxonomy.supercategories) if taxonomy is not None and taxonomy.supercategories else None
 
 
 def split_table(results: dict[str, dict[str, Any]], class_names: list[str] | None = None) -> str:
@@ -222,7 +264,8 @@ class SplitReport(Callback):
                 csv.writer(f).writerows([columns, *rows])
 
         atomic_save(write_table, table_path)
-        plot_per_class_accuracy(plot_path, results, counts, f"{type(pl_module).__name__}: per-class test accuracy")
+        plot_per_class_accuracy(plot_path, results, counts, f"{type(pl_module).__name__}: per-class test accuracy",
+                                supercategories_of(pl_module))
         pictures = write_pictures(out_dir, results, pl_module.class_names)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):

@@ -35,10 +35,11 @@ from lpt_lightning.checkpoints.metadata import (
     read_phase_metadata,
 )
 from lpt_lightning.errors import CheckpointError, ConfigError
-from lpt_lightning.metrics import EvalMetrics, log_values, row_values
+from lpt_lightning.metrics import log_values, row_values
 from lpt_lightning.models.expert import GroupPromptSpec, LongTailExpert, view_outputs
 from lpt_lightning.models.scorer import BaseWeightSearch, MoEScorer, fuse
 from lpt_lightning.precision import check_precision
+from lpt_lightning.taxonomy import eval_metrics, taxonomy_values
 
 # Rows of every phase-3 evaluation: the gain of each part stays visible.
 ROWS = {"visual": "visual expert", "vl": "vision-language expert", "base": "W_base fusion", "fused": "LPT++ (scorer)"}
@@ -125,6 +126,7 @@ class MoEScorerPhase(L.LightningModule):
         self.vl: LongTailExpert | None = None
         self.scorer: MoEScorer | None = None
         self.data_record: dict[str, Any] | None = None
+        self.taxonomy = None  # the classes' taxonomy.Taxonomy, where the image data has one (scorer_fit_data)
         self.register_buffer("class_counts", torch.ones(num_classes, dtype=torch.long))
         self.strict_loading = False  # backbones are rebuilt, not loaded
         self.results: dict[str, dict[str, Any]] = {}
@@ -298,7 +300,7 @@ class MoEScorerPhase(L.LightningModule):
         # Built when evaluation starts: a restored checkpoint's class counts are in place by then.
         counts = self.class_counts.cpu()
         self.metrics = nn.ModuleDict({
-            f"{stage}_{row}": EvalMetrics(counts, convention=self.split_convention)
+            f"{stage}_{row}": eval_metrics(counts, self.split_convention, self.taxonomy)
             for stage in ("val", "test") for row in ROWS}).to(self.device)
 
     def _eval_step(self, stage: str, batch: dict[str, torch.Tensor]) -> None:
@@ -329,7 +331,7 @@ class MoEScorerPhase(L.LightningModule):
             metric = self.metrics[f"{stage}_{row}"]
             result = metric.compute()
             metric.reset()
-            values = self.results[row_name(stage, title)] = row_values(result)
+            values = self.results[row_name(stage, title)] = row_values(result) | taxonomy_values(result)
             prefix = STAGE_LOG_PREFIXES[stage] if row == "fused" else f"{STAGE_LOG_PREFIXES[stage]}/{row}"
             logged |= {f"{prefix}/{k}": v for k, v in log_values(values).items()}
         logged[f"{STAGE_LOG_PREFIXES[stage]}/w_base"] = float(self.scorer.w_base)

@@ -1,0 +1,120 @@
+"""Accuracy at the taxonomy levels of iNaturalist-style categories, its off switch, the metrics.json
+entries and the per-class plot grouped by supercategory."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lpt_lightning.data import INatJsonSource
+from lpt_lightning.errors import DataFormatError
+from lpt_lightning.metrics import EvalMetrics
+from lpt_lightning.reports import plot_per_class_accuracy, write_metrics
+from lpt_lightning.taxonomy import (
+    TAXONOMY_LEVELS,
+    Taxonomy,
+    TaxonomyEvalMetrics,
+    eval_metrics,
+    supercategory_groups,
+    taxonomy_values,
+)
+
+# Six species; class 3's genus shares its name with class 1's ("Pica") in another family: a
+# different genus, since an ancestor is its whole path from the kingdom down.
+PATHS = [
+    ("Animalia", "Chordata", "Aves", "Passeriformes", "Corvidae", "Corvus"),
+    ("Animalia", "Chordata", "Aves", "Passeriformes", "Corvidae", "Pica"),
+    ("Animalia", "Chordata", "Aves", "Passeriformes", "Paridae", "Parus"),
+    ("Animalia", "Chordata", "Mammalia", "Carnivora", "Felidae", "Pica"),
+    ("Animalia", "Arthropoda", "Insecta", "Lepidoptera", "Nymphalidae", "Danaus"),
+    ("Plantae", "Tracheophyta", "Magnoliopsida", "Rosales", "Rosaceae", "Rosa"),
+]
+SUPER = ["Aves", "Aves", "Aves", "Mammalia", "Insecta", "Plantae"]
+# Category ids are not the class indices: sorted ids 3, 8, 11, 20, 31, 40 -> classes 0..5.
+IDS = [3, 8, 11, 20, 31, 40]
+RECORDS = [{"id": cid, "name": f"species {c}", "supercategory": SUPER[c], **dict(zip(TAXONOMY_LEVELS, PATHS[c]))}
+           for c, cid in enumerate(IDS)]
+TRAIN_COUNTS = [200, 150, 50, 30, 5, 3]  # lpt groups: many 0-1, medium 2-3, few 4-5
+# (true, predicted) of eight test images, and the deepest level at which each prediction is right.
+PAIRS = [(0, 0), (0, 1), (1, 2), (2, 3), (3, 1), (4, 5), (5, 5), (3, 4)]
+# deepest shared level: genus, family, order, phylum, phylum (not genus: homonym), none, genus, kingdom
+
+
+def taxonomy() -> Taxonomy:
+    return Taxonomy.from_categories({r["id"]: r for r in RECORDS}, IDS, Path("categories.json"))
+
+
+def evaluate(metric: EvalMetrics) -> dict:
+    target = torch.tensor([t for t, _ in PAIRS])
+    probs = torch.softmax(5.0 * torch.nn.functional.one_hot(torch.tensor([p for _, p in PAIRS]), 6).float(), dim=1)
+    metric.update(probs[:5], target[:5])  # two batches: the counts add up
+    metric.update(probs[5:], target[5:])
+    return metric.compute()
+
+
+def test_level_accuracies_overall_and_per_group_by_hand():
+    result = taxonomy_values(evaluate(TaxonomyEvalMetrics(TRAIN_COUNTS, taxonomy())))
+    # Right at each level (of 8): kingdom 7, phylum 6, class 4, order 4, family 3, genus 2.
+    assert result["taxonomy"] == pytest.approx(
+        {"kingdom": 87.5, "phylum": 75.0, "class": 50.0, "order": 50.0, "family": 37.5, "genus": 25.0})
+    # many: pairs 1-3; medium: pairs 4, 5, 8; few: pairs 6, 7.
+    assert result["taxonomy_many"] == pytest.approx(
+        {"kingdom": 100.0, "phylum": 100.0, "class": 100.0, "order": 100.0, "family": 200 / 3, "genus": 100 / 3})
+    assert result["taxonomy_medium"] == pytest.approx(
+        {"kingdom": 100.0, "phylum": 200 / 3, "class": 0.0, "order": 0.0, "family": 0.0, "genus": 0.0})
+    assert result["taxonomy_few"] == pytest.approx({level: 50.0 for level in TAXONOMY_LEVELS})
+
+
+def test_the_other_metrics_are_unchanged_by_the_taxonomy():
+    plain, with_levels = evaluate(EvalMetrics(TRAIN_COUNTS)), evaluate(TaxonomyEvalMetrics(TRAIN_COUNTS, taxonomy()))
+    assert float(with_levels["acc"]) == 25.0
+    for key, value in plain.items():
+        assert torch.allclose(torch.as_tensor(value), torch.as_tensor(with_levels[key]), rtol=0, atol=0, equal_nan=True), key
+
+
+def test_level_map_identifies_ancestors_by_their_path():
+    level_map = taxonomy().level_map()
+    assert level_map.shape == (6, 6)
+    assert level_map[-1, 1] != level_map[-1, 3]  # the two "Pica" are different genera
+    assert level_map[4, 0] == level_map[4, 1] != level_map[4, 2]  # Corvidae, Corvidae, Paridae
+
+
+def _inat(root: Path, categories: list[dict]) -> INatJsonSource:
+    images = [{"id": i, "file_name": f"t/{i}.jpg"} for i in range(6)]
+    annotations = [{"id": i, "image_id": i, "category_id": cid} for i, cid in enumerate(IDS)]
+    train = {"images": images, "annotations": annotations, "categories": [{"id": cid, "name": str(cid)} for cid in IDS]}
+    root.mkdir(exist_ok=True)
+    (root / "train2018.json").write_text(json.dumps(train))
+    (root / "categories.json").write_text(json.dumps(categories))
+    return INatJsonSource(root=str(root), test_json=None, names_json="categories.json")
+
+
+def test_inat_source_reads_the_taxonomy_or_leaves_it_off(tmp_path):
+    splits = _inat(tmp_path / "full", list(reversed(RECORDS))).load()
+    assert splits.taxonomy == taxonomy()
+    assert splits.taxonomy.levels == TAXONOMY_LEVELS and splits.taxonomy.supercategories == tuple(SUPER)
+    assert splits.taxonomy.ancestors[2] == tuple(p[2] for p in PATHS)
+    # Names and supercategories only (no level): no taxonomy, the plain metric.
+    bare = _inat(tmp_path / "bare", [{"id": r["id"], "name": r["name"], "supercategory": r["supercategory"]}
+                                     for r in RECORDS]).load()
+    assert bare.taxonomy is None
+    assert type(eval_metrics(TRAIN_COUNTS, "lpt", bare.taxonomy)) is EvalMetrics
+    assert type(eval_metrics(TRAIN_COUNTS, "lpt", splits.taxonomy)) is TaxonomyEvalMetrics
+    partial = [dict(r) for r in RECORDS]
+    del partial[2]["genus"]
+    with pytest.raises(DataFormatError, match=r"categories.json: category 11 has no 'genus' while others have one"):
+        _inat(tmp_path / "partial", partial).load()
+
+
+def test_metrics_json_and_the_plot_grouped_by_supercategory(tmp_path):
+    result = evaluate(TaxonomyEvalMetrics(TRAIN_COUNTS, taxonomy()))
+    row = {"acc": float(result["acc"]), "per_class": result["per_class"]} | taxonomy_values(result)
+    write_metrics(tmp_path / "metrics.json", {"test": row}, torch.tensor(TRAIN_COUNTS), None, "lpt")
+    written = json.loads((tmp_path / "metrics.json").read_text())["results"]["test"]
+    assert written["taxonomy"] == {"kingdom": 87.5, "phylum": 75.0, "class": 50.0, "order": 50.0, "family": 37.5,
+                                   "genus": 25.0}
+    assert written["taxonomy_many"]["family"] == 66.6667
+    assert supercategory_groups(SUPER) == {"Aves": [0, 1, 2], "Mammalia": [3], "Insecta": [4], "Plantae": [5]}
+    path = tmp_path / "per_class.png"
+    plot_per_class_accuracy(path, {"test": row, "val": row}, torch.tensor(TRAIN_COUNTS), "by supercategory", SUPER)
+    assert path.read_bytes()[:4] == b"\x89PNG"
