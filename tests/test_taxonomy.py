@@ -118,3 +118,25 @@ def test_metrics_json_and_the_plot_grouped_by_supercategory(tmp_path):
     path = tmp_path / "per_class.png"
     plot_per_class_accuracy(path, {"test": row, "val": row}, torch.tensor(TRAIN_COUNTS), "by supercategory", SUPER)
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.ddp
+def test_ddp_two_process_sync_equals_one_process(tmp_path):
+    import os
+    import sys
+
+    import torch.multiprocessing as mp
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import ddp_taxonomy_worker
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.randint(0, 6, (37,), generator=g)
+    probs = torch.softmax(3 * torch.randn(37, 6, generator=g), dim=1)
+    single = TaxonomyEvalMetrics(TRAIN_COUNTS, taxonomy())
+    single.update(probs, target)
+    expected = taxonomy_values(single.compute())
+    mp.spawn(ddp_taxonomy_worker.run, args=(2, f"file://{tmp_path / 'rendezvous'}", TRAIN_COUNTS, taxonomy(), probs,
+                                            target, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        assert torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) == expected  # integer sums: exactly equal
