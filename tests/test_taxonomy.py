@@ -18,6 +18,7 @@ from lpt_lightning.taxonomy import (
     supercategory_groups,
     taxonomy_values,
 )
+from datasets_available import needs_fmnist
 
 # Six species; class 3's genus shares its name with class 1's ("Pica") in another family: a
 # different genus, since an ancestor is its whole path from the kingdom down.
@@ -140,3 +141,40 @@ def test_ddp_two_process_sync_equals_one_process(tmp_path):
                                             target, str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         assert torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) == expected  # integer sums: exactly equal
+
+
+@needs_fmnist
+def test_a_phase_on_data_with_a_taxonomy_reports_its_levels(tmp_path):
+    from dataclasses import replace
+
+    import lightning as L
+
+    from lpt_lightning.data import FashionMNISTSource, LongTailDataModule
+    from lpt_lightning.data_facts import connect
+    from lpt_lightning.models.expert import ExpertSpec
+    from lpt_lightning.phases import AdaptPhase
+    from lpt_lightning.reports import SplitReport
+    from tiny_models import tiny_backbone
+
+    torch.manual_seed(0)
+    source = FashionMNISTSource(imbalance_ratio=10, max_per_class=60, val_per_class=10, max_test_per_class=10)
+    dm = LongTailDataModule(source, batch_size=16, num_workers=0, seed=0)
+    # Ten classes: one kingdom, families of two classes, a genus per class.
+    records = {c: {"kingdom": "K", "family": f"F{c // 2}", "genus": f"G{c}", "supercategory": f"S{c % 3}"}
+               for c in range(10)}
+    dm._splits = replace(dm.splits, taxonomy=Taxonomy.from_categories(records, list(range(10)), Path("cats.json")))
+    phase = AdaptPhase(expert=ExpertSpec(kind="visual", backbone=tiny_backbone("visual"), prompt_length=3),
+                       num_classes=10, class_names=dm.class_names)
+    connect(phase, dm)
+    trainer = L.Trainer(accelerator="cpu", devices=1, precision="32-true", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path, callbacks=[SplitReport()])
+    trainer.test(phase, datamodule=dm, verbose=False)
+    phase.eval()
+    with torch.no_grad():
+        batches = [(phase.probabilities(b["image"]).argmax(1), b["label"]) for b in dm.test_dataloader()]
+    pred, true = torch.cat([p for p, _ in batches]), torch.cat([t for _, t in batches])
+    levels = phase.results["test"]["taxonomy"]
+    assert levels["kingdom"] == 100.0
+    assert levels["family"] == pytest.approx(100 * float((pred // 2 == true // 2).double().mean()), abs=1e-4)
+    assert levels["genus"] == pytest.approx(phase.results["test"]["acc"], abs=1e-4)
+    assert (tmp_path / "per_class_accuracy_test.png").read_bytes()[:4] == b"\x89PNG"
