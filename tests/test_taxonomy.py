@@ -152,7 +152,7 @@ def test_a_phase_on_data_with_a_taxonomy_reports_its_levels(tmp_path):
     from lpt_lightning.data import FashionMNISTSource, LongTailDataModule
     from lpt_lightning.data_facts import connect
     from lpt_lightning.models.expert import ExpertSpec
-    from lpt_lightning.phases import AdaptPhase
+    from lpt_lightning.phases import AdaptPhase, MoEScorerPhase
     from lpt_lightning.reports import SplitReport
     from tiny_models import tiny_backbone
 
@@ -178,3 +178,7 @@ def test_a_phase_on_data_with_a_taxonomy_reports_its_levels(tmp_path):
     assert levels["family"] == pytest.approx(100 * float((pred // 2 == true // 2).double().mean()), abs=1e-4)
     assert levels["genus"] == pytest.approx(phase.results["test"]["acc"], abs=1e-4)
     assert (tmp_path / "per_class_accuracy_test.png").read_bytes()[:4] == b"\x89PNG"
+    # Phase 3 (no DataFacts: its counts come with the cached outputs) gets the taxonomy alone.
+    scorer = MoEScorerPhase(num_classes=10)
+    connect(scorer, dm)
+    assert scorer.taxonomy is dm.taxonomy and scorer.taxonomy.levels == ("kingdom", "family", "genus")

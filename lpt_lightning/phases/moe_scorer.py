@@ -126,7 +126,7 @@ class MoEScorerPhase(L.LightningModule):
         self.vl: LongTailExpert | None = None
         self.scorer: MoEScorer | None = None
         self.data_record: dict[str, Any] | None = None
-        self.taxonomy = None  # the classes' taxonomy.Taxonomy, where the image data has one (scorer_fit_data)
+        self.taxonomy = None  # the classes' taxonomy.Taxonomy, where the image data has one (data_facts.connect)
         self.register_buffer("class_counts", torch.ones(num_classes, dtype=torch.long))
         self.strict_loading = False  # backbones are rebuilt, not loaded
         self.results: dict[str, dict[str, Any]] = {}
