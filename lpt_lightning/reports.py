@@ -36,6 +36,7 @@ from lpt_lightning.taxonomy import TAXONOMY_KEYS, supercategory_groups
 DIGEST_KEYS: tuple[str, ...] = ("held_out_digest", "test_digest")
 CHECKPOINT_DIGEST_KEY = "checkpoint_sha256"
 
+
 def _finite(x: float) -> float | None:
     return None if x is None or math.isnan(x) else round(float(x), 4)
 
@@ -106,16 +107,23 @@ def plot_per_class_accuracy(path: Path, results: dict[str, dict[str, Any]], clas
             ax.set_title(title)
         else:
             acc = [float(x) for x in results[panel]["per_class"]]
-            for name, classes in supercategory_groups(supercategories).items():
-                ax.scatter([counts[c] for c in classes], [acc[c] for c in classes], s=14, alpha=0.7, label=name)
+            for i, (name, classes) in enumerate(supercategory_groups(supercategories).items()):
+                # tab20's dark shades, then its light ones: iNat 2018 has 14 supercategories, more
+                # than the default cycle's 10 colours
+                ax.scatter([counts[c] for c in classes], [acc[c] for c in classes], s=14, alpha=0.7, label=name,
+                           color=plt.cm.tab20((2 * i + i // 10) % 20))
             ax.set_title(f"{panel} ({results[panel]['acc']:.1f}%)", fontsize=9)
         for boundary in (20, 100):
             ax.axvline(boundary, color="grey", lw=0.8, ls="--")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on a short range
         ax.set_xlabel("training images of the class")
         ax.set_ylabel("test accuracy of the class (%)")
         ax.set_ylim(-2, 102)
-        ax.legend(fontsize=7, loc="lower right")
+        if panel is None:
+            ax.legend(fontsize=7, loc="lower right")
+        else:  # beside the panel: up to 14 supercategories would hide the points
+            ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     if supercategories:
