@@ -21,11 +21,14 @@ from lpt_lightning.checkpoints.files import atomic_save
 from lpt_lightning.errors import ConfigError
 from lpt_lightning.metrics import METRIC_NAMES, SPLIT_KEYS, _fmt, _render
 from lpt_lightning.reports import CHECKPOINT_DIGEST_KEY, DIGEST_KEYS, plot_per_class_accuracy
+from lpt_lightning.taxonomy import TAXONOMY_LEVELS
 
 # What identifies the test set of a run: runs that differ in one of them are not compared.
 TEST_SET_KEYS: tuple[str, ...] = ("split_convention", *DIGEST_KEYS)
 METRIC_COLUMNS: tuple[str, ...] = (*SPLIT_KEYS, *METRIC_NAMES)
 COLUMNS: tuple[str, ...] = ("run", "row", *METRIC_COLUMNS, *TEST_SET_KEYS, CHECKPOINT_DIGEST_KEY)
+# Where rows carry taxonomy levels (`lpt_lightning.taxonomy`), their accuracies follow the metrics.
+TAXONOMY_COLUMN = "acc@{}"
 
 
 @dataclass(frozen=True)
@@ -69,41 +72,48 @@ def check_same_test_sets(runs: list[RunMetrics]) -> None:
                     "compare. Pass --allow-different-test-sets to compare them anyway")
 
 
-def table_rows(runs: list[RunMetrics]) -> list[list[Any]]:
-    """One list per row of every run, in `COLUMNS` order: metric values as stored (None where a
-    file has none or it is undefined), then the test-set keys and the row's checkpoint digest."""
-    rows = []
-    for run in runs:
-        for name, values in run.data["results"].items():
-            rows.append([run.name, name, *(values.get(k) for k in METRIC_COLUMNS),
-                         *(run.data.get(k) for k in TEST_SET_KEYS), values.get(CHECKPOINT_DIGEST_KEY)])
-    return rows
+def table(runs: list[RunMetrics]) -> tuple[list[str], list[list[Any]]]:
+    """The columns (`COLUMNS`, with ``acc@<level>`` after the metrics for the taxonomy levels any
+    row has) and one list per row of every run: values as stored (None where a file has none or
+    it is undefined), then the test-set keys and the row's checkpoint digest."""
+    results = [(run, name, values) for run in runs for name, values in run.data["results"].items()]
+    levels = [level for level in TAXONOMY_LEVELS if any(level in v.get("taxonomy", {}) for _, _, v in results)]
+    columns = [*COLUMNS[:2 + len(METRIC_COLUMNS)], *(TAXONOMY_COLUMN.format(level) for level in levels),
+               *COLUMNS[2 + len(METRIC_COLUMNS):]]
+    rows = [[run.name, name, *(values.get(k) for k in METRIC_COLUMNS),
+             *(values.get("taxonomy", {}).get(level) for level in levels),
+             *(run.data.get(k) for k in TEST_SET_KEYS), values.get(CHECKPOINT_DIGEST_KEY)]
+            for run, name, values in results]
+    return columns, rows
 
 
-def _text(value: Any, column: str) -> str:
-    if column in METRIC_COLUMNS:
-        return "-" if value is None else _fmt(value)
-    return "-" if value is None else str(value)
+def _cells(columns: list[str], row: list[Any]) -> list[str]:
+    """Metrics with 2 decimals (percent; nll in nats), "-" where a value is missing."""
+    numbers = set(METRIC_COLUMNS) | {c for c in columns if c.startswith(TAXONOMY_COLUMN.format(""))}
+    return ["-" if v is None else _fmt(v) if c in numbers else str(v) for v, c in zip(row, columns)]
 
 
 def format_table(runs: list[RunMetrics]) -> str:
-    """The terminal table (percent with 2 decimals, nll in nats; "-" where a value is missing)."""
-    return _render([list(COLUMNS), *[[_text(v, c) for v, c in zip(row, COLUMNS)] for row in table_rows(runs)]])
+    """The terminal table."""
+    columns, rows = table(runs)
+    return _render([columns, *[_cells(columns, row) for row in rows]])
 
 
 def markdown_table(runs: list[RunMetrics]) -> str:
-    header = "| " + " | ".join(COLUMNS) + " |"
-    rule = "| " + " | ".join("---:" if c in METRIC_COLUMNS else "---" for c in COLUMNS) + " |"
-    body = ["| " + " | ".join(_text(v, c).replace("|", "\\|") for v, c in zip(row, COLUMNS)) + " |"
-            for row in table_rows(runs)]
+    columns, rows = table(runs)
+    header = "| " + " | ".join(columns) + " |"
+    rule = "| " + " | ".join("---" if c in COLUMNS and c not in METRIC_COLUMNS else "---:" for c in columns) + " |"
+    body = ["| " + " | ".join(cell.replace("|", "\\|") for cell in _cells(columns, row)) + " |" for row in rows]
     return "\n".join([header, rule, *body]) + "\n"
 
 
 def write_csv(path: Path, runs: list[RunMetrics]) -> None:
     """The table with the values as metrics.json stores them (empty where missing)."""
+    columns, rows = table(runs)
+
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
-            csv.writer(f).writerows([COLUMNS, *[["" if v is None else v for v in row] for row in table_rows(runs)]])
+            csv.writer(f).writerows([columns, *[["" if v is None else v for v in row] for row in rows]])
 
     atomic_save(write, path)
 

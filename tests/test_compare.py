@@ -9,6 +9,8 @@ from lpt_lightning.cli import main
 from lpt_lightning.compare import COLUMNS
 
 COUNTS = [300, 40, 8]
+LEVELS = {"kingdom": 95.0, "phylum": 90.0, "class": 85.0, "order": 80.0, "family": 75.0, "genus": 72.5}
+TAXONOMY_COLUMNS = [f"acc@{level}" for level in LEVELS]
 
 
 def row(acc, digest, nll=1.25):
@@ -30,7 +32,8 @@ def write_run(path, results, held_out="h1", test="t1", convention="lpt", **extra
 @pytest.fixture()
 def two_runs(tmp_path):
     phase = write_run(tmp_path / "phase2_visual", {"test": row(60.5, "aaaaaaaaaaaa")})
-    pipeline = write_run(tmp_path / "pipe", {"test: LPT++ (scorer)": row(70.25, "bbbbbbbbbbbb", nll=0.875),
+    scorer = row(70.25, "bbbbbbbbbbbb", nll=0.875) | {"taxonomy": LEVELS, "taxonomy_few": {"genus": 10.0}}
+    pipeline = write_run(tmp_path / "pipe", {"test: LPT++ (scorer)": scorer,
                                              "fit split (val): LPT++ (scorer)": row(80.0, "bbbbbbbbbbbb")},
                          phases={"phase3_moe": "phase3_moe"})
     return phase, pipeline
@@ -40,27 +43,34 @@ def test_table_markdown_and_csv_hold_every_row_of_every_run(two_runs, tmp_path, 
     phase, pipeline = two_runs
     md, table, plot = tmp_path / "out" / "c.md", tmp_path / "c.csv", tmp_path / "c.png"
     main(["compare", str(phase), str(pipeline), "--markdown", str(md), "--csv", str(table), "--plot", str(plot)])
+    # The taxonomy levels one row has are columns after the metrics ("-" for the rows without).
+    columns = [*COLUMNS[:14], *TAXONOMY_COLUMNS, *COLUMNS[14:]]
+    assert COLUMNS[13:15] == ("ece", "split_convention")
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == list(COLUMNS)
+    assert lines[0].split() == columns
     assert set(lines[1]) == {"-", " "}
     assert lines[2].split() == [str(phase), "test", "60.50", "70.50", "60.50", "-", "80.50", "59.50", "0.00", "0.00",
-                                "55.50", "58.50", "1.25", "3.50", "lpt", "h1", "t1", "aaaaaaaaaaaa"]
+                                "55.50", "58.50", "1.25", "3.50", *["-"] * 6, "lpt", "h1", "t1", "aaaaaaaaaaaa"]
     assert lines[3].split()[:4] == [str(pipeline), "test:", "LPT++", "(scorer)"]
     assert lines[3].split()[4:] == ["70.25", "80.25", "70.25", "-", "90.25", "69.25", "0.00", "0.00", "65.25",
-                                    "68.25", "0.88", "3.50", "lpt", "h1", "t1", "bbbbbbbbbbbb"]
+                                    "68.25", "0.88", "3.50", "95.00", "90.00", "85.00", "80.00", "75.00", "72.50",
+                                    "lpt", "h1", "t1", "bbbbbbbbbbbb"]
     assert len(lines) == 5
     with open(table, newline="") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == list(COLUMNS)
+    assert rows[0] == columns
     assert rows[1] == [str(phase), "test", "60.5", "70.5", "60.5", "", "80.5", "59.5", "0.0", "0.0", "55.5", "58.5",
-                       "1.25", "3.5", "lpt", "h1", "t1", "aaaaaaaaaaaa"]
-    assert rows[2][:2] == [str(pipeline), "test: LPT++ (scorer)"] and rows[2][-6:-4] == ["0.875", "3.5"]
+                       "1.25", "3.5", *[""] * 6, "lpt", "h1", "t1", "aaaaaaaaaaaa"]
+    assert rows[2][:2] == [str(pipeline), "test: LPT++ (scorer)"]
+    assert rows[2][12:20] == ["0.875", "3.5", "95.0", "90.0", "85.0", "80.0", "75.0", "72.5"]
     assert rows[3][:3] == [str(pipeline), "fit split (val): LPT++ (scorer)", "80.0"]
     assert len(rows) == 4
     markdown = md.read_text().splitlines()
-    assert markdown[0] == "| " + " | ".join(COLUMNS) + " |"
+    assert markdown[0] == "| " + " | ".join(columns) + " |"
+    assert markdown[1] == "| --- | --- | " + "---: | " * 18 + "--- | --- | --- | --- |"
     assert markdown[2].startswith(f"| {phase} | test | 60.50 | 70.50 | 60.50 | - | 80.50 |")
-    assert markdown[2].endswith("| lpt | h1 | t1 | aaaaaaaaaaaa |") and len(markdown) == 5
+    assert markdown[2].endswith("| 3.50 | - | - | - | - | - | - | lpt | h1 | t1 | aaaaaaaaaaaa |")
+    assert len(markdown) == 5
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
 
