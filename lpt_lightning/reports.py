@@ -28,7 +28,7 @@ from lpt_lightning.metrics import (
     format_split_table,
     shot_groups,
 )
-from lpt_lightning.taxonomy import TAXONOMY_KEYS, supercategory_groups
+from lpt_lightning.taxonomy import TAXONOMY_KEYS, format_taxonomy_table, supercategory_groups
 
 # What a metrics.json records of the data and weights behind its rows, so `lpt compare` can refuse
 # runs evaluated on other splits: the held-out and test split digests (`Split.digest`), at the top
@@ -78,10 +78,10 @@ def write_metrics(path: Path, results: dict[str, dict[str, Any]], class_counts: 
 
 def read_metrics(path: Path) -> dict[str, dict[str, Any]]:
     """The scalar metrics of each row of a metrics.json (NaN where undefined; files written before
-    the `EXTRA_KEYS` lack them)."""
+    the `EXTRA_KEYS` lack them), and the taxonomy levels' accuracies where the row has them."""
     data = json.loads(path.read_text())
     return {row: {k: (float("nan") if v[k] is None else v[k]) for k in (*SPLIT_KEYS, *EXTRA_KEYS) if k in v}
-            | {k: v[k] for k in WORST_CLASS_KEYS if k in v}
+            | {k: v[k] for k in (*WORST_CLASS_KEYS, *TAXONOMY_KEYS) if k in v}
             for row, v in data["results"].items()}
 
 
@@ -140,10 +140,13 @@ def supercategories_of(model: Any) -> list[str] | None:
 
 
 def split_table(results: dict[str, dict[str, Any]], class_names: list[str] | None = None) -> str:
-    """The split-accuracy table, then (for rows that have them) the further metrics' table."""
+    """The split-accuracy table, then (for rows that have them) the further metrics' and the
+    taxonomy levels' tables."""
     table = format_split_table({row: {k: v[k] for k in SPLIT_KEYS} for row, v in results.items()})
     if any("balanced_acc" in v for v in results.values()):
         table += f"\n\nFurther metrics (%, nll in nats; per group in metrics.json)\n{format_metric_table(results, class_names)}"
+    if any("taxonomy" in v for v in results.values()):
+        table += f"\n\nAccuracy at each taxonomy level (%; per group in metrics.json)\n{format_taxonomy_table(results)}"
     return table
 
 

@@ -17,10 +17,10 @@ import torch
 from torch import Tensor
 
 from lpt_lightning.errors import DataFormatError
-from lpt_lightning.metrics import SHOT_GROUPS, EvalMetrics
+from lpt_lightning.metrics import SHOT_GROUPS, EvalMetrics, _fmt, _render
 
 __all__ = ["TAXONOMY_KEYS", "TAXONOMY_LEVELS", "Taxonomy", "TaxonomyEvalMetrics", "eval_metrics",
-           "supercategory_groups", "taxonomy_values"]
+           "format_taxonomy_table", "supercategory_groups", "taxonomy_values"]
 
 TAXONOMY_LEVELS: tuple[str, ...] = ("kingdom", "phylum", "class", "order", "family", "genus")
 # Report-row keys: {level: accuracy} overall, then per shot group.
@@ -123,6 +123,13 @@ def eval_metrics(train_counts: Tensor | Sequence[int], convention: str, taxonomy
 def taxonomy_values(result: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     """The `TAXONOMY_KEYS` of a metric result as floats (nothing for a result without them)."""
     return {k: {level: float(v) for level, v in result[k].items()} for k in TAXONOMY_KEYS if k in result}
+
+
+def format_taxonomy_table(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """The overall accuracy at each level of the rows that have them, as an aligned text table."""
+    rows = {name: v["taxonomy"] for name, v in results.items() if "taxonomy" in v}
+    levels = [level for level in TAXONOMY_LEVELS if any(level in r for r in rows.values())]
+    return _render([["", *levels], *[[name, *(_fmt(r.get(level)) for level in levels)] for name, r in rows.items()]])
 
 
 def supercategory_groups(supercategories: Sequence[str]) -> dict[str, list[int]]:

@@ -182,3 +182,16 @@ def test_a_phase_on_data_with_a_taxonomy_reports_its_levels(tmp_path):
     scorer = MoEScorerPhase(num_classes=10)
     connect(scorer, dm)
     assert scorer.taxonomy is dm.taxonomy and scorer.taxonomy.levels == ("kingdom", "family", "genus")
+
+
+def test_the_console_shows_the_levels_read_back_from_metrics_json(tmp_path):
+    from lpt_lightning.reports import read_metrics, split_table
+
+    result = evaluate(TaxonomyEvalMetrics(TRAIN_COUNTS, taxonomy()))
+    row = {k: float(result[k]) for k in ("acc", "acc_many", "acc_medium", "acc_few")} | taxonomy_values(result)
+    write_metrics(tmp_path / "metrics.json", {"test": row | {"per_class": result["per_class"]}},
+                  torch.tensor(TRAIN_COUNTS), None, "lpt")
+    lines = split_table(read_metrics(tmp_path / "metrics.json")).splitlines()
+    start = lines.index("Accuracy at each taxonomy level (%; per group in metrics.json)")
+    assert lines[start + 1].split() == list(TAXONOMY_LEVELS)
+    assert lines[start + 3].split() == ["test", "87.50", "75.00", "50.00", "50.00", "37.50", "25.00"]
