@@ -20,7 +20,7 @@ from lpt_lightning.errors import DataFormatError
 from lpt_lightning.metrics import SHOT_GROUPS, EvalMetrics, _fmt, _render
 
 __all__ = ["TAXONOMY_KEYS", "TAXONOMY_LEVELS", "Taxonomy", "TaxonomyEvalMetrics", "eval_metrics",
-           "format_taxonomy_table", "supercategory_groups", "taxonomy_values"]
+           "format_taxonomy_table", "supercategory_groups", "taxonomy_log_values", "taxonomy_values"]
 
 TAXONOMY_LEVELS: tuple[str, ...] = ("kingdom", "phylum", "class", "order", "family", "genus")
 # Report-row keys: {level: accuracy} overall, then per shot group.
@@ -123,6 +123,12 @@ def eval_metrics(train_counts: Tensor | Sequence[int], convention: str, taxonomy
 def taxonomy_values(result: Mapping[str, Any]) -> dict[str, dict[str, float]]:
     """The `TAXONOMY_KEYS` of a metric result as floats (nothing for a result without them)."""
     return {k: {level: float(v) for level, v in result[k].items()} for k in TAXONOMY_KEYS if k in result}
+
+
+def taxonomy_log_values(row: Mapping[str, Any]) -> dict[str, float]:
+    """The taxonomy accuracies of a report row for Lightning's logger: ``taxonomy/genus``,
+    ``taxonomy_few/genus``, ... (nothing for a row without them)."""
+    return {f"{k}/{level}": acc for k in TAXONOMY_KEYS if k in row for level, acc in row[k].items()}
 
 
 def format_taxonomy_table(results: Mapping[str, Mapping[str, Any]]) -> str:

@@ -177,6 +177,8 @@ def test_a_phase_on_data_with_a_taxonomy_reports_its_levels(tmp_path):
     assert levels["kingdom"] == 100.0
     assert levels["family"] == pytest.approx(100 * float((pred // 2 == true // 2).double().mean()), abs=1e-4)
     assert levels["genus"] == pytest.approx(phase.results["test"]["acc"], abs=1e-4)
+    assert float(trainer.callback_metrics["test/taxonomy/family"]) == pytest.approx(levels["family"])
+    assert {"test/taxonomy_few/genus", "test/taxonomy_many/kingdom"} <= set(trainer.callback_metrics)
     assert (tmp_path / "per_class_accuracy_test.png").read_bytes()[:4] == b"\x89PNG"
     # Phase 3 (no DataFacts: its counts come with the cached outputs) gets the taxonomy alone.
     scorer = MoEScorerPhase(num_classes=10)

@@ -20,7 +20,7 @@ from lpt_lightning.losses import AGCLLoss, LogitAdjustedCE, matching_loss
 from lpt_lightning.metrics import EvalMetrics, log_values, row_values
 from lpt_lightning.models.expert import ExpertOutput, LongTailExpert, view_outputs
 from lpt_lightning.precision import check_precision
-from lpt_lightning.taxonomy import eval_metrics, taxonomy_values
+from lpt_lightning.taxonomy import eval_metrics, taxonomy_log_values, taxonomy_values
 
 
 
@@ -306,7 +306,8 @@ class ExpertPhase(L.LightningModule):
         # A labelled row (e.g. phase 1's "no training" row) is kept and logged beside the trained one.
         row, prefix = (f"{stage}: {self.eval_row}", f"{self.eval_row.replace(' ', '_')}/") if self.eval_row else (stage, "")
         self.results[row] = row_values(result) | taxonomy_values(result)
-        self.log_dict({f"{prefix}{stage}/{k}": v for k, v in log_values(self.results[row]).items()}, sync_dist=False)
+        values = log_values(self.results[row]) | taxonomy_log_values(self.results[row])
+        self.log_dict({f"{prefix}{stage}/{k}": v for k, v in values.items()}, sync_dist=False)
 
     def on_validation_epoch_end(self) -> None:
         self._log_split_accuracy("val", self.val_accuracy)

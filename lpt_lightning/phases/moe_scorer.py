@@ -39,7 +39,7 @@ from lpt_lightning.metrics import log_values, row_values
 from lpt_lightning.models.expert import GroupPromptSpec, LongTailExpert, view_outputs
 from lpt_lightning.models.scorer import BaseWeightSearch, MoEScorer, fuse
 from lpt_lightning.precision import check_precision
-from lpt_lightning.taxonomy import eval_metrics, taxonomy_values
+from lpt_lightning.taxonomy import eval_metrics, taxonomy_log_values, taxonomy_values
 
 # Rows of every phase-3 evaluation: the gain of each part stays visible.
 ROWS = {"visual": "visual expert", "vl": "vision-language expert", "base": "W_base fusion", "fused": "LPT++ (scorer)"}
@@ -333,7 +333,7 @@ class MoEScorerPhase(L.LightningModule):
             metric.reset()
             values = self.results[row_name(stage, title)] = row_values(result) | taxonomy_values(result)
             prefix = STAGE_LOG_PREFIXES[stage] if row == "fused" else f"{STAGE_LOG_PREFIXES[stage]}/{row}"
-            logged |= {f"{prefix}/{k}": v for k, v in log_values(values).items()}
+            logged |= {f"{prefix}/{k}": v for k, v in (log_values(values) | taxonomy_log_values(values)).items()}
         logged[f"{STAGE_LOG_PREFIXES[stage]}/w_base"] = float(self.scorer.w_base)
         self.log_dict(logged, sync_dist=False)
 
