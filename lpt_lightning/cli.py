@@ -1,6 +1,6 @@
 """The ``lpt`` command: LightningCLI's ``fit | validate | test | predict`` (lightning_cli.py) and
-the subcommands of `SUBCOMMANDS` (``pipeline``, ``export``, ``convert``, ``prepare``, ``compare``), each with its own ``--help``;
-``lpt --help`` lists them all.
+the subcommands of `SUBCOMMANDS` (``pipeline``, ``export``, ``convert``, ``prepare``, ``compare``),
+each with its own ``--help``; ``lpt --help`` lists them all.
 
 Bad input ends in one message naming the file, line or option, exit code 2 and no traceback
 (``--debug`` or ``LPT_DEBUG=1`` shows it); Ctrl-C or SIGTERM ends in one line saying how to resume.

@@ -141,7 +141,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="a phase directory, a pipeline run directory or "
                         "a metrics.json")
     parser.add_argument("--markdown", metavar="FILE", help="also write the table as Markdown")
-    parser.add_argument("--csv", metavar="FILE", help="also write the table as CSV (values as metrics.json stores them)")
+    parser.add_argument("--csv", metavar="FILE",
+                        help="also write the table as CSV (values as metrics.json stores them)")
     parser.add_argument("--plot", metavar="FILE", help="also plot per-class accuracy against training count (PNG)")
     parser.add_argument("--allow-different-test-sets", action="store_true",
                         help="compare runs whose split convention or held-out / test split digests differ")

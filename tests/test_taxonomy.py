@@ -70,7 +70,8 @@ def test_the_other_metrics_are_unchanged_by_the_taxonomy():
     plain, with_levels = evaluate(EvalMetrics(TRAIN_COUNTS)), evaluate(TaxonomyEvalMetrics(TRAIN_COUNTS, taxonomy()))
     assert float(with_levels["acc"]) == 25.0
     for key, value in plain.items():
-        assert torch.allclose(torch.as_tensor(value), torch.as_tensor(with_levels[key]), rtol=0, atol=0, equal_nan=True), key
+        assert torch.allclose(torch.as_tensor(value), torch.as_tensor(with_levels[key]), rtol=0, atol=0,
+                              equal_nan=True), key
 
 
 def test_level_map_identifies_ancestors_by_their_path():
