@@ -1,6 +1,6 @@
 """The ``lpt`` command: LightningCLI's ``fit | validate | test | predict`` (lightning_cli.py) and
-the subcommands of `SUBCOMMANDS` (``pipeline``, ``export``, ``convert``, ``prepare``), each with its own ``--help``;
-``lpt --help`` lists them all.
+the subcommands of `SUBCOMMANDS` (``pipeline``, ``export``, ``convert``, ``prepare``, ``compare``),
+each with its own ``--help``; ``lpt --help`` lists them all.
 
 Bad input ends in one message naming the file, line or option, exit code 2 and no traceback
 (``--debug`` or ``LPT_DEBUG=1`` shows it); Ctrl-C or SIGTERM ends in one line saying how to resume.
@@ -53,6 +53,8 @@ SUBCOMMANDS = {
                           "(the released LPT one) into phase checkpoints"),
     "prepare": Subcommand("lpt_lightning.prepare:main", "write a resized, sharded (LitData) or tree copy of a "
                           "dataset for fast loading on a cluster"),
+    "compare": Subcommand("lpt_lightning.compare:main", "one table (and plot) of the rows of several phase or "
+                          "pipeline runs, refusing runs evaluated on other test sets"),
 }
 
 

@@ -337,5 +337,6 @@ def scorer_fit_data(model, images, trainer: L.Trainer) -> CachedOutputsDataModul
                                    eval_batch_size=images.eval_batch_size, sampling=images.sampling,
                                    images_per_class=images.images_per_class, seed=images.seed)
     model.use_data(data.group_class_counts, data.data_record())
+    model.taxonomy = getattr(images, "taxonomy", None)
     model.search_base_weight(data.heldout_batches())
     return data

@@ -26,8 +26,18 @@ from lpt_lightning.checkpoints.metadata import read_phase_metadata
 from lpt_lightning.errors import CheckpointError, ConfigError, RunInterrupted
 from lpt_lightning.lightning_cli import LPTCLI, validate_config
 from lpt_lightning.models.expert import ExpertSpec
-from lpt_lightning.phases.moe_scorer import row_name
-from lpt_lightning.reports import plot_per_class_accuracy, read_metrics, split_table, write_metrics, write_pictures
+from lpt_lightning.phases.moe_scorer import ROWS, STAGE_ROWS, row_name
+from lpt_lightning.reports import (
+    CHECKPOINT_DIGEST_KEY,
+    DIGEST_KEYS,
+    file_digest,
+    plot_per_class_accuracy,
+    read_metrics,
+    split_table,
+    supercategories_of,
+    write_metrics,
+    write_pictures,
+)
 from lpt_lightning.test_priors import imbalance_factors, plot_test_priors
 
 PHASE_CLASSES = {
@@ -389,14 +399,28 @@ def _fit_and_report(run: PhaseRun, test: bool, log_model: bool, test_start: bool
     if test and datamodule.splits.test is not None:
         trainer.test(model, datamodule=datamodule, ckpt_path=final, verbose=False)
     results = dict(model.results)
+    checkpoint_of = dict.fromkeys(results, run.final_checkpoint)
     if run.phase == "phase1":
-        results |= _start_rows(run, trainer, model, datamodule, test_start)
+        start_rows = _start_rows(run, trainer, model, datamodule, test_start)
+        checkpoint_of |= {row: run.directory / "start.ckpt" for row in start_rows if row not in results}
+        results |= start_rows
+    if run.phase == "phase3":  # its expert rows are the weights of the phase-2 checkpoints it read
+        for kind, info in model.expert_info.items():
+            source = Path(info["source"])
+            for row in (row_name(stage, ROWS[kind]) for stage in STAGE_ROWS):
+                if row in results:
+                    checkpoint_of[row] = source if source.is_file() else None
     if trainer.is_global_zero:
+        digest = {row: file_digest(path) if path is not None else None for row, path in checkpoint_of.items()}
+        results = {row: v | {CHECKPOINT_DIGEST_KEY: digest[row]} for row, v in results.items()}
+        test_split = datamodule.splits.test
+        digests = {"held_out_digest": (model.data_record or {}).get("val"),
+                   "test_digest": test_split.digest() if test_split is not None else None}
         write_metrics(run.directory / "metrics.json", results, model.class_counts.cpu(), model.class_names,
-                      model.split_convention)
+                      model.split_convention, digests)
         test_rows = {k: v for k, v in results.items() if k.startswith("test")} or results
         plot_per_class_accuracy(run.directory / "per_class_accuracy.png", test_rows, model.class_counts.cpu(),
-                                f"{run.name}: per-class accuracy vs training count")
+                                f"{run.name}: per-class accuracy vs training count", supercategories_of(model))
         write_pictures(run.directory, test_rows, model.class_names)
         rank_zero_info(f"\n{run.name} ({run.directory})\n{split_table(results, model.class_names)}\n")
         if log_model:
@@ -600,9 +624,11 @@ def write_summary(run_dir: Path, runs: list[PhaseRun]) -> dict[str, dict[str, An
     rows = summary_rows(runs)
     if not rows or rank_zero_only.rank != 0:
         return rows
-    first = json.loads(next(r.directory / "metrics.json" for r in runs
-                            if (r.directory / "metrics.json").is_file()).read_text())
+    files = [json.loads((r.directory / "metrics.json").read_text()) for r in runs
+             if (r.directory / "metrics.json").is_file()]
+    first = files[0]
     payload = {k: first[k] for k in ("split_convention", "class_counts", "class_names")} | {
+        k: next((f[k] for f in files if f.get(k)), None) for k in DIGEST_KEYS} | {
         "phases": {r.name: str(r.directory.relative_to(run_dir)) for r in runs}, "results": rows}
     atomic_save(lambda tmp: tmp.write_text(json.dumps(payload, indent=1)), run_dir / "metrics.json")
     plot_test_priors(run_dir / "test_priors.png", rows, run_dir.name)

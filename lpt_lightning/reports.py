@@ -4,6 +4,7 @@ a WandbLogger is attached."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import re
@@ -27,19 +28,39 @@ from lpt_lightning.metrics import (
     format_split_table,
     shot_groups,
 )
+from lpt_lightning.taxonomy import TAXONOMY_KEYS, format_taxonomy_table, supercategory_groups
 from lpt_lightning.test_priors import TestPriors, imbalance_factors, plot_test_priors, tau_tuning_allowed
+
+# What a metrics.json records of the data and weights behind its rows, so `lpt compare` can refuse
+# runs evaluated on other splits: the held-out and test split digests (`Split.digest`), at the top
+# level, and each row's checkpoint as `CHECKPOINT_DIGEST_KEY` (`file_digest`).
+DIGEST_KEYS: tuple[str, ...] = ("held_out_digest", "test_digest")
+CHECKPOINT_DIGEST_KEY = "checkpoint_sha256"
+
 
 def _finite(x: float) -> float | None:
     return None if x is None or math.isnan(x) else round(float(x), 4)
 
 
+def file_digest(path: Path) -> str:
+    """The first 12 hex digits of the file's sha256 (a checkpoint's identity in metrics.json)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:12]
+
+
 def write_metrics(path: Path, results: dict[str, dict[str, Any]], class_counts: torch.Tensor,
-                  class_names: list[str] | None, convention: str) -> None:
-    """JSON with the metrics of every evaluated row (`SPLIT_KEYS`, `EXTRA_KEYS`, the worst classes),
-    the per-class accuracies and the reliability bins."""
+                  class_names: list[str] | None, convention: str, digests: dict[str, str | None] | None = None
+                  ) -> None:
+    """JSON with the metrics of every evaluated row (`SPLIT_KEYS`, `EXTRA_KEYS`, the worst classes,
+    the taxonomy levels' accuracies where the data has them, the row's checkpoint digest), the
+    per-class accuracies and the reliability bins; ``digests`` (`DIGEST_KEYS`) at the top level."""
     def row(v: dict[str, Any]) -> dict[str, Any]:
         out = {k: _finite(v[k]) for k in (*SPLIT_KEYS, *EXTRA_KEYS) if k in v}
-        out |= {k: v[k] for k in WORST_CLASS_KEYS if k in v}
+        out |= {k: v[k] for k in (*WORST_CLASS_KEYS, CHECKPOINT_DIGEST_KEY) if k in v}
+        out |= {k: {level: _finite(acc) for level, acc in v[k].items()} for k in TAXONOMY_KEYS if k in v}
         out["per_class"] = [_finite(float(x)) for x in v["per_class"]]
         if "test_priors" in v:
             out["test_priors"] = v["test_priors"]
@@ -50,6 +71,7 @@ def write_metrics(path: Path, results: dict[str, dict[str, Any]], class_counts: 
 
     payload = {
         "split_convention": convention,
+        **(digests or {}),
         "class_counts": [int(c) for c in class_counts],
         "class_names": class_names,
         "results": {name: row(v) for name, v in results.items()},
@@ -59,44 +81,75 @@ def write_metrics(path: Path, results: dict[str, dict[str, Any]], class_counts: 
 
 def read_metrics(path: Path) -> dict[str, dict[str, Any]]:
     """The scalar metrics of each row of a metrics.json (NaN where undefined; files written before
-    the `EXTRA_KEYS` lack them)."""
+    the `EXTRA_KEYS` lack them), and the taxonomy levels' accuracies where the row has them."""
     data = json.loads(path.read_text())
     return {row: {k: (float("nan") if v[k] is None else v[k]) for k in (*SPLIT_KEYS, *EXTRA_KEYS) if k in v}
-            | {k: v[k] for k in WORST_CLASS_KEYS if k in v}
+            | {k: v[k] for k in (*WORST_CLASS_KEYS, *TAXONOMY_KEYS) if k in v}
             for row, v in data["results"].items()}
 
 
 def plot_per_class_accuracy(path: Path, results: dict[str, dict[str, Any]], class_counts: torch.Tensor,
-                            title: str) -> None:
-    """Per-class accuracy against the class's training count (log scale), one series per row."""
+                            title: str, supercategories: list[str] | None = None) -> None:
+    """Per-class accuracy against the class's training count (log scale), one series per row; with
+    ``supercategories`` (one per class), one panel per row and a colour per supercategory."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     counts = [int(c) for c in class_counts]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for row, values in results.items():
-        acc = [float(x) for x in values["per_class"]]
-        ax.scatter(counts, acc, s=14, alpha=0.7, label=f"{row} ({values['acc']:.1f}%)")
-    for boundary in (20, 100):
-        ax.axvline(boundary, color="grey", lw=0.8, ls="--")
-    ax.set_xscale("log")
-    ax.set_xlabel("training images of the class")
-    ax.set_ylabel("test accuracy of the class (%)")
-    ax.set_ylim(-2, 102)
-    ax.set_title(title)
-    ax.legend(fontsize=7, loc="lower right")
+    panels = list(results) if supercategories else [None]
+    cols = min(len(panels), 3)
+    fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(7 if cols == 1 else 4.5 * cols,
+                             4 * -(-len(panels) // cols)), squeeze=False)
+    for ax, panel in zip(axes.flat, panels):
+        if panel is None:
+            for row, values in results.items():
+                acc = [float(x) for x in values["per_class"]]
+                ax.scatter(counts, acc, s=14, alpha=0.7, label=f"{row} ({values['acc']:.1f}%)")
+            ax.set_title(title)
+        else:
+            acc = [float(x) for x in results[panel]["per_class"]]
+            for i, (name, classes) in enumerate(supercategory_groups(supercategories).items()):
+                # tab20's dark shades, then its light ones: iNat 2018 has 14 supercategories, more
+                # than the default cycle's 10 colours
+                ax.scatter([counts[c] for c in classes], [acc[c] for c in classes], s=14, alpha=0.7, label=name,
+                           color=plt.cm.tab20((2 * i + i // 10) % 20))
+            ax.set_title(f"{panel} ({results[panel]['acc']:.1f}%)", fontsize=9)
+        for boundary in (20, 100):
+            ax.axvline(boundary, color="grey", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap on a short range
+        ax.set_xlabel("training images of the class")
+        ax.set_ylabel("test accuracy of the class (%)")
+        ax.set_ylim(-2, 102)
+        if panel is None:
+            ax.legend(fontsize=7, loc="lower right")
+        else:  # beside the panel: up to 14 supercategories would hide the points
+            ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    if supercategories:
+        fig.suptitle(title)
     fig.tight_layout()
     atomic_save(lambda tmp: fig.savefig(tmp, dpi=110, format="png"), path)
     plt.close(fig)
 
 
+def supercategories_of(model: Any) -> list[str] | None:
+    """The supercategory of each class of a phase's data (None without a taxonomy that has them)."""
+    taxonomy = getattr(model, "taxonomy", None)
+    return list(taxonomy.supercategories) if taxonomy is not None and taxonomy.supercategories else None
+
+
 def split_table(results: dict[str, dict[str, Any]], class_names: list[str] | None = None) -> str:
-    """The split-accuracy table, then (for rows that have them) the further metrics' table."""
+    """The split-accuracy table, then (for rows that have them) the further metrics' and the
+    taxonomy levels' tables."""
     table = format_split_table({row: {k: v[k] for k in SPLIT_KEYS} for row, v in results.items()})
     if any("balanced_acc" in v for v in results.values()):
         table += f"\n\nFurther metrics (%, nll in nats; per group in metrics.json)\n{format_metric_table(results, class_names)}"
+    if any("taxonomy" in v for v in results.values()):
+        table += f"\n\nAccuracy at each taxonomy level (%; per group in metrics.json)\n{format_taxonomy_table(results)}"
     return table
 
 
@@ -241,7 +294,8 @@ class SplitReport(Callback):
                 csv.writer(f).writerows([columns, *rows])
 
         atomic_save(write_table, table_path)
-        plot_per_class_accuracy(plot_path, results, counts, f"{type(pl_module).__name__}: per-class test accuracy")
+        plot_per_class_accuracy(plot_path, results, counts, f"{type(pl_module).__name__}: per-class test accuracy",
+                                supercategories_of(pl_module))
         pictures = write_pictures(out_dir, results, pl_module.class_names)
         priors_plot = out_dir / "test_priors.png"
         if plot_test_priors(priors_plot, results, type(pl_module).__name__):

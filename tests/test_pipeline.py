@@ -113,6 +113,26 @@ def test_pipeline_leaves_every_phase_with_results(finished_run):
     assert {p.name.split("-")[0] for p in cache} == {"val"}
 
 
+def test_compare_reads_the_pipeline_and_a_phase_with_their_digests(finished_run, tmp_path):
+    run_dir, _ = finished_run
+    main(["compare", str(run_dir), str(run_dir / "phase3_moe"), "--csv", str(tmp_path / "c.csv")])
+    rows = {(r["run"], r["row"]): r for r in csv.DictReader((tmp_path / "c.csv").open())}
+    summary = json.loads((run_dir / "metrics.json").read_text())["results"]
+    assert len(rows) == len(summary) + 8
+    scorer = rows[(str(run_dir), "test: LPT++ (scorer)")]
+    assert float(scorer["acc"]) == summary["test: LPT++ (scorer)"]["acc"]
+    # Each row names the checkpoint file whose weights it evaluated (sha256, 12 hex digits).
+    for row, file in (("test: LPT++ (scorer)", "phase3_moe/final.ckpt"),
+                      ("test: visual expert, phase 2", "phase2_visual/final.ckpt"),
+                      ("test: vision-language expert, no training", "phase1_vl/start.ckpt")):
+        assert rows[(str(run_dir), row)]["checkpoint_sha256"] == digest(run_dir / file)[:12]
+    assert rows[(str(run_dir / "phase3_moe"), "test: visual expert")]["checkpoint_sha256"] == \
+        digest(run_dir / "phase2_visual" / "final.ckpt")[:12]
+    held_out = load_checkpoint_file(run_dir / "phase3_moe" / "final.ckpt")["lpt"]["data"]["val"]
+    assert {(r["held_out_digest"], r["split_convention"]) for r in rows.values()} == {(held_out, "lpt")}
+    assert len({r["test_digest"] for r in rows.values()}) == 1
+
+
 def test_rerun_skips_every_finished_phase(finished_run, caplog):
     run_dir, config_path = finished_run
     before = {p: p.stat().st_mtime_ns for p in run_dir.glob("*/final.ckpt")}

@@ -172,6 +172,11 @@ class LongTailDataModule(LightningDataModule):
         return list(self.splits.class_names)
 
     @property
+    def taxonomy(self):
+        """The classes' `lpt_lightning.taxonomy.Taxonomy`, or None (sources without one)."""
+        return self.splits.taxonomy
+
+    @property
     def train_class_counts(self) -> torch.Tensor:
         """Training images per class, LongTensor [C]: the prior of the losses."""
         return torch.from_numpy(self.splits.train.class_counts(self.num_classes))

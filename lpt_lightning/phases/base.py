@@ -21,6 +21,7 @@ from lpt_lightning.metrics import EvalMetrics, log_values, row_values
 from lpt_lightning.models.expert import ExpertOutput, LongTailExpert, view_outputs
 from lpt_lightning.precision import check_precision
 from lpt_lightning.test_priors import TestPriors, prior_shift_metrics, record_prior_shift
+from lpt_lightning.taxonomy import eval_metrics, taxonomy_log_values, taxonomy_values
 
 
 
@@ -114,6 +115,7 @@ class ExpertPhase(L.LightningModule):
         self.test_priors: TestPriors | None = None  # set by `--report.test_priors` (reports.SplitReport)
         self.data_facts: DataFacts | None = None  # attach_data
         self.data_record: dict[str, Any] | None = None  # digests of the data it trains on (set in setup)
+        self.taxonomy = None  # the classes' taxonomy.Taxonomy, where the data has one (set in setup)
         # Frozen backbone weights are not in our checkpoints: they come from the hub/local file.
         self.strict_loading = False
         self.expert: LongTailExpert
@@ -184,8 +186,9 @@ class ExpertPhase(L.LightningModule):
             raise ConfigError(f"{type(self).__name__}: no data attached (class counts for the losses, batch size for "
                               "the learning rate): call lpt_lightning.data_facts.connect(model, datamodule) before "
                               "trainer.fit (lpt does it)")
-        self.val_accuracy = EvalMetrics(self.class_counts.cpu(), convention=self.split_convention)
-        self.test_accuracy = EvalMetrics(self.class_counts.cpu(), convention=self.split_convention)
+        self.taxonomy = facts.taxonomy if facts is not None else None
+        self.val_accuracy = eval_metrics(self.class_counts.cpu(), self.split_convention, self.taxonomy)
+        self.test_accuracy = eval_metrics(self.class_counts.cpu(), self.split_convention, self.taxonomy)
         self.prior_shift = prior_shift_metrics(self.class_counts.cpu(), self.test_priors, ("val", "test"))
         if stage == "fit":
             counts = loss_counts if loss_counts is not None else self.class_counts.cpu()
@@ -297,8 +300,9 @@ class ExpertPhase(L.LightningModule):
         metric.reset()
         # A labelled row (e.g. phase 1's "no training" row) is kept and logged beside the trained one.
         row, prefix = (f"{stage}: {self.eval_row}", f"{self.eval_row.replace(' ', '_')}/") if self.eval_row else (stage, "")
-        self.results[row] = row_values(result)
-        self.log_dict({f"{prefix}{stage}/{k}": v for k, v in log_values(self.results[row]).items()}, sync_dist=False)
+        self.results[row] = row_values(result) | taxonomy_values(result)
+        values = log_values(self.results[row]) | taxonomy_log_values(self.results[row])
+        self.log_dict({f"{prefix}{stage}/{k}": v for k, v in values.items()}, sync_dist=False)
         if stage in self.prior_shift:  # a test row takes tau from the val row of the same model
             val_row = row.replace("test", "val", 1) if stage == "test" else None
             record_prior_shift(self.results, row, self.prior_shift[stage], val_row, self.test_priors)

@@ -35,11 +35,12 @@ from lpt_lightning.checkpoints.metadata import (
     read_phase_metadata,
 )
 from lpt_lightning.errors import CheckpointError, ConfigError
-from lpt_lightning.metrics import EvalMetrics, log_values, row_values
+from lpt_lightning.metrics import log_values, row_values
 from lpt_lightning.models.expert import GroupPromptSpec, LongTailExpert, view_outputs
 from lpt_lightning.models.scorer import BaseWeightSearch, MoEScorer, fuse
 from lpt_lightning.precision import check_precision
 from lpt_lightning.test_priors import TestPriors, prior_shift_metrics, record_prior_shift
+from lpt_lightning.taxonomy import eval_metrics, taxonomy_log_values, taxonomy_values
 
 # Rows of every phase-3 evaluation: the gain of each part stays visible.
 ROWS = {"visual": "visual expert", "vl": "vision-language expert", "base": "W_base fusion", "fused": "LPT++ (scorer)"}
@@ -126,6 +127,7 @@ class MoEScorerPhase(L.LightningModule):
         self.vl: LongTailExpert | None = None
         self.scorer: MoEScorer | None = None
         self.data_record: dict[str, Any] | None = None
+        self.taxonomy = None  # the classes' taxonomy.Taxonomy, where the image data has one (data_facts.connect)
         self.register_buffer("class_counts", torch.ones(num_classes, dtype=torch.long))
         self.strict_loading = False  # backbones are rebuilt, not loaded
         self.results: dict[str, dict[str, Any]] = {}
@@ -300,7 +302,7 @@ class MoEScorerPhase(L.LightningModule):
         # Built when evaluation starts: a restored checkpoint's class counts are in place by then.
         counts = self.class_counts.cpu()
         self.metrics = nn.ModuleDict({
-            f"{stage}_{row}": EvalMetrics(counts, convention=self.split_convention)
+            f"{stage}_{row}": eval_metrics(counts, self.split_convention, self.taxonomy)
             for stage in ("val", "test") for row in ROWS}).to(self.device)
         self.prior_shift = prior_shift_metrics(counts, self.test_priors, list(self.metrics)).to(self.device)
 
@@ -334,9 +336,9 @@ class MoEScorerPhase(L.LightningModule):
             metric = self.metrics[f"{stage}_{row}"]
             result = metric.compute()
             metric.reset()
-            values = self.results[row_name(stage, title)] = row_values(result)
+            values = self.results[row_name(stage, title)] = row_values(result) | taxonomy_values(result)
             prefix = STAGE_LOG_PREFIXES[stage] if row == "fused" else f"{STAGE_LOG_PREFIXES[stage]}/{row}"
-            logged |= {f"{prefix}/{k}": v for k, v in log_values(values).items()}
+            logged |= {f"{prefix}/{k}": v for k, v in (log_values(values) | taxonomy_log_values(values)).items()}
             if f"{stage}_{row}" in self.prior_shift:  # tau from the fit split's row of the same part
                 record_prior_shift(self.results, row_name(stage, title), self.prior_shift[f"{stage}_{row}"],
                                    row_name("val", title) if stage == "test" else None, self.test_priors)

@@ -7,6 +7,7 @@ import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -81,6 +82,7 @@ class DatasetSplits:
     test: Split | None
     class_names: list[str]
     images: np.ndarray | None = field(default=None, repr=False)  # [N,H,W] or [N,H,W,3] uint8
+    taxonomy: Any = field(default=None, repr=False)  # lpt_lightning.taxonomy.Taxonomy where the source has one
 
     @property
     def num_classes(self) -> int:

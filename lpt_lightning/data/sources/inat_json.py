@@ -17,6 +17,7 @@ from lpt_lightning.data.sources.base import (
     resolve_path,
 )
 from lpt_lightning.errors import DataFormatError
+from lpt_lightning.taxonomy import Taxonomy
 
 
 def _load_coco_json(path: Path) -> dict:
@@ -60,7 +61,9 @@ class INatJsonSource(DataSource):
     Class names come from the training json's ``categories``, or from ``names_json`` where it is
     set: iNaturalist 2018's ``train2018.json`` names each category by its id ("0", "1", ...), and
     the species names were published separately in ``categories.json`` (a list of ``id``/``name``
-    records, or a json object with such a ``categories`` list).
+    records, or a json object with such a ``categories`` list). Where those records carry the
+    taxonomy (kingdom ... genus, as iNat 2018's do), evaluation adds the accuracy at each level
+    (`lpt_lightning.taxonomy`) and the per-class plot groups classes by ``supercategory``.
     """
 
     def __init__(
@@ -111,8 +114,9 @@ class INatJsonSource(DataSource):
         return Split(items, np.asarray(labels, dtype=np.int64), origin=str(path), positions=np.asarray(positions),
                      position_format="images[{}]")
 
-    def _names_from_file(self, path: Path, ids: list, train_path: Path) -> dict:
-        """``{category id: name}`` from ``names_json`` for every category of the training json."""
+    def _names_from_file(self, path: Path, ids: list, train_path: Path) -> tuple[dict, dict]:
+        """``{category id: name}`` from ``names_json`` for every category of the training json, and
+        ``{category id: record}``."""
         require_file(path, "data.source.init_args.names_json")
         try:
             with open(path, encoding="utf-8-sig") as fh:
@@ -124,16 +128,18 @@ class INatJsonSource(DataSource):
             raise DataFormatError(f"{path}: expected a list of categories ({{'id': ..., 'name': ...}}) or a json "
                                   "object with a 'categories' list (data.source.init_args.names_json)")
         names: dict = {}
+        records: dict = {}
         for pos, cat in enumerate(cats):
             cid = _get_id(cat, "id", path, "categories", pos)
             if cid in names:
                 raise DataFormatError(f"{path}: categories[{pos}] repeats category id {cid!r}")
             names[cid] = str(_get(cat, "name", path, "categories", pos))
+            records[cid] = cat
         missing = [cid for cid in ids if cid not in names]
         if missing:
             raise DataFormatError(f"{path}: no name for {len(missing)} of the {len(ids)} category ids of {train_path}, "
                                   f"e.g. {missing[:5]}; data.source.init_args.names_json must name every category")
-        return names
+        return names, records
 
     def load(self) -> DatasetSplits:
         root = Path(os.path.expanduser(self.root))
@@ -141,11 +147,11 @@ class INatJsonSource(DataSource):
         train_path = resolve_path(self.train_json, root)
         require_file(train_path, "data.source.init_args.train_json")
         train_data = _load_coco_json(train_path)
-        cat_name = {}
+        cat_name, cat_record = {}, {}
         for pos, cat in enumerate(train_data["categories"]):
-            cat_name[_get_id(cat, "id", train_path, "categories", pos)] = str(
-                _get(cat, "name", train_path, "categories", pos)
-            )
+            cid = _get_id(cat, "id", train_path, "categories", pos)
+            cat_name[cid] = str(_get(cat, "name", train_path, "categories", pos))
+            cat_record[cid] = cat
         if not cat_name:
             raise DataFormatError(f"{train_path}: 'categories' is empty")
         try:
@@ -153,8 +159,11 @@ class INatJsonSource(DataSource):
         except TypeError:
             raise DataFormatError(f"{train_path}: category ids mix integers and strings; use one type") from None
         id_to_class = {cid: i for i, cid in enumerate(sorted_ids)}
+        categories_path = train_path
         if self.names_json is not None:
-            cat_name = self._names_from_file(resolve_path(self.names_json, root), sorted_ids, train_path)
+            categories_path = resolve_path(self.names_json, root)
+            cat_name, cat_record = self._names_from_file(categories_path, sorted_ids, train_path)
+        taxonomy = Taxonomy.from_categories(cat_record, sorted_ids, categories_path)
         class_names = [cat_name[cid] for cid in sorted_ids]
         train = self._split(train_path, train_data, id_to_class, root)
         check_no_empty_class(train.labels, len(class_names), str(train_path), class_names)
@@ -168,4 +177,4 @@ class INatJsonSource(DataSource):
 
         test = optional(self.test_json, "data.source.init_args.test_json")
         val = optional(self.val_json, "data.source.init_args.val_json")
-        return DatasetSplits(self.name, train=train, val=val, test=test, class_names=class_names)
+        return DatasetSplits(self.name, train=train, val=val, test=test, class_names=class_names, taxonomy=taxonomy)
