@@ -163,7 +163,7 @@ def test_a_phase_on_data_with_a_taxonomy_reports_its_levels(tmp_path):
     # Ten classes: one kingdom, families of two classes, a genus per class.
     records = {c: {"kingdom": "K", "family": f"F{c // 2}", "genus": f"G{c}", "supercategory": f"S{c % 3}"}
                for c in range(10)}
-    dm._splits = replace(dm.splits, taxonomy=Taxonomy.from_categories(records, list(range(10)), Path("cats.json")))
+    dm.protocol._splits = replace(dm.splits, taxonomy=Taxonomy.from_categories(records, list(range(10)), Path("cats.json")))
     phase = AdaptPhase(expert=ExpertSpec(kind="visual", backbone=tiny_backbone("visual"), prompt_length=3),
                        num_classes=10, class_names=dm.class_names)
     connect(phase, dm)
