@@ -48,7 +48,7 @@ from lpt_lightning.data.cached_outputs import (
     read_manifest,
     shard_file,
 )
-from lpt_lightning.errors import CheckpointError, ConfigError
+from lpt_lightning.errors import CacheError, ConfigError
 from lpt_lightning.models.expert import view_outputs
 
 
@@ -127,13 +127,13 @@ class OutputsTarget:
 
 def agree(trainer, error: Exception | None, step: str) -> None:
     """Every rank learns whether every rank finished ``step``: the rank that failed raises its
-    error, the others a CheckpointError, all at once. The vote is a collective, so it is also the
+    error, the others a CacheError, all at once. The vote is a collective, so it is also the
     barrier of ``step``."""
     if trainer.strategy.reduce_boolean_decision(error is None, all=True):
         return
     if error is not None:
         raise error
-    raise CheckpointError(f"expert-output pass: another rank failed {step} (its error is in its log); rank "
+    raise CacheError(f"expert-output pass: another rank failed {step} (its error is in its log); rank "
                           f"{trainer.global_rank} stops too")
 
 
@@ -201,7 +201,7 @@ class ExpertOutputsWriter(BasePredictionWriter):
         agree(trainer, error, "writing the manifest")
         for target in self.targets:
             if not (target.directory / MANIFEST).is_file():
-                error = CheckpointError(
+                error = CacheError(
                     f"{target.directory / MANIFEST}: rank {trainer.global_rank} cannot see the manifest rank 0 wrote. "
                     "On several nodes the expert-output cache must be on a filesystem every node sees: put the run "
                     "directory (or model.init_args.cache_dir) on shared storage")
@@ -214,11 +214,11 @@ class ExpertOutputsWriter(BasePredictionWriter):
             opened = {name: entry for (idx, name), entry in self._open.items() if idx == i}
             rows = len(range(rank, target.num_rows, world))
             if rows and "index" not in opened:
-                raise CheckpointError(f"{target.directory}: rank {rank} computed no outputs for the {target.name} split")
+                raise CacheError(f"{target.directory}: rank {rank} computed no outputs for the {target.name} split")
             if opened:
                 missing = int((opened["index"][0] < 0).sum())
                 if missing:
-                    raise CheckpointError(
+                    raise CacheError(
                         f"{target.directory}: {missing} images of the {target.name} split gave no output (unreadable "
                         "with data.skip_unreadable=true?); the scorer needs every image of the split")
             for name, (array, tmp) in opened.items():
@@ -236,7 +236,7 @@ class ExpertOutputsWriter(BasePredictionWriter):
         for r in range(world):
             path = target.directory / f"rank{r}-of-{world}.json"
             if not path.is_file():
-                raise CheckpointError(
+                raise CacheError(
                     f"{path}: missing, so rank 0 cannot see rank {r}'s expert outputs. On several nodes the cache "
                     "must be on a filesystem every node sees: put the run directory (or model.init_args.cache_dir) "
                     "on shared storage")
@@ -264,7 +264,7 @@ def complete(directory: Path, key: str) -> bool:
         return False
     try:
         return read_manifest(directory).get("key") == key
-    except CheckpointError as exc:
+    except CacheError as exc:
         rank_zero_info(f"{exc}; recomputing")
         return False
 

@@ -21,7 +21,7 @@ from lpt_lightning.data import ClassAwareSampler, ImageFolderSource, InstanceSam
 from lpt_lightning.data.cached_outputs import CachedOutputsDataModule, CachedSplit
 from lpt_lightning.data.samplers import ShardedEvalSampler
 from lpt_lightning.data_facts import connect
-from lpt_lightning.errors import CheckpointError
+from lpt_lightning.errors import CacheError
 from lpt_lightning.expert_outputs import (
     ExpertOutputs,
     ExpertOutputsWriter,
@@ -189,13 +189,13 @@ def test_a_rank_that_cannot_see_the_others_files_is_told_why(experts, folder, tm
     real_is_file = Path.is_file
     # Rank 0 on another node without shared storage: rank 1's record is not visible to it.
     monkeypatch.setattr(Path, "is_file", lambda p: False if p.name == "rank1-of-2.json" else real_is_file(p))
-    with pytest.raises(CheckpointError, match=r"rank1-of-2.json: missing.*filesystem every node sees"):
+    with pytest.raises(CacheError, match=r"rank1-of-2.json: missing.*filesystem every node sees"):
         simulate_ranks(module, data, "val", tmp_path / "two", 2, "float16")
     assert not (tmp_path / "two" / "manifest.json").exists()
 
 
 def test_a_write_error_on_one_rank_stops_every_rank_at_once(experts, folder, tmp_path, monkeypatch):
-    """Rank 1 cannot write (a full disk): it raises its own error and rank 0 a CheckpointError, both
+    """Rank 1 cannot write (a full disk): it raises its own error and rank 0 a CacheError, both
     after the same vote; neither waits at a barrier for a rank that is not coming."""
     model = scorer(experts)
     data = images(folder)
@@ -211,7 +211,7 @@ def test_a_write_error_on_one_rank_stops_every_rank_at_once(experts, folder, tmp
     ranks = ThreadRanks(2, timeout=10)
     errors = rank_errors(module, data, "val", tmp_path / "two", 2, "float16", ranks)
     assert isinstance(errors[1], OSError) and "No space left" in str(errors[1])
-    assert isinstance(errors[0], CheckpointError) and "another rank failed writing its expert outputs" in str(errors[0])
+    assert isinstance(errors[0], CacheError) and "another rank failed writing its expert outputs" in str(errors[0])
     assert ranks.collectives == ["vote"]  # stopped at the first vote, nothing waited past it
     assert not (tmp_path / "two" / "manifest.json").exists()
 
