@@ -244,7 +244,7 @@ class LPTCLI(LightningCLI):
         with signal_handler(signal.SIGTERM, signal.SIG_DFL):  # Lightning's own handler stops at a batch end
             try:
                 if getattr(model, "phase_name", None) == "moe_scorer":  # fits on the experts' cached outputs
-                    from lpt_lightning.expert_outputs import scorer_fit_data
+                    from lpt_lightning.phases.moe_scorer import scorer_fit_data
 
                     # The outputs pass runs this trainer's predict loop, so it is interruptible alike.
                     kwargs["datamodule"] = scorer_fit_data(model, kwargs["datamodule"], self.trainer)
