@@ -21,7 +21,8 @@ from lpt_lightning.data.cached_outputs import CachedSplit
 from lpt_lightning.models.backbones import BackboneSpec, build_backbone, read_state_dict
 from lpt_lightning.models.expert import ExpertSpec
 from lpt_lightning.phases import AdaptPhase, GroupPromptPhase, MoEScorerPhase
-from lpt_lightning.pipeline import finished, plan
+from lpt_lightning.pipeline_plan import plan
+from lpt_lightning.pipeline_state import finished
 from tiny_models import CLIP_TINY, TIMM_TINY, tiny_backbone
 
 
