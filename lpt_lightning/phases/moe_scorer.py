@@ -381,6 +381,12 @@ class MoEScorerPhase(L.LightningModule):
             raise CheckpointError(f"{where}: holds other experts or another scorer than this model; build the model "
                                   "from it instead (`lpt ... --ckpt_path`, MoEScorerPhase.load_from_checkpoint, or "
                                   "model.init_args.weights)")
+        # Lightning loads non-strictly (the frozen backbones are rebuilt, not saved): every trained
+        # tensor must be there all the same.
+        missing = [k for k in self.state_dict() if is_saved_key(k) and not k.startswith("metrics.")
+                   and k not in checkpoint["state_dict"]]
+        if missing:
+            raise CheckpointError(f"{where}: lacks {len(missing)} trained tensors of this model (e.g. {missing[0]})")
         self.data_record = meta.get("data")
 
 
