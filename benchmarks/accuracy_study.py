@@ -154,7 +154,7 @@ def ablation_config(base: dict[str, Any], loss: str, sampling: str) -> dict[str,
 def scorer_on_train(phase3):
     """Phase 3 again with the scorer fitted on the training split (the ablation), on the same
     experts and their cached held-out/test outputs."""
-    from lpt_lightning.pipeline import PhaseRun
+    from lpt_lightning.pipeline_plan import PhaseRun
 
     directory = phase3.directory.with_name("phase3_moe_fit_train")
     config = yaml.safe_load(yaml.safe_dump(phase3.config).replace(str(phase3.directory), str(directory)))
@@ -168,7 +168,8 @@ def scorer_on_train(phase3):
 
 def run_phases(runs: list) -> None:
     """Run pipeline phases in order (finished ones are skipped); each records its wall time."""
-    from lpt_lightning.pipeline import _validate_configs, finished, run_phase
+    from lpt_lightning.pipeline import run_phase
+    from lpt_lightning.pipeline_state import _validate_configs, finished
 
     _validate_configs(runs)
     for run in runs:
@@ -192,7 +193,7 @@ def phase_rows(run_dir: Path, name: str) -> dict[str, dict[str, Any]]:
 def study_runs(dataset: str, s: dict[str, Any], seed: int, class_order_seed: int | None, seed_dir: Path) -> list:
     """The pipeline phases of one run: LPT++ (both experts, phase 3), phase 3 with the scorer fitted
     on train, and phase 1 of the visual expert under the three other loss/sampling pairs."""
-    from lpt_lightning.pipeline import plan
+    from lpt_lightning.pipeline_plan import plan
 
     base = lptpp_config(dataset, s, seed, class_order_seed)
     lptpp = plan(str(seed_dir / "lptpp"), base["data"], base["trainer"], base["experts"], base["phase1"],
@@ -663,7 +664,7 @@ def render_diagnosis(diag: dict[str, Any]) -> list[str]:
 
 def diagnosis_runs(dataset: str, s: dict[str, Any], kind: str, key: str, seed: int, run_dir: Path) -> list:
     """Phase 1 of one expert with one variant of the recipe."""
-    from lpt_lightning.pipeline import merge, plan
+    from lpt_lightning.pipeline_plan import merge, plan
 
     overrides = next(v for k, _, v in VARIANTS if k == key)
     base = lptpp_config(dataset, s, seed)

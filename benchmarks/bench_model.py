@@ -311,16 +311,13 @@ class _RowsToPredict(torch.utils.data.Dataset):
 
 
 def _write_fake_outputs(phase3, directory: Path, labels: np.ndarray, dtype: str = "float16") -> Path:
-    """A held-out split of expert outputs in the real file format: the library's `ExpertOutputs`
-    predict step and `ExpertOutputsWriter` (fp16 memory-mapped .npy shards + manifest) through
+    """A held-out split of expert outputs in the real file format: the library's `ExpertRowsPredictor`
+    predict step and `ExpertCacheWriter` (fp16 memory-mapped .npy shards + manifest) through
     Lightning's predict loop, with stand-in experts of the ViT-B/16 output shapes."""
     import lightning as L
 
-    from lpt_lightning.expert_outputs import (
-        ExpertOutputs,
-        ExpertOutputsWriter,
-        OutputsTarget,
-    )
+    from lpt_lightning.expert_cache_writer import ExpertCacheWriter, OutputsTarget
+    from lpt_lightning.expert_outputs import ExpertRowsPredictor
 
     num_classes = phase3.num_classes
     experts = {kind: _StandInExpert(expert.backbone.feature_dim, num_classes, seed)
@@ -328,12 +325,12 @@ def _write_fake_outputs(phase3, directory: Path, labels: np.ndarray, dtype: str 
     facts = {"class_counts": np.bincount(labels, minlength=num_classes).tolist(),
              "class_names": [f"c{i}" for i in range(num_classes)], "record": {"benchmark": "fake expert outputs"}}
     manifest = {"key": "benchmark", "split": "val", "label_only": False, "dtype": dtype, "data": facts}
-    writer = ExpertOutputsWriter([OutputsTarget("val", directory, len(labels), manifest)], dtype)
+    writer = ExpertCacheWriter([OutputsTarget("val", directory, len(labels), manifest)], dtype)
     predictor = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                           enable_progress_bar=False, enable_model_summary=False, callbacks=[writer],
                           default_root_dir=str(directory.parent))
     loader = torch.utils.data.DataLoader(_RowsToPredict(labels), batch_size=1024)
-    predictor.predict(ExpertOutputs(experts, phase3.scales, [False]), loader, return_predictions=False)
+    predictor.predict(ExpertRowsPredictor(experts, phase3.scales, [False]), loader, return_predictions=False)
     return directory
 
 

@@ -17,6 +17,10 @@ class CheckpointError(LPTError, ValueError):
     """A checkpoint or weights file is unreadable, unsafe or does not match the model."""
 
 
+class CacheError(LPTError, ValueError):
+    """The expert-output cache of phase 3 is missing, incomplete, unreadable or stale."""
+
+
 class RunInterrupted(Exception):
     """Ctrl-C or SIGTERM ended a run; the message says where and how to resume."""
 

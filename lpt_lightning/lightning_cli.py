@@ -5,33 +5,30 @@ it imports neither of them.
 from __future__ import annotations
 
 import contextlib
-import importlib
-import os
 import signal
 import threading
 import warnings
 from argparse import ArgumentError
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from jsonargparse import Namespace
-from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch.accelerators import CUDAAccelerator
 from lightning.pytorch.callbacks import ProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lpt_lightning.checkpoints.files import load_checkpoint_file
-from lpt_lightning.checkpoints.metadata import check_phase_metadata, read_phase_metadata
+from lpt_lightning.cli_ckpt_path import CkptPathChecks
+from lpt_lightning.cli_parsing import LPTArgumentParser, ParsedOnly
 from lpt_lightning.console import LogLines, plain_output, silence_noise
 from lpt_lightning.data import LongTailDataModule
-from lpt_lightning.errors import CheckpointError, ConfigError, RunInterrupted
+from lpt_lightning.errors import ConfigError, RunInterrupted
 from lpt_lightning.precision import check_precision
-from lpt_lightning.prediction import PredictionWriter, export_model_config
+from lpt_lightning.prediction import PredictionWriter
 from lpt_lightning.reports import SplitReport
 
 # Frozen backbones are in eval mode on purpose (no dropout / drop-path while prompts train).
@@ -41,41 +38,13 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
 warnings.filterwarnings("ignore", message=r".*args parameter is intended to run from within Python.*")
 silence_noise()
 
-# ckpt_path values Lightning resolves itself ("last" is resolved here, so that it is checked too and the model is
-# rebuilt from that checkpoint's hyperparameters, as for an explicit path).
-LIGHTNING_CKPT_NAMES = ("best", "hpc")
 SIGTERM_EXIT, SIGINT_EXIT = 128 + signal.SIGTERM, 128 + signal.SIGINT
 
 
-def set_aside_dir(folder: Path) -> Path:
-    """Where `lpt fit --overwrite=true` keeps the earlier run's checkpoints of ``folder`` until the
-    new run ends: a hidden sibling (inside, ModelCheckpoint would warn of a non-empty directory)."""
-    return folder.parent / f".{folder.name}.lpt-overwritten"
-
-
-class LPTArgumentParser(LightningArgumentParser):
-    """LightningCLI's parser, reporting an unknown key inside a nested class_path section in one line."""
-
-    def error(self, message: str, ex: Exception | None = None):
-        from lpt_lightning.parse_errors import nested_key_error
-
-        # Only a parser that exits reports to the user (the parsers of nested sections raise into
-        # its message; `parse_config` rewrites what its parser raises).
-        args = getattr(self, "args", None) or []
-        return super().error((self.exit_on_error and nested_key_error(message, args)) or message, ex)
-
-
-class _Parsed(Exception):
-    """Ends an ``LPTCLI(parse_only=True)`` right after parsing: nothing is seeded, built or run."""
-
-    def __init__(self, config: Namespace) -> None:
-        super().__init__("parsed")
-        self.config = config
-
-
-class LPTCLI(LightningCLI):
-    """LightningCLI with the project's parser settings, checked ``ckpt_path`` (safe loading, phase
-    and class count; an export for ``predict``), run-directory guards and clean interruptions.
+class LPTCLI(CkptPathChecks, LightningCLI):
+    """LightningCLI with the project's parser settings (`cli_parsing`), checked ``ckpt_path``
+    (`cli_ckpt_path`: safe loading, phase and class count; an export for ``predict``), run-directory
+    guards (`cli_run_dir`), phase 3's fit on its experts' cached outputs, and clean interruptions.
 
     ``parse_only=True`` stops after parsing and validation (see `parse_config`).
     """
@@ -119,75 +88,7 @@ class LPTCLI(LightningCLI):
         super().parse_arguments(parser, args)
         check_precision(self._trainer_config().get("precision") or "32-true")  # before anything is built
         if self.parse_only:
-            raise _Parsed(self.config)
-
-    # ------------------------------------------------------------ ckpt_path, checked before Lightning reads it
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the file here, before anything is built: the safe loader comes first.
-        subcommand = self.config.get("subcommand")
-        path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if path == "last":  # the concrete file, so that Lightning reads its hyperparameters: no upstream file is needed
-            path = self.config[subcommand].ckpt_path = self._last_checkpoint()
-        if path and Path(path).suffix == ".safetensors":
-            self._use_export(subcommand, path)
-            return
-        if path and path not in LIGHTNING_CKPT_NAMES:
-            self._ckpt_meta = (path, self._check_ckpt_path(path, self._model_phase(self.config[subcommand])))
-        super()._parse_ckpt_path()
-
-    def _use_export(self, subcommand: str, path: str) -> None:
-        """``lpt predict --ckpt_path EXPORT``: the model is rebuilt from the export alone (its tensors
-        and metadata; the frozen backbones from their hub name or file), chosen by the phase in its
-        metadata, instead of from the config's model section, whose upstream checkpoints may be gone.
-        The config still gives the data and the trainer; its model class must be of the export's phase."""
-        if subcommand != "predict":
-            raise CheckpointError(f"ckpt_path={path}: an export holds no trainer state; give the .ckpt it was "
-                                  f"exported from to `lpt {subcommand}` (`lpt predict` takes an export, and an "
-                                  "export can start phase 2 or 3 as model.init_args.*_checkpoint)")
-        config = self.config[subcommand]
-        meta = read_phase_metadata(load_checkpoint_file(path), path)
-        check_phase_metadata(meta, path, "ckpt_path", self._model_phase(config))
-        model = export_model_config(path, meta)
-        config.model = Namespace(class_path=model["class_path"], init_args=Namespace(**model["init_args"]))
-        config.ckpt_path = None  # the model is built holding the trained tensors: nothing for Lightning to load
-
-    @staticmethod
-    def _model_phase(config) -> str | None:
-        """The phase name of the configured model class (None for classes that are not phases)."""
-        return getattr(_configured_class(config.get("model")), "phase_name", None) or None
-
-    @staticmethod
-    def _check_ckpt_path(path: str, phase: str | None) -> dict[str, Any]:
-        """The checkpoint's metadata, after the checks of `lpt export` and model.phase1_checkpoint."""
-        meta = read_phase_metadata(load_checkpoint_file(path), path)
-        check_phase_metadata(meta, path, "ckpt_path", phase)
-        return meta
-
-    def _trainer_config(self) -> Namespace:
-        subcommand = self.config.get("subcommand")
-        return (self.config[subcommand] if subcommand else self.config).trainer
-
-    def _checkpoint_dirs(self) -> list[Path]:
-        """The configured ModelCheckpoints' directories, read from the config: known before anything is built."""
-        from lightning.pytorch.callbacks import ModelCheckpoint
-
-        callbacks = self._trainer_config().get("callbacks") or []
-        dirs = []
-        for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
-            cls = _configured_class(callback)
-            is_checkpoint = isinstance(cls, type) and issubclass(cls, ModelCheckpoint)
-            dirpath = (callback.get("init_args") or {}).get("dirpath") if is_checkpoint else None
-            if dirpath:
-                dirs.append(Path(os.path.realpath(os.path.expanduser(dirpath))))  # as ModelCheckpoint resolves it
-        return dirs
-
-    def _root_dir(self) -> Path:
-        return Path(self._trainer_config().get("default_root_dir") or os.getcwd())
-
-    def _earlier_checkpoints(self) -> list[Path]:
-        """Checkpoints in this run's directories: ModelCheckpoint's and SLURM's ``hpc_ckpt_N.ckpt``."""
-        found = [p for d in self._checkpoint_dirs() for p in sorted(d.glob("*.ckpt"))]
-        return found + sorted(self._root_dir().glob("hpc_ckpt_*.ckpt"))
+            raise ParsedOnly(self.config)
 
     def after_instantiate_classes(self) -> None:
         from lpt_lightning.data_facts import connect
@@ -196,45 +97,10 @@ class LPTCLI(LightningCLI):
         connect(self.model, self.datamodule)
         if self.subcommand is None:
             return
-        config = self.config_init[self.subcommand]
-        path = config.get("ckpt_path")
-        phase, num_classes = getattr(self.model, "phase_name", None) or None, getattr(self.model, "num_classes", None)
-        if path and path not in LIGHTNING_CKPT_NAMES:
-            checked, meta = getattr(self, "_ckpt_meta", (None, None))
-            meta = meta if checked == path else self._check_ckpt_path(path, phase)
-            check_phase_metadata(meta, path, "ckpt_path", num_classes=num_classes)
+        path = self.config_init[self.subcommand].get("ckpt_path")
+        self._check_built_ckpt_path(path)
         if self.subcommand == "fit":
             self._check_run_directory(path)
-
-    def _last_checkpoint(self) -> str:
-        """``--ckpt_path=last``: the newest checkpoint of this run (as Lightning's "last", plus SLURM's)."""
-        candidates = [p for p in self._earlier_checkpoints() if p.name.startswith(("last", "hpc_ckpt_"))]
-        if not candidates:
-            where = ", ".join(str(d) for d in self._checkpoint_dirs()) or str(self._root_dir())
-            raise ConfigError(f"ckpt_path=last: no checkpoint to resume in {where}; drop --ckpt_path to start afresh")
-        return str(max(candidates, key=lambda p: p.stat().st_mtime))
-
-    def _check_run_directory(self, ckpt_path: str | None) -> None:
-        """A fresh run into a directory holding an earlier run's checkpoints would leave
-        ``last.ckpt`` pointing at the old run (the new one writes ``last-v1.ckpt``): refuse it,
-        unless ckpt_path resumes that run or --overwrite replaces it."""
-        if self.trainer.is_global_zero:
-            self._settle_set_aside(finished=False)  # left by an --overwrite run that was killed
-        earlier = self._earlier_checkpoints()
-        if not earlier:
-            return
-        own = {os.path.realpath(d) for d in [*self._checkpoint_dirs(), Path(self.trainer.default_root_dir)]}
-        if ckpt_path and os.path.realpath(Path(ckpt_path).absolute().parent) in own:
-            return  # resuming this run: its ModelCheckpoint state makes it overwrite last.ckpt
-        if self._get(self.config, "overwrite"):
-            self._overwrite = earlier  # set aside by `fit`, settled when the run ends
-            return
-        where = earlier[0].parent
-        shown = ", ".join(p.name for p in earlier[:4]) + (f" and {len(earlier) - 4} more" if len(earlier) > 4 else "")
-        raise ConfigError(
-            f"{where} already holds checkpoints of an earlier run ({shown}). Resume it with --ckpt_path=last, "
-            "write to a new directory (trainer.default_root_dir and the ModelCheckpoint dirpath), or start "
-            "afresh with --overwrite=true (deletes those checkpoints)")
 
     def fit(self, model, **kwargs: Any) -> None:
         """``trainer.fit``, with Ctrl-C / SIGTERM turned into `RunInterrupted` (Lightning ends the
@@ -244,7 +110,7 @@ class LPTCLI(LightningCLI):
         with signal_handler(signal.SIGTERM, signal.SIG_DFL):  # Lightning's own handler stops at a batch end
             try:
                 if getattr(model, "phase_name", None) == "moe_scorer":  # fits on the experts' cached outputs
-                    from lpt_lightning.expert_outputs import scorer_fit_data
+                    from lpt_lightning.phases.moe_scorer import scorer_fit_data
 
                     # The outputs pass runs this trainer's predict loop, so it is interruptible alike.
                     kwargs["datamodule"] = scorer_fit_data(model, kwargs["datamodule"], self.trainer)
@@ -266,40 +132,6 @@ class LPTCLI(LightningCLI):
         """``trainer.predict`` without collecting every batch's [B, C] probabilities: the command
         never reads them (PredictionWriter writes each batch's rows), and they grow with the images."""
         self.trainer.predict(model, **{**kwargs, "return_predictions": False})
-
-    # ------------------------------------------------------------ --overwrite, undone by a run that fails early
-    def _set_aside(self, earlier: list[Path]) -> bool:
-        """Move an earlier run's checkpoints into a hidden folder beside their own: out of the way of
-        the new run's file names (it writes last.ckpt, not last-v1.ckpt) and of SLURM's auto-resume,
-        but back in place if the new run fails before it writes its first checkpoint (e.g. on a bad image)."""
-        for p in earlier:
-            aside = set_aside_dir(Path(os.path.realpath(p.parent)))  # as `_settle_set_aside` finds it
-            aside.mkdir(exist_ok=True)
-            os.replace(p, aside / p.name)
-        return bool(earlier)
-
-    def _settle_set_aside(self, finished: bool) -> None:
-        """Delete the set-aside checkpoints once the new run has finished or written one of its own;
-        otherwise put them back."""
-        dirs = [d for d in {*self._checkpoint_dirs(), Path(os.path.realpath(self._root_dir()))}
-                if set_aside_dir(d).is_dir()]
-        if not dirs:
-            return
-        replaced = finished or bool(self._earlier_checkpoints())
-        count = 0
-        for d in dirs:
-            d.mkdir(parents=True, exist_ok=True)
-            for p in set_aside_dir(d).iterdir():
-                if replaced:
-                    p.unlink()
-                else:
-                    os.replace(p, d / p.name)
-                count += 1
-            set_aside_dir(d).rmdir()
-        where = ", ".join(str(d) for d in dirs)
-        rank_zero_info(f"--overwrite: deleted {count} checkpoints of an earlier run in {where}" if replaced else
-                       f"--overwrite: the run stopped before writing a checkpoint; the earlier run's {count} "
-                       f"checkpoints are back in {where}")
 
     def instantiate_trainer(self, **kwargs: Any):
         # Checkpoints are written atomically and read without unpickling code, unless the config
@@ -325,16 +157,6 @@ class LPTCLI(LightningCLI):
         kwargs["callbacks"] = callbacks
         return tune_for_hardware(super().instantiate_trainer(**kwargs))
 
-    def before_fit(self) -> None:
-        root = Path(self.trainer.default_root_dir)
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            probe = root / f".write-test-{os.getpid()}"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as exc:
-            raise ConfigError(f"trainer.default_root_dir={root} is not writable ({exc}); "
-                              "choose a directory you can write to") from None
 
     def before_test(self) -> None:
         """``--report.test_priors`` chooses its logit-adjustment tau on the val split: evaluate it
@@ -378,7 +200,7 @@ def parse_config(args: list[str]) -> Namespace:
     raising = {"exit_on_error": False, **{name: {"exit_on_error": False} for name in LPTCLI.subcommands()}}
     try:
         LPTCLI(args=args, parse_only=True, parser_kwargs=raising, **LPTCLI.defaults())
-    except _Parsed as parsed:
+    except ParsedOnly as parsed:
         return parsed.config
     except ArgumentError as exc:
         from lpt_lightning.parse_errors import nested_key_error
@@ -392,16 +214,6 @@ def validate_config(config_path: str, subcommand: str = "fit") -> None:
         parse_config([subcommand, "--config", config_path])
     except ConfigError as exc:
         raise ConfigError(str(exc) if str(exc).startswith(config_path) else f"{config_path}: {exc}") from None
-
-
-def _configured_class(config) -> type | None:
-    """The class a ``class_path`` config section names (None if it names none: the parser has said so already)."""
-    class_path = (config or {}).get("class_path") or ""
-    module, _, name = class_path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        return None
 
 
 @contextlib.contextmanager

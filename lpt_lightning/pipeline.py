@@ -6,343 +6,41 @@ phase leaves ``final.ckpt`` (written atomically) and is skipped on rerun if its 
 those its config.yaml recorded (otherwise the rerun is refused, or redone on request); an
 interrupted one resumes from its ``checkpoints/last.ckpt``. Under DDP every rank runs the same sequence (the
 launcher re-executes the command line), with a barrier after each hand-over file is written.
+
+This file runs the phases; the plan (typed sections, composed configs) is in `pipeline_plan`,
+what a run directory holds in `pipeline_state`, the summary in `pipeline_summary`.
 """
 from __future__ import annotations
 
-import copy
-import hashlib
-import json
 import os
 import sys
-from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
-from lpt_lightning.checkpoints.files import atomic_save, load_checkpoint_file
-from lpt_lightning.checkpoints.metadata import read_phase_metadata
-from lpt_lightning.errors import CheckpointError, ConfigError, RunInterrupted
-from lpt_lightning.lightning_cli import LPTCLI, validate_config
-from lpt_lightning.models.expert import ExpertSpec
+from lpt_lightning.errors import ConfigError, RunInterrupted
+from lpt_lightning.lightning_cli import LPTCLI
 from lpt_lightning.phases.moe_scorer import ROWS, STAGE_ROWS, row_name
+from lpt_lightning.pipeline_plan import ExpertPhaseSection, PhaseRun, PhaseSection, WandbSpec, plan
+from lpt_lightning.pipeline_state import (
+    _validate_configs,
+    discard_phase,
+    finished,
+    recorded_changes,
+    resume_checkpoint,
+    write_phase_config,
+)
+from lpt_lightning.pipeline_summary import split_table_from_file, write_summary
 from lpt_lightning.reports import (
     CHECKPOINT_DIGEST_KEY,
-    DIGEST_KEYS,
     file_digest,
     plot_per_class_accuracy,
-    read_metrics,
     split_table,
     supercategories_of,
     write_metrics,
     write_pictures,
 )
-from lpt_lightning.test_priors import imbalance_factors, plot_test_priors
-
-PHASE_CLASSES = {
-    "phase1": "lpt_lightning.phases.AdaptPhase",
-    "phase2": "lpt_lightning.phases.GroupPromptPhase",
-    "phase3": "lpt_lightning.phases.MoEScorerPhase",
-}
-
-
-# The sections below are typed, so the pipeline's parser names an unknown key. Their
-# trainer/data/model values stay dicts: they are merged into a phase's LightningCLI config, whose
-# own parser validates them (Trainer arguments, LongTailDataModule, the phase class's init args)
-# when every phase config is checked before anything trains. An expert is typed, so that a config
-# can name a piece file for it.
-@dataclass(frozen=True)
-class ExpertRunArgs:
-    """Init args of one expert's run of a phase, merged over the phase's ``model``.
-
-    Attributes:
-        expert: the expert (``model.init_args.expert``): a piece file (``expert/visual.yaml``,
-            relative to the config naming it) or its fields. Parsed from a config, it has every
-            field (the ones it leaves out take ExpertSpec's defaults), so it replaces a
-            ``model.expert`` as a whole.
-        loss: merged over ``model.loss`` for this expert.
-        optim: merged over ``model.optim`` for this expert.
-        group_prompts: merged over ``model.group_prompts`` for this expert (phase 2).
-    """
-
-    expert: ExpertSpec | None = None
-    loss: dict[str, Any] | None = None
-    optim: dict[str, Any] | None = None
-    group_prompts: dict[str, Any] | None = None
-
-
-@dataclass(frozen=True)
-class PhaseSection:
-    """Overrides of one phase, merged over the shared sections.
-
-    Attributes:
-        trainer: merged over the shared ``trainer`` section.
-        data: merged over the shared ``data`` section.
-        model: init args of the phase's LightningModule.
-    """
-
-    trainer: dict[str, Any] | None = None
-    data: dict[str, Any] | None = None
-    model: dict[str, Any] | None = None
-
-
-@dataclass(frozen=True)
-class ExpertPhaseSection(PhaseSection):
-    """Overrides of a phase run once per expert (phases 1 and 2).
-
-    Attributes:
-        visual: init args for the visual expert's run only, merged over ``model``.
-        vl: the same for the vision-language expert.
-    """
-
-    visual: ExpertRunArgs = ExpertRunArgs()
-    vl: ExpertRunArgs = ExpertRunArgs()
-
-
-PHASE_SECTIONS: dict[str, type[PhaseSection]] = {"phase1": ExpertPhaseSection, "phase2": ExpertPhaseSection,
-                                                 "phase3": PhaseSection}
-
-
-@dataclass
-class WandbSpec:
-    """Weights & Biases logging of every phase (beside the CSV logs).
-
-    Every phase is a W&B run of its own: runs of one pipeline share a ``group`` (default: the run
-    directory's name), each phase is a ``job_type``, and the run id is derived from the run
-    directory and the phase, so a requeued or resumed phase keeps appending to the same W&B run.
-    ``log_model`` logs each phase's hand-over checkpoint (``final.ckpt``) as a ``model`` artifact
-    of its run, with the phase's split accuracies as metadata.
-    """
-
-    project: str = "lpt_lightning"
-    entity: str | None = None
-    group: str | None = None
-    tags: list[str] | None = None
-    offline: bool = False
-    log_model: bool = False
-
-
-def wandb_run_id(run_dir: Path, phase: str) -> str:
-    return hashlib.sha1(f"{run_dir.resolve()}|{phase}".encode()).hexdigest()[:16]
-
-
-@dataclass
-class PhaseRun:
-    name: str  # e.g. "phase1_visual"
-    phase: str  # "phase1" | "phase2" | "phase3"
-    directory: Path
-    config: dict[str, Any]
-
-    @property
-    def final_checkpoint(self) -> Path:
-        return self.directory / "final.ckpt"
-
-    @property
-    def last_checkpoint(self) -> Path:
-        return self.directory / "checkpoints" / "last.ckpt"
-
-
-def merge(base: dict[str, Any], override: dict[str, Any] | None) -> dict[str, Any]:
-    """Recursive dict merge; lists and scalars in ``override`` replace those in ``base``, and so does
-    a dict naming another ``class_path`` (its init args are another class's)."""
-    out = copy.deepcopy(base)
-    for key, value in (override or {}).items():
-        if (isinstance(value, dict) and isinstance(out.get(key), dict)
-                and value.get("class_path", out[key].get("class_path")) == out[key].get("class_path")):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def phase_section(name: str, section: PhaseSection | dict[str, Any] | None) -> PhaseSection:
-    """The typed section of phase ``name``; a dict (from Python callers, or the parser's plain
-    values) is checked for unknown keys as the pipeline's parser checks a config file."""
-    kind = PHASE_SECTIONS[name]
-    if isinstance(section, PhaseSection):
-        section = {f.name: getattr(section, f.name) for f in fields(section)}
-    section = _known_keys(f"pipeline {name}", dict(section or {}), kind)
-    for expert in ("visual", "vl"):
-        if isinstance(section.get(expert), dict):
-            section[expert] = ExpertRunArgs(**_known_keys(f"pipeline {name}.{expert}", section[expert], ExpertRunArgs))
-    return kind(**section)
-
-
-def _known_keys(where: str, values: dict[str, Any], kind: type) -> dict[str, Any]:
-    allowed = sorted(f.name for f in fields(kind))
-    unknown = set(values) - set(allowed)
-    if unknown:
-        raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; allowed: {allowed}")
-    return values
-
-
-def expert_run_args(args: ExpertRunArgs | None) -> dict[str, Any]:
-    """What an expert's block hands to its run: plain data (a phase's config.yaml), unset fields left out."""
-    if args is None:
-        return {}
-    return {f.name: asdict(value) if is_dataclass(value) else value
-            for f in fields(args) if (value := getattr(args, f.name)) is not None}
-
-
-def plan(run_dir: str, data: dict[str, Any], trainer: dict[str, Any] | None, experts: list[str],
-         phase1: ExpertPhaseSection | dict[str, Any] | None, phase2: ExpertPhaseSection | dict[str, Any] | None,
-         phase3: PhaseSection | dict[str, Any] | None, mixture: bool, seed_everything: int,
-         wandb: WandbSpec | None = None, checkpoint_every_n_steps: int | None = None,
-         test_priors: bool | list[float] = False) -> list[PhaseRun]:
-    """The phase runs and their composed LightningCLI configs, in execution order."""
-    if not experts or len(set(experts)) != len(experts) or not set(experts) <= {"visual", "vl"}:
-        raise ConfigError(f"pipeline experts={experts}: choose 'visual', 'vl' or both, each once")
-    if mixture and set(experts) != {"visual", "vl"}:
-        raise ConfigError("pipeline mixture=true (phase 3) needs both experts; set mixture: false for LPT mode")
-    imbalance_factors(test_priors, where="pipeline test_priors")  # a bad value named before anything runs
-    root = Path(run_dir)
-    # The images are checked once for the whole pipeline: later phases find the record and skip it.
-    # (A parsed data section carries the option's default, None.)
-    if data.get("verify_record_dir") is None:
-        data = {**data, "verify_record_dir": str(root / "verified")}
-    sections = {"phase1": phase_section("phase1", phase1), "phase2": phase_section("phase2", phase2),
-                "phase3": phase_section("phase3", phase3)}
-    runs: list[PhaseRun] = []
-
-    def add(phase: str, name: str, model_args: dict[str, Any], expert: str | None) -> None:
-        section = sections[phase]
-        directory = root / name
-        phase_trainer = merge(trainer or {}, section.trainer)
-        callbacks = list(phase_trainer.get("callbacks") or [])
-        callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                          "init_args": {"dirpath": str(directory / "checkpoints"), "save_last": "link",
-                                        "save_top_k": 1, "every_n_train_steps": checkpoint_every_n_steps}})
-        phase_trainer["callbacks"] = callbacks
-        phase_trainer["default_root_dir"] = str(directory)
-        if phase_trainer.get("logger") is None:  # unset (the parser gives every Trainer argument)
-            loggers = [{"class_path": "lightning.pytorch.loggers.CSVLogger",
-                        "init_args": {"save_dir": str(directory), "name": "logs"}}]
-            if wandb is not None:
-                loggers.append({
-                    "class_path": "lpt_lightning.reports.PhaseWandbLogger",
-                    "init_args": {"project": wandb.project, "name": f"{root.name}/{name}", "save_dir": str(directory),
-                                  "id": wandb_run_id(root, name), "offline": wandb.offline},
-                    "dict_kwargs": {"group": wandb.group or root.name, "job_type": name, "tags": wandb.tags,
-                                    "entity": wandb.entity, "resume": "allow"},
-                })
-            phase_trainer["logger"] = loggers
-        init_args = merge(merge(section.model or {}, expert_run_args(getattr(section, expert)) if expert else None),
-                          model_args)
-        config = {
-            "seed_everything": seed_everything,
-            "trainer": phase_trainer,
-            "model": {"class_path": PHASE_CLASSES[phase], "init_args": init_args},
-            "data": merge(data, section.data),
-        }
-        if test_priors:  # left out when off: config.yaml stays as before
-            config["report"] = {"test_priors": test_priors}
-        runs.append(PhaseRun(name, phase, directory, config))
-
-    for expert in experts:
-        add("phase1", f"phase1_{expert}", {}, expert)
-        add("phase2", f"phase2_{expert}", {"phase1_checkpoint": str(root / f"phase1_{expert}" / "final.ckpt")},
-            expert)
-    if mixture:
-        add("phase3", "phase3_moe", {"visual_checkpoint": str(root / "phase2_visual" / "final.ckpt"),
-                                     "vl_checkpoint": str(root / "phase2_vl" / "final.ckpt")}, None)
-    return runs
-
-
-def finished(run: PhaseRun) -> bool:
-    """A phase is done when its final checkpoint loads; a corrupt one means redo the phase."""
-    if not run.final_checkpoint.is_file():
-        return False
-    try:
-        read_phase_metadata(load_checkpoint_file(run.final_checkpoint), run.final_checkpoint)
-    except CheckpointError as exc:
-        rank_zero_info(f"{run.name}: {exc}; redoing this phase")
-        return False
-    return True
-
-
-# Settings that do not change a phase's weights: a finished phase is kept whatever their values.
-SAME_WEIGHTS = ("trainer.logger", "trainer.enable_progress_bar", "trainer.enable_model_summary",
-                "trainer.log_every_n_steps", "data.num_workers", "data.pin_memory", "data.persistent_workers",
-                "data.verify_images", "report")
-_UNSET = object()
-
-
-def write_phase_config(run: PhaseRun, path: Path) -> None:
-    text = yaml.safe_dump(run.config, sort_keys=False)
-    atomic_save(lambda tmp: tmp.write_text(text), path)  # ranks may write it at once
-
-
-def _validate_configs(runs: list[PhaseRun], keep: set[str] = frozenset()) -> None:
-    """Parse every phase's config before anything trains: a typo fails now, not hours later. Each
-    is written to the phase's config.yaml, except in the phases named in ``keep``, whose config.yaml
-    records the settings of their final.ckpt: theirs is checked from a file of its own."""
-    for run in runs:
-        run.directory.mkdir(parents=True, exist_ok=True)
-        path = run.directory / (f".config.new-{os.getpid()}.yaml" if run.name in keep else "config.yaml")
-        write_phase_config(run, path)
-        try:
-            validate_config(str(path))
-        except ConfigError as exc:
-            raise ConfigError(f"pipeline phase {run.name}: {exc}") from None
-        finally:
-            if run.name in keep:
-                path.unlink(missing_ok=True)
-
-
-def recorded_changes(run: PhaseRun) -> list[str]:
-    """How the phase's settings differ from those its config.yaml recorded when its final.ckpt was
-    trained, one ``key: recorded -> now`` line each (settings in SAME_WEIGHTS left out); empty if none."""
-    path = run.directory / "config.yaml"
-    try:
-        recorded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return [f"{path} is missing: the settings of its final.ckpt are unknown"]
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        return [f"{path} cannot be read ({exc}): the settings of its final.ckpt are unknown"]
-    current = yaml.safe_load(yaml.safe_dump(run.config, sort_keys=False))  # as it would be recorded
-    return [f"{key}: {_shown(old)} -> {_shown(new)}" for key, old, new in _differences(recorded, current)
-            if not any(key == k or key.startswith(k + ".") for k in SAME_WEIGHTS)]
-
-
-def _differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [d for key in [*old, *(k for k in new if k not in old)]
-                for d in _differences(old.get(key, _UNSET), new.get(key, _UNSET), f"{prefix}{key}.")]
-    return [] if old == new else [(prefix.rstrip("."), old, new)]
-
-
-def _shown(value: Any) -> str:
-    text = "(unset)" if value is _UNSET else yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()
-    text = text.removesuffix("\n...").removesuffix("...").strip()
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def discard_phase(run: PhaseRun) -> None:
-    """What a phase run left that a redo must not reuse: its hand-over file, the checkpoints it would
-    resume from, its reports."""
-    stale = [run.final_checkpoint, run.directory / "metrics.json", run.directory / "per_class_accuracy.png",
-             *run.last_checkpoint.parent.glob("*.ckpt"), *run.directory.glob("hpc_ckpt_*.ckpt")]
-    removed = [p for p in stale if p.is_file() or p.is_symlink()]
-    for p in removed:
-        p.unlink(missing_ok=True)  # every rank may try
-    if removed:
-        rank_zero_info(f"{run.name}: --redo_from: deleted {len(removed)} files of its earlier run")
-
-
-def resume_checkpoint(run: PhaseRun) -> Path | None:
-    """The newest readable checkpoint of an interrupted phase: the epoch checkpoint
-    (``checkpoints/last.ckpt``) or a mid-epoch one Lightning wrote on SLURM's pre-emption signal
-    (``hpc_ckpt_N.ckpt``). An unreadable one is reported and passed over."""
-    candidates = [run.last_checkpoint, *run.directory.glob("hpc_ckpt_*.ckpt")]
-    existing = sorted((p for p in candidates if p.is_file()), key=lambda p: p.stat().st_mtime, reverse=True)
-    for path in existing:
-        try:
-            load_checkpoint_file(path)
-            return path
-        except CheckpointError as exc:
-            rank_zero_info(f"{run.name}: {exc}; trying an older checkpoint")
-    return None
 
 
 def run_phase(run: PhaseRun, test: bool, log_model: bool = False, test_start: bool | None = None) -> None:
@@ -585,55 +283,3 @@ def run_pipeline(
         summary = Path(run_dir) / "metrics.json"
         rank_zero_info(f"\npipeline summary ({summary})\n{split_table_from_file(summary)}\n")
     return runs
-
-
-EXPERT_TITLES = {"visual": "visual expert", "vl": "vision-language expert"}
-
-
-def summary_rows(runs: list[PhaseRun]) -> dict[str, dict[str, Any]]:
-    """Every evaluated row of the pipeline, in the order of training: each expert before training,
-    after phase 1 and after phase 2, then the fusions. Read from the phases' metrics.json files
-    (per-class accuracies included); a phase that was not evaluated on a split has no row there."""
-    phases: dict[str, dict[str, Any]] = {}
-    for run in runs:
-        path = run.directory / "metrics.json"
-        if path.is_file():
-            phases[run.name] = json.loads(path.read_text())
-    phase3 = phases.get("phase3_moe", {}).get("results", {})
-    rows: dict[str, dict[str, Any]] = {}
-    for split in ("test", "val"):
-        for expert, title in EXPERT_TITLES.items():
-            for name, source, label in ((f"phase1_{expert}", f"{split}: no training", "no training"),
-                                        (f"phase1_{expert}", split, "phase 1"),
-                                        (f"phase2_{expert}", split, "phase 2")):
-                row = phases.get(name, {}).get("results", {}).get(source)
-                if row is None and label == "phase 2":  # phase 3 evaluated the phase-2 experts
-                    row = phase3.get(row_name(split, title))
-                if row is not None:
-                    rows[f"{split}: {title}, {label}"] = row
-        # Phase 3's val rows keep their name: the fusions were fitted on that split.
-        for title in ("W_base fusion", "LPT++ (scorer)"):
-            row = phase3.get(row_name(split, title))
-            if row is not None:
-                rows[row_name(split, title)] = row
-    return rows
-
-
-def write_summary(run_dir: Path, runs: list[PhaseRun]) -> dict[str, dict[str, Any]]:
-    """``<run_dir>/metrics.json``: the pipeline's rows (``summary_rows``), on rank 0."""
-    rows = summary_rows(runs)
-    if not rows or rank_zero_only.rank != 0:
-        return rows
-    files = [json.loads((r.directory / "metrics.json").read_text()) for r in runs
-             if (r.directory / "metrics.json").is_file()]
-    first = files[0]
-    payload = {k: first[k] for k in ("split_convention", "class_counts", "class_names")} | {
-        k: next((f[k] for f in files if f.get(k)), None) for k in DIGEST_KEYS} | {
-        "phases": {r.name: str(r.directory.relative_to(run_dir)) for r in runs}, "results": rows}
-    atomic_save(lambda tmp: tmp.write_text(json.dumps(payload, indent=1)), run_dir / "metrics.json")
-    plot_test_priors(run_dir / "test_priors.png", rows, run_dir.name)
-    return rows
-
-
-def split_table_from_file(path: Path) -> str:
-    return split_table(read_metrics(path), json.loads(path.read_text()).get("class_names"))

@@ -16,13 +16,8 @@ from lightning.pytorch import Trainer
 
 from lpt_lightning.data import LongTailDataModule
 from lpt_lightning.errors import ConfigError
-from lpt_lightning.pipeline import (
-    PHASE_SECTIONS,
-    WandbSpec,
-    merge,
-    phase_section,
-    run_pipeline,
-)
+from lpt_lightning.pipeline import run_pipeline
+from lpt_lightning.pipeline_plan import PHASE_SECTIONS, WandbSpec, merge, phase_section
 
 
 class MergingConfigFiles(ActionConfigFile):

@@ -208,7 +208,7 @@ def test_every_subcommand_has_its_own_help(name, capsys, monkeypatch):
 
 # ------------------------------------------------------------------ lpt pipeline: parsing
 def test_repeated_config_merges_nested_sections(tmp_path):
-    from lpt_lightning.pipeline import ExpertPhaseSection, PhaseSection, plan
+    from lpt_lightning.pipeline_plan import ExpertPhaseSection, PhaseSection, plan
     from lpt_lightning.pipeline_cli import parse
 
     base = CPU_CONFIGS / "fmnist_lt_pipeline.yaml"
@@ -253,7 +253,7 @@ def full_expert(piece: Path) -> dict:
 
 
 def test_pipeline_pieces_load_relative_to_their_file_and_merge_key_by_key(tmp_path, monkeypatch):
-    from lpt_lightning.pipeline import plan
+    from lpt_lightning.pipeline_plan import plan
     from lpt_lightning.pipeline_cli import parse
 
     monkeypatch.chdir(tmp_path)  # piece paths in files are relative to the file, not the working directory

@@ -367,7 +367,7 @@ def parse_pipeline(path: Path) -> dict:
 
 def pipeline_runs(settings: dict, run_dir: Path):
     """The phase runs ``lpt pipeline`` composes from its settings (parsed, or a pipeline file's plain values)."""
-    from lpt_lightning.pipeline import plan
+    from lpt_lightning.pipeline_plan import plan
 
     return plan(str(run_dir), settings["data"], settings.get("trainer"), settings.get("experts") or ["visual", "vl"],
                 settings.get("phase1"), settings.get("phase2"), settings.get("phase3"), settings.get("mixture", True),
@@ -484,7 +484,7 @@ for _phase, _expert in itertools.product(("phase1", "phase2"), ("visual", "vl"))
 @pytest.mark.parametrize("args", README_PIPELINE_COMMANDS,
                          ids=lambda args: "+".join(Path(a).stem for a in args if a.startswith("configs/")))
 def test_readme_pipeline_combination_validates(args, monkeypatch, tmp_path):
-    from lpt_lightning.pipeline import _validate_configs
+    from lpt_lightning.pipeline_state import _validate_configs
     from lpt_lightning.pipeline_cli import parse
 
     monkeypatch.chdir(REPO)  # the README's commands run from the repository root
@@ -520,7 +520,7 @@ def test_gpu_data_keeps_its_workers(dataset):
 def test_prepared_piece_is_the_dataset_piece_on_a_prepared_copy(dataset, tmp_path, monkeypatch):
     """The README recipe (`lpt prepare` into the piece's root, then `lpt pipeline ... --data
     data/<dataset>_prepared.yaml`): every phase reads PreparedSource with the dataset's other settings."""
-    from lpt_lightning.pipeline import _validate_configs
+    from lpt_lightning.pipeline_state import _validate_configs
     from lpt_lightning.pipeline_cli import parse
 
     raw = yaml.safe_load((CONFIG_DIR / "data" / f"{dataset}.yaml").read_text())

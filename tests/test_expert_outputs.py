@@ -21,17 +21,12 @@ from lpt_lightning.data import ClassAwareSampler, ImageFolderSource, InstanceSam
 from lpt_lightning.data.cached_outputs import CachedOutputsDataModule, CachedSplit
 from lpt_lightning.data.samplers import ShardedEvalSampler
 from lpt_lightning.data_facts import connect
-from lpt_lightning.errors import CheckpointError
-from lpt_lightning.expert_outputs import (
-    ExpertOutputs,
-    ExpertOutputsWriter,
-    OutputsTarget,
-    outputs_key,
-    scorer_fit_data,
-    write_expert_outputs,
-)
+from lpt_lightning.errors import CacheError
+from lpt_lightning.expert_cache_writer import ExpertCacheWriter, OutputsTarget
+from lpt_lightning.expert_outputs import ExpertRowsPredictor, outputs_key, write_expert_outputs
 from lpt_lightning.models.expert import ExpertSpec
 from lpt_lightning.phases import AdaptPhase, MoEScorerPhase, OptimSpec
+from lpt_lightning.phases.moe_scorer import scorer_fit_data
 from tiny_models import tiny_backbone, tiny_image_folder
 
 COUNTS = [30, 20, 12, 8]
@@ -129,7 +124,7 @@ def rank_errors(module, data, split_name, directory, world, dtype, ranks: Thread
 
     def rank(r):
         trainer = SimpleNamespace(global_rank=r, world_size=world, is_global_zero=r == 0, strategy=ranks.strategy(r))
-        writer = ExpertOutputsWriter([OutputsTarget(split_name, directory, len(split), {"key": "k", "data": {}})],
+        writer = ExpertCacheWriter([OutputsTarget(split_name, directory, len(split), {"key": "k", "data": {}})],
                                      dtype)
         loader = torch.utils.data.DataLoader(data.split_dataloader("val").dataset, batch_size=1,
                                              sampler=ShardedEvalSampler(len(split), world, r))
@@ -160,7 +155,7 @@ def simulate_ranks(module, data, split_name, directory, world, dtype):
 def test_two_ranks_write_disjoint_shards_whose_union_is_the_one_rank_result(experts, folder, tmp_path, dtype):
     model = scorer(experts)
     data = images(folder)
-    module = ExpertOutputs(model.experts(), model.scales, [False]).eval()
+    module = ExpertRowsPredictor(model.experts(), model.scales, [False]).eval()
     one = simulate_ranks(module, data, "val", tmp_path / "one", 1, dtype)
     two = simulate_ranks(module, data, "val", tmp_path / "two", 2, dtype)
     n = len(data.splits.val)
@@ -185,21 +180,21 @@ def test_two_ranks_write_disjoint_shards_whose_union_is_the_one_rank_result(expe
 def test_a_rank_that_cannot_see_the_others_files_is_told_why(experts, folder, tmp_path, monkeypatch):
     model = scorer(experts)
     data = images(folder)
-    module = ExpertOutputs(model.experts(), model.scales, [False]).eval()
+    module = ExpertRowsPredictor(model.experts(), model.scales, [False]).eval()
     real_is_file = Path.is_file
     # Rank 0 on another node without shared storage: rank 1's record is not visible to it.
     monkeypatch.setattr(Path, "is_file", lambda p: False if p.name == "rank1-of-2.json" else real_is_file(p))
-    with pytest.raises(CheckpointError, match=r"rank1-of-2.json: missing.*filesystem every node sees"):
+    with pytest.raises(CacheError, match=r"rank1-of-2.json: missing.*filesystem every node sees"):
         simulate_ranks(module, data, "val", tmp_path / "two", 2, "float16")
     assert not (tmp_path / "two" / "manifest.json").exists()
 
 
 def test_a_write_error_on_one_rank_stops_every_rank_at_once(experts, folder, tmp_path, monkeypatch):
-    """Rank 1 cannot write (a full disk): it raises its own error and rank 0 a CheckpointError, both
+    """Rank 1 cannot write (a full disk): it raises its own error and rank 0 a CacheError, both
     after the same vote; neither waits at a barrier for a rank that is not coming."""
     model = scorer(experts)
     data = images(folder)
-    module = ExpertOutputs(model.experts(), model.scales, [False]).eval()
+    module = ExpertRowsPredictor(model.experts(), model.scales, [False]).eval()
     real_open = np.lib.format.open_memmap
 
     def open_memmap(path, *args, **kwargs):
@@ -211,7 +206,7 @@ def test_a_write_error_on_one_rank_stops_every_rank_at_once(experts, folder, tmp
     ranks = ThreadRanks(2, timeout=10)
     errors = rank_errors(module, data, "val", tmp_path / "two", 2, "float16", ranks)
     assert isinstance(errors[1], OSError) and "No space left" in str(errors[1])
-    assert isinstance(errors[0], CheckpointError) and "another rank failed writing its expert outputs" in str(errors[0])
+    assert isinstance(errors[0], CacheError) and "another rank failed writing its expert outputs" in str(errors[0])
     assert ranks.collectives == ["vote"]  # stopped at the first vote, nothing waited past it
     assert not (tmp_path / "two" / "manifest.json").exists()
 

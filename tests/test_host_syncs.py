@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from lpt_lightning.callbacks import default_callbacks
 from lpt_lightning.data_facts import connect
-from lpt_lightning.expert_outputs import scorer_fit_data
+from lpt_lightning.phases.moe_scorer import scorer_fit_data
 from lpt_lightning.models.expert import ExpertSpec, GroupPromptSpec
 from lpt_lightning.phases import AdaptPhase, GroupPromptPhase, MoEScorerPhase, OptimSpec
 from tiny_models import tiny_backbone, tiny_datamodule, tiny_image_folder

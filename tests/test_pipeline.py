@@ -12,7 +12,8 @@ import yaml
 from lpt_lightning.checkpoints import expert_from_checkpoint, load_checkpoint_file
 from lpt_lightning.cli import main
 from lpt_lightning.errors import ConfigError
-from lpt_lightning.pipeline import plan, run_pipeline
+from lpt_lightning.pipeline import run_pipeline
+from lpt_lightning.pipeline_plan import plan
 from tiny_models import CLIP_TINY, TIMM_TINY
 from datasets_available import needs_fmnist
 

@@ -16,7 +16,7 @@ from lpt_lightning.data import ImageFolderSource, LongTailDataModule
 from lpt_lightning.data.long_tail import holdout_upto
 from lpt_lightning.data_facts import connect
 from lpt_lightning.errors import CheckpointError, ConfigError
-from lpt_lightning.expert_outputs import scorer_fit_data
+from lpt_lightning.phases.moe_scorer import scorer_fit_data
 from lpt_lightning.metrics import shot_groups
 from lpt_lightning.models.expert import ExpertSpec, GroupPromptSpec
 from lpt_lightning.phases import AdaptPhase, GroupPromptPhase, MoEScorerPhase, OptimSpec

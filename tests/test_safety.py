@@ -16,13 +16,14 @@ import torch
 
 from lpt_lightning.checkpoints import expert_from_checkpoint, load_checkpoint_file
 from lpt_lightning.cli import main
-from lpt_lightning.errors import CheckpointError
+from lpt_lightning.errors import CacheError, CheckpointError
 from lpt_lightning.data.cached_outputs import CachedSplit
 from lpt_lightning.models.backbones import BackboneSpec, build_backbone
 from lpt_lightning.safe_load import read_state_dict
 from lpt_lightning.models.expert import ExpertSpec
 from lpt_lightning.phases import AdaptPhase, GroupPromptPhase, MoEScorerPhase
-from lpt_lightning.pipeline import finished, plan
+from lpt_lightning.pipeline_plan import plan
+from lpt_lightning.pipeline_state import finished
 from tiny_models import CLIP_TINY, TIMM_TINY, tiny_backbone
 
 
@@ -125,7 +126,7 @@ def cached_split(directory: Path, index: np.ndarray) -> Path:
 def test_expert_cache_refuses_payload(tmp_path):
     marker = tmp_path / "ran"
     shard = cached_split(tmp_path / "val-abc", np.array([0, 1, Payload(marker)], dtype=object))
-    with pytest.raises(CheckpointError, match="expert-output cache") as exc:
+    with pytest.raises(CacheError, match="expert-output cache") as exc:
         CachedSplit(tmp_path / "val-abc")
     refused(shard, marker, exc)
 
@@ -230,7 +231,7 @@ def test_damaged_cache_and_weights_fail_clearly(tmp_path):
     shard = cached_split(tmp_path / "val-abc", np.arange(3))
     for name, path in damaged(tmp_path, shard).items():
         shard.write_bytes(path.read_bytes())
-        with pytest.raises(CheckpointError, match="delete .* to recompute") as exc:
+        with pytest.raises(CacheError, match="delete .* to recompute") as exc:
             CachedSplit(shard.parent)
         assert str(shard) in str(exc.value), name
     weights = tmp_path / "weights.pt"

@@ -2,7 +2,20 @@
 import pytest
 import torch
 
-from lpt_lightning.models.scorer import MoEScorer, balanced_accuracy, fuse, search_base_weight
+from lpt_lightning.models.scorer import BaseWeightSearch, MoEScorer, fuse
+
+
+def search_base_weight(p_visual, p_vl, labels, step=0.05):
+    """The live W_base search (`BaseWeightSearch`) over one set of held-out probabilities."""
+    search = BaseWeightSearch(p_visual.shape[1], step)
+    search.update(p_visual, p_vl, labels)
+    return search.result()
+
+
+def balanced_accuracy(predictions, labels, num_classes):
+    """The balanced accuracy `BaseWeightSearch` scores a weight by: both experts predicting ``predictions``."""
+    probs = torch.nn.functional.one_hot(predictions, num_classes).float()
+    return search_base_weight(probs, probs, labels, step=1.0)[1][0.0]
 
 
 def one_hot_probs(pred, num_classes, confidence):

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from lpt_lightning.cli import LPTCLI
-from lpt_lightning.pipeline import WandbSpec, run_pipeline, wandb_run_id
+from lpt_lightning.pipeline import run_pipeline
+from lpt_lightning.pipeline_plan import WandbSpec, wandb_run_id
 from test_distributed import SLURM_ENV
 from test_pipeline import TINY
 from wandb_offline import read_offline_runs

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from lpt_lightning.data.datasets import StreamBatches
 from lpt_lightning.data.samplers import ShardedEvalSampler
 from lpt_lightning.data.training_streams import Sampling, TrainingStreams
-from lpt_lightning.errors import CheckpointError, ConfigError
+from lpt_lightning.errors import CacheError, ConfigError
 
 OUTPUTS_FORMAT = 2
 MANIFEST = "manifest.json"
@@ -39,12 +39,12 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{path}: no expert outputs here (the prediction pass has not finished)") from None
+        raise CacheError(f"{path}: no expert outputs here (the prediction pass has not finished)") from None
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: unreadable expert-output manifest ({exc}); delete {directory} to "
+        raise CacheError(f"{path}: unreadable expert-output manifest ({exc}); delete {directory} to "
                               "recompute") from None
     if not isinstance(manifest, dict) or manifest.get("format") != OUTPUTS_FORMAT:
-        raise CheckpointError(f"{path}: not an expert-output manifest of format {OUTPUTS_FORMAT}; delete "
+        raise CacheError(f"{path}: not an expert-output manifest of format {OUTPUTS_FORMAT}; delete "
                               f"{directory} to recompute")
     return manifest
 
@@ -68,16 +68,16 @@ class CachedSplit:
             return None
         path = shard_file(self.directory, rank, self.world_size, name)
         if not path.is_file():
-            raise CheckpointError(
+            raise CacheError(
                 f"{path}: missing; rank {rank} wrote it. On several nodes the expert-output cache must be on a "
                 "filesystem every node sees (a shared run directory, or model.init_args.cache_dir there)")
         try:
             array = np.load(path, mmap_mode="r", allow_pickle=False)  # never unpickles
         except Exception as exc:
-            raise CheckpointError(f"{path}: unreadable expert-output cache ({exc}); delete {self.directory} to "
+            raise CacheError(f"{path}: unreadable expert-output cache ({exc}); delete {self.directory} to "
                                   "recompute") from None
         if array.shape != (rows, *spec["shape"]) or str(array.dtype) != spec["dtype"]:
-            raise CheckpointError(f"{path}: holds {array.dtype}{list(array.shape)}, the manifest says "
+            raise CacheError(f"{path}: holds {array.dtype}{list(array.shape)}, the manifest says "
                                   f"{spec['dtype']}{[rows, *spec['shape']]}; delete {self.directory} to recompute")
         return array
 
@@ -154,7 +154,7 @@ class CachedOutputsDataModule(LightningDataModule):
         facts = self.splits["val"].manifest["data"]
         for split in self.splits.values():
             if split.manifest["data"] != facts:
-                raise CheckpointError(f"{split.directory}: computed for other data than {self.splits['val'].directory}; "
+                raise CacheError(f"{split.directory}: computed for other data than {self.splits['val'].directory}; "
                                       "delete the stale one to recompute")
         self._facts = facts
 

@@ -12,14 +12,6 @@ def fuse(p_visual: torch.Tensor, p_vl: torch.Tensor, weight: torch.Tensor | floa
     return weight * p_visual + (1 - weight) * p_vl
 
 
-def balanced_accuracy(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> float:
-    """Mean per-class accuracy over the classes present in ``labels``."""
-    correct = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, labels, (predictions == labels).double())
-    total = torch.bincount(labels, minlength=num_classes).double()
-    present = total > 0
-    return float((correct[present] / total[present]).mean())
-
-
 class BaseWeightSearch:
     """Searching-based scorer, accumulated batch by batch (the held-out outputs are never held
     whole): per grid weight w in {0, step, ..., 1}, the per-class hits of the fused prediction."""
@@ -44,14 +36,6 @@ class BaseWeightSearch:
         scores = {w: float((self.correct[i][present] / self.total[present]).mean()) for i, w in enumerate(self.grid)}
         best = max(self.grid, key=lambda w: (scores[w], -w))
         return best, scores
-
-
-def search_base_weight(p_visual: torch.Tensor, p_vl: torch.Tensor, labels: torch.Tensor, step: float = 0.05
-                       ) -> tuple[float, dict[float, float]]:
-    """`BaseWeightSearch` over one set of held-out probabilities."""
-    search = BaseWeightSearch(p_visual.shape[1], step)
-    search.update(p_visual, p_vl, labels)
-    return search.result()
 
 
 class MoEScorer(nn.Module):

@@ -1,15 +1,22 @@
-"""Phase 3 (MoEScorerPhase): both experts frozen; learn the mixture weight w(x) (SPEC 5).
+"""Phase 3 of LPT++ in one place (SPEC 5): both experts frozen, the mixture weight w(x) learned.
 
-Phase 3 is three parts: the experts' outputs over the held-out split (and the training split, for
-the fit-on-train ablation) computed once through Lightning's predict loop
-(`lpt_lightning.expert_outputs`), a DataModule over those cached tensors
-(`lpt_lightning.data.cached_outputs`), and this module, which searches W_base on the held-out
-outputs and trains the scorer on them. Never on the test split.
+Top to bottom, never on the test split:
+1. outputs: both experts over the held-out split (and the training split, for the fit-on-train
+   ablation), once, through the predict loop of the fit's own trainer (`write_expert_outputs`);
+2. cache: a DataModule over those memory-mapped outputs (`CachedOutputsDataModule`);
+3. W_base: the fixed weight with the best balanced held-out accuracy (`search_w_base`);
+4. scorer: `MoEScorerPhase.training_step` fits the offset MLP g around W_base;
+5. evaluation: each expert alone, W_base fusion and the full scorer, on cached rows or on images
+   (then both experts run, as in `lpt test` / `lpt predict`).
 
-The module is the whole LPT++ model: both experts (their trained tensors and specs are in its
-checkpoint, so it rebuilds without the phase-2 files) and the scorer. Evaluation takes either
-cached rows or images (then both experts run, as in `lpt test` / `lpt predict`) and reports each
-expert alone, W_base fusion and the full scorer.
+`scorer_fit_data` runs steps 1-3; ``lpt fit`` calls it, and so does plain Python,
+``trainer.fit(model, datamodule=scorer_fit_data(model, images, trainer))``.
+
+The module is the whole LPT++ model and is built whole: both experts (from their phase-2 files,
+or from the specs its checkpoint records, which are also its ``experts`` hyperparameter, so
+`load_from_checkpoint` and ``--ckpt_path`` rebuild it without the phase-2 files) and the scorer.
+Its state is its parameters and buffers (the experts' trained tensors, the scorer, W_base, the
+class counts), restored by ``load_state_dict``.
 """
 from __future__ import annotations
 
@@ -24,27 +31,27 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lpt_lightning import __version__
-from lpt_lightning.checkpoints.experts import (
-    expert_from_checkpoint,
-    expert_spec_from_dict,
-)
 from lpt_lightning.checkpoints.files import load_checkpoint_file
-from lpt_lightning.checkpoints.metadata import (
-    META_KEY,
-    is_saved_key,
-    read_phase_metadata,
-)
+from lpt_lightning.checkpoints.metadata import META_KEY, check_same_data, is_saved_key, read_phase_metadata
+from lpt_lightning.data.cached_outputs import CachedOutputsDataModule
 from lpt_lightning.errors import CheckpointError, ConfigError
+from lpt_lightning.expert_outputs import write_expert_outputs
 from lpt_lightning.metrics import log_values, row_values
-from lpt_lightning.models.expert import GroupPromptSpec, LongTailExpert, view_outputs
+from lpt_lightning.models.expert import view_outputs
 from lpt_lightning.models.scorer import BaseWeightSearch, MoEScorer, fuse
+from lpt_lightning.phases.moe_experts import (
+    EXPERTS,
+    architecture,
+    experts_from_phase2,
+    experts_from_specs,
+    recorded_experts,
+)
 from lpt_lightning.precision import check_precision
 from lpt_lightning.test_priors import TestPriors, prior_shift_metrics, record_prior_shift
 from lpt_lightning.taxonomy import eval_metrics, taxonomy_log_values, taxonomy_values
 
 # Rows of every phase-3 evaluation: the gain of each part stays visible.
 ROWS = {"visual": "visual expert", "vl": "vision-language expert", "base": "W_base fusion", "fused": "LPT++ (scorer)"}
-EXPERTS = ("visual", "vl")
 # Phase 3's validation split is the split W_base is searched on (and the scorer fitted on, by
 # default): its rows and logged values are named so, never to be read as held-out numbers.
 STAGE_ROWS = {"val": "fit split (val)", "test": "test"}
@@ -52,7 +59,7 @@ STAGE_LOG_PREFIXES = {"val": "fit_split_val", "test": "test"}
 
 NOT_ON_IMAGES = ("MoEScorerPhase fits on its experts' cached outputs, not on images: fit it with `lpt fit`, or in "
                  "Python with trainer.fit(model, datamodule=scorer_fit_data(model, images, trainer)) "
-                 "(lpt_lightning.expert_outputs)")
+                 "(lpt_lightning.phases.moe_scorer)")
 
 
 def row_name(stage: str, title: str) -> str:
@@ -88,6 +95,56 @@ class ScorerSpec:
     learn_offset: bool = True
 
 
+def scorer_fit_data(model: "MoEScorerPhase", images, trainer: L.Trainer) -> CachedOutputsDataModule:
+    """Steps 1-3 of phase 3: the protocol checks, the experts' outputs where the cache lacks them
+    (on ``trainer``, the one the fit runs on), the cached-output DataModule, and W_base searched on
+    the held-out split (a resumed run restores the W_base it searched before, with the scorer)."""
+    if images.val_is_test:
+        raise ConfigError("phase 3 searches W_base and fits the scorer on the validation split, which is the "
+                          "TEST split here (data.val_from_test=true): set data.holdout_per_class instead, in "
+                          "every phase, so the experts never train on the held-out images")
+    record = images.data_record()
+    for kind, info in model.expert_info.items():
+        check_same_data(info["data"], record, f"model.{kind}_checkpoint={info['source']}")
+    fit_split = model.fit_split
+    splits = {fit_split: fit_split == "train", "val": False}
+    facts = {"class_counts": images.group_class_counts.tolist(), "class_names": images.class_names, "record": record}
+    root = Path(model.cache_dir or Path(trainer.default_root_dir) / "expert_cache")
+    experts = model.experts()
+    # 1. outputs
+    directories = write_expert_outputs(experts, model.scales, [model.expert_info[k]["digest"] for k in experts],
+                                       images, splits, root, facts, trainer, model.outputs_dtype)
+    # 2. cache
+    data = CachedOutputsDataModule(directories, fit_split=fit_split, batch_size=images.batch_size,
+                                   eval_batch_size=images.eval_batch_size, sampling=images.sampling,
+                                   images_per_class=images.images_per_class, seed=images.seed)
+    model.use_data(data.group_class_counts, data.data_record())
+    model.taxonomy = getattr(images, "taxonomy", None)
+    # 3. W_base
+    w_base = search_w_base(data.heldout_batches(), model.scales, model.num_classes, model.scorer_spec.grid_step)
+    model.scorer.w_base.fill_(w_base)
+    return data
+
+
+def expert_probabilities(rows: dict[str, torch.Tensor], kind: str, scale: float) -> torch.Tensor:
+    """An expert's class probabilities from its cached (or just computed) logits."""
+    return torch.softmax(scale * rows[f"{kind}.logits"].float(), dim=-1)
+
+
+@torch.no_grad()
+def search_w_base(heldout: Iterable[dict[str, torch.Tensor]], scales: dict[str, float], num_classes: int,
+                  grid_step: float) -> float:
+    """Searching-based scorer: the W_base with the best balanced accuracy on the held-out rows."""
+    search = BaseWeightSearch(num_classes, grid_step)
+    for rows in heldout:
+        search.update(expert_probabilities(rows, "visual", scales["visual"]),
+                      expert_probabilities(rows, "vl", scales["vl"]), rows["label"])
+    w_base, scores = search.result()
+    rank_zero_info(f"phase 3: W_base = {w_base:.2f} (balanced held-out accuracy {100 * scores[w_base]:.2f}%; "
+                   f"w=0: {100 * scores[0.0]:.2f}%, w=1: {100 * scores[1.0]:.2f}%)")
+    return w_base
+
+
 class MoEScorerPhase(L.LightningModule):
     """LPT++ phase 3.
 
@@ -103,6 +160,10 @@ class MoEScorerPhase(L.LightningModule):
         split_convention: many/medium/few thresholds.
         weights: a phase-3 checkpoint or LPT++ export (``lpt export``) to take both experts and the
             scorer from, e.g. to test or predict with an export.
+        experts: what is recorded of both experts (specs, logit scales, sources, digests), written
+            here once they are built, so that a phase-3 checkpoint's hyperparameters rebuild the
+            same model (`load_from_checkpoint`, ``--ckpt_path``) without the phase-2 files. Not
+            set by hand.
     """
 
     phase_name = "moe_scorer"
@@ -110,82 +171,57 @@ class MoEScorerPhase(L.LightningModule):
     def __init__(self, visual_checkpoint: str | None = None, vl_checkpoint: str | None = None, num_classes: int = 0,
                  class_names: list[str] | None = None, scorer: ScorerSpec | None = None, cache_dir: str | None = None,
                  outputs_dtype: Literal["float16", "float32"] = "float16",
-                 split_convention: Literal["lpt", "oltr"] = "lpt", weights: str | None = None):
+                 split_convention: Literal["lpt", "oltr"] = "lpt", weights: str | None = None,
+                 experts: dict[str, dict[str, Any]] | None = None):
         super().__init__()
         spec = ScorerSpec(**scorer) if isinstance(scorer, dict) else (scorer or ScorerSpec())
         scorer = asdict(spec)  # plain data in the saved hyperparameters (weights_only loading)
         self.save_hyperparameters()
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names is not None else None
-        self.scorer_spec = spec
         self.cache_dir = cache_dir
         self.outputs_dtype = outputs_dtype
         self.split_convention = split_convention
-        self.checkpoints = {"visual": visual_checkpoint, "vl": vl_checkpoint}
-        self.expert_info: dict[str, dict[str, Any]] = {}  # per expert: specs, logit scale, digest, source, data
-        self.visual: LongTailExpert | None = None
-        self.vl: LongTailExpert | None = None
-        self.scorer: MoEScorer | None = None
         self.data_record: dict[str, Any] | None = None
+        self.results: dict[str, dict[str, Any]] = {}
         self.taxonomy = None  # the classes' taxonomy.Taxonomy, where the image data has one (data_facts.connect)
+        self.test_priors: TestPriors | None = None  # set by `--report.test_priors` (reports.SplitReport)
         self.register_buffer("class_counts", torch.ones(num_classes, dtype=torch.long))
         self.strict_loading = False  # backbones are rebuilt, not loaded
-        self.results: dict[str, dict[str, Any]] = {}
-        self.test_priors: TestPriors | None = None  # set by `--report.test_priors` (reports.SplitReport)
-        if weights is not None:
+        checkpoint = None
+        if weights is not None:  # both experts' specs and the scorer's from the file, then its tensors
+            where = f"model.weights={weights}"
             checkpoint = load_checkpoint_file(weights)
             meta = read_phase_metadata(checkpoint, weights)
             if meta["phase"] != self.phase_name:
-                raise CheckpointError(f"model.weights={weights}: written by phase '{meta['phase']}', expected a "
-                                      "phase-3 checkpoint or LPT++ export")
-            self.on_load_checkpoint(checkpoint, where=f"model.weights={weights}")
-            self.load_state_dict(checkpoint["state_dict"], strict=False)
-        elif all(path is not None and _exists(path) for path in self.checkpoints.values()):
-            self.build_experts()
-
-    # ----------------------------------------------------------------- the experts
-    def build_experts(self) -> None:
-        """Both experts from their phase-2 files (nothing to do once they are built)."""
-        if self.visual is not None:
-            return
-        experts, info = {}, {}
-        for kind, path in self.checkpoints.items():
-            if path is None:
-                raise ConfigError(f"model.{kind}_checkpoint is not set: phase 3 starts from two phase-2 experts")
-            checkpoint = load_checkpoint_file(path)
-            meta = read_phase_metadata(checkpoint, path)
-            if meta["phase"] not in ("adapt", "group_prompt"):
-                raise CheckpointError(f"model.{kind}_checkpoint={path}: a '{meta['phase']}' checkpoint is not an expert")
-            if meta["expert"]["kind"] != kind:
-                raise ConfigError(f"model.{kind}_checkpoint={path} holds a '{meta['expert']['kind']}' expert, "
-                                  f"expected '{kind}' (are the two checkpoints swapped?)")
-            if meta["num_classes"] != self.num_classes:
-                raise ConfigError(f"model.{kind}_checkpoint={path}: trained for {meta['num_classes']} classes, "
-                                  f"but the data has {self.num_classes}")
-            experts[kind] = expert_from_checkpoint(checkpoint, path)
-            info[kind] = {"expert": meta["expert"], "group_prompts": meta.get("group_prompts"),
-                          "logit_scale": float(meta.get("logit_scale", 20.0)), "source": str(path),
-                          "data": meta.get("data")}
-        from lpt_lightning.expert_outputs import expert_digest
-
-        for kind, expert in experts.items():
-            info[kind]["digest"] = expert_digest(expert, architecture(info[kind]))
-        self._install(experts, info)
-
-    def _install(self, experts: dict[str, LongTailExpert], info: dict[str, dict[str, Any]]) -> None:
-        if experts["visual"].img_size != experts["vl"].img_size:
-            raise ConfigError(f"the experts take {experts['visual'].img_size}px and {experts['vl'].img_size}px images; "
+                raise CheckpointError(f"{where}: written by phase '{meta['phase']}', expected a phase-3 checkpoint "
+                                      "or LPT++ export")
+            info = recorded_experts(meta, num_classes, where)
+            spec = recorded_scorer_spec(meta, where, spec)
+            built = experts_from_specs(info, num_classes, where)
+        elif experts is not None:  # rebuilt from a phase-3 checkpoint's hyperparameters
+            info = recorded_experts({"experts": experts, "num_classes": num_classes}, num_classes,
+                                    "model.init_args.experts")
+            built = experts_from_specs(info, num_classes, "model.init_args.experts")
+        else:
+            built, info = experts_from_phase2({"visual": visual_checkpoint, "vl": vl_checkpoint}, num_classes)
+        if built["visual"].img_size != built["vl"].img_size:
+            raise ConfigError(f"the experts take {built['visual'].img_size}px and {built['vl'].img_size}px images; "
                               "phase 3 feeds both from one loader and needs one size")
-        self.visual, self.vl = experts["visual"], experts["vl"]
+        self.scorer_spec = spec
+        self.hparams["scorer"], self.hparams["experts"] = asdict(spec), info  # what rebuilds this model
         self.expert_info = info
+        self.visual, self.vl = built["visual"], built["vl"]
         for expert in (self.visual, self.vl):
             expert.requires_grad_(False)
             expert.eval()
-        spec = self.scorer_spec
         self.scorer = MoEScorer(self.visual.backbone.feature_dim, self.vl.backbone.feature_dim, spec.hidden_dim,
                                 spec.dropout)
         if not spec.learn_offset:
             self.scorer.offset.requires_grad_(False)
+        if checkpoint is not None:
+            self.on_load_checkpoint(checkpoint, where)
+            self.load_state_dict(checkpoint["state_dict"], strict=False)
 
     @property
     def scales(self) -> dict[str, float]:
@@ -205,8 +241,7 @@ class MoEScorerPhase(L.LightningModule):
     def train(self, mode: bool = True) -> "MoEScorerPhase":
         super().train(mode)
         for expert in (self.visual, self.vl):
-            if expert is not None:
-                expert.eval()
+            expert.eval()  # frozen: no dropout or drop-path while the scorer trains
         return self
 
     # ----------------------------------------------------------------- inputs from the data
@@ -217,24 +252,6 @@ class MoEScorerPhase(L.LightningModule):
             raise ConfigError(f"data has {counts.numel()} classes but model.num_classes={self.num_classes}")
         self.class_counts.copy_(counts)
         self.data_record = data_record
-
-    @torch.no_grad()
-    def search_base_weight(self, heldout: Iterable[dict[str, torch.Tensor]]) -> float:
-        """Searching-based scorer: W_base with the best balanced accuracy on the held-out rows."""
-        search = BaseWeightSearch(self.num_classes, self.scorer_spec.grid_step)
-        for rows in heldout:
-            search.update(self.probabilities(rows, "visual"), self.probabilities(rows, "vl"), rows["label"])
-        w_base, scores = search.result()
-        self.scorer.w_base.fill_(w_base)
-        rank_zero_info(f"phase 3: W_base = {w_base:.2f} (balanced held-out accuracy {100 * scores[w_base]:.2f}%; "
-                       f"w=0: {100 * scores[0.0]:.2f}%, w=1: {100 * scores[1.0]:.2f}%)")
-        return w_base
-
-    def _experts_in_place(self) -> None:
-        # Called once a checkpoint is restored (or not): without one, the phase-2 files are needed.
-        if self.visual is None:
-            self.build_experts()
-            self.to(self.device)
 
     def setup(self, stage: str) -> None:
         check_precision(self.trainer.precision)
@@ -250,7 +267,7 @@ class MoEScorerPhase(L.LightningModule):
 
     # ----------------------------------------------------------------- expert outputs
     def probabilities(self, rows: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
-        return torch.softmax(self.scales[kind] * rows[f"{kind}.logits"].float(), dim=-1)
+        return expert_probabilities(rows, kind, self.scales[kind])
 
     def label_probability(self, rows: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
         """An expert's probability of the true label: cached as such for the training split, taken
@@ -284,8 +301,6 @@ class MoEScorerPhase(L.LightningModule):
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        if self.scorer is None:
-            raise ConfigError(NOT_ON_IMAGES)
         params = [p for p in self.scorer.parameters() if p.requires_grad]
         if not params:  # searching-based scorer only: an optimiser over nothing keeps Lightning's loop uniform
             params = [nn.Parameter(torch.zeros(()))]
@@ -314,15 +329,10 @@ class MoEScorerPhase(L.LightningModule):
                 self.prior_shift[f"{stage}_{row}"].update(probs, batch["label"])
 
     def on_validation_start(self) -> None:
-        self._experts_in_place()
         self._start_metrics()
 
     def on_test_start(self) -> None:
-        self._experts_in_place()
         self._start_metrics()
-
-    def on_predict_start(self) -> None:
-        self._experts_in_place()
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step("val", batch)
@@ -373,45 +383,26 @@ class MoEScorerPhase(L.LightningModule):
         checkpoint[META_KEY] = self.metadata()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any], where: str = "checkpoint") -> None:
-        """Rebuild both experts from the specs the checkpoint records (their trained tensors follow
-        in the state dict), unless the ones built from the phase-2 files have the same specs."""
+        """Only a checkpoint of this very model loads: its tensors fill the parameters and buffers
+        (strict about the trained ones); the data record comes with it."""
         meta = checkpoint.get(META_KEY) or {}
-        info = meta.get("experts")
-        if not isinstance(info, dict) or set(info) != set(EXPERTS):
-            raise CheckpointError(f"{where}: records no specs of both experts (written by another phase or an "
-                                  "earlier version of lpt_lightning)")
-        if meta.get("num_classes") != self.num_classes:
-            raise ConfigError(f"{where}: trained for {meta.get('num_classes')} classes, but the data has "
-                              f"{self.num_classes}")
-        try:
-            recorded = ScorerSpec(**meta["scorer"]) if "scorer" in meta else self.scorer_spec
-        except TypeError as exc:
-            raise CheckpointError(f"{where}: malformed scorer spec in the metadata ({exc})") from None
-        same_scorer, self.scorer_spec = recorded == self.scorer_spec, recorded  # as its tensors were trained
-        if self.visual is None or any(architecture(info[k]) != architecture(self.expert_info[k]) for k in EXPERTS):
-            self._install({k: expert_from_specs(info[k], self.num_classes, where) for k in EXPERTS}, info)
-        elif not same_scorer:
-            self._install(self.experts(), info)
-        else:
-            self.expert_info = info
+        info = recorded_experts(meta, self.num_classes, where)
+        if any(architecture(info[k]) != architecture(self.expert_info[k]) for k in EXPERTS) or (
+                recorded_scorer_spec(meta, where, self.scorer_spec).hidden_dim != self.scorer_spec.hidden_dim):
+            raise CheckpointError(f"{where}: holds other experts or another scorer than this model; build the model "
+                                  "from it instead (`lpt ... --ckpt_path`, MoEScorerPhase.load_from_checkpoint, or "
+                                  "model.init_args.weights)")
+        # Lightning loads non-strictly (the frozen backbones are rebuilt, not saved): every trained
+        # tensor must be there all the same.
+        missing = [k for k in self.state_dict() if is_saved_key(k) and not k.startswith("metrics.")
+                   and k not in checkpoint["state_dict"]]
+        if missing:
+            raise CheckpointError(f"{where}: lacks {len(missing)} trained tensors of this model (e.g. {missing[0]})")
         self.data_record = meta.get("data")
 
 
-def architecture(info: dict[str, Any]) -> dict[str, Any]:
-    """What defines an expert's model (its specs and logit scale), as recorded in checkpoints."""
-    return {k: info.get(k) for k in ("expert", "group_prompts", "logit_scale")}
-
-
-def expert_from_specs(info: dict[str, Any], num_classes: int, where: str) -> LongTailExpert:
-    """An expert's model from its recorded specs; its trained tensors come from a state dict."""
+def recorded_scorer_spec(meta: dict[str, Any], where: str, default: ScorerSpec) -> ScorerSpec:
     try:
-        group = GroupPromptSpec(**info["group_prompts"]) if info.get("group_prompts") else None
+        return ScorerSpec(**meta["scorer"]) if "scorer" in meta else default
     except TypeError as exc:
-        raise CheckpointError(f"{where}: malformed group prompt spec in the metadata ({exc})") from None
-    expert = LongTailExpert(expert_spec_from_dict(info["expert"], where), num_classes, group=group)
-    expert.release_text_tower()  # the head comes from the checkpoint
-    return expert
-
-
-def _exists(path: str) -> bool:
-    return Path(path).is_file()
+        raise CheckpointError(f"{where}: malformed scorer spec in the metadata ({exc})") from None
