@@ -1,10 +1,20 @@
-"""Render docs/benchmarks.md from benchmarks/results/bench_*.json."""
+"""Every generated page from the stored results in benchmarks/results/: docs/benchmarks.md (from
+bench_*.json and the other speed results), docs/results.md (accuracy_*.json, diagnosis_*.json,
+demo.json; `benchmarks/accuracy_study.py`) and the README's demo block (demo.json).
+
+    python -m benchmarks.report --render                                 # rewrite the three pages
+    python -m benchmarks.report --store-demo runs/fmnist_lt_pipeline     # store a finished `make demo`, then render
+"""
 from __future__ import annotations
 
+import argparse
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Reference GPU peaks (dense bf16, vendor data sheets) for the *estimates* of how fast a GPU would
 # consume images; a --device cuda run replaces them with measurements.
@@ -1077,3 +1087,36 @@ def render(results: Path) -> str:
         lines += gpu_check_section(check)
     lines += dry_run_section(results)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def pages() -> dict[str, Callable[[], str]]:
+    """Each generated page (relative to the repository) and the function that renders it."""
+    from benchmarks import accuracy_study, demo
+
+    return {"docs/benchmarks.md": lambda: render(REPO / "benchmarks" / "results"),
+            "docs/results.md": accuracy_study.render_page,
+            "README.md": lambda: demo.render_readme((REPO / "README.md").read_text(),
+                                                    json.loads(demo.DEMO.read_text()))}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--render", action="store_true", help="rewrite the generated pages from the stored results")
+    parser.add_argument("--store-demo", type=Path, metavar="RUN_DIR",
+                        help="store a finished demo (its run directory's metrics.json) in benchmarks/results/demo.json")
+    parser.add_argument("--seconds", type=float, help="--store-demo: the demo's measured wall time (default: "
+                                                      "read from the run directory's file times)")
+    args = parser.parse_args(argv)
+    if not (args.render or args.store_demo):
+        parser.error("nothing to do: pass --render or --store-demo RUN_DIR")
+    if args.store_demo:
+        from benchmarks import demo
+
+        demo.store_demo(args.store_demo, args.seconds)
+    for page, rendering in pages().items():
+        (REPO / page).write_text(rendering())
+        print(f"wrote {page}")
+
+
+if __name__ == "__main__":
+    main()
