@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import template
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Reference GPU peaks (dense bf16, vendor data sheets) for the *estimates* of how fast a GPU would
@@ -178,15 +180,7 @@ def training_section(model: dict[str, Any], precision: str) -> list[str]:
     lines = [
         "### Training steps",
         "",
-        f"One optimisation step through the phase's own `training_step` ({precision}): both dual-sampling "
-        "streams (B class-balanced + B instance-balanced images, one concatenated forward), A-GCL per stream "
-        "(+ 0.5 x matching loss in phase 2), backward, SGD over the trainable parameters only. Phase 1 trains "
-        "shared prompt + adapters + head; phase 2 (a real `GroupPromptPhase` loaded from the phase-1 "
-        "checkpoint) trains group pool + keys + head, with prefix reuse. Head: 365 classes (Places-LT). "
-        "Step time: median over rounds after warm-up (min-max in brackets). Peak memory: tensor bytes "
-        "(`torch.cuda.max_memory_allocated` on GPU; on CPU a dispatch-mode tracker of live tensor storage), "
-        "including the frozen weights. MFU: FLOPs counted by `torch.utils.flop_counter` (matmuls and "
-        "attention, forward + backward) per second, over a matmul probe timed in the same rounds (see MFU below).",
+        template("benchmarks", "training", precision=precision),
         "",
         "| phase | expert | B per stream | images/step | step (s) | images/s | peak memory (GiB) | above weights (GiB) | GFLOP/step | MFU |",
         "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
@@ -205,10 +199,7 @@ def training_section(model: dict[str, Any], precision: str) -> list[str]:
             f"| phase 3 | {EXPERT_NAMES['scorer']} (cached outputs) | {r['batch']} | {r['batch']} "
             f"| {_f(1000 * r['step_s'], 2)} ms ({_f(1000 * r['step_s_min'], 2)}-{_f(1000 * r['step_s_max'], 2)}) "
             f"| {_f(r['images_per_s'], 0)} | {_f(r['peak_gib'])} | {_f(r['above_baseline_gib'], 4)} | - | - |")
-    lines += ["", "Phase 3: `MoEScorerPhase.training_step` + AdamW on one batch of cached rows already read "
-              "from the memory-mapped expert outputs (the read is timed in the phase-3 section); its peak "
-              "memory counts the scorer, its AdamW state and the batch, and \"above weights\" is what a step "
-              "adds. The outputs themselves are files, not tensors."
+    lines += ["", template("benchmarks", "training_phase3")
               + (" The phase-3 rows come from a separate run (`--sections phase3`, see Phase 3)."
                  if (model.get("section_runs") or {}).get("phase3") else ""), "", "Trainable parameters:", ""]
     lines += [f"- {v}" for v in model.get("trainable", {}).values()]
@@ -219,12 +210,7 @@ def prefix_section(model: dict[str, Any]) -> list[str]:
     lines = [
         "### Prefix reuse versus the plain two-pass computation (phase 2)",
         "",
-        "Same `GroupPromptPhase.training_step`, same batch, timed alternately in one process: with the "
-        "library's prefix reuse (blocks 1..K once, then the query branch without gradient and the "
-        "classification branch with the group prompts), and with `LongTailExpert.forward` swapped for the "
-        "plain two-pass computation (a full query pass, then a full classification pass from the embedding). "
-        "The ratio is the median of per-round ratios. The FLOP ratio is the exact limit for this workload "
-        "(the backward through blocks K+1..12 is common to both, which is why it is above 0.75).",
+        template("benchmarks", "prefix"),
         "",
         "| expert | B per stream | prefix reuse (s) | two-pass (s) | time ratio (median, min-max) | FLOP ratio | max abs logit difference |",
         "| --- | ---: | ---: | ---: | --- | ---: | ---: |",
@@ -246,14 +232,7 @@ def inference_section(model: dict[str, Any]) -> list[str]:
     lines = [
         "### Inference cost per image",
         "",
-        f"Eval mode, `torch.inference_mode`, batch {inf['batch']}, all candidates timed alternately; "
-        "multiple = median of per-round ratios to one plain timm ViT-B/16 forward of the same batch. "
-        "LPT = the visual expert without adapters (prefix reuse: 1.5 passes); LPT++ = "
-        "`MoEScorerPhase.forward` (both experts with prefix reuse + scorer). The naive method runs two "
-        "full passes per expert (2.0 and 4.0 plain forwards); the two-pass rows here run that computation "
-        "with the library's current blocks. FLOP multiples: prompt tokens add only keys/values and the last "
-        "block of each branch computes only CLS, so 1.5 passes cost less than 1.5 plain forwards. The "
-        "'before the kept-token fix' rows run the old block computation (see bottleneck 1).",
+        template("benchmarks", "inference", batch=inf["batch"]),
         "",
         "| model | ms per image | multiple of plain ViT-B/16 (median, min-max) | FLOP multiple | GFLOP per image |",
         "| --- | ---: | --- | ---: | ---: |",
@@ -283,13 +262,8 @@ def mfu_section(model: dict[str, Any], machine: dict[str, Any]) -> list[str]:
     lines = [
         "### Model FLOP utilisation (phase 1)",
         "",
-        f"Matmul peak of this machine: {mp['flops_per_s'] / 1e9:,.1f} GFLOP/s ({mp['dtype']}, best of square "
-        f"matmuls up to n = {mp['n']}, {machine.get('torch_threads')} thread(s)), measured once at the start. "
-        "Because load from other jobs comes and goes, MFU is measured as a paired ratio: in every round the "
-        "training step and a fixed matmul probe (square matmuls of the same dtype) run back to back, and "
-        "MFU = (counted step FLOPs / step time) / (probe FLOPs / probe time), median over rounds. FLOPs are "
-        "counted by `torch.utils.flop_counter` (matmuls, convolutions and attention, forward + backward; "
-        "the CPU flash-attention and fused multi-head-attention kernels are added to its table).",
+        template("benchmarks", "mfu", gflops=f"{mp['flops_per_s'] / 1e9:,.1f}", dtype=mp["dtype"], n=mp["n"],
+                 threads=machine.get("torch_threads")),
         "",
         "| phase | expert | B per stream | GFLOP/step | achieved GFLOP/s | probe GFLOP/s | MFU (median, min-max) | vs start-of-run peak |",
         "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: |",
@@ -350,18 +324,7 @@ def phase3_section(model: dict[str, Any], machine: dict[str, Any]) -> list[str]:
     lines = [
         "### Phase 3: scorer epoch on cached outputs versus recomputing them",
         "",
-        "Expert outputs of the real shapes (query features of 768 and 512 values and 365-class logits per "
-        "expert, float16) are written by the library's own prediction path (`ExpertOutputs.predict_step` and "
-        "`ExpertOutputsWriter` in Lightning's predict loop, with stand-in experts returning random values) as "
-        f"a held-out split of {epoch['samples']:,} rows: what the scorer is fitted on by default "
-        "(`scorer.fit_on: heldout`, full logits). Scorer epochs then run through Lightning's real loop: "
-        "`MoEScorerPhase` in `Trainer.fit` on `CachedOutputsDataModule` (the class-aware sampler, the one "
-        "`TrainingDataLoader` over `StreamBatches` in the training process, the DataModule has no workers; per "
-        "step one `__getitems__` gathers the batch's rows from the memory-mapped shards as float32), "
-        "`training_step` (scorer, softmax of both experts' logits, fused NLL, two `self.log` calls), backward "
-        f"and AdamW. Best of {len(epoch.get('epochs_s', [None]))} epochs; Lightning's `on_train_batch_start`/`_end` "
-        "hooks split each epoch into time inside the training step and time between steps (fetching the next "
-        "batch, the loop)."
+        template("benchmarks", "phase3", rows=f"{epoch['samples']:,}", epochs=len(epoch.get("epochs_s", [None])))
         + (" On the CPU the phase-3 and cost-growth sections run with 1 torch thread: with 2 OpenMP threads on 2 "
            "shared cores, tiny ops wait for a descheduled sibling thread and their times swing 10-50x."
            if model.get("small_op_threads") else ""),
@@ -502,33 +465,17 @@ def data_section(run: dict[str, Any]) -> list[str]:
     lines = [
         "### Data loading",
         "",
-        ("**The training loader.** `LongTailDataModule.train_dataloader()` returns one loader for all sampling "
-        "streams: a `TrainingDataLoader` (torchdata's `StatefulDataLoader`, whose state Lightning saves for exact "
-        "mid-epoch resumes) over `StreamBatches`, driven by a `StreamBatchSampler` whose every key is a whole step. "
-        "One worker builds a whole step, both dual-sampling streams' batches (2 x `data.batch_size` images), so "
-        "`data.num_workers` counts worker processes per device (per training process), not per stream. Workers "
-        "return uint8 CHW tensors (torchvision transforms v2 ending in `PILToTensor`); each expert's backbone "
-        "converts to float and normalises on the device, so worker IPC, pinned memory and host-to-device copies "
-        "move 147 KiB per 224x224 image instead of 588 KiB of float32. With `data.decode_jpeg_on_device: true` "
-        "the workers only read the files' bytes; the JPEGs are decoded on the GPU (nvjpeg, "
-        "`torchvision.io.decode_jpeg`) and cropped there with the same per-draw seeds "
-        "(`on_after_batch_transfer`). It applies to image files (the originals or the resized tree), not to the "
-        "LitData shards; without CUDA the main process decodes after the transfer, slower than the workers."),
+        template("benchmarks", "training_loader"),
         "",
         _measured_line(record)
         + f" {n} photo-like 800x600 JPEGs (iNaturalist-sized originals: natural images upscaled plus sensor-like "
         f"noise, quality 90, {data['kib_raw']:.1f} KiB on average), all in the page cache.",
         "",
-        ("**No GPU was lent for this run**: the loader benchmark on a GPU host and a short bf16 phase-2 run are "
-        "not measured, and the GPU figures below are estimates from counted FLOPs. On a GPU host, "
-        "`python benchmarks/run_all.py --device cuda` measures the phase-2 steps in bf16 and this loader on that "
-        "host's cores."),
+        template("benchmarks", "no_gpu"),
         "",
         "#### `lpt prepare`: cost per 10,000 images",
         "",
-        (f"`lpt prepare` of the {n} originals (JPEG quality 90, parts of 64 images), best and median of "
-        f"{data['cost'][0]['rounds']} fresh runs each. Seconds per 10,000 images are **extrapolated** linearly "
-        f"from the best run over these {n} (process-pool start-up included, so they lean high)."),
+        template("benchmarks", "prepare_cost", n=n, rounds=data["cost"][0]["rounds"]),
         "",
         ("| format | processes | shorter side | seconds for the set, best (median) | seconds per 10,000 images | "
         "KiB per stored image |"),
@@ -541,16 +488,8 @@ def data_section(run: dict[str, Any]) -> list[str]:
         "",
         "#### Images/s per worker",
         "",
-        ("What one DataLoader worker does, run in this process with 1 torch thread (what a worker runs with): "
-        f"*train* = `train_dataloader()` items, i.e. `StreamBatches` over the `StreamBatchSampler`'s steps (both "
-        f"dual streams, {data['batch_per_stream']} images each: decode, RandomResizedCrop(224) + flip under each "
-        "draw's seed, uint8, collation); *eval* = batches of `split_dataloader()` (the phase-3 outputs pass; "
-        f"decode, Resize(256, 256) + CenterCrop(224), uint8, collation, batch {data['eval_batch']}); *decode only* "
-        "= PIL decode + RGB; *decode_jpeg_on_device (worker side)* = the training items with "
-        "`data.decode_jpeg_on_device: true` (the files' bytes; decoding and cropping then run on the GPU, not "
-        f"measured). {data['worker_images_per_round']} images per pipeline and round, {rounds} rounds interleaved "
-        "across pipelines. The cores are shared with other developers' jobs: the **best** round is the least "
-        "disturbed and is what the projection below uses; the median shows the spread."),
+        template("benchmarks", "per_worker", batch=data["batch_per_stream"], eval_batch=data["eval_batch"],
+                 images=data["worker_images_per_round"], rounds=rounds),
         "",
         "| copy | pipeline | images/s per worker, best | median | ms per image, best |",
         "| --- | --- | ---: | ---: | ---: |",
@@ -564,14 +503,9 @@ def data_section(run: dict[str, Any]) -> list[str]:
         "",
         "#### The real loaders with 1 and 2 workers",
         "",
-        (f"`LongTailDataModule(sampling=\"dual\", batch_size={data['batch_per_stream']}, num_workers=1 or 2)`: "
-        "*train* iterates `train_dataloader()` (images/s over both streams; one epoch of "
-        f"{n // data['batch_per_stream']} steps), *eval* iterates `split_dataloader(\"train\")` (batch "
-        f"{data['eval_batch']}). Fresh workers every round, timed from the moment each worker delivered its first "
-        f"batch; best and median of {loader_rounds} rounds interleaved across configurations. This machine has "
-        f"{record.get('machine', {}).get('cpu_cores_visible')} cores shared with other jobs, and the main process "
-        "(receiving and unpickling batches) runs on them too, so 2 workers cannot quite double the 1-worker rate "
-        "here."),
+        template("benchmarks", "loaders", batch=data["batch_per_stream"], steps=n // data["batch_per_stream"],
+                 eval_batch=data["eval_batch"], rounds=loader_rounds,
+                 cores=record.get("machine", {}).get("cpu_cores_visible")),
         "",
         "| copy | loader | workers | images/s, best | median |",
         "| --- | --- | ---: | ---: | ---: |",
@@ -579,7 +513,7 @@ def data_section(run: dict[str, Any]) -> list[str]:
     for r in data["loaders"]:
         lines.append(f"| {r['copy']} | {r['loader']} | {r['workers']} | {r['images_per_s_best']:,.0f} | "
                      f"{r['images_per_s']:,.0f} |")
-    lines += [""] + projection_section(data, model) + [PREPARED_FORMAT, ""]
+    lines += [""] + projection_section(data, model) + [template("benchmarks", "prepared_format"), ""]
     return lines
 
 
@@ -591,14 +525,8 @@ def projection_section(data: dict[str, Any], model: dict[str, Any]) -> list[str]
     lines = [
         f"#### Projection: a {NODE_CORES}-core node against one {PROJECTION_GPU.split(' (')[0]}",
         "",
-        (f"**Estimate, not a measurement.** GPU demand = images/s one {PROJECTION_GPU} consumes at "
-        f"{ASSUMED_GPU_MFU:.0%} MFU in bf16, from the FLOPs per image counted above (training steps: forward + "
-        "backward at the largest measured batch; phase 3's outputs pass: the `MoEScorerPhase.forward` row of the "
-        f"inference table, both experts with prefix reuse, the scorer's FLOPs negligible). Supply = {NODE_WORKERS} "
-        f"workers (one of the {NODE_CORES} cores for the training process) x the **best-of-rounds** per-worker rate "
-        "measured here (train transform for phases 1-2, eval transform for phase 3): this assumes a node core as "
-        "fast as the least disturbed round on this shared 2-core machine and linear scaling over the workers, "
-        "neither of which was measured."),
+        template("benchmarks", "projection", gpu=PROJECTION_GPU, mfu=f"{ASSUMED_GPU_MFU:.0%}", workers=NODE_WORKERS,
+                 cores=NODE_CORES),
         "",
         "| phase | model | GFLOP per image | GPU demand (images/s) | "
         + " | ".join(f"supply: {c}" for c in copies) + " | workers needed (best prepared copy) | met from prepared data |",
@@ -656,58 +584,6 @@ def _goal_text(goal: dict[str, Any], data: dict[str, Any], proj: dict[str, Any])
                    "lpt_lightning)")
     options.append("more or faster cores per GPU (not measured)")
     return text + " " + "; ".join(options) + "."
-
-
-PREPARED_FORMAT = """**Why LitData shards.** Class-aware sampling draws images of a class wherever they lie, so the
-store must support random access by index: WebDataset is a tar stream (sequential reads only) and is
-out. LitData and MosaicML Streaming (MDS) both index their shards; measured on this machine with 4,000
-stored 20-30 KB items read in a random order in one process (local disk, page cache warm):
-LitData 69,000-77,000 reads/s with `batch_decode=0` (1,700-2,000/s with its default, which decodes a
-window of 256 items around each access, made for sequential streaming), MDS 28,000-52,000 reads/s,
-one file per image 56,000-63,000/s. All are 100x above what a worker decodes, so reading never limits;
-LitData is Lightning's own, already installed, and imports without extra packages (mosaicml-streaming
-0.13 imports transformers and cloud SDKs at import time). `PreparedSource` opens each part's
-`litdata.StreamingDataset` on first access in each DataLoader worker and DDP rank and only indexes it:
-our samplers choose the items, LitData never shuffles or shards, and a local or shared-file-system
-directory is read in place (LitData copies only remote or compressed datasets into a cache)."""
-
-
-FAST_PATH = """### Fast path for iNaturalist-scale data
-
-A phase-1 or phase-2 step trains only prompts, adapters, group prompts and heads, so a GPU consumes
-images several times faster than in full fine-tuning, and decoding plus augmentation, not the model,
-sets the pace (Data loading above: one worker turns a few hundred prepared images per second into
-training crops; an H100 consumes thousands per second). For iNaturalist 2018 (437,513 training
-images, originals around 800x600):
-
-1. **Prepare once**: `lpt prepare --config CONFIG --output DIR` (`lpt_lightning/prepare.py`; shorter
-   side 256 px, aspect kept, JPEG quality 90; LitData shards by default, `--format tree` for a resized
-   file tree; `scripts/slurm/prepare.sbatch` on a CPU node; an interrupted run resumes). Then train
-   with `data.source: {class_path: lpt_lightning.data.PreparedSource, init_args: {root: DIR}}`: the
-   same splits, item order and labels as the source, so sampling and held-out carving pick the same
-   images. Decoding gets several times cheaper (the per-worker table above) and the copy is several
-   times smaller. The test transform, Resize(256, 256) + CenterCrop(224), sees practically the same
-   image; RandomResizedCrop(224) sees the same crops, small ones upsampled from fewer source pixels.
-2. **Storage**: the LitData shards are a few hundred files of up to 64 MB read by memory map, which
-   suits a shared file system far better than one file per image; a raw or tree copy wants local disk
-   (NVMe or a RAM disk): thousands of images per second are tens of MB/s of small random reads. On network
-   storage also set `data.verify_images: off` (the pre-flight check opens every one of the 437,513
-   files; about 2 minutes of CPU from the page cache, see the README).
-3. **Workers**: one training loader serves every sampling stream and one worker builds a whole step,
-   so `data.num_workers` is the number of worker processes per GPU (per training process). Size it
-   as images/s the GPU consumes / images/s per worker (the projection above; measure both on the
-   node with `python benchmarks/run_all.py --device cuda`), within the CPU cores per GPU minus one
-   for the training process (the SLURM scripts use cores - 1 per rank).
-4. **If the cores fall short**, `data.decode_jpeg_on_device: true` moves JPEG decoding and the
-   crops to the GPU (nvjpeg): the workers only read bytes. It needs image files, so prepare with
-   `--format tree` (or train on the originals). A lower `--short_side` makes CPU decoding cheaper
-   still, at some cost in resolution for small crops.
-5. **`data.persistent_workers: true`** so the workers (plus the validation loader's) are not
-   re-forked every epoch; `pin_memory` is on by default when CUDA is available, and the batches it
-   pins hold uint8 images, a quarter of the float32 bytes.
-6. Check that the GPU is the bottleneck: if images/s in training is far below the step rate of
-   `benchmarks/run_all.py --device cuda`, add workers, cores or device decoding before anything else.
-"""
 
 
 def findings(run: dict[str, Any]) -> list[str]:
@@ -773,25 +649,10 @@ def findings(run: dict[str, Any]) -> list[str]:
         lines.append("")
     # 2. data hand-off (fixed)
     lines += [
-        ("**2. Float32 images left the workers: fixed** (commit 55177d3, \"One training loader for all sampling "
-        "streams\"). The transforms ended in `T.ToTensor()`, so each 224x224 image was converted and divided in "
-        "the worker and crossed process boundaries and pinned memory as 588 KiB of float32 instead of 147 KiB of "
-        "uint8. Measured before the change (run of 2026-11-29, 256-px JPEGs, train transform): 533 images/s per "
-        "worker with `ToTensor` versus 606 with `PILToTensor` (x1.14), and through a 2-worker DataLoader 440 "
-        "versus 757 images/s (x1.72, one short run each). The transforms now end in `v2.PILToTensor()` and the "
-        "backbone converts and normalises on the device (see Data loading)."), ""]
+        template("benchmarks", "finding_2"), ""]
     # 3. phase-3 expert outputs at scale (addressed)
     lines += [
-        ("**3. Phase-3 expert outputs grow with classes x held-out images: addressed.** They used to be fp32 "
-        "tensors loaded into RAM on every rank. Now the predict loop writes them as float16 memory-mapped `.npy` "
-        "shards (`lpt_lightning/expert_outputs.py`, `ExpertOutputsWriter`) and the scorer's "
-        "`CachedOutputsDataModule` (`lpt_lightning/data/cached_outputs.py`) maps them read-only, so the ranks of a "
-        "node share one copy through the page cache. Per image: index and label (16 B) and per expert the query "
-        "feature (768 or 512 x 2 B) and the logits (C x 2 B), or for a label-only split (the training images "
-        "under `scorer.fit_on: train`) the true label's probability (4 B). The scorer is fitted on the held-out "
-        "split by default (`scorer.fit_on: heldout`), and a dataset without a validation split carves one out of "
-        "train before phase 1 (`data.holdout_per_class: 5`, at most 20 % of a class), never the test split. "
-        "Sizes on disk and in the page cache, one copy per node (computed from the formulas, not measured):"),
+        template("benchmarks", "finding_3"),
         "",
         "| dataset | classes | held-out (val) | test | total | `fit_on: train` adds |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -844,20 +705,7 @@ def findings(run: dict[str, Any]) -> list[str]:
             + "Far below 2% of a phase-2 epoch on this machine; on a fast GPU it is the part of phase 3 that does "
             "not shrink (estimate in the summary).", ""]
     lines += [
-        "**5. Intra-op threads on small shared CPUs** (not a line of our code, but our CPU path: `make demo`, "
-        "`configs/cpu/`, the test suite). With torch's default of one OpenMP thread per core on this 2-core "
-        "machine, every small op of a tiny model waits for the sibling thread whenever another process holds "
-        "the other core. Measured once while setting up the accuracy study (phase 1 of the tiny visual expert, "
-        "2 epochs of CIFAR-10-LT through the pipeline, same seed): 241 s with 2 threads, 48 s with 1, identical "
-        "metrics. The same effect made the small-tensor sections above swing 10-50x before they were pinned to "
-        "1 thread. Proposed: `OMP_NUM_THREADS=1` (or `torch.set_num_threads(1)`) in the `demo`/`test` targets "
-        "and a line in the README's CPU notes; `benchmarks/accuracy_study.py` does this (`--threads`).", "",
-        "**Host synchronisation (done since these figures):** the non-finite-loss guard no longer reads the "
-        "loss on the host every step: in `stop` mode (the default) it keeps a flag on the device and reads it at "
-        "log steps, checkpoints, validation and epoch ends; metrics count on the device until epoch end "
-        "(`tests/test_host_syncs.py`: 0 syncs per steady-state step and eval batch of every phase). "
-        "`on_nonfinite: skip` still reads the flag each step (it must decide before the optimizer step) and, "
-        "under DDP, all-reduces it.", ""]
+        template("benchmarks", "finding_5"), ""]
     return lines
 
 
@@ -876,15 +724,10 @@ def text_encoding_section(results: Path) -> list[str]:
 
     lines = [
         f"### Text initialisation of the VL head: {INAT_CLASSES:,} class names (iNaturalist 2018)", "",
-        f"`{before['command']}` ({before['date']}; torch {r['torch']}): the CLIP ViT-B/16 text "
-        "tower (12 blocks of width 512, 77 tokens), random weights, fp32 on the CPU, "
-        f"{r['threads']} torch threads on a {r['cpu_cores']}-core machine shared with other jobs (load average "
-        f"{_f(after['load_average_end'], 1)} at the end). Each row "
-        f"is a fresh process; peak RSS includes the model itself ({_f(before['rss_built_gb'], 2)} GB, image and "
-        f"text towers). The {INAT_CLASSES:,} names in one batch would take about "
-        f"{before['seconds'] * scale / 60:.0f} min here, so both encodings ran {n:,} names and the "
-        f"{INAT_CLASSES:,}-name columns are extrapolated: time linear in the names, the one batch's activation "
-        "memory linear in its size (batches of 256 keep theirs).", "",
+        template("benchmarks", "text_encoding", command=before["command"], date=before["date"], torch=r["torch"],
+                 threads=r["threads"], cores=r["cpu_cores"], load=_f(after["load_average_end"], 1),
+                 built=_f(before["rss_built_gb"], 2), classes=f"{INAT_CLASSES:,}", n=f"{n:,}",
+                 minutes=f"{before['seconds'] * scale / 60:.0f}"), "",
         f"| encoding | batch | {n:,} names: time | peak RSS | {INAT_CLASSES:,} names: time (extrapolated) "
         "| peak RSS (extrapolated) |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -900,16 +743,8 @@ def text_encoding_section(results: Path) -> list[str]:
                      f"{cached['read_seconds']:.2f} s) | {cached['peak_rss_gb']:.2f} GB |")
     lines += [
         "",
-        "Batching bounds the memory: the one-batch encoding's activations grow with the class count "
-        f"(+{extra(before):.1f} GB at {n:,} names), those of 256 names stay at "
-        f"+{extra(after):.1f} GB. The compute per name is the same; the batches of 256 also ran faster here "
-        f"({after['seconds']:.0f} s against {before['seconds']:.0f} s for the same names: likely the large "
-        "batch's memory traffic, and the load varied), and doing it once removes the rest: the first process "
-        "saves the embeddings (`$LPT_CACHE_DIR`, default `~/.cache/lpt_lightning`; keyed by "
-        "the text tower's weights and architecture, the names and the template), the other ranks on its node "
-        "wait for it and read them, and so do later phases and runs. The encoding runs on the module's device, "
-        "which in `__init__` is the CPU: on a CUDA node the first start still pays the CPU time above (on the "
-        "node's cores rather than these 2).",
+        template("benchmarks", "text_encoding_batching", extra_before=f"{extra(before):.1f}", n=f"{n:,}",
+                 extra_after=f"{extra(after):.1f}", after=f"{after['seconds']:.0f}", before=f"{before['seconds']:.0f}"),
         "",
     ]
     return lines
@@ -968,24 +803,14 @@ def feed_section(feed: dict[str, Any]) -> list[str]:
     """benchmarks/bench_feed.py: CPU cost per training image, stage by stage, and cores for one H100."""
     m = feed["machine"]
     lines = ["## Feeding the GPU: CPU cost per training image", "",
-             f"`python benchmarks/bench_feed.py`{' --quick' if feed['quick'] else ''}, {feed['date']}, {m['cpu']} "
-             f"(1 torch thread, load average {_f(feed.get('load_average'), 1)}): each stage of a loader worker, from "
-             "an `lpt prepare` LitData shard (synthetic 800x600 JPEGs, shorter side 256) to the collated uint8 "
-             f"batch, on the previous stage's outputs; {feed['images']} images, best of {feed['rounds']} interleaved "
-             "rounds (the least disturbed on this shared machine), median beside it.", "",
+             template("benchmarks", "feed", quick=" --quick" if feed["quick"] else "", date=feed["date"], cpu=m["cpu"],
+                      load=_f(feed.get("load_average"), 1), images=feed["images"], rounds=feed["rounds"]), "",
              "| stage | ms per image, best | median |", "| --- | ---: | ---: |"]
     for r in feed["rows"]:
         lines.append(f"| {r['stage']} | {r['ms_per_image_best']:.3f} | {r['ms_per_image']:.3f} |")
-    lines += ["", f"Stages summed (the flip on half the images): {feed['stage_sum_ms']:.2f} ms per image; the whole "
-              f"worker item {feed['whole_item_ms']:.2f} ms. At the larger, {feed['cost_ms_used']:.2f} ms, "
-              f"**{feed['target_images_per_s']:,} images/s (one H100 in phase 2) needs "
-              f"{feed['cores_for_target']:.1f} cores of this kind** for the workers, beside the training process. "
-              "Decoding and the crop are nearly all of it; reading from the shard and collating are small. The copy "
-              "to the GPU is not a worker cost: `pin_memory` (default on with CUDA) pins each batch in the training "
-              "process's pin-memory thread, and Lightning copies it with `non_blocking=True` on CUDA "
-              "(`lightning.fabric.utilities.apply_func.move_data_to_device`); `data.persistent_workers: true` (the "
-              "GPU data configs) keeps the workers between epochs. `data.decode_jpeg_on_device` moves decode and "
-              "crop to the GPU (the GPU check measures its rate).", ""]
+    lines += ["", template("benchmarks", "feed_total", sum=f"{feed['stage_sum_ms']:.2f}", item=f"{feed['whole_item_ms']:.2f}",
+                           used=f"{feed['cost_ms_used']:.2f}", target=f"{feed['target_images_per_s']:,}",
+                           cores=f"{feed['cores_for_target']:.1f}"), ""]
     return lines
 
 
@@ -1000,54 +825,24 @@ def dry_run_section(results: Path) -> list[str]:
     threads = f"{r['threads']} torch thread" + ("s" if (r["threads"] or 0) > 1 else "") if r["threads"] else "default threads"
     lines = [
         "### Dry run of the GPU entry points", "",
-        f"{', then '.join(f'`{c}`' for c in r['commands'])} (`make dry-run`; {r['date']}; torch {r['torch']}, "
-        f"{threads} on a {r['cpu_cores']}-core "
-        f"machine shared with other jobs, load average {_f(r['load_average_end'], 1)} at the end; `--jobs 4` runs "
-        "four datasets at once, each its entry points in turn, so wall times include waiting for a core). Every shipped "
-        "GPU config at its real architecture and class count: timm `vit_base_patch16_224.augreg_in21k` and "
-        "open_clip `ViT-B-16`/`openai` (QuickGELU from the tag) with random weights loaded from local files "
-        "(`backbone.checkpoint_path`, the offline path), on synthetic data in the real on-disk formats (iNat "
-        "2018 jsons with 8,142 categories and `categories.json`, Places-LT and ImageNet-LT lists, CIFAR-100 class "
-        "folders; 32-px images, 2 per class (5 in the 4 iNat classes that give the held-out split its 4 images), "
-        "val and test lists of 4; CIFAR-100 folders of 100 per class, the fewest with which imbalance ratio 100 "
-        "leaves its last class an image). Overridden: batch size "
-        f"{r['batch_size']}, loader workers 0, precision `32-true`, `limit_train/val/test_batches` {r['limit_batches']} "
-        "(1 would arrive as 1.0, every batch: the parser types them `Union[float, int]`), "
-        f"{r['epochs']['phase1']} epochs in phases 1-2 (their warm-up is 1) and {r['epochs']['phase3']} in phase 3, "
-        "the backbone files and the run directory. A pipeline runs every phase (1 and 2 per expert, "
-        "phase 3's expert-output pass over the whole held-out split, the scorer) with the pipeline's own "
-        "evaluations; a phase config is parsed and built as `lpt fit` builds it (backbone, its upstream phase's "
-        f"checkpoints from the pipeline run, the data). Text embeddings of more than {r['encode_text_max']:,} class "
-        "names are read from a prefilled cache (their encoding is the section above). Each row is a fresh "
-        "process: wall time and peak RSS (`wait4`)." + (f" {r['note']}" if r.get("note") else ""), "",
+        template("benchmarks", "dry_run", commands=", then ".join(f"`{c}`" for c in r["commands"]), date=r["date"],
+                 torch=r["torch"], threads=threads, cores=r["cpu_cores"], load=_f(r["load_average_end"], 1),
+                 batch=r["batch_size"], limit=r["limit_batches"], epochs1=r["epochs"]["phase1"],
+                 epochs3=r["epochs"]["phase3"], encode_max=f"{r['encode_text_max']:,}")
+        + (f" {r['note']}" if r.get("note") else ""), "",
         "| entry point | classes | run | wall time | peak RSS | result |",
         "| --- | ---: | --- | ---: | ---: | --- |",
     ]
     for name, e in sorted(entries.items(), key=lambda kv: (kv[1]["classes"], kv[1]["kind"] != "pipeline", kv[0])):
         lines.append(f"| `{name}` | {e['classes']:,} | {e['what']} | {e['seconds']:.0f} s | {e['peak_rss_gb']:.2f} GB "
                      f"| {'passed' if e['ok'] else '**failed** (exit ' + str(e['exit_code']) + ')'} |")
-    lines += ["", "The phase-3 expert-output pass covers the whole held-out split (a partial one is refused), so "
-              "CIFAR-100-LT's pipeline, whose `holdout_per_class: 5` carves 221 images, takes longest; every other "
-              "step is bounded by the batch limits.", ""]
+    lines += ["", template("benchmarks", "dry_run_end"), ""]
     return lines
 
 
 def render(results: Path) -> str:
     runs = _load(results)
-    lines = [
-        "# Benchmarks",
-        "",
-        "Speed and memory of `lpt_lightning` with the real ViT-B/16 shapes: timm `vit_base_patch16_224` "
-        "(the architecture of `augreg_in21k`) and the open_clip `ViT-B-16` image tower, both with random "
-        "weights (no download; speed does not depend on the weights). Regenerate this page with "
-        "`make bench` (`python benchmarks/run_all.py`); on a GPU, `python benchmarks/run_all.py --device cuda` "
-        "adds a bf16-mixed section. Raw numbers: `benchmarks/results/bench_<device>.json`.",
-        "",
-        "Method: every time is the median of several runs after warm-up; ratios are measured side by side "
-        "in one process (candidates alternate within each round) and reported as the median of per-round "
-        "ratios, so that load from other processes affects both sides alike.",
-        "",
-    ]
+    lines = [template("benchmarks", "intro"), ""]
     checks = _gpu_checks(results)
     if not runs and not checks:
         lines.append("No results yet: run `make bench`.")
@@ -1057,14 +852,10 @@ def render(results: Path) -> str:
         title = f"## {'GPU' if m['device'].startswith('cuda') else 'CPU'}: {where}, {m['precision']}"
         lines += [title, ""]
         if m["device"] == "cpu":
-            lines += [f"**CPU figures were taken on a {m['cpu_cores_visible']}-core machine** ({m['cpu']}, "
-                      f"{m['torch_threads']} torch thread{'s' if m['torch_threads'] != 1 else ''}: the cores are "
-                      "shared with other jobs, and with 2 OpenMP threads every barrier stalled whenever the other "
-                      "core was taken, which swung step times up to 5x) (load average "
-                      f"{_f(run.get('load_average_start'), 1)} at the start, {_f(run.get('load_average_end'), 1)} at "
-                      "the end): absolute times are noisy and slow, batch sizes are tiny (1-4 images per stream), "
-                      "and fp32 is used because bf16 matmuls on this CPU are hundreds of times slower. Ratios "
-                      "are the robust figures.", ""]
+            lines += [template("benchmarks", "cpu_note", cores=m["cpu_cores_visible"], cpu=m["cpu"],
+                               threads=m["torch_threads"], plural="s" if m["torch_threads"] != 1 else "",
+                               load_start=_f(run.get("load_average_start"), 1),
+                               load_end=_f(run.get("load_average_end"), 1)), ""]
         if run.get("quick"):
             lines += ["**Quick mode** (`--quick`): fewer batch sizes and rounds; a smoke run, not the reference figures.", ""]
         lines += [f"Command `{run['command']}`, {run['date']}, {run['seconds'] / 60:.1f} min; torch {m['torch']}, "
@@ -1079,7 +870,7 @@ def render(results: Path) -> str:
         lines += data_section(run)
         lines += findings(run)
     lines += text_encoding_section(results)
-    lines += [FAST_PATH.rstrip("\n"), ""]
+    lines += [template("benchmarks", "fast_path"), ""]
     feed = results / "feed_cpu.json"
     if feed.is_file():
         lines += feed_section(json.loads(feed.read_text()))
