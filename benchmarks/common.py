@@ -499,7 +499,7 @@ def fmt_gib(x: float) -> str:
 # by a line `<!-- block: NAME -->`, with `$name` placeholders filled from the stored results.
 
 
-def template(page: str, block: str, **values: Any) -> str:
+def template(page: str, block: str, /, **values: Any) -> str:
     import re
     import string
 

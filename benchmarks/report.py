@@ -367,22 +367,13 @@ def phase3_section(model: dict[str, Any], machine: dict[str, Any]) -> list[str]:
                          f"{recompute:.3g} | {100 * recompute / p2:.1f}% |")
         lines += [
             "",
-            f"Caching makes a scorer epoch {recompute / epoch['s_per_sample']:,.0f}x cheaper than recomputing the "
-            "experts' outputs (computing the cache once costs one LPT++ inference pass over the held-out images, "
-            "and over the training images under `scorer.fit_on: train`)." if lpp else "",
+            template("benchmarks", "phase3_caching", times=f"{recompute / epoch['s_per_sample']:,.0f}") if lpp else "",
             "",
-            "On this CPU the phase-2 epoch is so slow that the share is tiny. A GPU makes the phase-2 epoch "
-            "hundreds of times faster but not the host-side part of a scorer epoch: per sample, the best Lightning "
-            "epoch minus the best bare scorer step is "
-            + ", ".join(f"{1e6 * _loop_overhead(model, e):.0f} us at batch {e['batch']}" for e in epochs)
-            + " (Lightning's loop and optimizer wrapping, `self.log`, sampler, batch reads). **Estimate** (not a "
-            "measurement): that overhead against a phase-2 step at "
-            f"{ASSUMED_GPU_MFU:.0%} MFU ({share['phase2_flops_per_sample'] / 1e9:.0f} GFLOP per training sample, "
-            "counted above), the GPU's own scorer step (a few kernels) neglected: "
-            + "; ".join(f"batch {b}: " + ", ".join(f"{gpu} ~{100 * v:.1f}%" for gpu, v in per_gpu.items())
-                        for b, per_gpu in share["gpu_estimates"].items())
-            + ". A GPU host's CPU is faster than this shared one, so these lean high; `--device cuda` measures "
-            "the real share.",
+            template("benchmarks", "phase3_gpu", overheads=", ".join(
+                f"{1e6 * _loop_overhead(model, e):.0f} us at batch {e['batch']}" for e in epochs),
+                mfu=f"{ASSUMED_GPU_MFU:.0%}", gflops=f"{share['phase2_flops_per_sample'] / 1e9:.0f}", estimates="; ".join(
+                    f"batch {b}: " + ", ".join(f"{gpu} ~{100 * v:.1f}%" for gpu, v in per_gpu.items())
+                    for b, per_gpu in share["gpu_estimates"].items())),
         ]
     return lines + [""]
 
@@ -594,21 +585,9 @@ def findings(run: dict[str, Any]) -> list[str]:
     if model.get("inference"):
         ex = model.get("before_fix_exactness", {})
         lines += [
-            "**1. Compute spent on tokens whose outputs are thrown away: found by these benchmarks, fixed in "
-            "commit 50918b1 (\"Kept-token attention\").** Before the fix every block ran the full block on "
-            "[tokens; 10 shared (+10 group) prompt tokens] and then dropped the prompt positions, and the last "
-            "block of each branch computed all 197 tokens although `pool` reads only CLS; for the VL expert the "
-            "attention went through `nn.MultiheadAttention`. The first measurements here put LPT++ inference at "
-            "about 3.4-3.5 plain forwards (target 3.2) and the VL phase-1 step at 1.4-1.7x the visual one at "
-            "equal FLOPs. The fix (`FrozenViT.run_block(..., keep=...)` and `attention_for_queries` in "
-            "`lpt_lightning/models/backbones.py`, `keep=1` in the last block in `LongTailExpert.run_blocks`) "
-            "computes queries, out-projection, MLP and adapter only for kept tokens. Before/after, measured side "
-            "by side in this run (`benchmarks/prototypes.py` reproduces the old forward through "
-            "`run_block(..., keep=None)`; max |difference| on small experts: logits "
-            f"{ex.get('logits', float('nan')):.1e}, trainable gradients {ex.get('grad', float('nan')):.1e}; on the "
-            "ViT-B/16 experts, logits "
-            + ", ".join(f"{k} {v:.1e}" for k, v in model["inference"].get("before_fix_max_abs_logit_diff", {}).items())
-            + "):",
+            template("benchmarks", "finding_1", logits=f"{ex.get('logits', float('nan')):.1e}",
+                     grad=f"{ex.get('grad', float('nan')):.1e}", vit_logits=", ".join(
+                         f"{k} {v:.1e}" for k, v in model["inference"].get("before_fix_max_abs_logit_diff", {}).items())),
             "",
             "| measurement | before the fix | after (library now) | after / before |",
             "| --- | ---: | ---: | ---: |",
@@ -633,19 +612,13 @@ def findings(run: dict[str, Any]) -> list[str]:
                              f"({r['library_flops'] / 1e9:.0f}) | {r['library_vs_before']['median']:.3f} (paired) |")
         ap = model.get("attention_paths")
         if ap:
-            lines += ["", "The VL part of the gap was open_clip's attention itself when gradients flow through its "
-                      "input (phases 1 and 2): `nn.MultiheadAttention` with `batch_first=True` takes its general path, "
-                      "which transposes the input and runs the in-projection backward as `bmm` on non-contiguous "
-                      "tensors. One block, forward + backward, all outputs kept, "
-                      f"{ap['batch']} x {ap['tokens']} tokens (max |output difference| of the direct path "
-                      f"{ap['max_abs_diff']:.1e}):", "",
+            lines += ["", template("benchmarks", "attention_paths", batch=ap["batch"], tokens=ap["tokens"],
+                                   diff=f"{ap['max_abs_diff']:.1e}"), "",
                       "| block | ms | x timm block (median, min-max) |", "| --- | ---: | --- |"]
             for r in ap["rows"]:
                 v = r["vs_timm"]
                 lines.append(f"| {r['name']} | {r['ms']:.1f} | {v['median']:.2f} ({v['min']:.2f}-{v['max']:.2f}) |")
-            lines += ["", "Remaining use of that path: `OpenClipViT.attention_branch` still calls `block.attention` when "
-                      "no token is dropped (`keep` equal to the sequence length, i.e. an expert without prompts, such "
-                      "as the head-only baseline); routing it through `attention_for_queries` too would remove it."]
+            lines += ["", template("benchmarks", "attention_paths_left")]
         lines.append("")
     # 2. data hand-off (fixed)
     lines += [
@@ -682,28 +655,15 @@ def findings(run: dict[str, Any]) -> list[str]:
         fixed = small["step_s_min"] - per_sample * small["batch"]
         big = model.get("phase3_epoch_large_batch")
         lines += [
-            "**4. A scorer epoch is per-step Python and small-op work, not compute or data** (`MoEScorerPhase` "
-            f"in `Trainer.fit` on `CachedOutputsDataModule`). Per sample at batch {epoch['batch']} (the configs'), "
-            f"best epoch: {us['s_per_sample']:.1f} us, of which {us.get('in_step_s_per_sample', float('nan')):.1f} us "
-            f"inside the training step and {us.get('between_steps_s_per_sample', float('nan')):.1f} us between steps. "
-            f"The bare `training_step` + backward + AdamW takes {1e6 * bare['step_s_min'] / bare['batch']:.1f} us "
-            "(best), so Lightning's wrapping of the step (the automatic-optimisation closure, hooks, the two "
-            f"`self.log` calls) adds about {us.get('in_step_s_per_sample', 0) - 1e6 * bare['step_s_min'] / bare['batch']:.0f} "
-            f"us; the bare step itself is about {1000 * fixed:.1f} ms per step plus {1e6 * per_sample:.0f} us per "
-            "sample (the scorer MLP over both query features and the softmax of both experts' logits, forward and "
-            "backward). Reading the "
-            "batch, one `__getitems__` that gathers the rows from the memory-mapped float16 shards and converts them "
-            f"to float32, takes {1e6 * bare.get('read_s_min', float('nan')) / bare['batch']:.1f} us per sample "
-            "(best); the rest of the time between steps is the class-aware sampler and the loop. The data path is "
-            "no longer the cost: before the rewrite (run of 2026-11-29, on the CPU of the other figures) the loop read index-only "
-            "`LongTailImageDataset` items one by one (a dict and a tensor per sample, then `default_collate`) and "
-            "a cached-row gather in the step, 144 us per sample at batch 64 on label-only training rows with "
-            "`self.log` stubbed (not a like-for-like comparison). Most of what is left is paid per step, so a "
-            "larger batch is the lever: "
-            + (f"at batch {big['batch']} an epoch costs {1e6 * big['s_per_sample']:.1f} us per sample "
-               f"(`phase3.data.batch_size`; the cached rows make a large batch free). " if big else "")
-            + "Far below 2% of a phase-2 epoch on this machine; on a fast GPU it is the part of phase 3 that does "
-            "not shrink (estimate in the summary).", ""]
+            template("benchmarks", "finding_4", batch=epoch["batch"], epoch_us=f"{us['s_per_sample']:.1f}",
+                     in_step=f"{us.get('in_step_s_per_sample', float('nan')):.1f}",
+                     between=f"{us.get('between_steps_s_per_sample', float('nan')):.1f}",
+                     bare=f"{1e6 * bare['step_s_min'] / bare['batch']:.1f}",
+                     wrap=f"{us.get('in_step_s_per_sample', 0) - 1e6 * bare['step_s_min'] / bare['batch']:.0f}",
+                     fixed=f"{1000 * fixed:.1f}", per_sample=f"{1e6 * per_sample:.0f}",
+                     read=f"{1e6 * bare.get('read_s_min', float('nan')) / bare['batch']:.1f}",
+                     large=f"at batch {big['batch']} an epoch costs {1e6 * big['s_per_sample']:.1f} us per sample "
+                           "(`phase3.data.batch_size`; the cached rows make a large batch free). " if big else ""), ""]
     lines += [
         template("benchmarks", "finding_5"), ""]
     return lines
