@@ -37,7 +37,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from benchmarks.common import template  # noqa: E402
-from lpt_lightning.metrics import EXTRA_KEYS, WORST_CLASS_KEYS  # noqa: E402
+from lpt_lightning.metrics import EXTRA_KEYS, METRIC_NAMES, WORST_CLASS_KEYS  # noqa: E402
 
 ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-train-jpeg.tar.gz"
 CIFAR_ROOT = REPO / "data_cache" / "cifar10" / "train"
@@ -535,6 +535,19 @@ def _table(payload: dict[str, Any], rows: list[tuple[str, str]], with_time: bool
     return lines
 
 
+def metrics_table(payload: dict[str, Any]) -> list[str]:
+    """The further metrics (`METRIC_NAMES`) of the rows whose stored test results have them (the
+    pipeline's; the baselines report top-1 only): mean ± standard deviation over runs."""
+    rows = [(key, label) for key, label in MAIN_ROWS if _values(payload, key, "balanced_acc")]
+    if not rows:
+        return []
+    lines = [template("results", "metrics"), "", "| configuration | " + " | ".join(METRIC_NAMES) + " |",
+             "| --- |" + " ---: |" * len(METRIC_NAMES)]
+    for key, label in rows:
+        lines.append(f"| {label} | " + " | ".join(_ms(_values(payload, key, m)) for m in METRIC_NAMES) + " |")
+    return lines + [""]
+
+
 def targets(payload: dict[str, Any]) -> list[str]:
     """The study's goals, each checked against its 95 % interval."""
     gain = bootstrap(payload, "scorer", "_start")
@@ -596,7 +609,7 @@ def render(payloads: list[dict[str, Any]], diagnoses: list[dict[str, Any]], demo
         lines += [f"## {ds['title']}" + (" (quick mode: a smoke run, NOT a result)" if quick else ""), ""]
         lines += [*_data_lines(payload), "",
                   "### Targets", "", *targets(payload), "",
-                  "### Main rows", "", *_table(payload, MAIN_ROWS), "",
+                  "### Main rows", "", *_table(payload, MAIN_ROWS), "", *metrics_table(payload),
                   "### Paired differences (percentage points, same run)", "",
                   "| comparison | overall | many | medium | few |", "| --- | ---: | ---: | ---: | ---: |"]
         for label, a, b in DIFFS:

@@ -490,10 +490,6 @@ def small_op_threads(env: Env):
         torch.set_num_threads(threads)
 
 
-def fmt_gib(x: float) -> str:
-    return f"{x:.2f}"
-
-
 # --------------------------------------------------------------------------------------------
 # Page templates: benchmarks/templates/<page>.md holds a page's prose as named blocks, each opened
 # by a line `<!-- block: NAME -->`, with `$name` placeholders filled from the stored results.

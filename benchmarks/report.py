@@ -76,19 +76,6 @@ def _inference(model: dict[str, Any], name_start: str) -> dict[str, Any] | None:
     return None
 
 
-def _phase2_epoch_s_per_sample(model: dict[str, Any], expert: str) -> float | None:
-    """A dual-sampling epoch has N/B steps of 2B images: seconds per training sample = t(B) / B."""
-    row = _largest(model, "phase2", expert)
-    return row["step_s"] / row["batch_per_stream"] if row else None
-
-
-def _data_rate(data: dict[str, Any], size: str, start: str) -> float | None:
-    for name, r in data.get("per_worker", {}).get(size, {}).items():
-        if name.startswith(start):
-            return r["images_per_s"]
-    return None
-
-
 def summary(run: dict[str, Any]) -> list[str]:
     model, lines = run.get("model"), []
     if not model:
@@ -724,10 +711,8 @@ def gpu_check_section(check: dict[str, Any]) -> list[str]:
     m = check["machine"]
     where = m.get("gpu") or f"{m['cpu']} (dry run: tiny shapes, not GPU figures)"
     lines = [f"## GPU check: {where}, {m['precision']}", "",
-             f"Command `{check['command']}`, {check['date']}, {check['seconds'] / 60:.1f} min; torch {m['torch']}. "
-             "Phase 2 of the visual expert (timm ViT-B/16, random weights, 8,142 classes as iNaturalist 2018), "
-             "one optimisation step through `GroupPromptPhase.training_step`; FLOPs counted by "
-             "`torch.utils.flop_counter.FlopCounterMode`.", ""]
+             template("benchmarks", "gpu_check", command=check["command"], date=check["date"],
+                      minutes=f"{check['seconds'] / 60:.1f}", torch=m["torch"]), ""]
     train = check.get("train")
     if train:
         peak = train["peak_flops_per_s"]
@@ -751,11 +736,9 @@ def gpu_check_section(check: dict[str, Any]) -> list[str]:
     loader = check.get("loader")
     if loader:
         dd = loader["device_decode"]
-        lines += [f"Training loader (`LongTailDataModule`, dual sampling, {loader['batch_per_stream']} images per "
-                  f"stream, pin_memory {loader['pin_memory']}) with {loader['workers']} workers over `lpt prepare` "
-                  f"shards of synthetic 800x600 JPEGs ({loader['items']:,} items): "
-                  f"{_f(loader['images_per_s'], 0)} images/s. `data.decode_jpeg_on_device` ({dd['where']}, batches "
-                  f"of file bytes from the workers, decode + resize/crop): {_f(dd['images_per_s'], 0)} images/s.", ""]
+        lines += [template("benchmarks", "gpu_check_loader", batch=loader["batch_per_stream"], pin=loader["pin_memory"],
+                           workers=loader["workers"], items=f"{loader['items']:,}", rate=_f(loader["images_per_s"], 0),
+                           where=dd["where"], device_rate=_f(dd["images_per_s"], 0)), ""]
     return lines
 
 
