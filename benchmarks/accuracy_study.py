@@ -3,7 +3,8 @@
     python benchmarks/accuracy_study.py                    # full study: both datasets, 3 seeds (about 30 min on 2 CPU cores)
     python benchmarks/accuracy_study.py --dataset fmnist   # one dataset: one process per dataset halves the wall time
     python benchmarks/accuracy_study.py --quick            # smoke version: 1 seed, short schedules
-    python benchmarks/accuracy_study.py --render           # rewrite docs/results.md from the saved JSON
+    python benchmarks/accuracy_study.py --reevaluate       # test evaluation of the finished runs again (new metrics)
+    python -m benchmarks.report --render                   # rewrite docs/results.md (and the other pages) from the JSON
 
 The experts are the stand-ins of weights/standins/ (benchmarks/pretrain_standins.py, MODEL_CARD.md),
 loaded through ``expert.backbone.checkpoint_path``. Every LPT/LPT++ row is a real pipeline phase (one

@@ -87,24 +87,17 @@ def summary(run: dict[str, Any]) -> list[str]:
             lines.append(f"| phase-2 step, prefix reuse / two-pass, {EXPERT_NAMES[pr['expert']]} | 1.0 / FLOP ratio "
                          f"{pr['flop_ratio']:.3f} | <= 0.82 | {r['median']:.3f} (rounds {r['min']:.3f}-{r['max']:.3f}) "
                          f"| {_ok(r['median'], 0.82)} |")
-    lpp = _inference(model, "LPT++ mixture, prefix reuse")
-    lpt = _inference(model, "LPT, prefix reuse")
-    if lpp:
-        m = lpp["multiple"]
-        lines.append(f"| LPT++ inference per image, x one plain ViT-B/16 forward | 4.0 / FLOPs x{lpp['flop_multiple']:.2f} "
-                     f"| <= 3.2 | {m['median']:.2f} (rounds {m['min']:.2f}-{m['max']:.2f}) | {_ok(m['median'], 3.2)} |")
-    if lpt:
-        m = lpt["multiple"]
-        lines.append(f"| LPT inference per image, x one plain ViT-B/16 forward | 2.0 / FLOPs x{lpt['flop_multiple']:.2f} "
-                     f"| <= 1.65 | {m['median']:.2f} (rounds {m['min']:.2f}-{m['max']:.2f}) | {_ok(m['median'], 1.65)} |")
-    for name, naive, target in (("LPT++ mixture, before the kept-token fix", 4.0, 3.2),
-                                 ("LPT, before the kept-token fix", 2.0, 1.65)):
+    plain = "per image, x one plain ViT-B/16 forward"
+    for name, label, naive, target in (
+            ("LPT++ mixture, prefix reuse", f"LPT++ inference {plain}", 4.0, 3.2),
+            ("LPT, prefix reuse", f"LPT inference {plain}", 2.0, 1.65),
+            ("LPT++ mixture, before the kept-token fix", "(before the kept-token fix: LPT++ inference)", 4.0, 3.2),
+            ("LPT, before the kept-token fix", "(before the kept-token fix: LPT inference)", 2.0, 1.65)):
         row = _inference(model, name)
         if row:
             m = row["multiple"]
-            label = "LPT++" if name.startswith("LPT++") else "LPT"
-            lines.append(f"| (before the kept-token fix: {label} inference) | {naive} / FLOPs x{row['flop_multiple']:.2f} "
-                         f"| <= {target} | {m['median']:.2f} (rounds {m['min']:.2f}-{m['max']:.2f}) | {_ok(m['median'], target)} |")
+            lines.append(f"| {label} | {naive} / FLOPs x{row['flop_multiple']:.2f} | <= {target} | {m['median']:.2f} "
+                         f"(rounds {m['min']:.2f}-{m['max']:.2f}) | {_ok(m['median'], target)} |")
     peak = model["matmul_peak"]["flops_per_s"]
     for expert in ("visual", "vl"):
         row = _largest(model, "phase1", expert)
