@@ -1,26 +1,13 @@
 """Dry run of every shipped GPU entry point on the CPU, at the real architectures and class counts.
 
-Each ``configs/<dataset>_pipeline.yaml`` runs end to end (``lpt pipeline``: phases 1 and 2 of each
-expert, then phase 3) and each single-phase config (``configs/<dataset>_phase*.yaml``) is parsed and
-built as ``lpt fit`` builds it (its backbone, its upstream checkpoints, its data), against:
-
-- the real backbones (timm ``vit_base_patch16_224.augreg_in21k``, open_clip ``ViT-B-16`` /
-  ``openai``) with random weights saved once to local files and loaded through
-  ``backbone.checkpoint_path``, the offline path real weights take;
-- synthetic datasets in the real on-disk formats and class counts, a few tiny images per class:
-  iNaturalist 2018 jsons (8,142 categories, ``categories.json`` names), Places-LT lists (365
-  classes) and ImageNet-LT lists (1,000), CIFAR-100 class folders (IR 100 needs 100 per class).
-
-Overridden: batch size (2), loader workers (0), precision (``32-true``), ``limit_*_batches`` (2),
-epochs (2 for phases 1-2, the warm-up being 1; 1 for phase 3), the backbone files and the run
-directory; the configs' relative data and run paths resolve in the work directory. Everything
-else is the shipped config. Each entry point is a fresh process: its wall time and peak RSS
-(``wait4``) go to ``benchmarks/results/dry_run.json`` and a section of ``docs/benchmarks.md``.
-
-Text embeddings of more than ``--encode-text-max`` class names (ImageNet-LT, iNaturalist) are not
-computed here (8,142 names take ~40 min on one thread; their cost has its own section in
-docs/benchmarks.md): the text-embedding cache is filled with random unit vectors under the key the
-VL expert looks up, so its phase 1 reads them as every process after the first does.
+Each ``configs/<dataset>_pipeline.yaml`` runs end to end (``lpt pipeline``) and each single-phase
+config is parsed and built as ``lpt fit`` builds it, with the real backbones' architectures (random
+weights from local files, through ``backbone.checkpoint_path``) on synthetic data in the real
+on-disk formats and class counts; batch size, workers, precision, batch limits and epochs are
+overridden (see ``OVERRIDES``, ``EPOCHS``). Each entry point is a fresh process: its wall time and
+peak RSS go to ``benchmarks/results/dry_run.json``, rendered in docs/benchmarks.md ("Dry run of the
+GPU entry points", whose text says the rest). Text embeddings of more than ``--encode-text-max``
+class names are read from a cache prefilled with random unit vectors (their cost has its own section).
 
     python -m benchmarks.dry_run [--jobs 4] [--datasets inat18 ...] [--configs inat18_pipeline ...]
                                  [--only pipelines|phases] [--work DIR]

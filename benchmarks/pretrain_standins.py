@@ -5,28 +5,11 @@
     python benchmarks/pretrain_standins.py --device cuda --epochs 40 --out runs/standins_big
 
 No hub weights can be downloaded where this project is tested, so the experts' frozen backbones
-are stand-ins pretrained here: a small timm ViT (supervised cross-entropy) and a small open_clip
-CLIP (image tower trained contrastively against the text tower's embeddings of its captions
-"a photo of a {label}."), on Fashion-MNIST and CIFAR-10 together.
-
-Real backbones were not pretrained on the long-tailed target's images or its label space, so
-neither are these (a stand-in that was would be an oracle whose start no long-tailed fit can
-beat):
-
-- **Disjoint images.** ``lpt_lightning.data.target_slices`` (seed 0) carves, per class, the
-  balanced val slice, the balanced test slice (CIFAR-10; Fashion-MNIST tests on t10k, never
-  read here) and the pool every long-tailed training set is drawn from (``train_pool_per_class``
-  of the sources); pretraining sees only the remaining images.
-- **Another label space.** Each stand-in's pretraining labels merge some target classes into a
-  coarser label (``VISUAL_LABELS`` / ``CLIP_LABELS``), as ImageNet-21k's or a web corpus's labels
-  are not Places-LT's or iNaturalist's: the ViT's head never separates them, and the CLIP text
-  tower never reads the merged classes' own names, so zero-shot on them is a guess. The two
-  corpora are coarse in different places (one pair in common per dataset), as the two real
-  corpora are.
-
-Images get the project's eval preprocessing (``build_eval_transform``: resize 32 -> 37, centre
-crop 32; Fashion-MNIST as RGB), so the experts see in the pipeline what they saw here. CIFAR-10
-training crops are random 32x32 crops of the 37x37 resize, half of them flipped.
+are stand-ins pretrained here: a small timm ViT (supervised) and a small open_clip CLIP (contrastive,
+captions "a photo of a {label}."), on Fashion-MNIST and CIFAR-10 images disjoint from every
+long-tailed task's (``target_slices``) and with coarser labels (``VISUAL_LABELS`` / ``CLIP_LABELS``),
+as real backbones never saw the target's images or label space. How and why, with the figures:
+weights/standins/MODEL_CARD.md (rendered by ``model_card`` from ``benchmarks/templates/standins.md``).
 """
 from __future__ import annotations
 

@@ -269,9 +269,7 @@ def cost_section(model: dict[str, Any]) -> list[str]:
     lines = [
         "### Cost growth of head + loss with the number of classes",
         "",
-        f"Cosine head + A-GCL on a batch of {rows[0]['batch']} features (2 streams x 64, the configs' batch): "
-        "forward, backward into the features and the head, SGD step. Times alternate between class counts. "
-        "State = fp32 head weight + gradient + momentum."
+        template("benchmarks", "cost", batch=rows[0]["batch"])
         + (" CPU: 1 torch thread (small tensors; see phase 3)." if model.get("small_op_threads") else "")
         + " The last column compares with a phase-1 step of "
         f"the same {rows[0]['batch']} images"
