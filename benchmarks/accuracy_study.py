@@ -461,12 +461,12 @@ def _values(payload: dict[str, Any], key: str, metric: str, split: str = "test")
     return [v for v in vals if v is not None and not math.isnan(v)]
 
 
-def _ms(values: list[float], signed: bool = False) -> str:
+def _ms(values: list[float], signed: bool = False, digits: int = 1) -> str:
     if not values:
         return "n/a"
     mean = statistics.mean(values)
-    text = f"{mean:+.1f}" if signed else f"{mean:.1f}"
-    return text + (f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else "")
+    text = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
+    return text + (f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else "")
 
 
 def group_masks(counts: list[int]) -> dict[str, torch.Tensor]:
@@ -545,7 +545,8 @@ def metrics_table(payload: dict[str, Any]) -> list[str]:
     lines = [template("results", "metrics"), "", "| configuration | " + " | ".join(METRIC_NAMES) + " |",
              "| --- |" + " ---: |" * len(METRIC_NAMES)]
     for key, label in rows:
-        lines.append(f"| {label} | " + " | ".join(_ms(_values(payload, key, m)) for m in METRIC_NAMES) + " |")
+        lines.append(f"| {label} | " + " | ".join(_ms(_values(payload, key, m), digits=2 if m == "nll" else 1)
+                                                   for m in METRIC_NAMES) + " |")
     return lines + [""]
 
 

@@ -1,6 +1,7 @@
-"""Every generated page from the stored results in benchmarks/results/: docs/benchmarks.md (from
-bench_*.json and the other speed results), docs/results.md (accuracy_*.json, diagnosis_*.json,
-demo.json; `benchmarks/accuracy_study.py`) and the README's demo block (demo.json).
+"""Render every generated page from the stored results in benchmarks/results/.
+
+docs/benchmarks.md (bench_*.json and the other speed results), docs/results.md (accuracy_*.json,
+diagnosis_*.json, demo.json; `benchmarks/accuracy_study.py`) and the README's demo block (demo.json).
 
     python -m benchmarks.report --render                                 # rewrite the three pages
     python -m benchmarks.report --store-demo runs/fmnist_lt_pipeline     # store a finished `make demo`, then render
