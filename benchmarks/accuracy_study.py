@@ -582,8 +582,9 @@ def _data_lines(payload: dict[str, Any]) -> list[str]:
                        f"(counts by class {run['_class_counts']})" for key, run in payload["runs"].items())
     return [template("results", "data", command=payload["command"], minutes=f"{payload['seconds'] / 60:.1f}",
                      date=payload["date"], load=payload["load_average"], threads=s["threads"],
-                     val=payload["val_per_class"][0], n_max=s["n_max"], counts=sorted(payload["class_counts"], reverse=True),
-                     test=ds["test"], test_images=f"{payload['test_images']:,}", orders=orders, epochs1=s["epochs"]["phase1"],
+                     val=payload["val_per_class"][0], n_max=s["n_max"],
+                     counts=sorted(payload["class_counts"], reverse=True), test=ds["test"],
+                     test_images=f"{payload['test_images']:,}", orders=orders, epochs1=s["epochs"]["phase1"],
                      epochs2=s["epochs"]["phase2"], steps=s["steps"], batch=s["batch_size"], base_lr=s["base_lr"],
                      lr=f"{s['base_lr'] * s['batch_size'] / 256:g}", block=GROUP["start_block"] + 1,
                      epochs3=s["epochs"]["phase3"], probe_epochs=s["probe_epochs"], draws=s.get("bootstrap", 2000))]
@@ -596,7 +597,8 @@ def render(payloads: list[dict[str, Any]], diagnoses: list[dict[str, Any]], demo
         acc = json.loads(card.read_text())
         zs = acc.get("clip", {}).get("val_accuracy", {})
         if zs and "zero_shot_own_10_classes" in zs.get("cifar10", {}):
-            lines += [template("results", "zero_shot", fmnist=f"{100 * zs['fashion_mnist']['zero_shot_own_10_classes']:.1f}",
+            lines += [template("results", "zero_shot",
+                               fmnist=f"{100 * zs['fashion_mnist']['zero_shot_own_10_classes']:.1f}",
                                cifar=f"{100 * zs['cifar10']['zero_shot_own_10_classes']:.1f}"), ""]
     if demo:
         from benchmarks.demo import results_section

@@ -370,9 +370,11 @@ def model_card(report: dict) -> str:
                             f"{100 * a['accuracy_pretraining_labels']:.1f}% | {zero_shot} |")
     return template(
         "standins", "card", vit_merges=merges("vit"), clip_merges=merges("clip"), vit_file=VIT_FILE, vit_name=VIT_NAME,
-        vit_backbone=f"{r['vit']['parameters']['backbone']:,}", vit_head=f"{r['vit']['parameters']['classification_head']:,}",
+        vit_backbone=f"{r['vit']['parameters']['backbone']:,}",
+        vit_head=f"{r['vit']['parameters']['classification_head']:,}",
         clip_file=CLIP_FILE, clip_image=f"{r['clip']['parameters']['image_tower']:,}",
-        clip_text=f"{r['clip']['parameters']['text_tower_and_logit_scale']:,}", class_text=TEXT_TEMPLATE.format("{class}"),
+        clip_text=f"{r['clip']['parameters']['text_tower_and_logit_scale']:,}",
+        class_text=TEXT_TEMPLATE.format("{class}"),
         accuracy_rows="\n".join(accuracy), archive=s["cifar_archive"], seed=s["seed"], fmnist_val=FMNIST_VAL_PER_CLASS,
         fmnist_pool=FMNIST_POOL_PER_CLASS, cifar_val=CIFAR_VAL_PER_CLASS, cifar_test=CIFAR_TEST_PER_CLASS,
         cifar_pool=CIFAR_POOL_PER_CLASS, fmnist_images=f"{r['data']['pretraining_images']['fashion_mnist']:,}",

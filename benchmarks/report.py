@@ -350,7 +350,8 @@ def phase3_section(model: dict[str, Any], machine: dict[str, Any]) -> list[str]:
             "",
             template("benchmarks", "phase3_gpu", overheads=", ".join(
                 f"{1e6 * _loop_overhead(model, e):.0f} us at batch {e['batch']}" for e in epochs),
-                mfu=f"{ASSUMED_GPU_MFU:.0%}", gflops=f"{share['phase2_flops_per_sample'] / 1e9:.0f}", estimates="; ".join(
+                mfu=f"{ASSUMED_GPU_MFU:.0%}", gflops=f"{share['phase2_flops_per_sample'] / 1e9:.0f}",
+                estimates="; ".join(
                     f"batch {b}: " + ", ".join(f"{gpu} ~{100 * v:.1f}%" for gpu, v in per_gpu.items())
                     for b, per_gpu in share["gpu_estimates"].items())),
         ]
@@ -566,7 +567,8 @@ def findings(run: dict[str, Any]) -> list[str]:
         lines += [
             template("benchmarks", "finding_1", logits=f"{ex.get('logits', float('nan')):.1e}",
                      grad=f"{ex.get('grad', float('nan')):.1e}", vit_logits=", ".join(
-                         f"{k} {v:.1e}" for k, v in model["inference"].get("before_fix_max_abs_logit_diff", {}).items())),
+                         f"{k} {v:.1e}" for k, v in model["inference"].get("before_fix_max_abs_logit_diff", {}).items()
+                     )),
             "",
             "| measurement | before the fix | after (library now) | after / before |",
             "| --- | ---: | ---: | ---: |",
@@ -743,7 +745,8 @@ def feed_section(feed: dict[str, Any]) -> list[str]:
              "| stage | ms per image, best | median |", "| --- | ---: | ---: |"]
     for r in feed["rows"]:
         lines.append(f"| {r['stage']} | {r['ms_per_image_best']:.3f} | {r['ms_per_image']:.3f} |")
-    lines += ["", template("benchmarks", "feed_total", sum=f"{feed['stage_sum_ms']:.2f}", item=f"{feed['whole_item_ms']:.2f}",
+    lines += ["", template("benchmarks", "feed_total", sum=f"{feed['stage_sum_ms']:.2f}",
+                           item=f"{feed['whole_item_ms']:.2f}",
                            used=f"{feed['cost_ms_used']:.2f}", target=f"{feed['target_images_per_s']:,}",
                            cores=f"{feed['cores_for_target']:.1f}"), ""]
     return lines
