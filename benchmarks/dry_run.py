@@ -43,7 +43,6 @@ LIMIT = 2
 OVERRIDES = [f"--data.batch_size={BATCH}", "--data.num_workers=0", "--trainer.precision=32-true",
              *(f"--trainer.limit_{split}_batches={LIMIT}" for split in ("train", "val", "test"))]
 EPOCHS = {"phase1": 2, "phase2": 2, "phase3": 1}  # phases 1-2 warm up for 1 epoch: a 1-epoch run is refused
-SECTION = "### Dry run of the GPU entry points"
 
 
 # ----------------------------------------------------------------------------- weights and data
@@ -291,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", nargs="+", metavar="STEM", help="only these configs (e.g. inat18_pipeline)")
     parser.add_argument("--jobs", type=int, default=1, help="datasets run at once (each its entry points in turn)")
     parser.add_argument("--result", type=Path, default=RESULT)
-    parser.add_argument("--no-docs", action="store_true", help="do not rewrite the section of docs/benchmarks.md")
+    parser.add_argument("--no-docs", action="store_true", help="do not re-render docs/benchmarks.md")
     parser.add_argument("--prepare-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--build-child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -351,27 +350,12 @@ def main(argv: list[str] | None = None) -> int:
 
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(run_dataset, args.datasets))
-    if not args.no_docs:
-        from benchmarks.report import dry_run_section
+    if not args.no_docs and args.result == RESULT:  # the page is rendered from benchmarks/results/ only
+        from benchmarks.report import render
 
-        write_section(DOC, dry_run_section(args.result.parent))
+        DOC.write_text(render(RESULT.parent))
     print(f"wrote {args.result}" + ("" if not failed else f"; FAILED: {', '.join(failed)}"))
     return 1 if failed else 0
-
-
-def write_section(doc: Path, lines: list[str]) -> None:
-    """Replace the dry-run section of ``doc`` (up to the next ``### `` heading), or put it before
-    the fast-path section."""
-    text = doc.read_text().splitlines()
-    block = [*lines]
-    if SECTION in "\n".join(text):
-        start = next(i for i, line in enumerate(text) if line.startswith(SECTION))
-        end = next((i for i in range(start + 1, len(text)) if text[i].startswith(("### ", "## "))), len(text))
-        text[start:end] = block
-    else:
-        at = next((i for i, line in enumerate(text) if line.startswith("### Fast path")), len(text))
-        text[at:at] = block
-    doc.write_text("\n".join(text).rstrip() + "\n")
 
 
 if __name__ == "__main__":
