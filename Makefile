@@ -17,7 +17,7 @@ have_fmnist = ls $(FMNIST_DIR)/train-labels-idx1-ubyte* >/dev/null 2>&1 || \
 	  apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null && \
 	  ls $(FMNIST_DIR)/train-labels-idx1-ubyte* >/dev/null 2>&1; }
 
-.PHONY: install fashion-mnist test test-all test-ddp demo standins clean help bench dry-run
+.PHONY: install fashion-mnist test test-all test-ddp demo standins clean help bench dry-run docs
 
 help:
 	@echo "make install   create $(VENV) and install lpt_lightning with test extras (demo and test do it when needed)"
@@ -28,6 +28,7 @@ help:
 	@echo "make standins  pretrain the stand-in experts into weights/standins (about 15 min, 2 CPU threads)"
 	@echo "make dry-run   every GPU entry point on the CPU at its real architecture and class count (random weights,"
 	@echo "               synthetic data in the real formats; ~25 min on 2 shared cores; DRY_RUN_ARGS e.g. \"--datasets inat18\")"
+	@echo "make docs      render docs/benchmarks.md, docs/results.md and the README's demo block from benchmarks/results/"
 	@echo "make clean     remove run outputs and caches"
 
 $(PY):
@@ -70,6 +71,10 @@ standins: $(INSTALLED)
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache
+
+# The generated pages from the stored results (tests/test_generated_docs.py checks them).
+docs: $(INSTALLED)
+	$(PY) -m benchmarks.report --render
 
 bench: $(INSTALLED)
 	HF_HUB_OFFLINE=1 WANDB_MODE=disabled $(PY) benchmarks/run_all.py $(BENCH_ARGS)

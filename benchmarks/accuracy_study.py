@@ -3,7 +3,8 @@
     python benchmarks/accuracy_study.py                    # full study: both datasets, 3 seeds (about 30 min on 2 CPU cores)
     python benchmarks/accuracy_study.py --dataset fmnist   # one dataset: one process per dataset halves the wall time
     python benchmarks/accuracy_study.py --quick            # smoke version: 1 seed, short schedules
-    python benchmarks/accuracy_study.py --render           # rewrite docs/results.md from the saved JSON
+    python benchmarks/accuracy_study.py --reevaluate       # test evaluation of the finished runs again (new metrics)
+    python -m benchmarks.report --render                   # rewrite docs/results.md (and the other pages) from the JSON
 
 The experts are the stand-ins of weights/standins/ (benchmarks/pretrain_standins.py, MODEL_CARD.md),
 loaded through ``expert.backbone.checkpoint_path``. Every LPT/LPT++ row is a real pipeline phase (one
@@ -35,6 +36,9 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
+
+from benchmarks.common import template  # noqa: E402
+from lpt_lightning.metrics import EXTRA_KEYS, METRIC_NAMES, WORST_CLASS_KEYS  # noqa: E402
 
 ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-train-jpeg.tar.gz"
 CIFAR_ROOT = REPO / "data_cache" / "cifar10" / "train"
@@ -182,12 +186,47 @@ def run_phases(runs: list) -> None:
 
 
 def phase_rows(run_dir: Path, name: str) -> dict[str, dict[str, Any]]:
-    """Rows of one finished phase: '<row>' -> split accuracies and the phase's wall time."""
+    """Rows of one finished phase: '<row>' -> its metrics (those its metrics.json has), per-class
+    accuracies and the phase's wall time."""
     directory = run_dir / name
     data = json.loads((directory / "metrics.json").read_text())
     seconds = float((directory / "seconds.txt").read_text())
-    return {row: {k: values[k] for k in (*SPLIT_KEYS, "per_class")} | {"seconds": seconds}
-            for row, values in data["results"].items()}
+    return {row: {k: values[k] for k in (*SPLIT_KEYS, *EXTRA_KEYS, *WORST_CLASS_KEYS, "per_class") if k in values}
+            | {"seconds": seconds} for row, values in data["results"].items()}
+
+
+def reevaluate(dataset: str) -> None:
+    """The test evaluation of every finished phase of the full study again, from its final.ckpt and
+    start.ckpt (no training: the pipeline's own reporting), so that each metrics.json has the
+    metrics added since it ran; then the stored JSON's pipeline rows gain them. Top-1 figures that
+    differ from the stored ones are listed in the JSON (they must not)."""
+    from lpt_lightning.pipeline import PhaseRun, reevaluate_phase
+
+    path = RESULTS / f"accuracy_full_{dataset}.json"
+    payload = json.loads(path.read_text())
+    t0, differences = time.perf_counter(), []
+    for seed, stored in payload["runs"].items():
+        seed_dir = RUNS / "full" / dataset / f"seed{seed}"
+        for final in sorted(seed_dir.glob("*/*/final.ckpt")):
+            metrics = json.loads((final.parent / "metrics.json").read_text())["results"]
+            if all("balanced_acc" in row for row in metrics.values()):
+                continue  # re-evaluated already
+            print(f"\n##### re-evaluating {final.parent}", flush=True)
+            reevaluate_phase(PhaseRun(final.parent.name, final.parent.name.split("_")[0], final.parent, {}))
+        for key, row in pipeline_rows(seed_dir).items():
+            if key.startswith("_"):
+                continue
+            for split, values in row.items():
+                old = stored[key][split]
+                differences += [f"seed {seed} {key} {split} {k}: {old[k]} -> {values[k]}"
+                                for k in (*SPLIT_KEYS, "per_class") if values[k] != old[k]]
+                old |= {k: v for k, v in values.items() if k not in (*SPLIT_KEYS, "per_class", "seconds")}
+    payload["reevaluation"] = {"seconds": time.perf_counter() - t0, "date": time.strftime("%Y-%m-%d"),
+                               "command": f"python benchmarks/accuracy_study.py --reevaluate --dataset {dataset}",
+                               "top1_differences": differences}
+    path.write_text(json.dumps(payload, indent=1))
+    print(f"re-evaluated {dataset} in {payload['reevaluation']['seconds'] / 60:.1f} min; "
+          f"{len(differences)} top-1 differences", *differences, sep="\n")
 
 
 def study_runs(dataset: str, s: dict[str, Any], seed: int, class_order_seed: int | None, seed_dir: Path) -> list:
@@ -423,12 +462,12 @@ def _values(payload: dict[str, Any], key: str, metric: str, split: str = "test")
     return [v for v in vals if v is not None and not math.isnan(v)]
 
 
-def _ms(values: list[float], signed: bool = False) -> str:
+def _ms(values: list[float], signed: bool = False, digits: int = 1) -> str:
     if not values:
         return "n/a"
     mean = statistics.mean(values)
-    text = f"{mean:+.1f}" if signed else f"{mean:.1f}"
-    return text + (f" ± {statistics.stdev(values):.1f}" if len(values) > 1 else "")
+    text = f"{mean:+.{digits}f}" if signed else f"{mean:.{digits}f}"
+    return text + (f" ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else "")
 
 
 def group_masks(counts: list[int]) -> dict[str, torch.Tensor]:
@@ -498,6 +537,20 @@ def _table(payload: dict[str, Any], rows: list[tuple[str, str]], with_time: bool
     return lines
 
 
+def metrics_table(payload: dict[str, Any]) -> list[str]:
+    """The further metrics (`METRIC_NAMES`) of the rows whose stored test results have them (the
+    pipeline's; the baselines report top-1 only): mean ± standard deviation over runs."""
+    rows = [(key, label) for key, label in MAIN_ROWS if _values(payload, key, "balanced_acc")]
+    if not rows:
+        return []
+    lines = [template("results", "metrics"), "", "| configuration | " + " | ".join(METRIC_NAMES) + " |",
+             "| --- |" + " ---: |" * len(METRIC_NAMES)]
+    for key, label in rows:
+        lines.append(f"| {label} | " + " | ".join(_ms(_values(payload, key, m), digits=2 if m == "nll" else 1)
+                                                   for m in METRIC_NAMES) + " |")
+    return lines + [""]
+
+
 def targets(payload: dict[str, Any]) -> list[str]:
     """The study's goals, each checked against its 95 % interval."""
     gain = bootstrap(payload, "scorer", "_start")
@@ -528,60 +581,30 @@ def _data_lines(payload: dict[str, Any]) -> list[str]:
     ds = DATASETS[payload["dataset"]]
     orders = "; ".join(f"run {key}: seed {run['_seed']}, class order {run['_class_order'] or 'canonical'} "
                        f"(counts by class {run['_class_counts']})" for key, run in payload["runs"].items())
-    return [
-        f"- Command: `{payload['command']}`; wall time {payload['seconds'] / 60:.1f} min ({payload['date']}, "
-        f"load average at start {payload['load_average']}; {s['threads']} torch thread).",
-        f"- Data: balanced held-out slices first ({payload['val_per_class'][0]} val images per class: the only "
-        f"split anything is selected or fitted on), then the CIFAR-LT profile with imbalance ratio 100 and "
-        f"n_max = {s['n_max']}, drawn from the stand-ins' held-out pool: training counts "
-        f"{sorted(payload['class_counts'], reverse=True)}. Groups (LPT convention): many n > 100, medium 20 < n <= 100, "
-        f"few n <= 20. Test: {ds['test']} ({payload['test_images']:,} images).",
-        f"- Runs (each a training seed and a class order: which classes are head and which tail): {orders}.",
-        f"- Schedules: phase 1 {s['epochs']['phase1']} epochs, phase 2 {s['epochs']['phase2']}, each epoch "
-        f"{s['steps']} steps of {s['batch_size']} images per stream; SGD base_lr {s['base_lr']} (lr "
-        f"{s['base_lr'] * s['batch_size'] / 256:g}), no warm-up, cosine; reference A-GCL constants; prompt "
-        f"length 4, group pool 10 (top 2, from block {GROUP['start_block'] + 1}); phase 3: "
-        f"{s['epochs']['phase3']} epochs of the scorer (hidden 64). Linear heads: Adam lr 1e-3, "
-        f"{s['probe_epochs']} epochs, batches of 128.",
-        "- Cells: mean over runs [95 % bootstrap interval over runs and test images, "
-        f"{s.get('bootstrap', 2000)} draws]; 'val overall' is mean ± standard deviation over runs; 's / run' is "
-        "the wall time of the run that produced the row.",
-    ]
+    return [template("results", "data", command=payload["command"], minutes=f"{payload['seconds'] / 60:.1f}",
+                     date=payload["date"], load=payload["load_average"], threads=s["threads"],
+                     val=payload["val_per_class"][0], n_max=s["n_max"],
+                     counts=sorted(payload["class_counts"], reverse=True), test=ds["test"],
+                     test_images=f"{payload['test_images']:,}", orders=orders, epochs1=s["epochs"]["phase1"],
+                     epochs2=s["epochs"]["phase2"], steps=s["steps"], batch=s["batch_size"], base_lr=s["base_lr"],
+                     lr=f"{s['base_lr'] * s['batch_size'] / 256:g}", block=GROUP["start_block"] + 1,
+                     epochs3=s["epochs"]["phase3"], probe_epochs=s["probe_epochs"], draws=s.get("bootstrap", 2000))]
 
 
-def render(payloads: list[dict[str, Any]], diagnoses: list[dict[str, Any]]) -> str:
+def render(payloads: list[dict[str, Any]], diagnoses: list[dict[str, Any]], demo: dict[str, Any] | None = None) -> str:
     card = STANDINS / "standins.json"
-    lines = [
-        "# Accuracy study: CIFAR-10-LT and Fashion-MNIST-LT with pretrained stand-in experts",
-        "",
-        "Generated by `python benchmarks/accuracy_study.py` from `benchmarks/results/accuracy_*.json` and "
-        "`diagnosis_*.json` (`--render` rewrites this page without running anything). Every number is top-1 "
-        "accuracy in percent on a balanced test set of images the stand-in experts never saw. LPT/LPT++ rows "
-        "come from the real `lpt pipeline` phases (one LightningCLI run each); the baselines above them are "
-        "linear heads trained by the study script on the same images (raw pixels) or on the frozen stand-in's "
-        "features. The **no-training rows** are each expert as phase 1 starts it (the pipeline reports them "
-        "from `start.ckpt`): every trained row is to be read against them.",
-        "",
-        "## The experts",
-        "",
-        "No hub weights can be downloaded here, so both experts are **stand-ins pretrained by the project** "
-        "(`benchmarks/pretrain_standins.py`, `weights/standins/MODEL_CARD.md`): a timm ViT (patch 4, width 96, "
-        "6 blocks, 0.46M parameters) trained supervised, and an open_clip CLIP of the same image-tower size "
-        "trained contrastively on \"a photo of a {label}.\" captions. As real backbones, **they never saw the "
-        "long-tailed task's images or its label space**: they were pretrained on images disjoint from every "
-        "val, test and long-tailed training image here (the study checks its slices and its training pool "
-        "against `heldout_slices.json`), with labels that merge some target classes (the ViT: T-shirt/top + "
-        "Shirt, Sandal + Sneaker, cat + dog, deer + horse; CLIP's captions: Pullover + Coat, Sneaker + Ankle "
-        "boot, automobile + truck, cat + dog), so the CLIP text tower never read those classes' names.",
-        "",
-    ]
+    lines = [template("results", "intro"), ""]
     if card.is_file():
         acc = json.loads(card.read_text())
         zs = acc.get("clip", {}).get("val_accuracy", {})
         if zs and "zero_shot_own_10_classes" in zs.get("cifar10", {}):
-            lines += [f"CLIP stand-in zero-shot on the held-out val slices (10 classes): Fashion-MNIST "
-                      f"{100 * zs['fashion_mnist']['zero_shot_own_10_classes']:.1f}%, CIFAR-10 "
-                      f"{100 * zs['cifar10']['zero_shot_own_10_classes']:.1f}%.", ""]
+            lines += [template("results", "zero_shot",
+                               fmnist=f"{100 * zs['fashion_mnist']['zero_shot_own_10_classes']:.1f}",
+                               cifar=f"{100 * zs['cifar10']['zero_shot_own_10_classes']:.1f}"), ""]
+    if demo:
+        from benchmarks.demo import results_section
+
+        lines += results_section(demo)
     if NOTES.is_file():
         lines += [NOTES.read_text().rstrip(), ""]
     for payload in payloads:
@@ -591,7 +614,7 @@ def render(payloads: list[dict[str, Any]], diagnoses: list[dict[str, Any]]) -> s
         lines += [f"## {ds['title']}" + (" (quick mode: a smoke run, NOT a result)" if quick else ""), ""]
         lines += [*_data_lines(payload), "",
                   "### Targets", "", *targets(payload), "",
-                  "### Main rows", "", *_table(payload, MAIN_ROWS), "",
+                  "### Main rows", "", *_table(payload, MAIN_ROWS), "", *metrics_table(payload),
                   "### Paired differences (percentage points, same run)", "",
                   "| comparison | overall | many | medium | few |", "| --- | ---: | ---: | ---: | ---: |"]
         for label, a, b in DIFFS:
@@ -724,6 +747,15 @@ def diagnosis_files() -> list[Path]:
     return sorted(RESULTS.glob("diagnosis_*.json"), key=lambda p: (not p.stem.endswith("_old"), p.stem))
 
 
+def render_page() -> str:
+    """docs/results.md from the stored results."""
+    from benchmarks.demo import DEMO
+
+    payloads = [json.loads(p.read_text()) for p in result_files()]
+    diagnoses = [json.loads(p.read_text()) for p in diagnosis_files()]
+    return render(payloads, diagnoses, json.loads(DEMO.read_text()) if DEMO.is_file() else None)
+
+
 def main(argv: list[str] | None = None) -> None:
     global STANDINS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -731,6 +763,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", choices=sorted(DATASETS), nargs="*", default=sorted(DATASETS))
     parser.add_argument("--seeds", type=int, nargs="*", help="override the seeds")
     parser.add_argument("--render", action="store_true", help="only rewrite docs/results.md from saved JSON")
+    parser.add_argument("--reevaluate", action="store_true",
+                        help="test evaluation of the finished full-study phases again (new metrics), no training")
     parser.add_argument("--fresh", action="store_true", help="delete this mode's earlier runs first")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared 2-core machine 2 threads stall on small ops)")
@@ -745,7 +779,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     STANDINS = REPO / args.standins
     torch.set_num_threads(args.threads)
-    if args.diagnosis:
+    if args.reevaluate:
+        for dataset in args.dataset:
+            reevaluate(dataset)
+    elif args.diagnosis:
         s = settings(False) | {"threads": args.threads, "class_orders": [None]}
         if args.seeds:
             s["seeds"] = args.seeds
@@ -786,9 +823,7 @@ def main(argv: list[str] | None = None) -> None:
             RESULTS.mkdir(parents=True, exist_ok=True)
             (RESULTS / f"accuracy_{s['mode']}_{dataset}.json").write_text(json.dumps(payload, indent=1))
             print(f"\naccuracy study ({s['mode']}, {dataset}) finished in {payload['seconds'] / 60:.1f} min")
-    payloads = [json.loads(p.read_text()) for p in result_files()]
-    diagnoses = [json.loads(p.read_text()) for p in diagnosis_files()]
-    DOC.write_text(render(payloads, diagnoses))
+    DOC.write_text(render_page())
     print(f"wrote {DOC}")
 
 

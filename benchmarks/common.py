@@ -490,5 +490,16 @@ def small_op_threads(env: Env):
         torch.set_num_threads(threads)
 
 
-def fmt_gib(x: float) -> str:
-    return f"{x:.2f}"
+# --------------------------------------------------------------------------------------------
+# Page templates: benchmarks/templates/<page>.md holds a page's prose as named blocks, each opened
+# by a line `<!-- block: NAME -->`, with `$name` placeholders filled from the stored results.
+
+
+def template(page: str, block: str, /, **values: Any) -> str:
+    import re
+    import string
+
+    text = (REPO / "benchmarks" / "templates" / f"{page}.md").read_text()
+    parts = re.split(r"^<!-- block: (\w+) -->\n", text, flags=re.M)
+    blocks = {name: body.rstrip("\n") for name, body in zip(parts[1::2], parts[2::2])}
+    return string.Template(blocks[block]).substitute(values)

@@ -1,26 +1,13 @@
 """Dry run of every shipped GPU entry point on the CPU, at the real architectures and class counts.
 
-Each ``configs/<dataset>_pipeline.yaml`` runs end to end (``lpt pipeline``: phases 1 and 2 of each
-expert, then phase 3) and each single-phase config (``configs/<dataset>_phase*.yaml``) is parsed and
-built as ``lpt fit`` builds it (its backbone, its upstream checkpoints, its data), against:
-
-- the real backbones (timm ``vit_base_patch16_224.augreg_in21k``, open_clip ``ViT-B-16`` /
-  ``openai``) with random weights saved once to local files and loaded through
-  ``backbone.checkpoint_path``, the offline path real weights take;
-- synthetic datasets in the real on-disk formats and class counts, a few tiny images per class:
-  iNaturalist 2018 jsons (8,142 categories, ``categories.json`` names), Places-LT lists (365
-  classes) and ImageNet-LT lists (1,000), CIFAR-100 class folders (IR 100 needs 100 per class).
-
-Overridden: batch size (2), loader workers (0), precision (``32-true``), ``limit_*_batches`` (2),
-epochs (2 for phases 1-2, the warm-up being 1; 1 for phase 3), the backbone files and the run
-directory; the configs' relative data and run paths resolve in the work directory. Everything
-else is the shipped config. Each entry point is a fresh process: its wall time and peak RSS
-(``wait4``) go to ``benchmarks/results/dry_run.json`` and a section of ``docs/benchmarks.md``.
-
-Text embeddings of more than ``--encode-text-max`` class names (ImageNet-LT, iNaturalist) are not
-computed here (8,142 names take ~40 min on one thread; their cost has its own section in
-docs/benchmarks.md): the text-embedding cache is filled with random unit vectors under the key the
-VL expert looks up, so its phase 1 reads them as every process after the first does.
+Each ``configs/<dataset>_pipeline.yaml`` runs end to end (``lpt pipeline``) and each single-phase
+config is parsed and built as ``lpt fit`` builds it, with the real backbones' architectures (random
+weights from local files, through ``backbone.checkpoint_path``) on synthetic data in the real
+on-disk formats and class counts; batch size, workers, precision, batch limits and epochs are
+overridden (see ``OVERRIDES``, ``EPOCHS``). Each entry point is a fresh process: its wall time and
+peak RSS go to ``benchmarks/results/dry_run.json``, rendered in docs/benchmarks.md ("Dry run of the
+GPU entry points", whose text says the rest). Text embeddings of more than ``--encode-text-max``
+class names are read from a cache prefilled with random unit vectors (their cost has its own section).
 
     python -m benchmarks.dry_run [--jobs 4] [--datasets inat18 ...] [--configs inat18_pipeline ...]
                                  [--only pipelines|phases] [--work DIR]
@@ -56,7 +43,6 @@ LIMIT = 2
 OVERRIDES = [f"--data.batch_size={BATCH}", "--data.num_workers=0", "--trainer.precision=32-true",
              *(f"--trainer.limit_{split}_batches={LIMIT}" for split in ("train", "val", "test"))]
 EPOCHS = {"phase1": 2, "phase2": 2, "phase3": 1}  # phases 1-2 warm up for 1 epoch: a 1-epoch run is refused
-SECTION = "### Dry run of the GPU entry points"
 
 
 # ----------------------------------------------------------------------------- weights and data
@@ -304,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", nargs="+", metavar="STEM", help="only these configs (e.g. inat18_pipeline)")
     parser.add_argument("--jobs", type=int, default=1, help="datasets run at once (each its entry points in turn)")
     parser.add_argument("--result", type=Path, default=RESULT)
-    parser.add_argument("--no-docs", action="store_true", help="do not rewrite the section of docs/benchmarks.md")
+    parser.add_argument("--no-docs", action="store_true", help="do not re-render docs/benchmarks.md")
     parser.add_argument("--prepare-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--build-child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -364,27 +350,12 @@ def main(argv: list[str] | None = None) -> int:
 
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(run_dataset, args.datasets))
-    if not args.no_docs:
-        from benchmarks.report import dry_run_section
+    if not args.no_docs and args.result == RESULT:  # the page is rendered from benchmarks/results/ only
+        from benchmarks.report import render
 
-        write_section(DOC, dry_run_section(args.result.parent))
+        DOC.write_text(render(RESULT.parent))
     print(f"wrote {args.result}" + ("" if not failed else f"; FAILED: {', '.join(failed)}"))
     return 1 if failed else 0
-
-
-def write_section(doc: Path, lines: list[str]) -> None:
-    """Replace the dry-run section of ``doc`` (up to the next ``### `` heading), or put it before
-    the fast-path section."""
-    text = doc.read_text().splitlines()
-    block = [*lines]
-    if SECTION in "\n".join(text):
-        start = next(i for i, line in enumerate(text) if line.startswith(SECTION))
-        end = next((i for i in range(start + 1, len(text)) if text[i].startswith(("### ", "## "))), len(text))
-        text[start:end] = block
-    else:
-        at = next((i for i, line in enumerate(text) if line.startswith("### Fast path")), len(text))
-        text[at:at] = block
-    doc.write_text("\n".join(text).rstrip() + "\n")
 
 
 if __name__ == "__main__":

@@ -5,28 +5,11 @@
     python benchmarks/pretrain_standins.py --device cuda --epochs 40 --out runs/standins_big
 
 No hub weights can be downloaded where this project is tested, so the experts' frozen backbones
-are stand-ins pretrained here: a small timm ViT (supervised cross-entropy) and a small open_clip
-CLIP (image tower trained contrastively against the text tower's embeddings of its captions
-"a photo of a {label}."), on Fashion-MNIST and CIFAR-10 together.
-
-Real backbones were not pretrained on the long-tailed target's images or its label space, so
-neither are these (a stand-in that was would be an oracle whose start no long-tailed fit can
-beat):
-
-- **Disjoint images.** ``lpt_lightning.data.target_slices`` (seed 0) carves, per class, the
-  balanced val slice, the balanced test slice (CIFAR-10; Fashion-MNIST tests on t10k, never
-  read here) and the pool every long-tailed training set is drawn from (``train_pool_per_class``
-  of the sources); pretraining sees only the remaining images.
-- **Another label space.** Each stand-in's pretraining labels merge some target classes into a
-  coarser label (``VISUAL_LABELS`` / ``CLIP_LABELS``), as ImageNet-21k's or a web corpus's labels
-  are not Places-LT's or iNaturalist's: the ViT's head never separates them, and the CLIP text
-  tower never reads the merged classes' own names, so zero-shot on them is a guess. The two
-  corpora are coarse in different places (one pair in common per dataset), as the two real
-  corpora are.
-
-Images get the project's eval preprocessing (``build_eval_transform``: resize 32 -> 37, centre
-crop 32; Fashion-MNIST as RGB), so the experts see in the pipeline what they saw here. CIFAR-10
-training crops are random 32x32 crops of the 37x37 resize, half of them flipped.
+are stand-ins pretrained here: a small timm ViT (supervised) and a small open_clip CLIP (contrastive,
+captions "a photo of a {label}."), on Fashion-MNIST and CIFAR-10 images disjoint from every
+long-tailed task's (``target_slices``) and with coarser labels (``VISUAL_LABELS`` / ``CLIP_LABELS``),
+as real backbones never saw the target's images or label space. How and why, with the figures:
+weights/standins/MODEL_CARD.md (rendered by ``model_card`` from ``benchmarks/templates/standins.md``).
 """
 from __future__ import annotations
 
@@ -52,6 +35,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from benchmarks.common import template  # noqa: E402
 from lpt_lightning.data import FASHION_MNIST_CLASSES, build_eval_transform, eval_resize_size, read_idx, target_slices  # noqa: E402
 from lpt_lightning.data.sources import FASHION_MNIST_DEFAULT_DIR  # noqa: E402
 from lpt_lightning.models.backbones import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD  # noqa: E402
@@ -377,99 +361,32 @@ def model_card(report: dict) -> str:
         return "; ".join(f"\"{label}\" = {' + '.join(members)}" for label, members in r[key]["pretraining_labels"].items()
                          if len(members) > 1)
 
-    lines = [
-        "# Stand-in experts (pretrained offline by `benchmarks/pretrain_standins.py`)",
-        "",
-        "Small pretrained backbones for the two experts where the reference hub weights "
-        "(ViT-B/16 ImageNet-21k, CLIP ViT-B/16) cannot be downloaded. They are stand-ins, not "
-        "reproductions: tiny models pretrained on 32x32 Fashion-MNIST + CIFAR-10 images only.",
-        "",
-        "**Designed like real pretraining, not as an oracle.** A real backbone was not pretrained on the "
-        "long-tailed target's images or with its label space (CLIP ViT-B/16 zero-shot is 68.3% on ImageNet-LT, "
-        "fine-tuned 78.3% in LIFT). So these stand-ins:",
-        "",
-        "- never saw an image of a long-tailed task built on these datasets: the val and test slices and the "
-        "pool every long-tailed training set is drawn from were held out before pretraining "
-        "(`heldout_slices.json`; the sources' `train_pool_per_class` draws from that pool);",
-        f"- were pretrained on **coarser labels** than the 10 target classes of each dataset. ViT: {merges('vit')}. "
-        f"CLIP captions: {merges('clip')}. The CLIP text tower never read the merged classes' own names, so its "
-        "zero-shot head guesses on them; the ViT's features were never asked to separate them. The two corpora "
-        "are coarse in different places (one pair in common per dataset), as ImageNet-21k and a web corpus are.",
-        "",
-        "The first stand-ins (until 2026-12) were pretrained on the balanced training splits with the target "
-        "labels: their untrained start beat every long-tailed fit (docs/results.md, diagnosis).",
-        "",
-        "| file | expert | library | parameters | weights |",
-        "|---|---|---|---|---|",
-        f"| `{VIT_FILE}` | visual (`kind: visual`) | timm `{VIT_NAME}` + model_kwargs | "
-        f"{r['vit']['parameters']['backbone']:,} backbone + {r['vit']['parameters']['classification_head']:,} head | float16 safetensors |",
-        f"| `{CLIP_FILE}` | vision-language (`kind: vl`) | `open_clip.CLIP(**model_kwargs)` | "
-        f"{r['clip']['parameters']['image_tower']:,} image tower + {r['clip']['parameters']['text_tower_and_logit_scale']:,} text tower | float16 safetensors |",
-        "",
-        "## Accuracy on the held-out validation slices",
-        "",
-        "Measured on the float16 weights as saved. 'Pretraining labels': the stand-in's own task (the ViT's head, "
-        "CLIP's captions) over the labels of that dataset. 'Zero-shot, 10 classes': CLIP's cosine to the text "
-        f"embeddings of \"{TEXT_TEMPLATE.format('{class}')}\" for the dataset's own 10 class names, where the VL "
-        "expert's head starts.",
-        "",
-        "| stand-in | dataset | val images | pretraining labels | accuracy on them | zero-shot, 10 classes |",
-        "|---|---|---|---|---|---|",
-    ]
+    accuracy = []
     for key, label in (("vit", "ViT"), ("clip", "CLIP")):
         for dataset, name in (("fashion_mnist", "Fashion-MNIST"), ("cifar10", "CIFAR-10")):
             a = r[key]["val_accuracy"][dataset]
             zero_shot = f"{100 * a['zero_shot_own_10_classes']:.1f}%" if "zero_shot_own_10_classes" in a else "-"
-            lines.append(f"| {label} | {name} | {a['val_images']} | {a['pretraining_labels']} | "
-                         f"{100 * a['accuracy_pretraining_labels']:.1f}% | {zero_shot} |")
-    lines += [
-        "",
-        "## Recipe",
-        "",
-        f"- Data: the official training splits of Fashion-MNIST (10 classes) and CIFAR-10 (`{s['cifar_archive']}`, "
-        f"10 classes). Held out first (seed {s['seed']}, `lpt_lightning.data.target_slices`, listed in "
-        f"`heldout_slices.json`): Fashion-MNIST {FMNIST_VAL_PER_CLASS}/class val and a {FMNIST_POOL_PER_CLASS}/class "
-        f"long-tail pool (its t10k test split is never read); CIFAR-10 {CIFAR_VAL_PER_CLASS}/class val, "
-        f"{CIFAR_TEST_PER_CLASS}/class test and a {CIFAR_POOL_PER_CLASS}/class long-tail pool (CIFAR-10's own test "
-        "split is not available here). `FashionMNISTSource(val_per_class=100, train_pool_per_class=1000, seed=0)` "
-        "and `ImageFolderSource(val_per_class=100, test_per_class=500, train_pool_per_class=500, seed=0)` carve the "
-        f"same slices. Pretraining pools: {r['data']['pretraining_images']['fashion_mnist']:,} and "
-        f"{r['data']['pretraining_images']['cifar10']:,} images.",
-        "- Preprocessing: the project's eval transform (resize to 37x37, centre crop 32; Fashion-MNIST as RGB); "
-        "CIFAR-10 training images get a random 32x32 crop of the 37x37 resize and a horizontal flip with p = 0.5; "
-        "Fashion-MNIST is not augmented.",
-        f"- Each epoch draws, without replacement, {s['fmnist_per_class_per_epoch']} Fashion-MNIST and "
-        f"{s['cifar_per_class_per_epoch']} CIFAR-10 images of every target class (CIFAR-10 is the harder half), "
-        f"batch {s['batch_size']}, {s['epochs']} epochs; each image is labelled with its pretraining label.",
-        f"- ViT: `timm.create_model(\"{VIT_NAME}\", pretrained=False, num_classes={len(r['vit']['pretraining_labels'])}, "
-        f"**{json.dumps(VIT_KWARGS)})`, cross-entropy on its pretraining labels.",
-        f"- CLIP: `open_clip.CLIP(**{json.dumps(CLIP_KWARGS)})`; cross-entropy of logit_scale * cos(image, caption) "
-        f"over the {len(r['clip']['pretraining_labels'])} captions \"{TEXT_TEMPLATE.format('{label}')}\" of its "
-        "pretraining labels (as `class_name_to_text` writes them), image and text towers and the temperature "
-        "trained together; open_clip's SimpleTokenizer.",
-        f"- Optimiser: AdamW, lr {s['lr']}, weight decay {s['weight_decay']} (none on norms, biases, logit scale), "
-        "linear warm-up over the first 5% of steps, then cosine to 0.",
-        f"- Run: seed {s['seed']}, device {s['device']}, {s['threads']} thread(s) per stand-in, torch {s['torch']}, "
-        f"timm {s['timm']}, open_clip {s['open_clip']}. Wall time: ViT {r['vit']['train_seconds'] / 60:.1f} min, "
-        f"CLIP {r['clip']['train_seconds'] / 60:.1f} min of training (two processes side by side).",
-        "",
-        "## Use",
-        "",
-        "`configs/standins/visual_expert.yaml` and `configs/standins/vl_expert.yaml` are phase-1 configs with "
-        "these backbones (paths relative to the repository root):",
-        "",
-        "```yaml",
-        "# visual expert (expert.kind: visual)",
-        *_backbone_yaml(r["backbone_blocks"]["visual"]),
-        "# vision-language expert (expert.kind: vl)",
-        *_backbone_yaml(r["backbone_blocks"]["vl"]),
-        "```",
-        "",
-        "Numbers of this card: `standins.json`. Rebuild: `make standins` (CPU, the two stand-ins side by side) or "
-        "`python benchmarks/pretrain_standins.py --device cuda`.",
-        "",
-    ]
-    return "\n".join(lines)
+            accuracy.append(f"| {label} | {name} | {a['val_images']} | {a['pretraining_labels']} | "
+                            f"{100 * a['accuracy_pretraining_labels']:.1f}% | {zero_shot} |")
+    return template(
+        "standins", "card", vit_merges=merges("vit"), clip_merges=merges("clip"), vit_file=VIT_FILE, vit_name=VIT_NAME,
+        vit_backbone=f"{r['vit']['parameters']['backbone']:,}",
+        vit_head=f"{r['vit']['parameters']['classification_head']:,}",
+        clip_file=CLIP_FILE, clip_image=f"{r['clip']['parameters']['image_tower']:,}",
+        clip_text=f"{r['clip']['parameters']['text_tower_and_logit_scale']:,}",
+        class_text=TEXT_TEMPLATE.format("{class}"),
+        accuracy_rows="\n".join(accuracy), archive=s["cifar_archive"], seed=s["seed"], fmnist_val=FMNIST_VAL_PER_CLASS,
+        fmnist_pool=FMNIST_POOL_PER_CLASS, cifar_val=CIFAR_VAL_PER_CLASS, cifar_test=CIFAR_TEST_PER_CLASS,
+        cifar_pool=CIFAR_POOL_PER_CLASS, fmnist_images=f"{r['data']['pretraining_images']['fashion_mnist']:,}",
+        cifar_images=f"{r['data']['pretraining_images']['cifar10']:,}", fmnist_epoch=s["fmnist_per_class_per_epoch"],
+        cifar_epoch=s["cifar_per_class_per_epoch"], batch=s["batch_size"], epochs=s["epochs"],
+        vit_labels=len(r["vit"]["pretraining_labels"]), vit_kwargs=json.dumps(VIT_KWARGS),
+        clip_kwargs=json.dumps(CLIP_KWARGS), clip_labels=len(r["clip"]["pretraining_labels"]),
+        label_text=TEXT_TEMPLATE.format("{label}"), lr=s["lr"], weight_decay=s["weight_decay"], device=s["device"],
+        threads=s["threads"], torch=s["torch"], timm=s["timm"], open_clip=s["open_clip"],
+        vit_minutes=f"{r['vit']['train_seconds'] / 60:.1f}", clip_minutes=f"{r['clip']['train_seconds'] / 60:.1f}",
+        visual_yaml="\n".join(_backbone_yaml(r["backbone_blocks"]["visual"])),
+        vl_yaml="\n".join(_backbone_yaml(r["backbone_blocks"]["vl"]))) + "\n"
 
 
 def _backbone_yaml(block: dict) -> list[str]:

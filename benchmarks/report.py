@@ -1,10 +1,23 @@
-"""Render docs/benchmarks.md from benchmarks/results/bench_*.json."""
+"""Render every generated page from the stored results in benchmarks/results/.
+
+docs/benchmarks.md (bench_*.json and the other speed results), docs/results.md (accuracy_*.json,
+diagnosis_*.json, demo.json; `benchmarks/accuracy_study.py`) and the README's demo block (demo.json).
+
+    python -m benchmarks.report --render                                 # rewrite the three pages
+    python -m benchmarks.report --store-demo runs/fmnist_lt_pipeline     # store a finished `make demo`, then render
+"""
 from __future__ import annotations
 
+import argparse
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from benchmarks.common import template
+
+REPO = Path(__file__).resolve().parents[1]
 
 # Reference GPU peaks (dense bf16, vendor data sheets) for the *estimates* of how fast a GPU would
 # consume images; a --device cuda run replaces them with measurements.
@@ -64,19 +77,6 @@ def _inference(model: dict[str, Any], name_start: str) -> dict[str, Any] | None:
     return None
 
 
-def _phase2_epoch_s_per_sample(model: dict[str, Any], expert: str) -> float | None:
-    """A dual-sampling epoch has N/B steps of 2B images: seconds per training sample = t(B) / B."""
-    row = _largest(model, "phase2", expert)
-    return row["step_s"] / row["batch_per_stream"] if row else None
-
-
-def _data_rate(data: dict[str, Any], size: str, start: str) -> float | None:
-    for name, r in data.get("per_worker", {}).get(size, {}).items():
-        if name.startswith(start):
-            return r["images_per_s"]
-    return None
-
-
 def summary(run: dict[str, Any]) -> list[str]:
     model, lines = run.get("model"), []
     if not model:
@@ -88,24 +88,17 @@ def summary(run: dict[str, Any]) -> list[str]:
             lines.append(f"| phase-2 step, prefix reuse / two-pass, {EXPERT_NAMES[pr['expert']]} | 1.0 / FLOP ratio "
                          f"{pr['flop_ratio']:.3f} | <= 0.82 | {r['median']:.3f} (rounds {r['min']:.3f}-{r['max']:.3f}) "
                          f"| {_ok(r['median'], 0.82)} |")
-    lpp = _inference(model, "LPT++ mixture, prefix reuse")
-    lpt = _inference(model, "LPT, prefix reuse")
-    if lpp:
-        m = lpp["multiple"]
-        lines.append(f"| LPT++ inference per image, x one plain ViT-B/16 forward | 4.0 / FLOPs x{lpp['flop_multiple']:.2f} "
-                     f"| <= 3.2 | {m['median']:.2f} (rounds {m['min']:.2f}-{m['max']:.2f}) | {_ok(m['median'], 3.2)} |")
-    if lpt:
-        m = lpt["multiple"]
-        lines.append(f"| LPT inference per image, x one plain ViT-B/16 forward | 2.0 / FLOPs x{lpt['flop_multiple']:.2f} "
-                     f"| <= 1.65 | {m['median']:.2f} (rounds {m['min']:.2f}-{m['max']:.2f}) | {_ok(m['median'], 1.65)} |")
-    for name, naive, target in (("LPT++ mixture, before the kept-token fix", 4.0, 3.2),
-                                 ("LPT, before the kept-token fix", 2.0, 1.65)):
+    plain = "per image, x one plain ViT-B/16 forward"
+    for name, label, naive, target in (
+            ("LPT++ mixture, prefix reuse", f"LPT++ inference {plain}", 4.0, 3.2),
+            ("LPT, prefix reuse", f"LPT inference {plain}", 2.0, 1.65),
+            ("LPT++ mixture, before the kept-token fix", "(before the kept-token fix: LPT++ inference)", 4.0, 3.2),
+            ("LPT, before the kept-token fix", "(before the kept-token fix: LPT inference)", 2.0, 1.65)):
         row = _inference(model, name)
         if row:
             m = row["multiple"]
-            label = "LPT++" if name.startswith("LPT++") else "LPT"
-            lines.append(f"| (before the kept-token fix: {label} inference) | {naive} / FLOPs x{row['flop_multiple']:.2f} "
-                         f"| <= {target} | {m['median']:.2f} (rounds {m['min']:.2f}-{m['max']:.2f}) | {_ok(m['median'], target)} |")
+            lines.append(f"| {label} | {naive} / FLOPs x{row['flop_multiple']:.2f} | <= {target} | {m['median']:.2f} "
+                         f"(rounds {m['min']:.2f}-{m['max']:.2f}) | {_ok(m['median'], target)} |")
     peak = model["matmul_peak"]["flops_per_s"]
     for expert in ("visual", "vl"):
         row = _largest(model, "phase1", expert)
@@ -168,15 +161,7 @@ def training_section(model: dict[str, Any], precision: str) -> list[str]:
     lines = [
         "### Training steps",
         "",
-        f"One optimisation step through the phase's own `training_step` ({precision}): both dual-sampling "
-        "streams (B class-balanced + B instance-balanced images, one concatenated forward), A-GCL per stream "
-        "(+ 0.5 x matching loss in phase 2), backward, SGD over the trainable parameters only. Phase 1 trains "
-        "shared prompt + adapters + head; phase 2 (a real `GroupPromptPhase` loaded from the phase-1 "
-        "checkpoint) trains group pool + keys + head, with prefix reuse. Head: 365 classes (Places-LT). "
-        "Step time: median over rounds after warm-up (min-max in brackets). Peak memory: tensor bytes "
-        "(`torch.cuda.max_memory_allocated` on GPU; on CPU a dispatch-mode tracker of live tensor storage), "
-        "including the frozen weights. MFU: FLOPs counted by `torch.utils.flop_counter` (matmuls and "
-        "attention, forward + backward) per second, over a matmul probe timed in the same rounds (see MFU below).",
+        template("benchmarks", "training", precision=precision),
         "",
         "| phase | expert | B per stream | images/step | step (s) | images/s | peak memory (GiB) | above weights (GiB) | GFLOP/step | MFU |",
         "| --- | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
@@ -195,10 +180,7 @@ def training_section(model: dict[str, Any], precision: str) -> list[str]:
             f"| phase 3 | {EXPERT_NAMES['scorer']} (cached outputs) | {r['batch']} | {r['batch']} "
             f"| {_f(1000 * r['step_s'], 2)} ms ({_f(1000 * r['step_s_min'], 2)}-{_f(1000 * r['step_s_max'], 2)}) "
             f"| {_f(r['images_per_s'], 0)} | {_f(r['peak_gib'])} | {_f(r['above_baseline_gib'], 4)} | - | - |")
-    lines += ["", "Phase 3: `MoEScorerPhase.training_step` + AdamW on one batch of cached rows already read "
-              "from the memory-mapped expert outputs (the read is timed in the phase-3 section); its peak "
-              "memory counts the scorer, its AdamW state and the batch, and \"above weights\" is what a step "
-              "adds. The outputs themselves are files, not tensors."
+    lines += ["", template("benchmarks", "training_phase3")
               + (" The phase-3 rows come from a separate run (`--sections phase3`, see Phase 3)."
                  if (model.get("section_runs") or {}).get("phase3") else ""), "", "Trainable parameters:", ""]
     lines += [f"- {v}" for v in model.get("trainable", {}).values()]
@@ -209,12 +191,7 @@ def prefix_section(model: dict[str, Any]) -> list[str]:
     lines = [
         "### Prefix reuse versus the plain two-pass computation (phase 2)",
         "",
-        "Same `GroupPromptPhase.training_step`, same batch, timed alternately in one process: with the "
-        "library's prefix reuse (blocks 1..K once, then the query branch without gradient and the "
-        "classification branch with the group prompts), and with `LongTailExpert.forward` swapped for the "
-        "plain two-pass computation (a full query pass, then a full classification pass from the embedding). "
-        "The ratio is the median of per-round ratios. The FLOP ratio is the exact limit for this workload "
-        "(the backward through blocks K+1..12 is common to both, which is why it is above 0.75).",
+        template("benchmarks", "prefix"),
         "",
         "| expert | B per stream | prefix reuse (s) | two-pass (s) | time ratio (median, min-max) | FLOP ratio | max abs logit difference |",
         "| --- | ---: | ---: | ---: | --- | ---: | ---: |",
@@ -236,14 +213,7 @@ def inference_section(model: dict[str, Any]) -> list[str]:
     lines = [
         "### Inference cost per image",
         "",
-        f"Eval mode, `torch.inference_mode`, batch {inf['batch']}, all candidates timed alternately; "
-        "multiple = median of per-round ratios to one plain timm ViT-B/16 forward of the same batch. "
-        "LPT = the visual expert without adapters (prefix reuse: 1.5 passes); LPT++ = "
-        "`MoEScorerPhase.forward` (both experts with prefix reuse + scorer). The naive method runs two "
-        "full passes per expert (2.0 and 4.0 plain forwards); the two-pass rows here run that computation "
-        "with the library's current blocks. FLOP multiples: prompt tokens add only keys/values and the last "
-        "block of each branch computes only CLS, so 1.5 passes cost less than 1.5 plain forwards. The "
-        "'before the kept-token fix' rows run the old block computation (see bottleneck 1).",
+        template("benchmarks", "inference", batch=inf["batch"]),
         "",
         "| model | ms per image | multiple of plain ViT-B/16 (median, min-max) | FLOP multiple | GFLOP per image |",
         "| --- | ---: | --- | ---: | ---: |",
@@ -273,13 +243,8 @@ def mfu_section(model: dict[str, Any], machine: dict[str, Any]) -> list[str]:
     lines = [
         "### Model FLOP utilisation (phase 1)",
         "",
-        f"Matmul peak of this machine: {mp['flops_per_s'] / 1e9:,.1f} GFLOP/s ({mp['dtype']}, best of square "
-        f"matmuls up to n = {mp['n']}, {machine.get('torch_threads')} thread(s)), measured once at the start. "
-        "Because load from other jobs comes and goes, MFU is measured as a paired ratio: in every round the "
-        "training step and a fixed matmul probe (square matmuls of the same dtype) run back to back, and "
-        "MFU = (counted step FLOPs / step time) / (probe FLOPs / probe time), median over rounds. FLOPs are "
-        "counted by `torch.utils.flop_counter` (matmuls, convolutions and attention, forward + backward; "
-        "the CPU flash-attention and fused multi-head-attention kernels are added to its table).",
+        template("benchmarks", "mfu", gflops=f"{mp['flops_per_s'] / 1e9:,.1f}", dtype=mp["dtype"], n=mp["n"],
+                 threads=machine.get("torch_threads")),
         "",
         "| phase | expert | B per stream | GFLOP/step | achieved GFLOP/s | probe GFLOP/s | MFU (median, min-max) | vs start-of-run peak |",
         "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: |",
@@ -305,9 +270,7 @@ def cost_section(model: dict[str, Any]) -> list[str]:
     lines = [
         "### Cost growth of head + loss with the number of classes",
         "",
-        f"Cosine head + A-GCL on a batch of {rows[0]['batch']} features (2 streams x 64, the configs' batch): "
-        "forward, backward into the features and the head, SGD step. Times alternate between class counts. "
-        "State = fp32 head weight + gradient + momentum."
+        template("benchmarks", "cost", batch=rows[0]["batch"])
         + (" CPU: 1 torch thread (small tensors; see phase 3)." if model.get("small_op_threads") else "")
         + " The last column compares with a phase-1 step of "
         f"the same {rows[0]['batch']} images"
@@ -340,18 +303,7 @@ def phase3_section(model: dict[str, Any], machine: dict[str, Any]) -> list[str]:
     lines = [
         "### Phase 3: scorer epoch on cached outputs versus recomputing them",
         "",
-        "Expert outputs of the real shapes (query features of 768 and 512 values and 365-class logits per "
-        "expert, float16) are written by the library's own prediction path (`ExpertOutputs.predict_step` and "
-        "`ExpertOutputsWriter` in Lightning's predict loop, with stand-in experts returning random values) as "
-        f"a held-out split of {epoch['samples']:,} rows: what the scorer is fitted on by default "
-        "(`scorer.fit_on: heldout`, full logits). Scorer epochs then run through Lightning's real loop: "
-        "`MoEScorerPhase` in `Trainer.fit` on `CachedOutputsDataModule` (the class-aware sampler, the one "
-        "`TrainingDataLoader` over `StreamBatches` in the training process, the DataModule has no workers; per "
-        "step one `__getitems__` gathers the batch's rows from the memory-mapped shards as float32), "
-        "`training_step` (scorer, softmax of both experts' logits, fused NLL, two `self.log` calls), backward "
-        f"and AdamW. Best of {len(epoch.get('epochs_s', [None]))} epochs; Lightning's `on_train_batch_start`/`_end` "
-        "hooks split each epoch into time inside the training step and time between steps (fetching the next "
-        "batch, the loop)."
+        template("benchmarks", "phase3", rows=f"{epoch['samples']:,}", epochs=len(epoch.get("epochs_s", [None])))
         + (" On the CPU the phase-3 and cost-growth sections run with 1 torch thread: with 2 OpenMP threads on 2 "
            "shared cores, tiny ops wait for a descheduled sibling thread and their times swing 10-50x."
            if model.get("small_op_threads") else ""),
@@ -394,22 +346,14 @@ def phase3_section(model: dict[str, Any], machine: dict[str, Any]) -> list[str]:
                          f"{recompute:.3g} | {100 * recompute / p2:.1f}% |")
         lines += [
             "",
-            f"Caching makes a scorer epoch {recompute / epoch['s_per_sample']:,.0f}x cheaper than recomputing the "
-            "experts' outputs (computing the cache once costs one LPT++ inference pass over the held-out images, "
-            "and over the training images under `scorer.fit_on: train`)." if lpp else "",
+            template("benchmarks", "phase3_caching", times=f"{recompute / epoch['s_per_sample']:,.0f}") if lpp else "",
             "",
-            "On this CPU the phase-2 epoch is so slow that the share is tiny. A GPU makes the phase-2 epoch "
-            "hundreds of times faster but not the host-side part of a scorer epoch: per sample, the best Lightning "
-            "epoch minus the best bare scorer step is "
-            + ", ".join(f"{1e6 * _loop_overhead(model, e):.0f} us at batch {e['batch']}" for e in epochs)
-            + " (Lightning's loop and optimizer wrapping, `self.log`, sampler, batch reads). **Estimate** (not a "
-            "measurement): that overhead against a phase-2 step at "
-            f"{ASSUMED_GPU_MFU:.0%} MFU ({share['phase2_flops_per_sample'] / 1e9:.0f} GFLOP per training sample, "
-            "counted above), the GPU's own scorer step (a few kernels) neglected: "
-            + "; ".join(f"batch {b}: " + ", ".join(f"{gpu} ~{100 * v:.1f}%" for gpu, v in per_gpu.items())
-                        for b, per_gpu in share["gpu_estimates"].items())
-            + ". A GPU host's CPU is faster than this shared one, so these lean high; `--device cuda` measures "
-            "the real share.",
+            template("benchmarks", "phase3_gpu", overheads=", ".join(
+                f"{1e6 * _loop_overhead(model, e):.0f} us at batch {e['batch']}" for e in epochs),
+                mfu=f"{ASSUMED_GPU_MFU:.0%}", gflops=f"{share['phase2_flops_per_sample'] / 1e9:.0f}",
+                estimates="; ".join(
+                    f"batch {b}: " + ", ".join(f"{gpu} ~{100 * v:.1f}%" for gpu, v in per_gpu.items())
+                    for b, per_gpu in share["gpu_estimates"].items())),
         ]
     return lines + [""]
 
@@ -492,33 +436,17 @@ def data_section(run: dict[str, Any]) -> list[str]:
     lines = [
         "### Data loading",
         "",
-        ("**The training loader.** `LongTailDataModule.train_dataloader()` returns one loader for all sampling "
-        "streams: a `TrainingDataLoader` (torchdata's `StatefulDataLoader`, whose state Lightning saves for exact "
-        "mid-epoch resumes) over `StreamBatches`, driven by a `StreamBatchSampler` whose every key is a whole step. "
-        "One worker builds a whole step, both dual-sampling streams' batches (2 x `data.batch_size` images), so "
-        "`data.num_workers` counts worker processes per device (per training process), not per stream. Workers "
-        "return uint8 CHW tensors (torchvision transforms v2 ending in `PILToTensor`); each expert's backbone "
-        "converts to float and normalises on the device, so worker IPC, pinned memory and host-to-device copies "
-        "move 147 KiB per 224x224 image instead of 588 KiB of float32. With `data.decode_jpeg_on_device: true` "
-        "the workers only read the files' bytes; the JPEGs are decoded on the GPU (nvjpeg, "
-        "`torchvision.io.decode_jpeg`) and cropped there with the same per-draw seeds "
-        "(`on_after_batch_transfer`). It applies to image files (the originals or the resized tree), not to the "
-        "LitData shards; without CUDA the main process decodes after the transfer, slower than the workers."),
+        template("benchmarks", "training_loader"),
         "",
         _measured_line(record)
         + f" {n} photo-like 800x600 JPEGs (iNaturalist-sized originals: natural images upscaled plus sensor-like "
         f"noise, quality 90, {data['kib_raw']:.1f} KiB on average), all in the page cache.",
         "",
-        ("**No GPU was lent for this run**: the loader benchmark on a GPU host and a short bf16 phase-2 run are "
-        "not measured, and the GPU figures below are estimates from counted FLOPs. On a GPU host, "
-        "`python benchmarks/run_all.py --device cuda` measures the phase-2 steps in bf16 and this loader on that "
-        "host's cores."),
+        template("benchmarks", "no_gpu"),
         "",
         "#### `lpt prepare`: cost per 10,000 images",
         "",
-        (f"`lpt prepare` of the {n} originals (JPEG quality 90, parts of 64 images), best and median of "
-        f"{data['cost'][0]['rounds']} fresh runs each. Seconds per 10,000 images are **extrapolated** linearly "
-        f"from the best run over these {n} (process-pool start-up included, so they lean high)."),
+        template("benchmarks", "prepare_cost", n=n, rounds=data["cost"][0]["rounds"]),
         "",
         ("| format | processes | shorter side | seconds for the set, best (median) | seconds per 10,000 images | "
         "KiB per stored image |"),
@@ -531,16 +459,8 @@ def data_section(run: dict[str, Any]) -> list[str]:
         "",
         "#### Images/s per worker",
         "",
-        ("What one DataLoader worker does, run in this process with 1 torch thread (what a worker runs with): "
-        f"*train* = `train_dataloader()` items, i.e. `StreamBatches` over the `StreamBatchSampler`'s steps (both "
-        f"dual streams, {data['batch_per_stream']} images each: decode, RandomResizedCrop(224) + flip under each "
-        "draw's seed, uint8, collation); *eval* = batches of `split_dataloader()` (the phase-3 outputs pass; "
-        f"decode, Resize(256, 256) + CenterCrop(224), uint8, collation, batch {data['eval_batch']}); *decode only* "
-        "= PIL decode + RGB; *decode_jpeg_on_device (worker side)* = the training items with "
-        "`data.decode_jpeg_on_device: true` (the files' bytes; decoding and cropping then run on the GPU, not "
-        f"measured). {data['worker_images_per_round']} images per pipeline and round, {rounds} rounds interleaved "
-        "across pipelines. The cores are shared with other developers' jobs: the **best** round is the least "
-        "disturbed and is what the projection below uses; the median shows the spread."),
+        template("benchmarks", "per_worker", batch=data["batch_per_stream"], eval_batch=data["eval_batch"],
+                 images=data["worker_images_per_round"], rounds=rounds),
         "",
         "| copy | pipeline | images/s per worker, best | median | ms per image, best |",
         "| --- | --- | ---: | ---: | ---: |",
@@ -554,14 +474,9 @@ def data_section(run: dict[str, Any]) -> list[str]:
         "",
         "#### The real loaders with 1 and 2 workers",
         "",
-        (f"`LongTailDataModule(sampling=\"dual\", batch_size={data['batch_per_stream']}, num_workers=1 or 2)`: "
-        "*train* iterates `train_dataloader()` (images/s over both streams; one epoch of "
-        f"{n // data['batch_per_stream']} steps), *eval* iterates `split_dataloader(\"train\")` (batch "
-        f"{data['eval_batch']}). Fresh workers every round, timed from the moment each worker delivered its first "
-        f"batch; best and median of {loader_rounds} rounds interleaved across configurations. This machine has "
-        f"{record.get('machine', {}).get('cpu_cores_visible')} cores shared with other jobs, and the main process "
-        "(receiving and unpickling batches) runs on them too, so 2 workers cannot quite double the 1-worker rate "
-        "here."),
+        template("benchmarks", "loaders", batch=data["batch_per_stream"], steps=n // data["batch_per_stream"],
+                 eval_batch=data["eval_batch"], rounds=loader_rounds,
+                 cores=record.get("machine", {}).get("cpu_cores_visible")),
         "",
         "| copy | loader | workers | images/s, best | median |",
         "| --- | --- | ---: | ---: | ---: |",
@@ -569,7 +484,7 @@ def data_section(run: dict[str, Any]) -> list[str]:
     for r in data["loaders"]:
         lines.append(f"| {r['copy']} | {r['loader']} | {r['workers']} | {r['images_per_s_best']:,.0f} | "
                      f"{r['images_per_s']:,.0f} |")
-    lines += [""] + projection_section(data, model) + [PREPARED_FORMAT, ""]
+    lines += [""] + projection_section(data, model) + [template("benchmarks", "prepared_format"), ""]
     return lines
 
 
@@ -581,14 +496,8 @@ def projection_section(data: dict[str, Any], model: dict[str, Any]) -> list[str]
     lines = [
         f"#### Projection: a {NODE_CORES}-core node against one {PROJECTION_GPU.split(' (')[0]}",
         "",
-        (f"**Estimate, not a measurement.** GPU demand = images/s one {PROJECTION_GPU} consumes at "
-        f"{ASSUMED_GPU_MFU:.0%} MFU in bf16, from the FLOPs per image counted above (training steps: forward + "
-        "backward at the largest measured batch; phase 3's outputs pass: the `MoEScorerPhase.forward` row of the "
-        f"inference table, both experts with prefix reuse, the scorer's FLOPs negligible). Supply = {NODE_WORKERS} "
-        f"workers (one of the {NODE_CORES} cores for the training process) x the **best-of-rounds** per-worker rate "
-        "measured here (train transform for phases 1-2, eval transform for phase 3): this assumes a node core as "
-        "fast as the least disturbed round on this shared 2-core machine and linear scaling over the workers, "
-        "neither of which was measured."),
+        template("benchmarks", "projection", gpu=PROJECTION_GPU, mfu=f"{ASSUMED_GPU_MFU:.0%}", workers=NODE_WORKERS,
+                 cores=NODE_CORES),
         "",
         "| phase | model | GFLOP per image | GPU demand (images/s) | "
         + " | ".join(f"supply: {c}" for c in copies) + " | workers needed (best prepared copy) | met from prepared data |",
@@ -648,58 +557,6 @@ def _goal_text(goal: dict[str, Any], data: dict[str, Any], proj: dict[str, Any])
     return text + " " + "; ".join(options) + "."
 
 
-PREPARED_FORMAT = """**Why LitData shards.** Class-aware sampling draws images of a class wherever they lie, so the
-store must support random access by index: WebDataset is a tar stream (sequential reads only) and is
-out. LitData and MosaicML Streaming (MDS) both index their shards; measured on this machine with 4,000
-stored 20-30 KB items read in a random order in one process (local disk, page cache warm):
-LitData 69,000-77,000 reads/s with `batch_decode=0` (1,700-2,000/s with its default, which decodes a
-window of 256 items around each access, made for sequential streaming), MDS 28,000-52,000 reads/s,
-one file per image 56,000-63,000/s. All are 100x above what a worker decodes, so reading never limits;
-LitData is Lightning's own, already installed, and imports without extra packages (mosaicml-streaming
-0.13 imports transformers and cloud SDKs at import time). `PreparedSource` opens each part's
-`litdata.StreamingDataset` on first access in each DataLoader worker and DDP rank and only indexes it:
-our samplers choose the items, LitData never shuffles or shards, and a local or shared-file-system
-directory is read in place (LitData copies only remote or compressed datasets into a cache)."""
-
-
-FAST_PATH = """### Fast path for iNaturalist-scale data
-
-A phase-1 or phase-2 step trains only prompts, adapters, group prompts and heads, so a GPU consumes
-images several times faster than in full fine-tuning, and decoding plus augmentation, not the model,
-sets the pace (Data loading above: one worker turns a few hundred prepared images per second into
-training crops; an H100 consumes thousands per second). For iNaturalist 2018 (437,513 training
-images, originals around 800x600):
-
-1. **Prepare once**: `lpt prepare --config CONFIG --output DIR` (`lpt_lightning/prepare.py`; shorter
-   side 256 px, aspect kept, JPEG quality 90; LitData shards by default, `--format tree` for a resized
-   file tree; `scripts/slurm/prepare.sbatch` on a CPU node; an interrupted run resumes). Then train
-   with `data.source: {class_path: lpt_lightning.data.PreparedSource, init_args: {root: DIR}}`: the
-   same splits, item order and labels as the source, so sampling and held-out carving pick the same
-   images. Decoding gets several times cheaper (the per-worker table above) and the copy is several
-   times smaller. The test transform, Resize(256, 256) + CenterCrop(224), sees practically the same
-   image; RandomResizedCrop(224) sees the same crops, small ones upsampled from fewer source pixels.
-2. **Storage**: the LitData shards are a few hundred files of up to 64 MB read by memory map, which
-   suits a shared file system far better than one file per image; a raw or tree copy wants local disk
-   (NVMe or a RAM disk): thousands of images per second are tens of MB/s of small random reads. On network
-   storage also set `data.verify_images: off` (the pre-flight check opens every one of the 437,513
-   files; about 2 minutes of CPU from the page cache, see the README).
-3. **Workers**: one training loader serves every sampling stream and one worker builds a whole step,
-   so `data.num_workers` is the number of worker processes per GPU (per training process). Size it
-   as images/s the GPU consumes / images/s per worker (the projection above; measure both on the
-   node with `python benchmarks/run_all.py --device cuda`), within the CPU cores per GPU minus one
-   for the training process (the SLURM scripts use cores - 1 per rank).
-4. **If the cores fall short**, `data.decode_jpeg_on_device: true` moves JPEG decoding and the
-   crops to the GPU (nvjpeg): the workers only read bytes. It needs image files, so prepare with
-   `--format tree` (or train on the originals). A lower `--short_side` makes CPU decoding cheaper
-   still, at some cost in resolution for small crops.
-5. **`data.persistent_workers: true`** so the workers (plus the validation loader's) are not
-   re-forked every epoch; `pin_memory` is on by default when CUDA is available, and the batches it
-   pins hold uint8 images, a quarter of the float32 bytes.
-6. Check that the GPU is the bottleneck: if images/s in training is far below the step rate of
-   `benchmarks/run_all.py --device cuda`, add workers, cores or device decoding before anything else.
-"""
-
-
 def findings(run: dict[str, Any]) -> list[str]:
     """Bottlenecks in lpt_lightning that the figures above expose, with before/after numbers."""
     model = run.get("model") or {}
@@ -708,21 +565,10 @@ def findings(run: dict[str, Any]) -> list[str]:
     if model.get("inference"):
         ex = model.get("before_fix_exactness", {})
         lines += [
-            "**1. Compute spent on tokens whose outputs are thrown away: found by these benchmarks, fixed in "
-            "commit 50918b1 (\"Kept-token attention\").** Before the fix every block ran the full block on "
-            "[tokens; 10 shared (+10 group) prompt tokens] and then dropped the prompt positions, and the last "
-            "block of each branch computed all 197 tokens although `pool` reads only CLS; for the VL expert the "
-            "attention went through `nn.MultiheadAttention`. The first measurements here put LPT++ inference at "
-            "about 3.4-3.5 plain forwards (target 3.2) and the VL phase-1 step at 1.4-1.7x the visual one at "
-            "equal FLOPs. The fix (`FrozenViT.run_block(..., keep=...)` and `attention_for_queries` in "
-            "`lpt_lightning/models/backbones.py`, `keep=1` in the last block in `LongTailExpert.run_blocks`) "
-            "computes queries, out-projection, MLP and adapter only for kept tokens. Before/after, measured side "
-            "by side in this run (`benchmarks/prototypes.py` reproduces the old forward through "
-            "`run_block(..., keep=None)`; max |difference| on small experts: logits "
-            f"{ex.get('logits', float('nan')):.1e}, trainable gradients {ex.get('grad', float('nan')):.1e}; on the "
-            "ViT-B/16 experts, logits "
-            + ", ".join(f"{k} {v:.1e}" for k, v in model["inference"].get("before_fix_max_abs_logit_diff", {}).items())
-            + "):",
+            template("benchmarks", "finding_1", logits=f"{ex.get('logits', float('nan')):.1e}",
+                     grad=f"{ex.get('grad', float('nan')):.1e}", vit_logits=", ".join(
+                         f"{k} {v:.1e}" for k, v in model["inference"].get("before_fix_max_abs_logit_diff", {}).items()
+                     )),
             "",
             "| measurement | before the fix | after (library now) | after / before |",
             "| --- | ---: | ---: | ---: |",
@@ -747,41 +593,20 @@ def findings(run: dict[str, Any]) -> list[str]:
                              f"({r['library_flops'] / 1e9:.0f}) | {r['library_vs_before']['median']:.3f} (paired) |")
         ap = model.get("attention_paths")
         if ap:
-            lines += ["", "The VL part of the gap was open_clip's attention itself when gradients flow through its "
-                      "input (phases 1 and 2): `nn.MultiheadAttention` with `batch_first=True` takes its general path, "
-                      "which transposes the input and runs the in-projection backward as `bmm` on non-contiguous "
-                      "tensors. One block, forward + backward, all outputs kept, "
-                      f"{ap['batch']} x {ap['tokens']} tokens (max |output difference| of the direct path "
-                      f"{ap['max_abs_diff']:.1e}):", "",
+            lines += ["", template("benchmarks", "attention_paths", batch=ap["batch"], tokens=ap["tokens"],
+                                   diff=f"{ap['max_abs_diff']:.1e}"), "",
                       "| block | ms | x timm block (median, min-max) |", "| --- | ---: | --- |"]
             for r in ap["rows"]:
                 v = r["vs_timm"]
                 lines.append(f"| {r['name']} | {r['ms']:.1f} | {v['median']:.2f} ({v['min']:.2f}-{v['max']:.2f}) |")
-            lines += ["", "Remaining use of that path: `OpenClipViT.attention_branch` still calls `block.attention` when "
-                      "no token is dropped (`keep` equal to the sequence length, i.e. an expert without prompts, such "
-                      "as the head-only baseline); routing it through `attention_for_queries` too would remove it."]
+            lines += ["", template("benchmarks", "attention_paths_left")]
         lines.append("")
     # 2. data hand-off (fixed)
     lines += [
-        ("**2. Float32 images left the workers: fixed** (commit 55177d3, \"One training loader for all sampling "
-        "streams\"). The transforms ended in `T.ToTensor()`, so each 224x224 image was converted and divided in "
-        "the worker and crossed process boundaries and pinned memory as 588 KiB of float32 instead of 147 KiB of "
-        "uint8. Measured before the change (run of 2026-11-29, 256-px JPEGs, train transform): 533 images/s per "
-        "worker with `ToTensor` versus 606 with `PILToTensor` (x1.14), and through a 2-worker DataLoader 440 "
-        "versus 757 images/s (x1.72, one short run each). The transforms now end in `v2.PILToTensor()` and the "
-        "backbone converts and normalises on the device (see Data loading)."), ""]
+        template("benchmarks", "finding_2"), ""]
     # 3. phase-3 expert outputs at scale (addressed)
     lines += [
-        ("**3. Phase-3 expert outputs grow with classes x held-out images: addressed.** They used to be fp32 "
-        "tensors loaded into RAM on every rank. Now the predict loop writes them as float16 memory-mapped `.npy` "
-        "shards (`lpt_lightning/expert_outputs.py`, `ExpertOutputsWriter`) and the scorer's "
-        "`CachedOutputsDataModule` (`lpt_lightning/data/cached_outputs.py`) maps them read-only, so the ranks of a "
-        "node share one copy through the page cache. Per image: index and label (16 B) and per expert the query "
-        "feature (768 or 512 x 2 B) and the logits (C x 2 B), or for a label-only split (the training images "
-        "under `scorer.fit_on: train`) the true label's probability (4 B). The scorer is fitted on the held-out "
-        "split by default (`scorer.fit_on: heldout`), and a dataset without a validation split carves one out of "
-        "train before phase 1 (`data.holdout_per_class: 5`, at most 20 % of a class), never the test split. "
-        "Sizes on disk and in the page cache, one copy per node (computed from the formulas, not measured):"),
+        template("benchmarks", "finding_3"),
         "",
         "| dataset | classes | held-out (val) | test | total | `fit_on: train` adds |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
@@ -811,43 +636,17 @@ def findings(run: dict[str, Any]) -> list[str]:
         fixed = small["step_s_min"] - per_sample * small["batch"]
         big = model.get("phase3_epoch_large_batch")
         lines += [
-            "**4. A scorer epoch is per-step Python and small-op work, not compute or data** (`MoEScorerPhase` "
-            f"in `Trainer.fit` on `CachedOutputsDataModule`). Per sample at batch {epoch['batch']} (the configs'), "
-            f"best epoch: {us['s_per_sample']:.1f} us, of which {us.get('in_step_s_per_sample', float('nan')):.1f} us "
-            f"inside the training step and {us.get('between_steps_s_per_sample', float('nan')):.1f} us between steps. "
-            f"The bare `training_step` + backward + AdamW takes {1e6 * bare['step_s_min'] / bare['batch']:.1f} us "
-            "(best), so Lightning's wrapping of the step (the automatic-optimisation closure, hooks, the two "
-            f"`self.log` calls) adds about {us.get('in_step_s_per_sample', 0) - 1e6 * bare['step_s_min'] / bare['batch']:.0f} "
-            f"us; the bare step itself is about {1000 * fixed:.1f} ms per step plus {1e6 * per_sample:.0f} us per "
-            "sample (the scorer MLP over both query features and the softmax of both experts' logits, forward and "
-            "backward). Reading the "
-            "batch, one `__getitems__` that gathers the rows from the memory-mapped float16 shards and converts them "
-            f"to float32, takes {1e6 * bare.get('read_s_min', float('nan')) / bare['batch']:.1f} us per sample "
-            "(best); the rest of the time between steps is the class-aware sampler and the loop. The data path is "
-            "no longer the cost: before the rewrite (run of 2026-11-29, on the CPU of the other figures) the loop read index-only "
-            "`LongTailImageDataset` items one by one (a dict and a tensor per sample, then `default_collate`) and "
-            "a cached-row gather in the step, 144 us per sample at batch 64 on label-only training rows with "
-            "`self.log` stubbed (not a like-for-like comparison). Most of what is left is paid per step, so a "
-            "larger batch is the lever: "
-            + (f"at batch {big['batch']} an epoch costs {1e6 * big['s_per_sample']:.1f} us per sample "
-               f"(`phase3.data.batch_size`; the cached rows make a large batch free). " if big else "")
-            + "Far below 2% of a phase-2 epoch on this machine; on a fast GPU it is the part of phase 3 that does "
-            "not shrink (estimate in the summary).", ""]
+            template("benchmarks", "finding_4", batch=epoch["batch"], epoch_us=f"{us['s_per_sample']:.1f}",
+                     in_step=f"{us.get('in_step_s_per_sample', float('nan')):.1f}",
+                     between=f"{us.get('between_steps_s_per_sample', float('nan')):.1f}",
+                     bare=f"{1e6 * bare['step_s_min'] / bare['batch']:.1f}",
+                     wrap=f"{us.get('in_step_s_per_sample', 0) - 1e6 * bare['step_s_min'] / bare['batch']:.0f}",
+                     fixed=f"{1000 * fixed:.1f}", per_sample=f"{1e6 * per_sample:.0f}",
+                     read=f"{1e6 * bare.get('read_s_min', float('nan')) / bare['batch']:.1f}",
+                     large=f"at batch {big['batch']} an epoch costs {1e6 * big['s_per_sample']:.1f} us per sample "
+                           "(`phase3.data.batch_size`; the cached rows make a large batch free). " if big else ""), ""]
     lines += [
-        "**5. Intra-op threads on small shared CPUs** (not a line of our code, but our CPU path: `make demo`, "
-        "`configs/cpu/`, the test suite). With torch's default of one OpenMP thread per core on this 2-core "
-        "machine, every small op of a tiny model waits for the sibling thread whenever another process holds "
-        "the other core. Measured once while setting up the accuracy study (phase 1 of the tiny visual expert, "
-        "2 epochs of CIFAR-10-LT through the pipeline, same seed): 241 s with 2 threads, 48 s with 1, identical "
-        "metrics. The same effect made the small-tensor sections above swing 10-50x before they were pinned to "
-        "1 thread. Proposed: `OMP_NUM_THREADS=1` (or `torch.set_num_threads(1)`) in the `demo`/`test` targets "
-        "and a line in the README's CPU notes; `benchmarks/accuracy_study.py` does this (`--threads`).", "",
-        "**Host synchronisation (done since these figures):** the non-finite-loss guard no longer reads the "
-        "loss on the host every step: in `stop` mode (the default) it keeps a flag on the device and reads it at "
-        "log steps, checkpoints, validation and epoch ends; metrics count on the device until epoch end "
-        "(`tests/test_host_syncs.py`: 0 syncs per steady-state step and eval batch of every phase). "
-        "`on_nonfinite: skip` still reads the flag each step (it must decide before the optimizer step) and, "
-        "under DDP, all-reduces it.", ""]
+        template("benchmarks", "finding_5"), ""]
     return lines
 
 
@@ -866,15 +665,10 @@ def text_encoding_section(results: Path) -> list[str]:
 
     lines = [
         f"### Text initialisation of the VL head: {INAT_CLASSES:,} class names (iNaturalist 2018)", "",
-        f"`{before['command']}` ({before['date']}; torch {r['torch']}): the CLIP ViT-B/16 text "
-        "tower (12 blocks of width 512, 77 tokens), random weights, fp32 on the CPU, "
-        f"{r['threads']} torch threads on a {r['cpu_cores']}-core machine shared with other jobs (load average "
-        f"{_f(after['load_average_end'], 1)} at the end). Each row "
-        f"is a fresh process; peak RSS includes the model itself ({_f(before['rss_built_gb'], 2)} GB, image and "
-        f"text towers). The {INAT_CLASSES:,} names in one batch would take about "
-        f"{before['seconds'] * scale / 60:.0f} min here, so both encodings ran {n:,} names and the "
-        f"{INAT_CLASSES:,}-name columns are extrapolated: time linear in the names, the one batch's activation "
-        "memory linear in its size (batches of 256 keep theirs).", "",
+        template("benchmarks", "text_encoding", command=before["command"], date=before["date"], torch=r["torch"],
+                 threads=r["threads"], cores=r["cpu_cores"], load=_f(after["load_average_end"], 1),
+                 built=_f(before["rss_built_gb"], 2), classes=f"{INAT_CLASSES:,}", n=f"{n:,}",
+                 minutes=f"{before['seconds'] * scale / 60:.0f}"), "",
         f"| encoding | batch | {n:,} names: time | peak RSS | {INAT_CLASSES:,} names: time (extrapolated) "
         "| peak RSS (extrapolated) |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -890,16 +684,8 @@ def text_encoding_section(results: Path) -> list[str]:
                      f"{cached['read_seconds']:.2f} s) | {cached['peak_rss_gb']:.2f} GB |")
     lines += [
         "",
-        "Batching bounds the memory: the one-batch encoding's activations grow with the class count "
-        f"(+{extra(before):.1f} GB at {n:,} names), those of 256 names stay at "
-        f"+{extra(after):.1f} GB. The compute per name is the same; the batches of 256 also ran faster here "
-        f"({after['seconds']:.0f} s against {before['seconds']:.0f} s for the same names: likely the large "
-        "batch's memory traffic, and the load varied), and doing it once removes the rest: the first process "
-        "saves the embeddings (`$LPT_CACHE_DIR`, default `~/.cache/lpt_lightning`; keyed by "
-        "the text tower's weights and architecture, the names and the template), the other ranks on its node "
-        "wait for it and read them, and so do later phases and runs. The encoding runs on the module's device, "
-        "which in `__init__` is the CPU: on a CUDA node the first start still pays the CPU time above (on the "
-        "node's cores rather than these 2).",
+        template("benchmarks", "text_encoding_batching", extra_before=f"{extra(before):.1f}", n=f"{n:,}",
+                 extra_after=f"{extra(after):.1f}", after=f"{after['seconds']:.0f}", before=f"{before['seconds']:.0f}"),
         "",
     ]
     return lines
@@ -919,10 +705,8 @@ def gpu_check_section(check: dict[str, Any]) -> list[str]:
     m = check["machine"]
     where = m.get("gpu") or f"{m['cpu']} (dry run: tiny shapes, not GPU figures)"
     lines = [f"## GPU check: {where}, {m['precision']}", "",
-             f"Command `{check['command']}`, {check['date']}, {check['seconds'] / 60:.1f} min; torch {m['torch']}. "
-             "Phase 2 of the visual expert (timm ViT-B/16, random weights, 8,142 classes as iNaturalist 2018), "
-             "one optimisation step through `GroupPromptPhase.training_step`; FLOPs counted by "
-             "`torch.utils.flop_counter.FlopCounterMode`.", ""]
+             template("benchmarks", "gpu_check", command=check["command"], date=check["date"],
+                      minutes=f"{check['seconds'] / 60:.1f}", torch=m["torch"]), ""]
     train = check.get("train")
     if train:
         peak = train["peak_flops_per_s"]
@@ -946,11 +730,9 @@ def gpu_check_section(check: dict[str, Any]) -> list[str]:
     loader = check.get("loader")
     if loader:
         dd = loader["device_decode"]
-        lines += [f"Training loader (`LongTailDataModule`, dual sampling, {loader['batch_per_stream']} images per "
-                  f"stream, pin_memory {loader['pin_memory']}) with {loader['workers']} workers over `lpt prepare` "
-                  f"shards of synthetic 800x600 JPEGs ({loader['items']:,} items): "
-                  f"{_f(loader['images_per_s'], 0)} images/s. `data.decode_jpeg_on_device` ({dd['where']}, batches "
-                  f"of file bytes from the workers, decode + resize/crop): {_f(dd['images_per_s'], 0)} images/s.", ""]
+        lines += [template("benchmarks", "gpu_check_loader", batch=loader["batch_per_stream"], pin=loader["pin_memory"],
+                           workers=loader["workers"], items=f"{loader['items']:,}", rate=_f(loader["images_per_s"], 0),
+                           where=dd["where"], device_rate=_f(dd["images_per_s"], 0)), ""]
     return lines
 
 
@@ -958,24 +740,15 @@ def feed_section(feed: dict[str, Any]) -> list[str]:
     """benchmarks/bench_feed.py: CPU cost per training image, stage by stage, and cores for one H100."""
     m = feed["machine"]
     lines = ["## Feeding the GPU: CPU cost per training image", "",
-             f"`python benchmarks/bench_feed.py`{' --quick' if feed['quick'] else ''}, {feed['date']}, {m['cpu']} "
-             f"(1 torch thread, load average {_f(feed.get('load_average'), 1)}): each stage of a loader worker, from "
-             "an `lpt prepare` LitData shard (synthetic 800x600 JPEGs, shorter side 256) to the collated uint8 "
-             f"batch, on the previous stage's outputs; {feed['images']} images, best of {feed['rounds']} interleaved "
-             "rounds (the least disturbed on this shared machine), median beside it.", "",
+             template("benchmarks", "feed", quick=" --quick" if feed["quick"] else "", date=feed["date"], cpu=m["cpu"],
+                      load=_f(feed.get("load_average"), 1), images=feed["images"], rounds=feed["rounds"]), "",
              "| stage | ms per image, best | median |", "| --- | ---: | ---: |"]
     for r in feed["rows"]:
         lines.append(f"| {r['stage']} | {r['ms_per_image_best']:.3f} | {r['ms_per_image']:.3f} |")
-    lines += ["", f"Stages summed (the flip on half the images): {feed['stage_sum_ms']:.2f} ms per image; the whole "
-              f"worker item {feed['whole_item_ms']:.2f} ms. At the larger, {feed['cost_ms_used']:.2f} ms, "
-              f"**{feed['target_images_per_s']:,} images/s (one H100 in phase 2) needs "
-              f"{feed['cores_for_target']:.1f} cores of this kind** for the workers, beside the training process. "
-              "Decoding and the crop are nearly all of it; reading from the shard and collating are small. The copy "
-              "to the GPU is not a worker cost: `pin_memory` (default on with CUDA) pins each batch in the training "
-              "process's pin-memory thread, and Lightning copies it with `non_blocking=True` on CUDA "
-              "(`lightning.fabric.utilities.apply_func.move_data_to_device`); `data.persistent_workers: true` (the "
-              "GPU data configs) keeps the workers between epochs. `data.decode_jpeg_on_device` moves decode and "
-              "crop to the GPU (the GPU check measures its rate).", ""]
+    lines += ["", template("benchmarks", "feed_total", sum=f"{feed['stage_sum_ms']:.2f}",
+                           item=f"{feed['whole_item_ms']:.2f}",
+                           used=f"{feed['cost_ms_used']:.2f}", target=f"{feed['target_images_per_s']:,}",
+                           cores=f"{feed['cores_for_target']:.1f}"), ""]
     return lines
 
 
@@ -990,54 +763,24 @@ def dry_run_section(results: Path) -> list[str]:
     threads = f"{r['threads']} torch thread" + ("s" if (r["threads"] or 0) > 1 else "") if r["threads"] else "default threads"
     lines = [
         "### Dry run of the GPU entry points", "",
-        f"{', then '.join(f'`{c}`' for c in r['commands'])} (`make dry-run`; {r['date']}; torch {r['torch']}, "
-        f"{threads} on a {r['cpu_cores']}-core "
-        f"machine shared with other jobs, load average {_f(r['load_average_end'], 1)} at the end; `--jobs 4` runs "
-        "four datasets at once, each its entry points in turn, so wall times include waiting for a core). Every shipped "
-        "GPU config at its real architecture and class count: timm `vit_base_patch16_224.augreg_in21k` and "
-        "open_clip `ViT-B-16`/`openai` (QuickGELU from the tag) with random weights loaded from local files "
-        "(`backbone.checkpoint_path`, the offline path), on synthetic data in the real on-disk formats (iNat "
-        "2018 jsons with 8,142 categories and `categories.json`, Places-LT and ImageNet-LT lists, CIFAR-100 class "
-        "folders; 32-px images, 2 per class (5 in the 4 iNat classes that give the held-out split its 4 images), "
-        "val and test lists of 4; CIFAR-100 folders of 100 per class, the fewest with which imbalance ratio 100 "
-        "leaves its last class an image). Overridden: batch size "
-        f"{r['batch_size']}, loader workers 0, precision `32-true`, `limit_train/val/test_batches` {r['limit_batches']} "
-        "(1 would arrive as 1.0, every batch: the parser types them `Union[float, int]`), "
-        f"{r['epochs']['phase1']} epochs in phases 1-2 (their warm-up is 1) and {r['epochs']['phase3']} in phase 3, "
-        "the backbone files and the run directory. A pipeline runs every phase (1 and 2 per expert, "
-        "phase 3's expert-output pass over the whole held-out split, the scorer) with the pipeline's own "
-        "evaluations; a phase config is parsed and built as `lpt fit` builds it (backbone, its upstream phase's "
-        f"checkpoints from the pipeline run, the data). Text embeddings of more than {r['encode_text_max']:,} class "
-        "names are read from a prefilled cache (their encoding is the section above). Each row is a fresh "
-        "process: wall time and peak RSS (`wait4`)." + (f" {r['note']}" if r.get("note") else ""), "",
+        template("benchmarks", "dry_run", commands=", then ".join(f"`{c}`" for c in r["commands"]), date=r["date"],
+                 torch=r["torch"], threads=threads, cores=r["cpu_cores"], load=_f(r["load_average_end"], 1),
+                 batch=r["batch_size"], limit=r["limit_batches"], epochs1=r["epochs"]["phase1"],
+                 epochs3=r["epochs"]["phase3"], encode_max=f"{r['encode_text_max']:,}")
+        + (f" {r['note']}" if r.get("note") else ""), "",
         "| entry point | classes | run | wall time | peak RSS | result |",
         "| --- | ---: | --- | ---: | ---: | --- |",
     ]
     for name, e in sorted(entries.items(), key=lambda kv: (kv[1]["classes"], kv[1]["kind"] != "pipeline", kv[0])):
         lines.append(f"| `{name}` | {e['classes']:,} | {e['what']} | {e['seconds']:.0f} s | {e['peak_rss_gb']:.2f} GB "
                      f"| {'passed' if e['ok'] else '**failed** (exit ' + str(e['exit_code']) + ')'} |")
-    lines += ["", "The phase-3 expert-output pass covers the whole held-out split (a partial one is refused), so "
-              "CIFAR-100-LT's pipeline, whose `holdout_per_class: 5` carves 221 images, takes longest; every other "
-              "step is bounded by the batch limits.", ""]
+    lines += ["", template("benchmarks", "dry_run_end"), ""]
     return lines
 
 
 def render(results: Path) -> str:
     runs = _load(results)
-    lines = [
-        "# Benchmarks",
-        "",
-        "Speed and memory of `lpt_lightning` with the real ViT-B/16 shapes: timm `vit_base_patch16_224` "
-        "(the architecture of `augreg_in21k`) and the open_clip `ViT-B-16` image tower, both with random "
-        "weights (no download; speed does not depend on the weights). Regenerate this page with "
-        "`make bench` (`python benchmarks/run_all.py`); on a GPU, `python benchmarks/run_all.py --device cuda` "
-        "adds a bf16-mixed section. Raw numbers: `benchmarks/results/bench_<device>.json`.",
-        "",
-        "Method: every time is the median of several runs after warm-up; ratios are measured side by side "
-        "in one process (candidates alternate within each round) and reported as the median of per-round "
-        "ratios, so that load from other processes affects both sides alike.",
-        "",
-    ]
+    lines = [template("benchmarks", "intro"), ""]
     checks = _gpu_checks(results)
     if not runs and not checks:
         lines.append("No results yet: run `make bench`.")
@@ -1047,14 +790,10 @@ def render(results: Path) -> str:
         title = f"## {'GPU' if m['device'].startswith('cuda') else 'CPU'}: {where}, {m['precision']}"
         lines += [title, ""]
         if m["device"] == "cpu":
-            lines += [f"**CPU figures were taken on a {m['cpu_cores_visible']}-core machine** ({m['cpu']}, "
-                      f"{m['torch_threads']} torch thread{'s' if m['torch_threads'] != 1 else ''}: the cores are "
-                      "shared with other jobs, and with 2 OpenMP threads every barrier stalled whenever the other "
-                      "core was taken, which swung step times up to 5x) (load average "
-                      f"{_f(run.get('load_average_start'), 1)} at the start, {_f(run.get('load_average_end'), 1)} at "
-                      "the end): absolute times are noisy and slow, batch sizes are tiny (1-4 images per stream), "
-                      "and fp32 is used because bf16 matmuls on this CPU are hundreds of times slower. Ratios "
-                      "are the robust figures.", ""]
+            lines += [template("benchmarks", "cpu_note", cores=m["cpu_cores_visible"], cpu=m["cpu"],
+                               threads=m["torch_threads"], plural="s" if m["torch_threads"] != 1 else "",
+                               load_start=_f(run.get("load_average_start"), 1),
+                               load_end=_f(run.get("load_average_end"), 1)), ""]
         if run.get("quick"):
             lines += ["**Quick mode** (`--quick`): fewer batch sizes and rounds; a smoke run, not the reference figures.", ""]
         lines += [f"Command `{run['command']}`, {run['date']}, {run['seconds'] / 60:.1f} min; torch {m['torch']}, "
@@ -1069,7 +808,7 @@ def render(results: Path) -> str:
         lines += data_section(run)
         lines += findings(run)
     lines += text_encoding_section(results)
-    lines += [FAST_PATH.rstrip("\n"), ""]
+    lines += [template("benchmarks", "fast_path"), ""]
     feed = results / "feed_cpu.json"
     if feed.is_file():
         lines += feed_section(json.loads(feed.read_text()))
@@ -1077,3 +816,36 @@ def render(results: Path) -> str:
         lines += gpu_check_section(check)
     lines += dry_run_section(results)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def pages() -> dict[str, Callable[[], str]]:
+    """Each generated page (relative to the repository) and the function that renders it."""
+    from benchmarks import accuracy_study, demo
+
+    return {"docs/benchmarks.md": lambda: render(REPO / "benchmarks" / "results"),
+            "docs/results.md": accuracy_study.render_page,
+            "README.md": lambda: demo.render_readme((REPO / "README.md").read_text(),
+                                                    json.loads(demo.DEMO.read_text()))}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--render", action="store_true", help="rewrite the generated pages from the stored results")
+    parser.add_argument("--store-demo", type=Path, metavar="RUN_DIR",
+                        help="store a finished demo (its run directory's metrics.json) in benchmarks/results/demo.json")
+    parser.add_argument("--seconds", type=float, help="--store-demo: the demo's measured wall time (default: "
+                                                      "read from the run directory's file times)")
+    args = parser.parse_args(argv)
+    if not (args.render or args.store_demo):
+        parser.error("nothing to do: pass --render or --store-demo RUN_DIR")
+    if args.store_demo:
+        from benchmarks import demo
+
+        demo.store_demo(args.store_demo, args.seconds)
+    for page, rendering in pages().items():
+        (REPO / page).write_text(rendering())
+        print(f"wrote {page}")
+
+
+if __name__ == "__main__":
+    main()

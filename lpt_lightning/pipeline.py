@@ -88,6 +88,19 @@ def _fit_and_report(run: PhaseRun, test: bool, log_model: bool, test_start: bool
         os.replace(tmp, run.final_checkpoint)
         remove_preemption_checkpoints(run)
     trainer.strategy.barrier("lpt-pipeline-handover")
+    report_phase(run, trainer, model, datamodule, test, test_start, log_model)
+
+
+def reevaluate_phase(run: PhaseRun, test: bool = True) -> None:
+    """The reports of a finished phase written again from its ``final.ckpt``, without training
+    (e.g. to add metrics that did not exist when it ran)."""
+    cli = LPTCLI(args=["--config", str(run.directory / "config.yaml")], run=False, **LPTCLI.defaults())
+    report_phase(run, cli.trainer, cli.model, cli.datamodule, test, test)
+
+
+def report_phase(run: PhaseRun, trainer, model, datamodule, test: bool, test_start: bool,
+                 log_model: bool = False) -> None:
+    """Evaluate the phase's hand-over weights (and phase 1's start) and write its reports."""
     # Every reported number is computed from the hand-over weights, read back from final.ckpt:
     # without a ckpt_path Lightning would load a leftover hpc_ckpt_N.ckpt under SLURM, and the
     # last validation of fit may predate a resume.

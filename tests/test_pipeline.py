@@ -317,3 +317,20 @@ def test_test_final_evaluates_only_the_phases_that_are_the_result(tmp_path, monk
     run_pipeline(run_dir=str(tmp_path), test="final", **config)
     assert [name for name, test in calls if test] == tested
     assert len(calls) == (5 if mixture else 2)
+
+
+def test_reevaluating_a_finished_phase_rewrites_the_same_results(finished_run):
+    """`reevaluate_phase` (accuracy_study --reevaluate) runs only the pipeline's own evaluation of
+    final.ckpt (and phase 1's start.ckpt): on unchanged code it writes back exactly the results
+    the phase wrote when it finished, and trains nothing."""
+    from lpt_lightning.pipeline import PhaseRun, reevaluate_phase
+
+    run_dir, _ = finished_run
+    for name in ("phase1_visual", "phase3_moe"):
+        directory = run_dir / name
+        before = json.loads((directory / "metrics.json").read_text())
+        final = digest(directory / "final.ckpt")
+        (directory / "metrics.json").unlink()
+        reevaluate_phase(PhaseRun(name, name.split("_")[0], directory, {}))
+        assert json.loads((directory / "metrics.json").read_text()) == before
+        assert digest(directory / "final.ckpt") == final
