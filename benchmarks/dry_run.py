@@ -252,9 +252,7 @@ def build_child(args: list[str]) -> None:
     from lpt_lightning.lightning_cli import LPTCLI
 
     cli = LPTCLI(args=args, run=False, **LPTCLI.defaults())
-    model, data = cli.model, cli.datamodule
-    if hasattr(model, "build_experts"):
-        model.build_experts()  # phase 3 loads both phase-2 experts here
+    model, data = cli.model, cli.datamodule  # phase 3 has loaded both phase-2 experts here
     assert model.num_classes == data.num_classes == len(data.class_names), (model.num_classes, data.num_classes)
     print(json.dumps({"num_classes": model.num_classes, "train_images": len(data.splits.train)}))
 
