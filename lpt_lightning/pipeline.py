@@ -95,12 +95,13 @@ def reevaluate_phase(run: PhaseRun, test: bool = True) -> None:
     """The reports of a finished phase written again from its ``final.ckpt``, without training
     (e.g. to add metrics that did not exist when it ran)."""
     cli = LPTCLI(args=["--config", str(run.directory / "config.yaml")], run=False, **LPTCLI.defaults())
-    report_phase(run, cli.trainer, cli.model, cli.datamodule, test, test)
+    report_phase(run, cli.trainer, cli.model, cli.datamodule, test, test, keep_start=True)
 
 
 def report_phase(run: PhaseRun, trainer, model, datamodule, test: bool, test_start: bool,
-                 log_model: bool = False) -> None:
-    """Evaluate the phase's hand-over weights (and phase 1's start) and write its reports."""
+                 log_model: bool = False, keep_start: bool = False) -> None:
+    """Evaluate the phase's hand-over weights (and phase 1's start) and write its reports;
+    ``keep_start``: evaluate an existing start.ckpt as it is (its digest stays the reported one)."""
     # Every reported number is computed from the hand-over weights, read back from final.ckpt:
     # without a ckpt_path Lightning would load a leftover hpc_ckpt_N.ckpt under SLURM, and the
     # last validation of fit may predate a resume.
@@ -112,7 +113,7 @@ def report_phase(run: PhaseRun, trainer, model, datamodule, test: bool, test_sta
     results = dict(model.results)
     checkpoint_of = dict.fromkeys(results, run.final_checkpoint)
     if run.phase == "phase1":
-        start_rows = _start_rows(run, trainer, model, datamodule, test_start)
+        start_rows = _start_rows(run, trainer, model, datamodule, test_start, keep_start)
         checkpoint_of |= {row: run.directory / "start.ckpt" for row in start_rows if row not in results}
         results |= start_rows
     if run.phase == "phase3":  # its expert rows are the weights of the phase-2 checkpoints it read
@@ -139,17 +140,18 @@ def report_phase(run: PhaseRun, trainer, model, datamodule, test: bool, test_sta
     trainer.strategy.barrier("lpt-pipeline-reported")
 
 
-def _start_rows(run: PhaseRun, trainer, model, datamodule, test: bool) -> dict[str, dict[str, Any]]:
+def _start_rows(run: PhaseRun, trainer, model, datamodule, test: bool, keep: bool = False) -> dict[str, dict[str, Any]]:
     """The no-training rows of phase 1: its expert as it stood before the first step (the VL head
     at its class-name text embeddings, the visual head at its initialisation), read back from
     ``start.ckpt`` like every other reported number."""
     start = run.directory / "start.ckpt"
-    model.load_start_state()
-    tmp = start.with_name(".start.ckpt.tmp")
-    trainer.save_checkpoint(tmp, weights_only=True)
-    if trainer.is_global_zero:
-        os.replace(tmp, start)
-    trainer.strategy.barrier("lpt-pipeline-start-row")
+    if not (keep and start.is_file()):
+        model.load_start_state()
+        tmp = start.with_name(".start.ckpt.tmp")
+        trainer.save_checkpoint(tmp, weights_only=True)
+        if trainer.is_global_zero:
+            os.replace(tmp, start)
+        trainer.strategy.barrier("lpt-pipeline-start-row")
     # The trained rows stay in model.results, so the test reports (per-class table, W&B tables)
     # show the trained model and its start side by side instead of the start alone.
     model.eval_row = "no training"
