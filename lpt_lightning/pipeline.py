@@ -98,6 +98,24 @@ def reevaluate_phase(run: PhaseRun, test: bool = True) -> None:
     report_phase(run, cli.trainer, cli.model, cli.datamodule, test, test, keep_start=True)
 
 
+def test_with_augmentation(run: PhaseRun, augment: str) -> None:
+    """The phase's test rows from ``final.ckpt`` again, each expert averaging its probabilities over
+    the ``augment`` views of every image, into ``test_time_<augment>.json`` (the phase's own reports
+    and W&B run untouched); kept while newer than final.ckpt."""
+    path = run.directory / f"test_time_{augment}.json"
+    if path.is_file() and path.stat().st_mtime >= run.final_checkpoint.stat().st_mtime:
+        return
+    args = ["--config", str(run.directory / "config.yaml"), f"--data.test_time.augment={augment}",
+            "--trainer.logger=false", "--report.enabled=false"]
+    cli = LPTCLI(args=args, run=False, **LPTCLI.defaults())
+    trainer, model, datamodule = cli.trainer, cli.model, cli.datamodule
+    model.results.clear()
+    trainer.test(model, datamodule=datamodule, ckpt_path=str(run.final_checkpoint), verbose=False)
+    if trainer.is_global_zero:
+        write_metrics(path, dict(model.results), model.class_counts.cpu(), model.class_names, model.split_convention)
+    trainer.strategy.barrier("lpt-pipeline-test-time")
+
+
 def report_phase(run: PhaseRun, trainer, model, datamodule, test: bool, test_start: bool,
                  log_model: bool = False, keep_start: bool = False) -> None:
     """Evaluate the phase's hand-over weights (and phase 1's start) and write its reports;
@@ -205,6 +223,7 @@ def run_pipeline(
     checkpoint_every_n_steps: int | None = None,
     redo_from: str | None = None,
     test_priors: bool | list[float] = False,
+    test_time_rows: list[Literal["flip", "five_crop", "ten_crop"]] | None = None,
 ) -> list[PhaseRun]:
     """Run LPT++ end to end.
 
@@ -242,6 +261,9 @@ def run_pipeline(
             adjustment (tau chosen on the val split): each row's ``test_priors`` block in the
             metrics.json files, ``<run_dir>/test_priors.png`` (`lpt_lightning.test_priors`). Phases
             finished before it was set keep their reports (``--redo_from`` evaluates them again).
+        test_time_rows: also test the tested phases' weights with these test-time augmentations
+            (`lpt_lightning.data.transforms.TestTimeSpec`) and show their rows beside the others,
+            named ``test (flip): ...``; each kept in ``<phase>/test_time_<augment>.json``.
     """
     trainer = dict(trainer or {})
     if devices is not None:
@@ -294,6 +316,10 @@ def run_pipeline(
         except (KeyboardInterrupt, RunInterrupted) as exc:
             raise RunInterrupted(f"interrupted in phase {run.name}; rerun the same command to resume",
                                  getattr(exc, "exit_code", 130)) from None
+    for run in runs:
+        if run.phase == tested_phase and test is not False:
+            for augment in test_time_rows or []:
+                test_with_augmentation(run, augment)
     if write_summary(Path(run_dir), runs) and rank_zero_only.rank == 0:  # rank 0 wrote the file
         summary = Path(run_dir) / "metrics.json"
         rank_zero_info(f"\npipeline summary ({summary})\n{split_table_from_file(summary)}\n")

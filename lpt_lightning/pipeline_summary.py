@@ -9,6 +9,7 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_only
 
 from lpt_lightning.checkpoints.files import atomic_save
+from lpt_lightning.data.transforms import TEST_TIME_VIEWS
 from lpt_lightning.phases.moe_scorer import row_name
 from lpt_lightning.pipeline_plan import PhaseRun
 from lpt_lightning.reports import DIGEST_KEYS, read_metrics, split_table
@@ -44,6 +45,28 @@ def summary_rows(runs: list[PhaseRun]) -> dict[str, dict[str, Any]]:
             row = phase3.get(row_name(split, title))
             if row is not None:
                 rows[row_name(split, title)] = row
+        if split == "test":
+            rows |= test_time_rows(runs)
+    return rows
+
+
+def test_time_rows(runs: list[PhaseRun]) -> dict[str, dict[str, Any]]:
+    """The rows of `pipeline.test_with_augmentation`, named ``test (<augment>): <row>``."""
+    rows: dict[str, dict[str, Any]] = {}
+    for augment in (a for a in TEST_TIME_VIEWS if a != "none"):
+        for run in runs:
+            path = run.directory / f"test_time_{augment}.json"
+            if not path.is_file():
+                continue
+            for name, row in json.loads(path.read_text())["results"].items():
+                if run.phase == "phase3":  # "test: LPT++ (scorer)", "test: visual expert" (of phase 2)
+                    title = name.split(": ", 1)[1]
+                    title += ", phase 2" if title in EXPERT_TITLES.values() else ""
+                elif name == "test":
+                    title = f"{EXPERT_TITLES[run.name.split('_')[1]]}, phase 2"
+                else:
+                    continue
+                rows[f"test ({augment}): {title}"] = row
     return rows
 
 

@@ -334,3 +334,34 @@ def test_reevaluating_a_finished_phase_rewrites_the_same_results(finished_run):
         reevaluate_phase(PhaseRun(name, name.split("_")[0], directory, {}))
         assert json.loads((directory / "metrics.json").read_text()) == before
         assert digest(directory / "final.ckpt") == final
+
+
+def test_test_time_rows_sit_beside_the_plain_ones(finished_run):
+    """`test_time_rows`: phase 3's weights tested again with each expert averaging its
+    probabilities over the flipped views; the rows join the summary as ``test (flip): ...``, the
+    phase's own reports stay byte-identical, and a second call reuses the file."""
+    from lpt_lightning.pipeline import PhaseRun, test_with_augmentation
+    from lpt_lightning.pipeline_summary import summary_rows
+
+    run_dir, _ = finished_run
+    phase3 = PhaseRun("phase3_moe", "phase3", run_dir / "phase3_moe", {})
+    reports = {p: digest(p) for p in phase3.directory.rglob("*") if p.is_file() and "expert_cache" not in p.parts}
+    test_with_augmentation(phase3, "flip")
+    written = phase3.directory / "test_time_flip.json"
+    stamp = written.stat().st_mtime_ns
+    test_with_augmentation(phase3, "flip")
+    assert written.stat().st_mtime_ns == stamp
+    assert {p: digest(p) for p in reports} == reports
+    plain = json.loads((phase3.directory / "metrics.json").read_text())["results"]
+    flipped = json.loads(written.read_text())["results"]
+    assert set(flipped) == {k for k in plain if k.startswith("test: ")}
+    runs = [PhaseRun(d.name, d.name.split("_")[0], d, {}) for d in sorted(run_dir.glob("phase*")) if d.is_dir()]
+    rows = summary_rows(runs)
+    for name, row in flipped.items():
+        title = name.split(": ", 1)[1]
+        title += ", phase 2" if "expert" in title else ""
+        assert rows[f"test (flip): {title}"] == row
+        assert rows[f"test: {title}"]["per_class"] == plain[name]["per_class"]
+        assert len(row["per_class"]) == 10 and 0 <= row["acc"] <= 100
+    # The experts saw the mirrored views too: their averaged probabilities differ from the plain ones.
+    assert all(row["nll"] != plain[name]["nll"] for name, row in flipped.items())
