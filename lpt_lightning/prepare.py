@@ -158,6 +158,7 @@ def _plan(splits: DatasetSplits, present: dict, fmt: str, settings: dict, spec: 
     return {
         "format_version": FORMAT_VERSION, "format": fmt, "settings": settings, "name": splits.name,
         "class_names": list(splits.class_names), "source": spec,
+        "taxonomy": splits.taxonomy.as_record() if splits.taxonomy is not None else None,
         "splits": {s: {"count": len(split), "digest": split.digest(), "parts": -(-len(split) // part_size)}
                    for s, split in present.items()},
     }

@@ -61,6 +61,19 @@ class Taxonomy:
             return None
         return cls(tuple(name for name, _ in levels), tuple(col for _, col in levels), column("supercategory"))
 
+    def as_record(self) -> dict[str, Any]:
+        """Plain JSON data (a prepared copy's manifest keeps it: `from_record`)."""
+        return {"levels": list(self.levels), "ancestors": [list(a) for a in self.ancestors],
+                "supercategories": list(self.supercategories) if self.supercategories is not None else None}
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, Any] | None) -> Taxonomy | None:
+        if not record:
+            return None
+        sup = record.get("supercategories")
+        return cls(tuple(record["levels"]), tuple(tuple(a) for a in record["ancestors"]),
+                   tuple(sup) if sup is not None else None)
+
     def level_map(self) -> Tensor:
         """LongTensor [L, C]: the index of each class's ancestor at each level (same index = same
         ancestor, by the path from the top level down)."""

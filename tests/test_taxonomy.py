@@ -201,3 +201,18 @@ def test_the_console_shows_the_levels_read_back_from_metrics_json(tmp_path):
     start = lines.index("Accuracy at each taxonomy level (%; per group in metrics.json)")
     assert lines[start + 1].split() == list(TAXONOMY_LEVELS)
     assert lines[start + 3].split() == ["test", "87.50", "75.00", "50.00", "50.00", "37.50", "25.00"]
+
+
+def test_a_prepared_copy_keeps_the_taxonomy(tmp_path):
+    """`lpt prepare` writes the taxonomy into the manifest; the prepared source gives it back."""
+    from PIL import Image
+
+    from lpt_lightning.data import PreparedSource
+    from lpt_lightning.prepare import prepare
+
+    source = _inat(tmp_path / "full", RECORDS)
+    (tmp_path / "full" / "t").mkdir()
+    for i in range(6):
+        Image.new("RGB", (40, 40), (40 * i, 0, 0)).save(tmp_path / "full" / "t" / f"{i}.jpg")
+    prepare(source, tmp_path / "prepared", short_side=32, workers=1, part_size=5, progress=False)
+    assert PreparedSource(str(tmp_path / "prepared")).load().taxonomy == taxonomy()

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lpt_lightning.data.datasets import StreamBatches
 from lpt_lightning.data.samplers import ShardedEvalSampler
-from lpt_lightning.data.training_streams import Sampling, TrainingStreams
+from lpt_lightning.data.training_streams import Sampling, TrainingStreams, trainer_replicas
 from lpt_lightning.errors import CacheError, ConfigError
 
 OUTPUTS_FORMAT = 2
@@ -175,15 +175,10 @@ class CachedOutputsDataModule(LightningDataModule):
         return self._facts["record"]
 
     # ---------------------------------------------------------------- loaders
-    def _replicas(self) -> tuple[int, int]:
-        if self.trainer is None:
-            return 1, 0
-        return int(self.trainer.world_size), int(self.trainer.global_rank)
-
     def train_dataloader(self) -> DataLoader:
         split = self.splits[self.fit_split]
         return self.training_streams.loader(StreamBatches(CachedOutputsDataset(split), _batch), split.labels,
-                                            *self._replicas(), f"samples of the {self.fit_split} split the scorer "
+                                            *trainer_replicas(self.trainer), f"samples of the {self.fit_split} split the scorer "
                                             "is fitted on")
 
     def state_dict(self) -> dict[str, Any]:
@@ -194,7 +189,7 @@ class CachedOutputsDataModule(LightningDataModule):
         self.training_streams.load_state_dict(state_dict)
 
     def _eval_loader(self, name: str) -> DataLoader:
-        num_replicas, rank = self._replicas()
+        num_replicas, rank = trainer_replicas(self.trainer)
         split = self.splits[name]
         sampler = ShardedEvalSampler(split.num_rows, num_replicas=num_replicas, rank=rank)
         return DataLoader(CachedOutputsDataset(split), batch_size=self.eval_batch_size, sampler=sampler,

@@ -15,7 +15,7 @@ from lpt_lightning.data.predict_images import image_paths_split
 from lpt_lightning.data.protocol import SplitProtocol
 from lpt_lightning.data.samplers import ShardedEvalSampler
 from lpt_lightning.data.sources import DatasetSplits, DataSource, Split
-from lpt_lightning.data.training_streams import Sampling, TrainingDataLoader, TrainingStreams
+from lpt_lightning.data.training_streams import Sampling, TrainingDataLoader, TrainingStreams, trainer_replicas
 from lpt_lightning.data.transforms import TestTimeSpec, build_eval_transform, build_train_transform
 from lpt_lightning.errors import ConfigError
 
@@ -237,12 +237,6 @@ class LongTailDataModule(LightningDataModule):
             self._dataset(*self.eval_split("test"), train=False)
 
     # ---------------------------------------------------------------- loaders
-    def _replicas(self) -> tuple[int, int]:
-        trainer = self.trainer
-        if trainer is None:
-            return 1, 0
-        return int(getattr(trainer, "world_size", 1)), int(getattr(trainer, "global_rank", 0))
-
     def _loader_options(self) -> dict[str, Any]:
         workers = self.num_workers
         return dict(num_workers=workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
@@ -259,7 +253,7 @@ class LongTailDataModule(LightningDataModule):
         """A fresh sampler of one stream: "cb" class-aware, "ib" instance, "sqrt" square-root.
 
         It yields `Draw` keys, so that each draw gets an augmentation of its own."""
-        return self.training_streams.sampler(kind, self.splits.train.labels, *self._replicas())
+        return self.training_streams.sampler(kind, self.splits.train.labels, *trainer_replicas(self.trainer))
 
     def train_dataloader(self) -> TrainingDataLoader:
         """One loader for all streams of the sampling: a batch is ``{stream: {"image", "label",
@@ -268,7 +262,7 @@ class LongTailDataModule(LightningDataModule):
         an epoch has N // batch_size steps per device."""
         dataset = self._dataset("train", self.splits.train, train=True)
         return self.training_streams.loader(StreamBatches(dataset, self._collate()), self.splits.train.labels,
-                                            *self._replicas(), "training samples", **self._loader_options())
+                                            *trainer_replicas(self.trainer), "training samples", **self._loader_options())
 
     def state_dict(self) -> dict[str, Any]:
         """Saved in every checkpoint: the resume state of the training data (`TrainingStreams`)."""
@@ -294,7 +288,7 @@ class LongTailDataModule(LightningDataModule):
         return self._sharded_loader(self._dataset(name, split, train=False))
 
     def _sharded_loader(self, dataset: LongTailImageDataset) -> DataLoader:
-        num_replicas, rank = self._replicas()
+        num_replicas, rank = trainer_replicas(self.trainer)
         sampler = ShardedEvalSampler(len(dataset), num_replicas=num_replicas, rank=rank)
         return self._loader(dataset, sampler, self.eval_batch_size, drop_last=False)
 

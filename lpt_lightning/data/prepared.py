@@ -21,6 +21,7 @@ import numpy as np
 from lpt_lightning.checkpoints.files import atomic_save
 from lpt_lightning.data.sources import DatasetSplits, DataSource, Split
 from lpt_lightning.errors import DataFormatError
+from lpt_lightning.taxonomy import Taxonomy
 
 FORMAT_VERSION = 1
 FORMATS = ("litdata", "tree")
@@ -187,4 +188,5 @@ class PreparedSource(DataSource):
             images = ShardReader(parts, counts)
         self.name = manifest["name"]
         return DatasetSplits(manifest["name"], train=splits["train"], val=splits.get("val"), test=splits.get("test"),
-                             class_names=list(manifest["class_names"]), images=images)
+                             class_names=list(manifest["class_names"]), images=images,
+                             taxonomy=Taxonomy.from_record(manifest.get("taxonomy")))

@@ -108,3 +108,10 @@ class TrainingStreams:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume_after_epoch = state_dict.get("train_epoch")
+
+
+def trainer_replicas(trainer) -> tuple[int, int]:
+    """(world size, global rank) of a DataModule's trainer; (1, 0) before one is attached."""
+    if trainer is None:
+        return 1, 0
+    return int(getattr(trainer, "world_size", 1)), int(getattr(trainer, "global_rank", 0))
