@@ -42,7 +42,7 @@ def test_test_run_writes_local_reports_and_sends_tables_to_wandb(tmp_path, monke
                        num_classes=10, class_names=dm.class_names, optim=OptimSpec(warmup_epochs=0))  # 1 epoch
     wandb = WandbLogger(project="lpt-test", save_dir=str(tmp_path), offline=True, mode="disabled")
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=2, enable_progress_bar=False,
-                        logger=[CSVLogger(str(tmp_path), name="csv"), wandb], callbacks=[SplitReport()],
+                        logger=[CSVLogger(str(tmp_path), name="csv"), wandb], callbacks=[SplitReport(test_priors=[10])],
                         default_root_dir=tmp_path, enable_checkpointing=False)
     connect(model, dm)
     trainer.fit(model, datamodule=dm)
@@ -69,6 +69,11 @@ def test_test_run_writes_local_reports_and_sends_tables_to_wandb(tmp_path, monke
     # The CSV-only path has the same table beside the logs.
     local = list(csv.reader(open(plot.with_name("per_class_test.csv"))))
     assert local[0] == columns and len(local) == 11
+    # --report.test_priors: the plot goes to W&B beside the others, tau chosen on fit's val row.
+    (priors,) = logged["images"]["test/test_priors"]
+    assert Path(priors).read_bytes()[:4] == b"\x89PNG"
+    block = model.results["test"]["test_priors"]
+    assert block["tau_chosen_on"] == "val" and list(block["priors"]) == ["backward_10", "uniform", "forward_10"]
 
 
 def test_resolved_config_goes_to_wandb(monkeypatch):
