@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lpt_lightning.cli_ckpt_path import CkptPathChecks
-from lpt_lightning.cli_parsing import LPTArgumentParser, ParsedOnly
+from lpt_lightning.cli_parsing import LPTArgumentParser, LPTTrainer, ParsedOnly
 from lpt_lightning.console import LogLines, plain_output, silence_noise
 from lpt_lightning.data import LongTailDataModule
 from lpt_lightning.errors import ConfigError, RunInterrupted
@@ -61,7 +61,7 @@ class LPTCLI(CkptPathChecks, LightningCLI):
 
         return dict(model_class=L.LightningModule, datamodule_class=LongTailDataModule, subclass_mode_model=True,
                     save_config_callback=LoggedSaveConfig, save_config_kwargs={"overwrite": True},
-                    parser_class=LPTArgumentParser)
+                    parser_class=LPTArgumentParser, trainer_class=LPTTrainer)
 
     def init_parser(self, **kwargs: Any):
         # argparse would take an abbreviation (--trainer.max_epoch) as the option it prefixes.

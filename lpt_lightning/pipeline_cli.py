@@ -12,8 +12,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
-from lightning.pytorch import Trainer
 
+from lpt_lightning.cli_parsing import LPTTrainer
 from lpt_lightning.data import LongTailDataModule
 from lpt_lightning.errors import ConfigError
 from lpt_lightning.pipeline import run_pipeline
@@ -104,7 +104,7 @@ def command_parser() -> ArgumentParser:
     # sub_configs: an expert (phase1.visual.expert) or the wandb section may be a file.
     parser.add_function_arguments(run_pipeline, as_positional=False, skip={"data", "trainer"}, sub_configs=True)
     parser.add_class_arguments(LongTailDataModule, "data", sub_configs=True, instantiate=False)
-    parser.add_class_arguments(Trainer, "trainer", sub_configs=True, instantiate=False, fail_untyped=False)
+    parser.add_class_arguments(LPTTrainer, "trainer", sub_configs=True, instantiate=False, fail_untyped=False)
     return parser
 
 

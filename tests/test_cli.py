@@ -502,3 +502,23 @@ def test_prediction_rows_are_written_as_batches_come_memory_flat_in_the_images(t
 
     _predict_with_writer(PredictionWriter(str(tmp_path / "failed.csv")), images(2_000), fail_at=2)
     assert not list(tmp_path.glob("*failed.csv*"))
+
+
+@pytest.mark.parametrize("value, parsed", [("1", 1), ("1.0", 1.0), ("0.25", 0.25), ("30", 30)])
+def test_a_batch_limit_of_1_means_one_batch(value, parsed, tmp_path):
+    """Lightning reads an int limit as batches and a float as a fraction: ``limit_val_batches: 1``
+    must stay the int 1 (one batch), not become 1.0 (every batch), in ``lpt fit`` and ``lpt pipeline``."""
+    from lpt_lightning.lightning_cli import parse_config
+    from lpt_lightning.pipeline_cli import parse
+
+    config = parse_config(["fit", "--config", "configs/cpu/fmnist_lt_phase1.yaml", f"--trainer.limit_val_batches={value}",
+                           f"--trainer.limit_train_batches={value}"])
+    assert [type(config.fit.trainer.limit_val_batches), config.fit.trainer.limit_val_batches] == [type(parsed), parsed]
+    assert type(config.fit.trainer.limit_train_batches) is type(parsed)
+    settings = parse(["--config", "configs/cpu/fmnist_lt_pipeline.yaml", f"--trainer.limit_test_batches={value}"])
+    assert type(settings["trainer"]["limit_test_batches"]) is type(parsed)
+    # The trainer built from it keeps the type (a YAML file written as 1 likewise).
+    from lpt_lightning.cli_parsing import LPTTrainer
+
+    trainer = LPTTrainer(limit_val_batches=parsed, logger=False, default_root_dir=tmp_path)
+    assert type(trainer.limit_val_batches) is type(parsed) and trainer.limit_train_batches == 1.0
