@@ -17,6 +17,7 @@ from lpt_lightning.checkpoints.experts import expert_from_checkpoint
 from lpt_lightning.checkpoints.files import load_checkpoint_file
 from lpt_lightning.checkpoints.metadata import check_phase_metadata, read_phase_metadata
 from lpt_lightning.errors import CheckpointError
+from lpt_lightning.models.expert import view_outputs
 from lpt_lightning.precision import check_precision
 
 
@@ -129,8 +130,8 @@ class ExportedExpert(L.LightningModule):
         check_precision(self.trainer.precision)
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        logits = self.expert(batch["image"]).logits
-        return {"index": batch["index"], "probs": torch.softmax(self.logit_scale * logits.float(), dim=-1)}
+        logits, _ = view_outputs(self.expert, batch["image"], self.logit_scale)  # test-time views averaged
+        return {"index": batch["index"], "probs": torch.softmax(self.logit_scale * logits, dim=-1)}
 
 
 # The LightningModule that predicts from an export, by the phase its metadata records, and the

@@ -78,3 +78,24 @@ def test_datamodule_gives_views_to_evaluation_only(tmp_path):
     assert next(iter(data.split_dataloader("train", views=False)))["image"].shape == (4, 3, 32, 32)
     train = next(iter(data.train_dataloader()))
     assert all(stream["image"].shape[1:] == (3, 32, 32) for stream in train.values())
+
+
+def test_an_export_predicts_from_the_views_as_its_phase_does(tmp_path):
+    """``lpt predict`` on an export with ``data.test_time.augment`` gets [B, V, 3, S, S] batches:
+    the exported expert averages its views exactly as the phase module does."""
+    from lpt_lightning.checkpoints import load_checkpoint_file
+    from lpt_lightning.checkpoints.files import export_safetensors
+    from lpt_lightning.prediction import ExportedExpert
+    from test_safety import adapt_checkpoint
+
+    checkpoint = adapt_checkpoint(tmp_path / "phase1.ckpt")
+    exported = ExportedExpert(str(export_safetensors(checkpoint, tmp_path / "expert.safetensors"))).eval()
+    phase = AdaptPhase(expert=ExpertSpec(kind="visual", backbone=tiny_backbone("visual"), prompt_length=3),
+                       num_classes=5)
+    phase.load_state_dict(load_checkpoint_file(checkpoint)["state_dict"])
+    phase.eval()
+    views = torch.stack([build_eval_transform(32, "five_crop")(constant_image()),
+                         build_eval_transform(32, "five_crop")(Image.new("RGB", (40, 40), (10, 200, 90)))])
+    with torch.no_grad():
+        probs_export = exported.predict_step({"image": views, "index": torch.arange(2)}, 0)["probs"]
+        torch.testing.assert_close(probs_export, phase.probabilities(views), rtol=1e-5, atol=1e-6)
