@@ -20,17 +20,25 @@ def expert_spec_from_dict(data: dict[str, Any], path: str | Path = "checkpoint")
         raise CheckpointError(f"{path}: malformed expert spec in the metadata ({exc})") from None
 
 
-def expert_from_checkpoint(checkpoint: dict[str, Any], path: str | Path, prefix: str = "expert.") -> LongTailExpert:
+def expert_from_specs(info: dict[str, Any], num_classes: int, path: str | Path) -> LongTailExpert:
+    """An expert's model from the specs a checkpoint records (``expert``, ``group_prompts``); its
+    trained tensors come from a state dict."""
+    try:
+        group = GroupPromptSpec(**info["group_prompts"]) if info.get("group_prompts") else None
+    except TypeError as exc:
+        raise CheckpointError(f"{path}: malformed group prompt spec in the metadata ({exc})") from None
+    expert = LongTailExpert(expert_spec_from_dict(info["expert"], path), num_classes, group=group)
+    expert.release_text_tower()  # the head comes from the checkpoint
+    return expert
+
+
+def expert_from_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> LongTailExpert:
     """Rebuild a trained expert (frozen backbone from its spec, the rest from the checkpoint)."""
     meta = read_phase_metadata(checkpoint, path)
     if "expert" not in meta:
         raise CheckpointError(f"{path}: a '{meta['phase']}' checkpoint holds no single expert")
-    try:
-        group = GroupPromptSpec(**meta["group_prompts"]) if meta.get("group_prompts") else None
-    except TypeError as exc:
-        raise CheckpointError(f"{path}: malformed group prompt spec in the metadata ({exc})") from None
-    expert = LongTailExpert(expert_spec_from_dict(meta["expert"], path), meta["num_classes"], group=group)
-    expert.release_text_tower()  # the head comes from the checkpoint
+    expert = expert_from_specs(meta, meta["num_classes"], path)
+    prefix = "expert."
     state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     own = {k: v for k, v in expert.state_dict().items() if is_saved_key(k)}
     missing = sorted(set(own) - set(state))

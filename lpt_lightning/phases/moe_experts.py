@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from lpt_lightning.checkpoints.experts import expert_from_checkpoint, expert_spec_from_dict
+from lpt_lightning.checkpoints.experts import expert_from_checkpoint, expert_from_specs
 from lpt_lightning.checkpoints.files import load_checkpoint_file
 from lpt_lightning.checkpoints.metadata import read_phase_metadata
 from lpt_lightning.errors import CheckpointError, ConfigError
 from lpt_lightning.expert_outputs import expert_digest
-from lpt_lightning.models.expert import GroupPromptSpec, LongTailExpert
+from lpt_lightning.models.expert import LongTailExpert
 
 EXPERTS = ("visual", "vl")
 
@@ -59,14 +59,3 @@ def recorded_experts(meta: dict[str, Any], num_classes: int, where: str) -> dict
 
 def experts_from_specs(info: dict[str, dict[str, Any]], num_classes: int, where: str) -> dict[str, LongTailExpert]:
     return {kind: expert_from_specs(info[kind], num_classes, where) for kind in EXPERTS}
-
-
-def expert_from_specs(info: dict[str, Any], num_classes: int, where: str) -> LongTailExpert:
-    """An expert's model from its recorded specs; its trained tensors come from a state dict."""
-    try:
-        group = GroupPromptSpec(**info["group_prompts"]) if info.get("group_prompts") else None
-    except TypeError as exc:
-        raise CheckpointError(f"{where}: malformed group prompt spec in the metadata ({exc})") from None
-    expert = LongTailExpert(expert_spec_from_dict(info["expert"], where), num_classes, group=group)
-    expert.release_text_tower()  # the head comes from the checkpoint
-    return expert
