@@ -27,7 +27,6 @@ be built by ``lpt test``. The release holds no phase-1 head, so that file carrie
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ import lightning
 import torch
 
 from lpt_lightning import __version__
-from lpt_lightning.checkpoints.files import atomic_save
+from lpt_lightning.checkpoints.files import atomic_save, file_sha256
 from lpt_lightning.checkpoints.metadata import META_KEY, is_saved_key
 from lpt_lightning.errors import CheckpointError, ConfigError
 from lpt_lightning.models.backbones import REFERENCE_BACKBONES, BackboneSpec
@@ -116,14 +115,6 @@ def compare_backbone(state: dict[str, torch.Tensor], path: Path, expert: LongTai
                                   f"by {diff:.3g}; the release was trained on other backbone weights")
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _checkpoint(state: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
     """What Lightning reads back from a phase checkpoint (no training state: nothing to resume)."""
     return {"pytorch-lightning_version": lightning.__version__, "state_dict": state, META_KEY: meta}
@@ -172,7 +163,7 @@ def convert_lpt_official(source: str | Path, output: str | Path, num_classes: in
     counts = {"class_counts": torch.ones(num_classes, dtype=torch.long)}
     common = {"version": __version__, "num_classes": num_classes, "class_names": class_names,
               "split_convention": "lpt", "logit_scale": LOGIT_SCALE, "expert": asdict(expert_spec),
-              "converted_from": {"format": "lpt-official", "file": source.name, "sha256": _file_digest(source)}}
+              "converted_from": {"format": "lpt-official", "file": source.name, "sha256": file_sha256(source)}}
     phase1_state = {k: v for k, v in trained.items() if not k.startswith("expert.group_prompts.")}
     phase1 = _checkpoint(phase1_state | counts, common | {"phase": "adapt", "group_prompts": None})
     phase2 = _checkpoint(trained | counts, common | {"phase": "group_prompt", "group_prompts": asdict(group_spec),

@@ -141,8 +141,8 @@ def report_phase(run: PhaseRun, trainer, model, datamodule, test: bool, test_sta
                 if row in results:
                     checkpoint_of[row] = source if source.is_file() else None
     if trainer.is_global_zero:
-        digest = {row: file_digest(path) if path is not None else None for row, path in checkpoint_of.items()}
-        results = {row: v | {CHECKPOINT_DIGEST_KEY: digest[row]} for row, v in results.items()}
+        digest = {path: file_digest(path) for path in set(checkpoint_of.values()) if path is not None}
+        results = {row: v | {CHECKPOINT_DIGEST_KEY: digest.get(checkpoint_of[row])} for row, v in results.items()}
         test_split = datamodule.splits.test
         digests = {"held_out_digest": (model.data_record or {}).get("val"),
                    "test_digest": test_split.digest() if test_split is not None else None}

@@ -4,7 +4,6 @@ a WandbLogger is attached."""
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import re
@@ -17,7 +16,7 @@ from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from lpt_lightning.checkpoints.files import atomic_save
+from lpt_lightning.checkpoints.files import atomic_save, file_sha256
 from lpt_lightning.errors import ConfigError
 from lpt_lightning.metrics import (
     ECE_BINS,
@@ -44,11 +43,7 @@ def _finite(x: float) -> float | None:
 
 def file_digest(path: Path) -> str:
     """The first 12 hex digits of the file's sha256 (a checkpoint's identity in metrics.json)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:12]
+    return file_sha256(path)[:12]
 
 
 def write_metrics(path: Path, results: dict[str, dict[str, Any]], class_counts: torch.Tensor,

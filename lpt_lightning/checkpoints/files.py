@@ -2,6 +2,7 @@
 `lpt_lightning.safe_load`, atomic writes, the safetensors export and the trainer's CheckpointIO."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -15,6 +16,15 @@ from lpt_lightning.checkpoints.metadata import (
     read_phase_metadata,
 )
 from lpt_lightning.safe_load import load_errors, read_safetensors, safe_load
+
+
+def file_sha256(path: str | Path) -> str:
+    """The hex sha256 of a file, read in 1 MB blocks (checkpoints are large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
