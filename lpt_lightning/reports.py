@@ -269,9 +269,12 @@ class SplitReport(Callback):
         self.test_priors = imbalance_factors(test_priors)
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if hasattr(pl_module, "test_priors"):  # the phases build their metrics from it in their own setup
+        # The phases build their metrics from it in their own setup. Only `trainer.validate` (the val
+        # grid tau is chosen on) and `trainer.test` use the figures: fit's validation does not pay for them.
+        if hasattr(pl_module, "test_priors"):
+            wanted = self.enabled and self.test_priors and stage in ("validate", "test")
             pl_module.test_priors = (TestPriors(self.test_priors, tau_tuning_allowed(trainer.datamodule))
-                                     if self.test_priors else None)
+                                     if wanted else None)
 
     def on_test_end(self, trainer, pl_module) -> None:
         results = {k: v for k, v in getattr(pl_module, "results", {}).items() if k.startswith("test")}

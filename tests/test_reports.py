@@ -46,6 +46,7 @@ def test_test_run_writes_local_reports_and_sends_tables_to_wandb(tmp_path, monke
                         default_root_dir=tmp_path, enable_checkpointing=False)
     connect(model, dm)
     trainer.fit(model, datamodule=dm)
+    trainer.validate(model, datamodule=dm, verbose=False)  # as `lpt test --report.test_priors` does first
     trainer.test(model, datamodule=dm, verbose=False)
 
     assert {"val/acc", "val/acc_many", "val/acc_medium", "val/acc_few", "test/acc", "test/acc_few"} <= logged["metrics"]
