@@ -177,13 +177,14 @@ class AGCLLoss(nn.Module):
         elif noise is None and self.training:
             noise = sample_gcl_noise(cos_logits.shape, device=cos_logits.device)
         x = gcl_logits(cos_logits, targets, self.offsets, noise, self.beta, self.margin, self.scale)
-        onehot = one_hot(targets, self.num_classes).to(x)
+        is_target = one_hot(targets, self.num_classes)
+        onehot = is_target.to(x)
         log_p = F.log_softmax(x, dim=-1)
         # log of the focusing base: log(1 - p_y) for the target, log p_c elsewhere. log(1 - p_y)
         # = logsumexp over the non-target logits - logsumexp over all: finite even when p_y
         # rounds to 1, where (1 - p_y) ** 0.5 would have an infinite gradient.
-        log_not_y = x.masked_fill(onehot.bool(), float("-inf")).logsumexp(-1) - x.logsumexp(-1)
-        log_base = torch.where(onehot.bool(), log_not_y.unsqueeze(1), log_p)
+        log_not_y = x.masked_fill(is_target, float("-inf")).logsumexp(-1) - x.logsumexp(-1)
+        log_base = torch.where(is_target, log_not_y.unsqueeze(1), log_p)
         gamma = self.gamma_pos * onehot + self.gamma_neg * (1.0 - onehot)
         weights = torch.exp(gamma * log_base)  # == base ** gamma; gradient flows through it
         t = onehot * (1.0 - self.smoothing) + self.smoothing / self.num_classes
