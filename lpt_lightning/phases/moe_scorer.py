@@ -313,12 +313,11 @@ class MoEScorerPhase(L.LightningModule):
         return {"visual": p_visual, "vl": p_vl, "base": fuse(p_visual, p_vl, self.scorer.w_base),
                 "fused": fuse(p_visual, p_vl, w)}
 
-    def _start_metrics(self) -> None:
-        # Built when evaluation starts: a restored checkpoint's class counts are in place by then.
+    def _start_metrics(self, stage: str) -> None:
+        # Built when evaluation starts, for that stage: a restored checkpoint's class counts are in place by then.
         counts = self.class_counts.cpu()
-        self.metrics = nn.ModuleDict({
-            f"{stage}_{row}": eval_metrics(counts, self.split_convention, self.taxonomy)
-            for stage in ("val", "test") for row in ROWS}).to(self.device)
+        self.metrics = nn.ModuleDict({f"{stage}_{row}": eval_metrics(counts, self.split_convention, self.taxonomy)
+                                      for row in ROWS}).to(self.device)
         self.prior_shift = prior_shift_metrics(counts, self.test_priors, list(self.metrics)).to(self.device)
 
     def _eval_step(self, stage: str, batch: dict[str, torch.Tensor]) -> None:
@@ -329,10 +328,10 @@ class MoEScorerPhase(L.LightningModule):
                 self.prior_shift[f"{stage}_{row}"].update(probs, batch["label"])
 
     def on_validation_start(self) -> None:
-        self._start_metrics()
+        self._start_metrics("val")
 
     def on_test_start(self) -> None:
-        self._start_metrics()
+        self._start_metrics("test")
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step("val", batch)
