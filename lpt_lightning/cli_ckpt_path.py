@@ -46,8 +46,7 @@ class CkptPathChecks(RunDirectoryGuards):
                                   f"exported from to `lpt {subcommand}` (`lpt predict` takes an export, and an "
                                   "export can start phase 2 or 3 as model.init_args.*_checkpoint)")
         config = self.config[subcommand]
-        meta = read_phase_metadata(load_checkpoint_file(path), path)
-        check_phase_metadata(meta, path, "ckpt_path", self._model_phase(config))
+        meta = self._check_ckpt_path(path, self._model_phase(config))
         model = export_model_config(path, meta)
         config.model = Namespace(class_path=model["class_path"], init_args=Namespace(**model["init_args"]))
         config.ckpt_path = None  # the model is built holding the trained tensors: nothing for Lightning to load

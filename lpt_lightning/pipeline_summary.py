@@ -10,13 +10,13 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from lpt_lightning.checkpoints.files import atomic_save
 from lpt_lightning.data.transforms import TEST_TIME_VIEWS
-from lpt_lightning.phases.moe_scorer import row_name
+from lpt_lightning.phases.moe_scorer import ROWS, row_name
 from lpt_lightning.pipeline_plan import PhaseRun
 from lpt_lightning.reports import DIGEST_KEYS, read_metrics, split_table
 from lpt_lightning.test_priors import plot_test_priors
 
 
-EXPERT_TITLES = {"visual": "visual expert", "vl": "vision-language expert"}
+EXPERT_TITLES = {kind: ROWS[kind] for kind in ("visual", "vl")}
 
 
 def summary_rows(runs: list[PhaseRun]) -> dict[str, dict[str, Any]]:

@@ -138,7 +138,7 @@ class ExpertPhase(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.expert.spec.backbone_dtype != "float32" and "mixed" not in str(self.trainer.precision):
             raise ConfigError(f"expert.backbone_dtype={self.expert.spec.backbone_dtype} needs a mixed trainer "
-                              f"precision (bf16-mixed or 16-mixed), not {self.trainer.precision}")
+                              f"precision (bf16-mixed), not {self.trainer.precision}")
         rank_zero_info(self.parameter_report())
 
     def configure_model(self) -> None:
