@@ -36,6 +36,21 @@ from lpt_lightning.expert_cache_writer import ExpertCacheWriter, OutputsTarget
 from lpt_lightning.models.expert import view_outputs
 
 
+def expert_rows(experts: dict[str, nn.Module], images: torch.Tensor, scales: dict[str, float]
+                ) -> dict[str, torch.Tensor]:
+    """Both experts on images, or on the test-time views of each image (averaged, `view_outputs`):
+    ``{kind}.logits`` and ``{kind}.query``, the rows the cache holds and evaluation on images uses."""
+    rows = {}
+    for kind, expert in experts.items():
+        rows[f"{kind}.logits"], rows[f"{kind}.query"] = view_outputs(expert, images, scales[kind])
+    return rows
+
+
+def expert_probabilities(rows: dict[str, torch.Tensor], kind: str, scale: float) -> torch.Tensor:
+    """An expert's class probabilities from its cached (or just computed) logits."""
+    return torch.softmax(scale * rows[f"{kind}.logits"].float(), dim=-1)
+
+
 def expert_digest(expert: nn.Module, record: dict[str, Any]) -> str:
     """Identity of a trained expert: its spec record and every trained tensor (not the backbone,
     which its spec names)."""
@@ -88,14 +103,12 @@ class ExpertRowsPredictor(L.LightningModule):
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
                      ) -> dict[str, torch.Tensor]:
         labels = batch["label"]
-        row = {"index": batch["index"], "label": labels}
-        for name, expert in self.experts.items():
-            logits, row[f"{name}.query"] = view_outputs(expert, batch["image"], self.logit_scales[name])
-            if self.label_only[dataloader_idx]:
-                probs = torch.softmax(self.logit_scales[name] * logits, dim=-1)
+        row = {"index": batch["index"], "label": labels} | expert_rows(self.experts, batch["image"], self.logit_scales)
+        if self.label_only[dataloader_idx]:  # the true label's probability instead of all C logits
+            for name in self.experts:
+                probs = expert_probabilities(row, name, self.logit_scales[name])
                 row[f"{name}.prob_label"] = probs.gather(1, labels.clamp_min(0)[:, None]).squeeze(1)
-            else:
-                row[f"{name}.logits"] = logits
+                del row[f"{name}.logits"]
         return row
 
 

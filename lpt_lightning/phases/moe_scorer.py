@@ -35,9 +35,8 @@ from lpt_lightning.checkpoints.files import load_checkpoint_file
 from lpt_lightning.checkpoints.metadata import META_KEY, check_same_data, is_saved_key, read_phase_metadata
 from lpt_lightning.data.cached_outputs import CachedOutputsDataModule
 from lpt_lightning.errors import CheckpointError, ConfigError
-from lpt_lightning.expert_outputs import write_expert_outputs
+from lpt_lightning.expert_outputs import expert_probabilities, expert_rows, write_expert_outputs
 from lpt_lightning.metrics import log_values, row_values
-from lpt_lightning.models.expert import view_outputs
 from lpt_lightning.models.scorer import BaseWeightSearch, MoEScorer, fuse
 from lpt_lightning.phases.moe_experts import (
     EXPERTS,
@@ -124,11 +123,6 @@ def scorer_fit_data(model: "MoEScorerPhase", images, trainer: L.Trainer) -> Cach
     w_base = search_w_base(data.heldout_batches(), model.scales, model.num_classes, model.scorer_spec.grid_step)
     model.scorer.w_base.fill_(w_base)
     return data
-
-
-def expert_probabilities(rows: dict[str, torch.Tensor], kind: str, scale: float) -> torch.Tensor:
-    """An expert's class probabilities from its cached (or just computed) logits."""
-    return torch.softmax(scale * rows[f"{kind}.logits"].float(), dim=-1)
 
 
 @torch.no_grad()
@@ -279,10 +273,7 @@ class MoEScorerPhase(L.LightningModule):
     def expert_rows(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Both experts on images (1.5 backbone passes each with prefix reuse), or on the test-time
         views of each image (averaged, `view_outputs`): what the cache holds."""
-        rows = {}
-        for kind, expert in self.experts().items():
-            rows[f"{kind}.logits"], rows[f"{kind}.query"] = view_outputs(expert, images, self.scales[kind])
-        return rows
+        return expert_rows(self.experts(), images, self.scales)
 
     # ----------------------------------------------------------------- training
     def training_step(self, batch: dict[str, dict[str, torch.Tensor]], batch_idx: int) -> torch.Tensor | None:
