@@ -439,3 +439,24 @@ def test_epoch_bounded_run_keeps_the_per_epoch_schedule(tmp_path):
 def test_instance_weight_is_clamped():
     assert instance_weight(5, 4, 0.5) == 0.0 and instance_weight(0, 4, 0.5) == 0.5
     assert instance_weight(4, 0, 0.5) == 0.0 and instance_weight(-1, 4, 0.5) == 0.5
+
+
+def test_head_anchor_penalty_by_hand():
+    """loss.head_anchor: a * mean_c ||w_c/|w_c| - w0_c/|w0_c|||^2 against the head at train start
+    (normalised once there), 0 for the start head itself, off (None) by default."""
+    from lpt_lightning.phases import LossSpec
+
+    spec = ExpertSpec(kind="visual", backbone=tiny_backbone("visual"), prompt_length=2)
+    assert AdaptPhase(expert=spec, num_classes=4).head_penalty() is None
+    phase = AdaptPhase(expert=spec, num_classes=4, loss=LossSpec(head_anchor=0.5))
+    phase.start_state = {"expert.head.weight": phase.expert.head.weight.detach().clone()}
+    phase.set_anchor_head()
+    assert float(phase.head_penalty()) == 0.0
+    w0 = phase.start_state["expert.head.weight"]
+    with torch.no_grad():
+        phase.expert.head.weight.add_(torch.randn_like(w0))
+    w = phase.expert.head.weight.detach()
+    expected = 0.5 * sum(float(((w[c] / w[c].norm() - w0[c] / w0[c].norm()) ** 2).sum()) for c in range(4)) / 4
+    assert float(phase.head_penalty()) == pytest.approx(expected, rel=1e-5)
+    phase.head_penalty().backward()  # the gradient reaches the head, not the fixed start
+    assert phase.expert.head.weight.grad.abs().sum() > 0

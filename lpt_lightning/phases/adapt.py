@@ -60,6 +60,7 @@ class AdaptPhase(ExpertPhase):
         # class-mean initialisation): the expert's no-training row. Saved with every checkpoint, so
         # a resumed run still reports where it started.
         self.start_state: dict[str, torch.Tensor] | None = None
+        self.anchor_head: torch.Tensor | None = None  # loss.head_anchor's target, set at train start
         self.expert.release_text_tower()  # the text tower is only needed for the head's initialisation
 
     @property
@@ -77,12 +78,19 @@ class AdaptPhase(ExpertPhase):
         super().on_train_start()
         if self.start_state is None:  # a resumed run restored it with its checkpoint
             self.start_state = {k: v.detach().cpu().clone() for k, v in self.state_dict().items() if is_saved_key(k)}
+        self.set_anchor_head()
+
+    def set_anchor_head(self) -> None:
+        """loss.head_anchor's target, the start head's class directions: normalised once, on the
+        training device (not copied from the host every step)."""
+        if self.loss_spec.head_anchor:
+            start = self.start_state["expert.head.weight"].to(self.expert.head.weight)
+            self.anchor_head = F.normalize(start, dim=-1)
 
     def head_penalty(self) -> torch.Tensor | None:
-        if not self.loss_spec.head_anchor or self.start_state is None:
+        if self.anchor_head is None:
             return None
-        start = F.normalize(self.start_state["expert.head.weight"].to(self.expert.head.weight), dim=-1)
-        drift = F.normalize(self.expert.head.weight, dim=-1) - start
+        drift = F.normalize(self.expert.head.weight, dim=-1) - self.anchor_head
         return self.loss_spec.head_anchor * drift.pow(2).sum(-1).mean()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
