@@ -42,12 +42,10 @@ class DataFacts:
 
 def connect(model: Any, datamodule: Any) -> None:
     """Wire a model and its data: image size model -> data (unless the data sets one), facts data ->
-    model (for models that take them: the phase-1 and phase-2 experts; phase 3 gets the taxonomy)."""
+    model (for models that take them: every phase)."""
     if getattr(datamodule, "img_size", 0) is None:
         size = getattr(model, "img_size", None)
         if isinstance(size, int) and size > 0:
             datamodule.img_size = size
     if hasattr(model, "attach_data") and hasattr(datamodule, "data_record"):
         model.attach_data(DataFacts.from_datamodule(datamodule))
-    elif hasattr(model, "taxonomy"):  # phase 3 takes its counts from the cached outputs, the taxonomy from here
-        model.taxonomy = getattr(datamodule, "taxonomy", None)

@@ -34,6 +34,7 @@ from lpt_lightning import __version__
 from lpt_lightning.checkpoints.files import load_checkpoint_file
 from lpt_lightning.checkpoints.metadata import META_KEY, check_same_data, is_saved_key, read_phase_metadata
 from lpt_lightning.data.cached_outputs import CachedOutputsDataModule
+from lpt_lightning.data_facts import DataFacts
 from lpt_lightning.errors import CheckpointError, ConfigError
 from lpt_lightning.expert_outputs import expert_probabilities, expert_rows, write_expert_outputs
 from lpt_lightning.metrics import log_values, row_values
@@ -239,6 +240,11 @@ class MoEScorerPhase(L.LightningModule):
         return self
 
     # ----------------------------------------------------------------- inputs from the data
+    def attach_data(self, facts: DataFacts) -> None:
+        """From the image data only the taxonomy: the class counts and data record come with the
+        cached outputs it is fitted on (`use_data`)."""
+        self.taxonomy = facts.taxonomy
+
     def use_data(self, class_counts: torch.Tensor, data_record: dict[str, Any] | None) -> None:
         """The many/medium/few class counts and the data record of the data it is fitted on."""
         counts = torch.as_tensor(class_counts, dtype=torch.long)
