@@ -164,8 +164,7 @@ class LPTCLI(CkptPathChecks, LightningCLI):
         from lpt_lightning.test_priors import tau_tuning_allowed
 
         asked = any(isinstance(c, SplitReport) and c.test_priors for c in self.trainer.callbacks)
-        has_val = getattr(getattr(self.datamodule, "splits", None), "val", None) is not None
-        if asked and has_val and tau_tuning_allowed(self.datamodule):
+        if asked and tau_tuning_allowed(self.datamodule):
             self.trainer.validate(self.model, datamodule=self.datamodule, verbose=False,
                                   ckpt_path=self.config_init[self.subcommand].get("ckpt_path"))
 

@@ -62,10 +62,10 @@ def imbalance_factors(option: bool | Sequence[float] | None, where: str = "repor
 
 
 def tau_tuning_allowed(datamodule: Any) -> bool:
-    """False where choosing tau on val would choose it on test: val reports the test split
-    (``data.val_from_test``), or there is no test split and val serves as test."""
-    splits = getattr(datamodule, "splits", None)
-    return not (getattr(datamodule, "val_is_test", False) or getattr(splits, "test", True) is None)
+    """True only where val is a split of its own beside the test split
+    (`LongTailDataModule.val_is_held_out`): never where val reports test (``data.val_from_test``)
+    or serves as test, nor for data that does not say."""
+    return bool(getattr(datamodule, "val_is_held_out", False))
 
 
 def prior_names(factors: Sequence[float]) -> list[str]:

@@ -150,6 +150,12 @@ class LongTailDataModule(LightningDataModule):
         return self.protocol.holdout_summary
 
     @property
+    def val_is_held_out(self) -> bool:
+        """True when val is a split of its own and test another: what may be tuned on without
+        touching test (e.g. the test-prior tau)."""
+        return self.splits.val is not None and self.splits.test is not None
+
+    @property
     def val_is_test(self) -> bool:
         """True when ``val`` reports the test split (the ``val_from_test`` opt-in)."""
         return self.protocol.val_is_test
