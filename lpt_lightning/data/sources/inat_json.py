@@ -127,14 +127,7 @@ class INatJsonSource(DataSource):
         if not isinstance(cats, list):
             raise DataFormatError(f"{path}: expected a list of categories ({{'id': ..., 'name': ...}}) or a json "
                                   "object with a 'categories' list (data.source.init_args.names_json)")
-        names: dict = {}
-        records: dict = {}
-        for pos, cat in enumerate(cats):
-            cid = _get_id(cat, "id", path, "categories", pos)
-            if cid in names:
-                raise DataFormatError(f"{path}: categories[{pos}] repeats category id {cid!r}")
-            names[cid] = str(_get(cat, "name", path, "categories", pos))
-            records[cid] = cat
+        names, records = _category_table(cats, path)
         missing = [cid for cid in ids if cid not in names]
         if missing:
             raise DataFormatError(f"{path}: no name for {len(missing)} of the {len(ids)} category ids of {train_path}, "
@@ -147,11 +140,7 @@ class INatJsonSource(DataSource):
         train_path = resolve_path(self.train_json, root)
         require_file(train_path, "data.source.init_args.train_json")
         train_data = _load_coco_json(train_path)
-        cat_name, cat_record = {}, {}
-        for pos, cat in enumerate(train_data["categories"]):
-            cid = _get_id(cat, "id", train_path, "categories", pos)
-            cat_name[cid] = str(_get(cat, "name", train_path, "categories", pos))
-            cat_record[cid] = cat
+        cat_name, cat_record = _category_table(train_data["categories"], train_path)
         if not cat_name:
             raise DataFormatError(f"{train_path}: 'categories' is empty")
         try:
@@ -178,3 +167,16 @@ class INatJsonSource(DataSource):
         test = optional(self.test_json, "data.source.init_args.test_json")
         val = optional(self.val_json, "data.source.init_args.val_json")
         return DatasetSplits(self.name, train=train, val=val, test=test, class_names=class_names, taxonomy=taxonomy)
+
+
+def _category_table(cats: list, path: Path) -> tuple[dict, dict]:
+    """``{id: name}`` and ``{id: record}`` of a categories list; a repeated id is an error naming it."""
+    names: dict = {}
+    records: dict = {}
+    for pos, cat in enumerate(cats):
+        cid = _get_id(cat, "id", path, "categories", pos)
+        if cid in names:
+            raise DataFormatError(f"{path}: categories[{pos}] repeats category id {cid!r}")
+        names[cid] = str(_get(cat, "name", path, "categories", pos))
+        records[cid] = cat
+    return names, records
