@@ -38,7 +38,8 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from benchmarks.common import template  # noqa: E402
-from lpt_lightning.metrics import EXTRA_KEYS, METRIC_NAMES, WORST_CLASS_KEYS  # noqa: E402
+from lpt_lightning.checkpoints import load_checkpoint_file  # noqa: E402
+from lpt_lightning.metrics import EXTRA_KEYS, METRIC_NAMES, SPLIT_KEYS, WORST_CLASS_KEYS, shot_groups  # noqa: E402
 
 ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-train-jpeg.tar.gz"
 CIFAR_ROOT = REPO / "data_cache" / "cifar10" / "train"
@@ -48,7 +49,6 @@ RESULTS = REPO / "benchmarks" / "results"
 NOTES = RESULTS / "accuracy_notes.md"  # hand-written findings, rendered into the page
 NOTES_DIAGNOSIS = RESULTS / "diagnosis_notes.md"  # hand-written reading of the diagnosis
 DOC = REPO / "docs" / "results.md"
-SPLIT_KEYS = ("acc", "acc_many", "acc_medium", "acc_few")
 GROUP = {"pool_size": 10, "top_k": 2, "start_block": 3, "length": 4}
 
 DATASETS = {
@@ -272,7 +272,7 @@ def pipeline_rows(seed_dir: Path) -> dict[str, dict[str, Any]]:
         r = phase_rows(seed_dir / key, "phase1_visual")
         rows[key] = {"test": r["test"], "val": r["val"]}
     rows["agcl_dual"] = rows["phase1"]
-    state = torch.load(main / "phase3_moe" / "final.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    state = load_checkpoint_file(main / "phase3_moe" / "final.ckpt")["state_dict"]
     rows["_w_base"] = float(state["scorer.w_base"])
     return rows
 
@@ -471,10 +471,9 @@ def _ms(values: list[float], signed: bool = False, digits: int = 1) -> str:
 
 
 def group_masks(counts: list[int]) -> dict[str, torch.Tensor]:
-    """LPT groups of the training counts (many > 100, medium 21-100, few <= 20)."""
-    c = torch.tensor(counts)
-    return {"acc": torch.ones_like(c, dtype=torch.bool), "acc_many": c > 100,
-            "acc_medium": (c > 20) & (c <= 100), "acc_few": c <= 20}
+    """All classes, then the LPT groups of the training counts (`lpt_lightning.metrics.shot_groups`)."""
+    groups = shot_groups(counts)
+    return {"acc": torch.ones(len(counts), dtype=torch.bool), **{f"acc_{g}": m for g, m in groups.items()}}
 
 
 def bootstrap(payload: dict[str, Any], a: str, b: str | None = None, split: str = "test") -> dict[str, tuple]:

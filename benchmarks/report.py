@@ -15,9 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import template
-
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks.common import INAT_CLASSES, REPO, template
 
 # Reference GPU peaks (dense bf16, vendor data sheets) for the *estimates* of how fast a GPU would
 # consume images; a --device cuda run replaces them with measurements.
@@ -26,7 +24,6 @@ ASSUMED_GPU_MFU = 0.40
 # The data-loading projection: can one node's CPU cores feed one GPU?
 PROJECTION_GPU = "H100 SXM (989 TFLOP/s bf16)"
 NODE_CORES = 16
-INAT_CLASSES = 8142
 NODE_WORKERS = NODE_CORES - 1  # one core for the training process (scripts/slurm: workers = cores - 1 per rank)
 PHASE_NAMES = {"phase1": "phase 1", "phase2": "phase 2", "phase3": "phase 3"}
 EXPERT_NAMES = {"visual": "visual (timm ViT-B/16)", "vl": "VL (CLIP ViT-B/16)", "scorer": "MoE scorer"}
